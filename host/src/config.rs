@@ -1,0 +1,267 @@
+//! The host's config file: where state lives, where third-party plugins
+//! live, and what the operator grants each plugin.
+//!
+//! ```toml
+//! state_dir = "/var/lib/cocoon-host"
+//! plugin_dir = "/var/lib/cocoon-host/plugins"
+//!
+//! [plugins.site-source]
+//! grant_fetch = ["catalog.example.com"]
+//! config = { catalog = "https://catalog.example.com/images.json" }
+//! limits = { deadline_ms = 5000, memory_mib = 128 }
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error("config file {path}: {field} = {value:?}: {reason}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        value: String,
+        reason: &'static str,
+    },
+    #[error("no state directory: set --state-dir, COCOON_STATE_DIR, or HOME")]
+    NoStateDir,
+}
+
+/// Per-plugin limit overrides, in the config file and in manifests.
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitOverrides {
+    /// Wall-clock budget of one call, in milliseconds.
+    pub deadline_ms: Option<u64>,
+    /// Linear memory cap of one instance, in MiB.
+    pub memory_mib: Option<u64>,
+}
+
+/// What the operator says about one plugin.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PluginSettings {
+    /// Hosts (host or host:port) this plugin may fetch from, if it also
+    /// declares them.
+    #[serde(default)]
+    pub grant_fetch: Vec<String>,
+    /// Key/values the plugin reads with `config-get`.
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+    #[serde(default)]
+    pub limits: LimitOverrides,
+    /// Refuse to load this plugin.
+    #[serde(default)]
+    pub disabled: bool,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    state_dir: Option<PathBuf>,
+    plugin_dir: Option<PathBuf>,
+    #[serde(default)]
+    plugins: BTreeMap<String, PluginSettings>,
+}
+
+/// The resolved host configuration.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    /// The file it came from, if any.
+    pub path: Option<PathBuf>,
+    pub state_dir: PathBuf,
+    pub plugin_dir: PathBuf,
+    pub plugins: BTreeMap<String, PluginSettings>,
+}
+
+/// Command-line and environment overrides, highest priority first.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub config: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub plugin_dir: Option<PathBuf>,
+}
+
+impl HostConfig {
+    /// Loads the config file named by `overrides.config`, or the default
+    /// one if it exists (`/etc/cocoon-host/config.toml` for root, the XDG
+    /// config dir otherwise). A missing default file is an empty config; a
+    /// missing named file is an error.
+    pub fn load(overrides: &Overrides) -> Result<Self, ConfigError> {
+        let (path, file) = match &overrides.config {
+            Some(p) => (Some(p.clone()), Some(read(p)?)),
+            None => match default_config_path() {
+                Some(p) if p.is_file() => (Some(p.clone()), Some(read(&p)?)),
+                _ => (None, None),
+            },
+        };
+        let file = file.unwrap_or_default();
+        let state_dir = match overrides.state_dir.clone().or(file.state_dir) {
+            Some(d) => d,
+            None => default_state_dir().ok_or(ConfigError::NoStateDir)?,
+        };
+        let plugin_dir = overrides
+            .plugin_dir
+            .clone()
+            .or(file.plugin_dir)
+            .unwrap_or_else(|| state_dir.join("plugins"));
+        let config = HostConfig {
+            path,
+            state_dir,
+            plugin_dir,
+            plugins: file.plugins,
+        };
+        config.check()?;
+        Ok(config)
+    }
+
+    /// A config rooted at `state_dir` with nothing granted (tests, tools).
+    pub fn at(state_dir: &Path) -> Self {
+        HostConfig {
+            path: None,
+            state_dir: state_dir.to_path_buf(),
+            plugin_dir: state_dir.join("plugins"),
+            plugins: BTreeMap::new(),
+        }
+    }
+
+    /// The operator's settings for plugin `name` (empty when none).
+    pub fn plugin(&self, name: &str) -> PluginSettings {
+        self.plugins.get(name).cloned().unwrap_or_default()
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        let path = self.path.clone().unwrap_or_default();
+        for (name, settings) in &self.plugins {
+            for host in &settings.grant_fetch {
+                if crate::plugin::fetch::HostPattern::parse(host).is_none() {
+                    return Err(ConfigError::Invalid {
+                        path,
+                        field: format!("plugins.{name}.grant_fetch"),
+                        value: host.clone(),
+                        reason: "not a host or host:port",
+                    });
+                }
+            }
+            if settings.limits.deadline_ms == Some(0) {
+                return Err(ConfigError::Invalid {
+                    path,
+                    field: format!("plugins.{name}.limits.deadline_ms"),
+                    value: "0".into(),
+                    reason: "must be at least 1",
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn read(path: &Path) -> Result<ConfigFile, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        path: path.to_path_buf(),
+        source: Box::new(source),
+    })
+}
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+fn default_config_path() -> Option<PathBuf> {
+    if is_root() {
+        return Some(PathBuf::from("/etc/cocoon-host/config.toml"));
+    }
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
+    Some(base.join("cocoon-host/config.toml"))
+}
+
+/// `/var/lib/cocoon-host` for root, the XDG data dir otherwise.
+pub fn default_state_dir() -> Option<PathBuf> {
+    if is_root() {
+        return Some(PathBuf::from("/var/lib/cocoon-host"));
+    }
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))?;
+    Some(base.join("cocoon-host"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_text(text: &str) -> Result<HostConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, text).unwrap();
+        HostConfig::load(&Overrides {
+            config: Some(path),
+            state_dir: Some(dir.path().join("state")),
+            plugin_dir: None,
+        })
+    }
+
+    #[test]
+    fn parses_grants_config_and_limits() {
+        let c = load_text(
+            r#"
+            [plugins.site-source]
+            grant_fetch = ["127.0.0.1:8080", "catalog.example.com"]
+            config = { catalog = "http://127.0.0.1:8080/c.json" }
+            limits = { deadline_ms = 250, memory_mib = 32 }
+            "#,
+        )
+        .unwrap();
+        let s = c.plugin("site-source");
+        assert_eq!(s.grant_fetch.len(), 2);
+        assert_eq!(s.config["catalog"], "http://127.0.0.1:8080/c.json");
+        assert_eq!(s.limits.deadline_ms, Some(250));
+        assert_eq!(c.plugin("other"), PluginSettings::default());
+        assert!(c.plugin_dir.ends_with("state/plugins"));
+    }
+
+    #[test]
+    fn rejects_bad_input_naming_field_and_value() {
+        let cases = [
+            ("[plugins.x]\ngrant_fetch = [\"http://a/b\"]\n", "plugins.x.grant_fetch"),
+            ("[plugins.x]\nlimits = { deadline_ms = 0 }\n", "plugins.x.limits.deadline_ms"),
+        ];
+        for (text, field) in cases {
+            let err = load_text(text).unwrap_err().to_string();
+            assert!(err.contains(field), "{err}");
+        }
+        let err = load_text("[plugins.x]\ngrant = 1\n").unwrap_err();
+        let chain = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+        assert!(chain.contains("unknown field `grant`"), "{chain}");
+    }
+
+    #[test]
+    fn a_named_missing_file_is_an_error() {
+        let err = HostConfig::load(&Overrides {
+            config: Some("/nonexistent/cocoon.toml".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }));
+    }
+}

@@ -1,0 +1,8 @@
+//! cocoon-host: the trusted host of the cocoon microVM runtime.
+//!
+//! The host does every byte of I/O, every digest check and every lock;
+//! plugins ([`plugin`]) run sandboxed behind the WIT contract in `wit/`.
+
+pub mod config;
+pub mod fsutil;
+pub mod plugin;

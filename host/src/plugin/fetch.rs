@@ -1,0 +1,327 @@
+//! Network access for image sources, mediated by the host. A plugin never
+//! holds a socket: it asks, and the host checks the URL against the hosts
+//! the plugin declared AND the operator granted, allows plain http only to
+//! loopback, re-checks every redirect hop, bounds the time by the call's
+//! deadline and the body by a size cap.
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use url::Url;
+
+use super::bindings::image_source::cocoon::plugin::fetch::{Method, Request, Response};
+use super::bindings::{ErrorKind, WitError};
+
+/// The largest body the host ever buffers for a plugin.
+pub const MAX_BODY: u64 = 64 << 20;
+const MAX_REDIRECTS: usize = 5;
+const MAX_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `host` or `host:port` as written in manifests and the config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPattern {
+    host: String,
+    port: Option<u16>,
+}
+
+impl HostPattern {
+    /// Parses `example.com`, `example.com:443`, `127.0.0.1:5000` or
+    /// `[::1]:8080`; anything with a scheme, path or user is refused.
+    pub fn parse(s: &str) -> Option<Self> {
+        if s.is_empty() || s.contains(['/', '@', '?', '#', ' ']) {
+            return None;
+        }
+        let url = Url::parse(&format!("http://{s}/")).ok()?;
+        let host = url.host_str()?.to_ascii_lowercase();
+        // Url drops :80 for http; keep an explicit port as written.
+        let port = match s.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(':') && !p.ends_with(']') => Some(p.parse().ok()?),
+            _ => None,
+        };
+        Some(HostPattern { host, port })
+    }
+
+    fn matches(&self, url: &Url) -> bool {
+        let host = url.host_str().map(|h| h.to_ascii_lowercase());
+        host.as_deref() == Some(self.host.as_str())
+            && self.port.is_none_or(|p| url.port_or_known_default() == Some(p))
+    }
+}
+
+impl std::fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.port {
+            Some(p) => write!(f, "{}:{p}", self.host),
+            None => f.write_str(&self.host),
+        }
+    }
+}
+
+/// The hosts a plugin may reach: declared by the plugin and granted by the
+/// operator. Either list alone grants nothing.
+pub fn effective_hosts(declared: &[String], granted: &[String]) -> Vec<HostPattern> {
+    let granted: Vec<HostPattern> = granted.iter().filter_map(|g| HostPattern::parse(g)).collect();
+    declared
+        .iter()
+        .filter_map(|d| HostPattern::parse(d))
+        .filter(|d| granted.contains(d))
+        .collect()
+}
+
+fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip).is_loopback(),
+        Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).is_loopback(),
+        None => false,
+    }
+}
+
+fn refuse(kind: ErrorKind, message: String) -> WitError {
+    WitError::new(kind, message)
+}
+
+/// Checks one URL (the first or a redirect target) against the policy.
+pub fn check_url(url: &str, allowed: &[HostPattern]) -> Result<Url, WitError> {
+    let parsed = Url::parse(url)
+        .map_err(|e| refuse(ErrorKind::InvalidInput, format!("bad URL {url:?}: {e}")))?;
+    match parsed.scheme() {
+        "https" => {}
+        "http" if is_loopback(&parsed) => {}
+        "http" => {
+            return Err(refuse(
+                ErrorKind::Unsupported,
+                format!("{url}: plain http is allowed only to loopback; use https"),
+            ))
+        }
+        other => {
+            return Err(refuse(
+                ErrorKind::Unsupported,
+                format!("{url}: scheme {other} is not fetched"),
+            ))
+        }
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(refuse(
+            ErrorKind::InvalidInput,
+            format!("{url}: credentials in URLs are refused; send a header"),
+        ));
+    }
+    if !allowed.iter().any(|a| a.matches(&parsed)) {
+        let host = parsed.host_str().unwrap_or("");
+        let port = parsed.port_or_known_default().unwrap_or(0);
+        return Err(refuse(
+            ErrorKind::InvalidInput,
+            format!("fetch of {host}:{port} denied: not a host this plugin was granted"),
+        ));
+    }
+    Ok(parsed)
+}
+
+/// Headers a plugin may not set: the host owns routing and framing.
+fn forbidden_header(name: &str) -> bool {
+    const FORBIDDEN: &[&str] = &[
+        "host",
+        "connection",
+        "keep-alive",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+    ];
+    FORBIDDEN.iter().any(|f| f.eq_ignore_ascii_case(name))
+}
+
+/// The fetch policy of one store (one plugin invocation).
+pub struct Fetcher {
+    plugin: String,
+    allowed: Vec<HostPattern>,
+    deadline: Instant,
+    agent: ureq::Agent,
+}
+
+impl Fetcher {
+    pub fn new(plugin: &str, allowed: Vec<HostPattern>, deadline: Instant) -> Self {
+        let agent = ureq::Agent::config_builder()
+            .max_redirects(0)
+            .http_status_as_error(false)
+            .proxy(None)
+            .user_agent(concat!("cocoon-host/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .into();
+        Fetcher {
+            plugin: plugin.to_string(),
+            allowed,
+            deadline,
+            agent,
+        }
+    }
+
+    /// Performs `req` under the policy, following redirects hop by hop.
+    pub fn fetch(&self, req: Request) -> Result<Response, WitError> {
+        let cap = req.max_bytes.min(MAX_BODY);
+        let mut url = check_url(&req.url, &self.allowed)?;
+        let mut headers: Vec<(String, String)> = req
+            .headers
+            .into_iter()
+            .filter(|(k, _)| !forbidden_header(k))
+            .collect();
+        for _hop in 0..=MAX_REDIRECTS {
+            let response = self.one(&req.method, &url, &headers, cap)?;
+            let location = response
+                .headers
+                .iter()
+                .find(|(k, _)| k == "location")
+                .map(|(_, v)| v.clone());
+            let redirect = matches!(response.status, 301 | 302 | 303 | 307 | 308);
+            match (req.follow_redirects && redirect, location) {
+                (true, Some(location)) => {
+                    let next = url.join(&location).map_err(|e| {
+                        refuse(ErrorKind::InvalidInput, format!("bad redirect {location:?}: {e}"))
+                    })?;
+                    let next = check_url(next.as_str(), &self.allowed)?;
+                    if next.origin() != url.origin() {
+                        // Credentials meant for one origin never follow a
+                        // redirect to another.
+                        headers.retain(|(k, _)| !k.eq_ignore_ascii_case("authorization"));
+                    }
+                    tracing::debug!(plugin = %self.plugin, from = %url, to = %next, "fetch redirect");
+                    url = next;
+                }
+                _ => return Ok(response),
+            }
+        }
+        Err(refuse(
+            ErrorKind::LimitExceeded,
+            format!("{}: more than {MAX_REDIRECTS} redirects", req.url),
+        ))
+    }
+
+    fn one(
+        &self,
+        method: &Method,
+        url: &Url,
+        headers: &[(String, String)],
+        cap: u64,
+    ) -> Result<Response, WitError> {
+        let remaining = self.deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(refuse(
+                ErrorKind::LimitExceeded,
+                format!("{url}: the call's deadline has passed"),
+            ));
+        }
+        let mut builder = match method {
+            Method::Get => self.agent.get(url.as_str()),
+            Method::Head => self.agent.head(url.as_str()),
+        };
+        for (k, v) in headers {
+            builder = builder.header(k.as_str(), v.as_str());
+        }
+        let timeout = remaining.min(MAX_TIMEOUT);
+        let mut response = builder
+            .config()
+            .timeout_global(Some(timeout))
+            .build()
+            .call()
+            .map_err(|e| refuse(ErrorKind::Io, format!("{url}: {e}")))?;
+        let status = response.status().as_u16();
+        let headers = response
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_ascii_lowercase(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        let body = match method {
+            Method::Head => Vec::new(),
+            Method::Get => response
+                .body_mut()
+                .with_config()
+                .limit(cap)
+                .read_to_vec()
+                .map_err(|e| match e {
+                    ureq::Error::BodyExceedsLimit(_) => refuse(
+                        ErrorKind::LimitExceeded,
+                        format!("{url}: body is larger than {cap} bytes"),
+                    ),
+                    e => refuse(ErrorKind::Io, format!("{url}: {e}")),
+                })?,
+        };
+        Ok(Response {
+            status,
+            headers,
+            body,
+            final_url: url.to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hosts(list: &[&str]) -> Vec<HostPattern> {
+        list.iter().map(|h| HostPattern::parse(h).unwrap()).collect()
+    }
+
+    #[test]
+    fn host_patterns() {
+        assert_eq!(HostPattern::parse("Example.COM").unwrap().to_string(), "example.com");
+        assert_eq!(HostPattern::parse("a.b:5000").unwrap().to_string(), "a.b:5000");
+        assert_eq!(HostPattern::parse("[::1]:80").unwrap().to_string(), "[::1]:80");
+        for bad in ["", "http://a", "a/b", "u@a", "a:99999", "a b"] {
+            assert!(HostPattern::parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn effective_is_the_intersection() {
+        let eff = effective_hosts(
+            &["a.com".into(), "b.com:443".into(), "c.com".into()],
+            &["b.com:443".into(), "c.com".into(), "d.com".into()],
+        );
+        assert_eq!(eff, hosts(&["b.com:443", "c.com"]));
+        assert!(effective_hosts(&["a.com".into()], &[]).is_empty());
+        assert!(effective_hosts(&[], &["a.com".into()]).is_empty());
+    }
+
+    #[test]
+    fn url_policy_table() {
+        let allowed = hosts(&["registry.example.com", "127.0.0.1:5000", "localhost"]);
+        let cases: &[(&str, bool)] = &[
+            ("https://registry.example.com/v2/", true),
+            ("https://REGISTRY.example.com:443/v2/", true),
+            ("https://registry.example.com:8443/v2/", true),
+            ("http://registry.example.com/v2/", false),
+            ("https://evil.example.com/", false),
+            ("https://registry.example.com.evil.com/", false),
+            ("http://127.0.0.1:5000/v2/", true),
+            ("http://127.0.0.1:5001/v2/", false),
+            ("http://localhost:1234/x", true),
+            ("ftp://registry.example.com/", false),
+            ("file:///etc/passwd", false),
+            ("https://user:pw@registry.example.com/", false),
+            ("not a url", false),
+        ];
+        for (url, ok) in cases {
+            assert_eq!(check_url(url, &allowed).is_ok(), *ok, "{url}");
+        }
+        let e = check_url("https://evil.example.com/", &allowed).unwrap_err();
+        assert!(e.message.contains("denied"), "{}", e.message);
+    }
+
+    #[test]
+    fn forbidden_headers() {
+        assert!(forbidden_header("Host"));
+        assert!(forbidden_header("transfer-encoding"));
+        assert!(!forbidden_header("authorization"));
+        assert!(!forbidden_header("accept"));
+    }
+}

@@ -1,0 +1,30 @@
+//! The sandboxed plugin runtime: WASM components behind the WIT contract in
+//! `wit/`, run by wasmtime with nothing granted but what the host hands in.
+//!
+//! - [`manifest`]: what a plugin says about itself, checked.
+//! - [`imports`]: the allowlist of imports per plugin kind.
+//! - [`cache`]: compiled components on disk, keyed by wasm digest and engine.
+//! - [`runtime`]: the engine, its epoch ticker, loading and instantiating.
+//! - [`state`]: what a store holds: WASI with nothing granted, limits, logs.
+//! - [`fetch`], [`source`]: the host imports that do I/O for plugins.
+//! - [`registry`]: embedded first-party plugins plus the plugin directory.
+//! - [`calls`]: typed calls per plugin kind.
+
+pub mod bindings;
+pub mod cache;
+pub mod calls;
+pub mod error;
+pub mod fetch;
+pub mod imports;
+pub mod limits;
+pub mod manifest;
+pub mod registry;
+pub mod runtime;
+pub mod source;
+pub mod state;
+
+pub use error::PluginError;
+pub use limits::Limits;
+pub use manifest::{Manifest, PluginKind};
+pub use registry::{PluginInfo, PluginOrigin, Registry};
+pub use runtime::{LoadedPlugin, Runtime, RuntimeStats};

@@ -1,0 +1,340 @@
+//! The wasm engine: configuration, the epoch ticker that enforces call
+//! deadlines, loading (cache, import allowlist, export check) and fresh
+//! stores per invocation.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use wasmtime::component::{HasSelf, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+
+use super::bindings::{disk_policy, format_converter, image_source};
+use super::cache::{CompiledCache, Origin};
+use super::error::PluginError;
+use super::fetch::{Fetcher, HostPattern};
+use super::imports;
+use super::limits::Limits;
+use super::manifest::PluginKind;
+use super::state::State;
+
+/// Epoch granularity: deadlines are enforced to within one tick.
+const TICK: Duration = Duration::from_millis(5);
+
+/// Counters the runtime exposes (tests and `plugin inspect` read them).
+#[derive(Debug, Default)]
+pub struct RuntimeStats {
+    /// Components compiled from wasm.
+    pub compiled: AtomicU64,
+    /// Components deserialised from the compiled cache.
+    pub cache_hits: AtomicU64,
+    /// Stores created (one per invocation or session).
+    pub instantiations: AtomicU64,
+}
+
+/// Everything the host decided about one plugin before loading it.
+#[derive(Debug, Clone)]
+pub struct PluginSpec {
+    pub name: String,
+    pub kind: PluginKind,
+    pub limits: Limits,
+    /// The operator's key/values for this plugin.
+    pub config: BTreeMap<String, String>,
+    /// Hosts the plugin may fetch from (declared AND granted).
+    pub fetch_hosts: Vec<HostPattern>,
+}
+
+/// Increments the engine's epoch every tick until dropped.
+struct EpochTicker {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EpochTicker {
+    fn start(engine: Engine) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("cocoon-epoch".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(TICK);
+                    engine.increment_epoch();
+                }
+            })
+            .expect("spawning the epoch ticker");
+        EpochTicker {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The plugin runtime. One per process; cheap to share by reference.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<State>,
+    cache: CompiledCache,
+    stats: Arc<RuntimeStats>,
+    _ticker: EpochTicker,
+}
+
+fn engine_err(e: impl std::fmt::Debug) -> PluginError {
+    PluginError::Engine(format!("{e:?}"))
+}
+
+impl Runtime {
+    /// A runtime caching compiled components in `cache_dir` (none: always
+    /// compile).
+    pub fn new(cache_dir: Option<PathBuf>) -> Result<Self, PluginError> {
+        let mut config = Config::new();
+        config
+            .epoch_interruption(true)
+            // Component calls are about 3x slower with it on, and plugins
+            // make no async calls.
+            .concurrency_support(false)
+            .cranelift_opt_level(wasmtime::OptLevel::Speed);
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(64)
+            .total_core_instances(256)
+            .total_memories(128)
+            .total_tables(128)
+            .max_memory_size(4 << 30);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config).map_err(engine_err)?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(engine_err)?;
+        image_source::cocoon::plugin::types::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)
+            .map_err(engine_err)?;
+        image_source::cocoon::plugin::host::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)
+            .map_err(engine_err)?;
+        image_source::cocoon::plugin::fetch::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)
+            .map_err(engine_err)?;
+        format_converter::cocoon::plugin::source::add_to_linker::<State, HasSelf<State>>(
+            &mut linker,
+            |s| s,
+        )
+        .map_err(engine_err)?;
+        let cache = CompiledCache::new(&engine, cache_dir);
+        Ok(Runtime {
+            _ticker: EpochTicker::start(engine.clone()),
+            engine,
+            linker,
+            cache,
+            stats: Arc::default(),
+        })
+    }
+
+    pub fn stats(&self) -> &RuntimeStats {
+        &self.stats
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Compiles (or loads from the cache) `wasm`, checks its imports
+    /// against the allowlist of `spec.kind` and its exports against the
+    /// kind's world, and prepares it for instantiation.
+    pub fn load(&self, spec: PluginSpec, wasm: &[u8], sha256: &str) -> Result<LoadedPlugin, PluginError> {
+        let name = spec.name.clone();
+        let (component, origin) = self
+            .cache
+            .load(&self.engine, sha256, wasm)
+            .map_err(|detail| PluginError::Compile {
+                plugin: name.clone(),
+                detail,
+            })?;
+        match origin {
+            Origin::Compiled => self.stats.compiled.fetch_add(1, Ordering::Relaxed),
+            Origin::Cached => self.stats.cache_hits.fetch_add(1, Ordering::Relaxed),
+        };
+        let ty = component.component_type();
+        let import_names: Vec<String> = ty.imports(&self.engine).map(|(n, _)| n.to_string()).collect();
+        for import in &import_names {
+            if let Some(reason) = imports::refusal(spec.kind, import) {
+                return Err(PluginError::ImportRefused {
+                    plugin: name,
+                    import: import.clone(),
+                    reason,
+                });
+            }
+        }
+        let export_names: Vec<String> = ty.exports(&self.engine).map(|(n, _)| n.to_string()).collect();
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| PluginError::Instantiate {
+                plugin: name.clone(),
+                detail: format!("{e:#}"),
+            })?;
+        let wrong = |e: wasmtime::Error| PluginError::WrongExports {
+            plugin: name.clone(),
+            kind: spec.kind.as_str(),
+            detail: format!("{e:#}"),
+        };
+        let pre = match spec.kind {
+            PluginKind::ImageSource => KindPre::ImageSource(image_source::ImageSourcePre::new(pre).map_err(wrong)?),
+            PluginKind::FormatConverter => {
+                KindPre::FormatConverter(format_converter::FormatConverterPre::new(pre).map_err(wrong)?)
+            }
+            PluginKind::DiskPolicy => KindPre::DiskPolicy(disk_policy::DiskPolicyPre::new(pre).map_err(wrong)?),
+        };
+        Ok(LoadedPlugin {
+            name: name.as_str().into(),
+            config: Arc::new(spec.config.clone()),
+            spec,
+            pre,
+            origin,
+            imports: import_names,
+            exports: export_names,
+            engine: self.engine.clone(),
+            stats: self.stats.clone(),
+        })
+    }
+}
+
+pub(crate) enum KindPre {
+    ImageSource(image_source::ImageSourcePre<State>),
+    FormatConverter(format_converter::FormatConverterPre<State>),
+    DiskPolicy(disk_policy::DiskPolicyPre<State>),
+}
+
+/// A compiled, checked plugin, ready for invocations.
+pub struct LoadedPlugin {
+    pub(crate) name: Arc<str>,
+    pub(crate) spec: PluginSpec,
+    config: Arc<BTreeMap<String, String>>,
+    pub(crate) pre: KindPre,
+    origin: Origin,
+    imports: Vec<String>,
+    exports: Vec<String>,
+    engine: Engine,
+    stats: Arc<RuntimeStats>,
+}
+
+impl LoadedPlugin {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn kind(&self) -> PluginKind {
+        self.spec.kind
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.spec.limits
+    }
+
+    /// Whether this load deserialised a cached component.
+    pub fn from_cache(&self) -> bool {
+        self.origin == Origin::Cached
+    }
+
+    pub fn imports(&self) -> &[String] {
+        &self.imports
+    }
+
+    pub fn exports(&self) -> &[String] {
+        &self.exports
+    }
+
+    pub(crate) fn expect_kind(&self, wanted: PluginKind) -> Result<(), PluginError> {
+        if self.spec.kind == wanted {
+            Ok(())
+        } else {
+            Err(PluginError::WrongKind {
+                plugin: self.name.to_string(),
+                wanted: wanted.as_str(),
+                actual: self.spec.kind.as_str(),
+            })
+        }
+    }
+
+    /// A fresh store for one invocation: nothing survives from the last
+    /// one, so a trap never leaves state behind.
+    pub(crate) fn new_store(&self) -> Store<State> {
+        self.stats.instantiations.fetch_add(1, Ordering::Relaxed);
+        let fetcher = (self.spec.kind == PluginKind::ImageSource && !self.spec.fetch_hosts.is_empty())
+            .then(|| {
+                Fetcher::new(
+                    &self.name,
+                    self.spec.fetch_hosts.clone(),
+                    Instant::now() + self.spec.limits.deadline,
+                )
+            });
+        let state = State::new(
+            self.name.clone(),
+            self.spec.limits.memory_bytes,
+            self.config.clone(),
+            fetcher,
+        );
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        self.arm_deadline(&mut store);
+        store
+    }
+
+    /// Gives the next call a full deadline.
+    pub(crate) fn arm_deadline(&self, store: &mut Store<State>) {
+        let ticks = self.spec.limits.deadline.as_micros().div_ceil(TICK.as_micros()) as u64 + 1;
+        store.set_epoch_deadline(ticks);
+    }
+
+    /// Runs one call into the plugin under its deadline and turns a failure
+    /// into an error that names the plugin and the call.
+    pub(crate) fn call<T>(
+        &self,
+        store: &mut Store<State>,
+        call: &str,
+        f: impl FnOnce(&mut Store<State>) -> wasmtime::Result<T>,
+    ) -> Result<T, PluginError> {
+        self.arm_deadline(store);
+        let result = f(store);
+        store.data().flush_stdio();
+        result.map_err(|e| self.classify(store, call, e))
+    }
+
+    fn classify(&self, store: &Store<State>, call: &str, e: wasmtime::Error) -> PluginError {
+        let plugin = self.name.to_string();
+        let call = call.to_string();
+        if store.data().limiter.exceeded {
+            return PluginError::MemoryLimit {
+                plugin,
+                call,
+                limit_mib: self.spec.limits.memory_mib(),
+            };
+        }
+        if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+            return PluginError::Deadline {
+                plugin,
+                call,
+                deadline_ms: self.spec.limits.deadline.as_millis() as u64,
+            };
+        }
+        let mut detail = match e.downcast_ref::<Trap>() {
+            Some(trap) => trap.to_string(),
+            None => format!("{e:#}"),
+        };
+        if let Some(last) = store.data().last_stderr() {
+            detail.push_str(&format!(" (last stderr line: {last})"));
+        }
+        PluginError::Trap {
+            plugin,
+            call,
+            detail,
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! PVH entry: from 32-bit protected mode with paging off to 64-bit Rust.
+//!
+//! The PVH boot protocol (used by QEMU's microvm through qboot and by our VMM)
+//! enters at the address in the XEN_ELFNOTE_PHYS32_ENTRY note with flat 4 GiB
+//! segments, paging and interrupts off, and %ebx holding the physical address
+//! of `struct hvm_start_info`. The trampoline below zeroes .bss, builds
+//! identity page tables for the first 4 GiB with 2 MiB pages (the virtio-mmio
+//! windows live just below 4 GiB), enables SSE (sha2 may pick SHA-NI at run
+//! time), loads a 64-bit GDT, turns on long mode and calls `rust_main`.
+//!
+//! The tables are written once and never touched again: the test machines run
+//! nested KVM with shadow paging, where page-table writes are expensive.
+
+use core::arch::global_asm;
+
+global_asm!(
+    r#"
+    .section .note.Xen, "a", @note
+    .balign 4
+    .long 4                 /* namesz: "Xen\0" */
+    .long 8                 /* descsz: QEMU reads a 64-bit address on ELF64 */
+    .long 18                /* XEN_ELFNOTE_PHYS32_ENTRY */
+    .asciz "Xen"
+    .balign 4
+    .quad pvh_start
+    .balign 4
+
+    .section .text.pvh_start, "ax", @progbits
+    .code32
+    .global pvh_start
+pvh_start:
+    cli
+    cld
+    /* %ebx (hvm_start_info) survives everything below except the final move. */
+
+    /* Zero .bss: the page tables and the stack live there. */
+    movl $__bss_start, %edi
+    movl $__bss_end, %ecx
+    subl %edi, %ecx
+    xorl %eax, %eax
+    rep stosb
+
+    /* PML4[0] -> PDPT. */
+    movl $boot_pdpt, %eax
+    orl $0x3, %eax              /* present, writable */
+    movl %eax, boot_pml4
+
+    /* PDPT[0..4] -> the four page directories. */
+    movl $boot_pd, %eax
+    orl $0x3, %eax
+    movl $boot_pdpt, %edi
+    movl $4, %ecx
+1:
+    movl %eax, (%edi)
+    addl $0x1000, %eax
+    addl $8, %edi
+    loop 1b
+
+    /* 2048 2 MiB pages: 0 .. 4 GiB, present, writable, large. */
+    movl $boot_pd, %edi
+    movl $0x83, %eax
+    movl $2048, %ecx
+2:
+    movl %eax, (%edi)
+    addl $0x200000, %eax
+    addl $8, %edi
+    loop 2b
+
+    /* The top GiB (device windows, LAPIC, IOAPIC) uncached: PWT | PCD. */
+    movl $boot_pd + 3 * 0x1000, %edi
+    movl $512, %ecx
+3:
+    orl $0x18, (%edi)
+    addl $8, %edi
+    loop 3b
+
+    lgdt boot_gdt_ptr
+
+    /* CR4: PAE, OSFXSR, OSXMMEXCPT. */
+    movl %cr4, %eax
+    orl $((1 << 5) | (1 << 9) | (1 << 10)), %eax
+    movl %eax, %cr4
+
+    movl $boot_pml4, %eax
+    movl %eax, %cr3
+
+    /* EFER.LME */
+    movl $0xc0000080, %ecx
+    rdmsr
+    orl $(1 << 8), %eax
+    wrmsr
+
+    /* CR0: PG, MP, PE on; EM, TS off (SSE must not trap). */
+    movl %cr0, %eax
+    andl $~((1 << 2) | (1 << 3)), %eax
+    orl $((1 << 31) | (1 << 1) | 1), %eax
+    movl %eax, %cr0
+
+    ljmp $0x08, $pvh_long_mode
+
+    .code64
+pvh_long_mode:
+    movw $0x10, %ax
+    movw %ax, %ds
+    movw %ax, %es
+    movw %ax, %ss
+    movw %ax, %fs
+    movw %ax, %gs
+    movq $boot_stack_top, %rsp
+    movl %ebx, %edi             /* zero-extends: hvm_start_info paddr */
+    xorl %ebp, %ebp
+    call rust_main
+4:
+    ud2
+    jmp 4b
+
+    .section .rodata.boot_gdt, "a", @progbits
+    .balign 16
+boot_gdt:
+    .quad 0
+    .quad 0x00af9a000000ffff    /* 0x08: 64-bit code */
+    .quad 0x00cf92000000ffff    /* 0x10: flat data */
+boot_gdt_end:
+    .balign 8
+boot_gdt_ptr:
+    .word boot_gdt_end - boot_gdt - 1
+    .quad boot_gdt
+
+    .section .bss.boot, "aw", @nobits
+    .balign 4096
+boot_pml4:
+    .skip 0x1000
+boot_pdpt:
+    .skip 0x1000
+boot_pd:
+    .skip 0x4000
+    .balign 16
+boot_stack:
+    .skip 0x40000
+boot_stack_top:
+
+    .text
+"#,
+    options(att_syntax)
+);
+
+/// `struct hvm_start_info` from Xen's public/arch-x86/hvm/start_info.h.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct HvmStartInfo {
+    magic: u32,
+    version: u32,
+    flags: u32,
+    nr_modules: u32,
+    modlist_paddr: u64,
+    cmdline_paddr: u64,
+    rsdp_paddr: u64,
+    memmap_paddr: u64,
+    memmap_entries: u32,
+    reserved: u32,
+}
+
+const HVM_START_MAGIC: u32 = 0x336e_c578;
+
+/// The longest command line we look at; Linux's x86 limit is 2048, ours is
+/// generous so that eight disks with several actions each still fit.
+pub const CMDLINE_MAX: usize = 4096;
+
+/// What the guest takes from `hvm_start_info`.
+pub struct StartInfo {
+    pub cmdline: &'static [u8],
+    pub rsdp_paddr: u64,
+}
+
+/// Identity mapping ends here; anything the loader points at must be below.
+const MAPPED_END: u64 = 1 << 32;
+
+/// Reads hvm_start_info at `paddr`.
+///
+/// # Safety
+/// `paddr` must be the value the loader passed in %ebx, and memory below
+/// 4 GiB must be identity mapped (the trampoline did that).
+pub unsafe fn read_start_info(paddr: u64) -> Result<StartInfo, &'static str> {
+    if paddr == 0 || paddr + size_of::<HvmStartInfo>() as u64 > MAPPED_END {
+        return Err("hvm_start_info address out of range");
+    }
+    // SAFETY: the loader placed hvm_start_info at `paddr` in guest RAM, which
+    // is identity mapped; read_unaligned because nothing guarantees alignment.
+    let info = unsafe { core::ptr::read_unaligned(paddr as *const HvmStartInfo) };
+    if info.magic != HVM_START_MAGIC {
+        return Err("hvm_start_info has a bad magic");
+    }
+    let cmdline = if info.cmdline_paddr == 0 || info.cmdline_paddr >= MAPPED_END {
+        &[][..]
+    } else {
+        let max = CMDLINE_MAX.min((MAPPED_END - info.cmdline_paddr) as usize);
+        let base = info.cmdline_paddr as *const u8;
+        // SAFETY: the loader put a NUL-terminated string at cmdline_paddr in
+        // guest RAM; we read at most `max` bytes, all below 4 GiB (mapped),
+        // and nothing writes that memory while the guest runs.
+        let mut len = 0;
+        while len < max && unsafe { base.add(len).read_volatile() } != 0 {
+            len += 1;
+        }
+        // SAFETY: the `len` bytes just read are initialised guest RAM that
+        // stays untouched for the rest of the run.
+        unsafe { core::slice::from_raw_parts(base, len) }
+    };
+    Ok(StartInfo {
+        cmdline,
+        rsdp_paddr: info.rsdp_paddr,
+    })
+}

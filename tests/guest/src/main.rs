@@ -1,0 +1,99 @@
+//! cocoon-test-guest: a PVH guest that reports its virtio-blk disks on COM1.
+//!
+//! See PROTOCOL.md beside Cargo.toml for the command line it reads and the
+//! lines it prints.
+
+#![no_std]
+#![no_main]
+
+mod boot;
+mod disk;
+mod hal;
+mod port;
+mod power;
+mod serial;
+mod traps;
+mod tsc;
+
+use cocoon_test_guest::cmdline::{self, Action, Escaped, MAX_DEVICES};
+use core::fmt;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use disk::{Disk, Probe};
+
+/// hvm_start_info.rsdp_paddr, for powering off from anywhere.
+static RSDP: AtomicU64 = AtomicU64::new(0);
+
+/// Called by the trampoline in boot.rs on the boot stack, in long mode.
+#[unsafe(no_mangle)]
+extern "C" fn rust_main(start_info_paddr: u64) -> ! {
+    serial::init();
+    say!("start");
+    traps::install();
+    // SAFETY: the trampoline passes the loader's %ebx unchanged and has
+    // identity-mapped the first 4 GiB.
+    let info = match unsafe { boot::read_start_info(start_info_paddr) } {
+        Ok(info) => info,
+        Err(e) => fatal(e),
+    };
+    RSDP.store(info.rsdp_paddr, Ordering::Relaxed);
+    say!("cmdline {}", Escaped(info.cmdline));
+    let cmdline = cmdline::parse(info.cmdline, |e| say!("error {e}"));
+
+    match tsc::calibrate() {
+        Some((khz, source)) => say!("tsc khz={khz} source={}", source.name()),
+        None => say!("tsc khz=0 source=none"),
+    }
+
+    let mut disks: [Option<Disk>; MAX_DEVICES] = [const { None }; MAX_DEVICES];
+    let mut n_disks = 0;
+    let devices = cmdline.devices();
+    for (i, device) in devices.iter().enumerate() {
+        match disk::probe(device, &devices[..i], n_disks) {
+            Probe::Skip(reason) => say!("skip addr={:#x} reason={reason}", device.addr),
+            Probe::Block(Ok(mut disk)) => {
+                disk.report();
+                disks[n_disks] = Some(disk);
+                n_disks += 1;
+            }
+            Probe::Block(Err(e)) => {
+                say!("error disk index={n_disks} addr={:#x}: {e}", device.addr);
+                n_disks += 1;
+            }
+        }
+    }
+
+    let Some(buf) = disk::io_buffer() else {
+        fatal("I/O buffer already taken")
+    };
+    for action in cmdline.actions() {
+        let index = action.disk();
+        let Some(disk) = disks.get_mut(index).and_then(Option::as_mut) else {
+            say!("error {action}: no disk index={index}");
+            continue;
+        };
+        match *action {
+            Action::Hash { sector, count, .. } => disk.hash(sector, count, buf),
+            Action::Write { sector, byte, .. } => disk.write_sector(sector, byte, buf),
+            Action::SeqRead { bytes, .. } => disk.seqread(bytes, buf),
+        }
+    }
+
+    say!("done disks={n_disks}");
+    power::off(info.rsdp_paddr)
+}
+
+/// Prints `error <what>` and powers off.
+pub fn fatal(what: impl fmt::Display) -> ! {
+    say!("error {what}");
+    power::off(RSDP.load(Ordering::Relaxed))
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    static PANICKING: AtomicBool = AtomicBool::new(false);
+    if PANICKING.swap(true, Ordering::Relaxed) {
+        // A panic while reporting a panic: no more printing, just stop.
+        power::triple_fault();
+    }
+    fatal(format_args!("panic: {info}"))
+}

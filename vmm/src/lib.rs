@@ -1,0 +1,23 @@
+//! cocoon-vmm: the virtual machine monitor of cocoon-host.
+//!
+//! A KVM microVM on the rust-vmm crates: guest memory with an MMIO gap,
+//! Linux/PVH kernel loading, ACPI tables (hardware-reduced), a COM1 serial
+//! console, an i8042 for reset, an ACPI sleep/reset device, and virtio-mmio
+//! block devices served by one I/O thread each.
+//!
+//! The library API is [`VmConfig`] → [`Vm::start`] → a running [`Vm`] with
+//! [`Vm::pause`], [`Vm::resume`], [`Vm::stop`] and [`Vm::wait`].
+
+#![cfg(target_arch = "x86_64")]
+
+pub mod acpi;
+pub mod arch;
+pub mod boot;
+pub mod config;
+pub mod devices;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
+
+pub use config::{DiskConfig, SerialOutput, VmConfig};
+pub use vm::{ExitReason, Vm, VmError};

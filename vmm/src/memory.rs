@@ -1,0 +1,172 @@
+//! Guest physical memory: the layout of the machine and the E820 map.
+//!
+//! RAM starts at 0 and runs up to the 32-bit MMIO gap (3 GiB); anything
+//! beyond continues at 4 GiB. The gap holds the virtio-mmio slots, the
+//! IOAPIC and the local APICs.
+
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+/// Where the GDT for the boot vCPU state lives.
+pub const GDT_ADDR: u64 = 0x500;
+/// PVH `hvm_start_info`, followed by its memory map.
+pub const PVH_INFO_ADDR: u64 = 0x6000;
+pub const PVH_MEMMAP_ADDR: u64 = 0x6100;
+pub const PVH_MODLIST_ADDR: u64 = 0x6800;
+/// The Linux zero page (`boot_params`) for bzImage boot.
+pub const ZERO_PAGE_ADDR: u64 = 0x7000;
+/// Initial stack pointer of the boot vCPU.
+pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
+/// Identity-mapped page tables for the 64-bit bzImage entry.
+pub const PML4_ADDR: u64 = 0x9000;
+pub const PDPTE_ADDR: u64 = 0xa000;
+pub const PDE_ADDR: u64 = 0xb000;
+/// The kernel command line.
+pub const CMDLINE_ADDR: u64 = 0x20000;
+/// Linux's x86 COMMAND_LINE_SIZE.
+pub const CMDLINE_MAX_SIZE: usize = 2048;
+/// End of the usable conventional memory below 640 KiB.
+pub const EBDA_START: u64 = 0x9fc00;
+/// The ACPI tables live in the BIOS area, where a bzImage kernel also scans
+/// for the RSDP when nobody tells it.
+pub const ACPI_START: u64 = 0xe0000;
+pub const ACPI_END: u64 = 0x100000;
+/// Kernels and everything above.
+pub const HIMEM_START: u64 = 0x100000;
+/// The 32-bit MMIO gap.
+pub const MMIO_GAP_START: u64 = 0xc000_0000;
+pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// virtio-mmio slots: 4 KiB each from here, one IOAPIC pin each.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// The first IOAPIC pin for virtio devices; COM1 has 4.
+pub const VIRTIO_IRQ_BASE: u32 = 5;
+/// IOAPIC pins run 0..24, so 19 virtio slots fit.
+pub const MAX_VIRTIO_DEVICES: usize = 19;
+pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
+pub const LAPIC_ADDR: u32 = 0xfee0_0000;
+/// KVM needs three pages for the TSS and one for the identity map, on
+/// Intel without unrestricted guest; put them just below the IOAPIC.
+pub const KVM_TSS_ADDR: u64 = 0xfffb_d000;
+pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+/// Smallest memory we accept: the low layout above plus room for a kernel.
+pub const MIN_MEMORY: u64 = 16 << 20;
+
+/// E820 entry types.
+pub const E820_RAM: u32 = 1;
+pub const E820_RESERVED: u32 = 2;
+
+/// An entry of the E820 map handed to the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct E820Entry {
+    pub addr: u64,
+    pub size: u64,
+    pub kind: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("guest memory of {0} bytes is below the minimum of {MIN_MEMORY}")]
+    TooSmall(u64),
+    #[error("cannot map guest memory")]
+    Map(#[source] vm_memory::mmap::FromRangesError),
+}
+
+/// The RAM regions for `size` bytes of guest memory, split around the gap.
+pub fn ram_regions(size: u64) -> Vec<(GuestAddress, u64)> {
+    let low = size.min(MMIO_GAP_START);
+    let mut regions = vec![(GuestAddress(0), low)];
+    if size > low {
+        regions.push((GuestAddress(MMIO_GAP_END), size - low));
+    }
+    regions
+}
+
+/// Maps anonymous, private guest memory.
+pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    if size < MIN_MEMORY {
+        return Err(MemoryError::TooSmall(size));
+    }
+    let ranges: Vec<(GuestAddress, usize)> = ram_regions(size)
+        .into_iter()
+        .map(|(a, s)| (a, s as usize))
+        .collect();
+    GuestMemoryMmap::from_ranges(&ranges).map_err(MemoryError::Map)
+}
+
+/// The E820 map: conventional memory, the reserved BIOS/ACPI area, and RAM
+/// from 1 MiB up to the gap and beyond 4 GiB.
+pub fn e820_map(size: u64) -> Vec<E820Entry> {
+    let mut map = vec![
+        E820Entry {
+            addr: 0,
+            size: EBDA_START,
+            kind: E820_RAM,
+        },
+        E820Entry {
+            addr: ACPI_START,
+            size: ACPI_END - ACPI_START,
+            kind: E820_RESERVED,
+        },
+    ];
+    for (addr, len) in ram_regions(size) {
+        let start = addr.0.max(HIMEM_START);
+        let end = addr.0 + len;
+        if end > start {
+            map.push(E820Entry {
+                addr: start,
+                size: end - start,
+                kind: E820_RAM,
+            });
+        }
+    }
+    map
+}
+
+/// The slot of virtio-mmio device `index`: (base address, IOAPIC pin).
+pub fn virtio_mmio_slot(index: usize) -> (u64, u32) {
+    (
+        VIRTIO_MMIO_BASE + index as u64 * VIRTIO_MMIO_SIZE,
+        VIRTIO_IRQ_BASE + index as u32,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn e820_small_memory_has_no_high_region() {
+        let map = e820_map(256 << 20);
+        assert_eq!(map.len(), 3);
+        assert_eq!(map[0], E820Entry { addr: 0, size: 0x9fc00, kind: E820_RAM });
+        assert_eq!(map[1].kind, E820_RESERVED);
+        assert_eq!(
+            map[2],
+            E820Entry { addr: HIMEM_START, size: (256 << 20) - HIMEM_START, kind: E820_RAM }
+        );
+    }
+
+    #[test]
+    fn e820_large_memory_is_split_around_the_gap() {
+        let size = 4u64 << 30;
+        let map = e820_map(size);
+        assert_eq!(map.len(), 4);
+        assert_eq!(map[2].addr + map[2].size, MMIO_GAP_START);
+        assert_eq!(map[3], E820Entry { addr: MMIO_GAP_END, size: size - MMIO_GAP_START, kind: E820_RAM });
+        let ram: u64 = ram_regions(size).iter().map(|r| r.1).sum();
+        assert_eq!(ram, size);
+    }
+
+    #[test]
+    fn virtio_slots_stay_inside_the_gap_and_the_ioapic() {
+        let (addr, irq) = virtio_mmio_slot(MAX_VIRTIO_DEVICES - 1);
+        assert!(addr + VIRTIO_MMIO_SIZE <= IOAPIC_ADDR as u64);
+        assert!(addr >= MMIO_GAP_START);
+        assert_eq!(irq, 23);
+    }
+
+    #[test]
+    fn too_small_memory_is_refused() {
+        assert!(matches!(create_guest_memory(1 << 20), Err(MemoryError::TooSmall(_))));
+    }
+}

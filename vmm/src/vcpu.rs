@@ -1,0 +1,286 @@
+//! vCPU threads: the KVM_RUN loop, exit dispatch to the buses, and the
+//! shared run control (stop, pause, resume) with its kick signal.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::devices::{lock, Bus};
+
+/// Why a VM stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest powered off (ACPI S5, or KVM's shutdown system event).
+    PowerOff,
+    /// The guest reset (i8042, ACPI reset register, triple fault).
+    Reset,
+    /// The host asked for it ([`crate::Vm::stop`]).
+    HostRequest,
+    /// Something failed; the text says what.
+    Error(String),
+}
+
+impl std::fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitReason::PowerOff => f.write_str("guest power-off"),
+            ExitReason::Reset => f.write_str("guest reset"),
+            ExitReason::HostRequest => f.write_str("host request"),
+            ExitReason::Error(e) => write!(f, "error: {e}"),
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    exit: Option<ExitReason>,
+    pause: bool,
+    parked: usize,
+}
+
+/// Shared by the VM handle, the vCPU threads and the devices that can end
+/// the VM.
+#[derive(Default)]
+pub struct Control {
+    state: Mutex<State>,
+    cond: Condvar,
+    // Checked on every loop iteration without taking the lock.
+    stopping: AtomicBool,
+    pausing: AtomicBool,
+    threads: Mutex<Vec<libc::pthread_t>>,
+}
+
+/// The signal that kicks a vCPU thread out of KVM_RUN.
+fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN() + 1
+}
+
+extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the kick handler once per process; KVM_RUN then returns EINTR.
+pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
+    static ONCE: std::sync::OnceLock<Result<(), vmm_sys_util::errno::Error>> =
+        std::sync::OnceLock::new();
+    ONCE.get_or_init(|| vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler))
+        .clone()
+}
+
+impl Control {
+    /// Records the first exit reason and tells every vCPU to leave.
+    pub fn request_exit(&self, reason: ExitReason) {
+        {
+            let mut s = lock(&self.state);
+            if s.exit.is_none() {
+                s.exit = Some(reason);
+            }
+        }
+        self.stopping.store(true, Ordering::SeqCst);
+        self.cond.notify_all();
+        self.kick_all();
+    }
+
+    pub fn exit_reason(&self) -> Option<ExitReason> {
+        lock(&self.state).exit.clone()
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    fn register_thread(&self) {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        lock(&self.threads).push(me);
+    }
+
+    fn unregister_thread(&self) {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        lock(&self.threads).retain(|t| *t != me);
+    }
+
+    /// Signals every live vCPU thread. A kick that lands just before a
+    /// thread enters KVM_RUN is lost, so callers that need the threads out
+    /// repeat it until they see them gone or parked.
+    pub fn kick_all(&self) {
+        let threads = lock(&self.threads);
+        for t in threads.iter() {
+            // SAFETY: the id is of a thread that is still registered, and a
+            // thread unregisters (under this lock) before it ends, so the id
+            // is live. The signal has a no-op handler installed.
+            unsafe {
+                libc::pthread_kill(*t, kick_signal());
+            }
+        }
+    }
+
+    /// Blocks until every vCPU thread is parked (or the VM is stopping).
+    pub fn pause(&self, vcpus: usize) {
+        {
+            let mut s = lock(&self.state);
+            s.pause = true;
+        }
+        self.pausing.store(true, Ordering::SeqCst);
+        loop {
+            self.kick_all();
+            let s = lock(&self.state);
+            if s.parked >= vcpus || s.exit.is_some() {
+                return;
+            }
+            let (_s, _) = self
+                .cond
+                .wait_timeout(s, Duration::from_millis(5))
+                .unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    pub fn resume(&self) {
+        let mut s = lock(&self.state);
+        s.pause = false;
+        self.pausing.store(false, Ordering::SeqCst);
+        self.cond.notify_all();
+    }
+
+    pub fn is_paused(&self) -> bool {
+        lock(&self.state).pause
+    }
+
+    /// Parks the calling vCPU thread while a pause is in force.
+    fn park_if_paused(&self) {
+        if !self.pausing.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut s = lock(&self.state);
+        if !s.pause {
+            return;
+        }
+        s.parked += 1;
+        self.cond.notify_all();
+        while s.pause && s.exit.is_none() {
+            s = self.cond.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        s.parked -= 1;
+    }
+
+    /// Waits until an exit reason is set; `None` on timeout.
+    pub fn wait_exit(&self, timeout: Option<Duration>) -> Option<ExitReason> {
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        let mut s = lock(&self.state);
+        loop {
+            if let Some(r) = &s.exit {
+                return Some(r.clone());
+            }
+            match deadline {
+                None => s = self.cond.wait(s).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let now = std::time::Instant::now();
+                    if now >= d {
+                        return None;
+                    }
+                    s = self.cond.wait_timeout(s, d - now).unwrap_or_else(|p| p.into_inner()).0;
+                }
+            }
+        }
+    }
+}
+
+/// What a vCPU thread needs.
+pub struct VcpuContext {
+    pub index: u8,
+    pub fd: VcpuFd,
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub control: Arc<Control>,
+}
+
+pub fn spawn(ctx: VcpuContext) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("vcpu{}", ctx.index))
+        .spawn(move || run(ctx))
+}
+
+fn run(mut ctx: VcpuContext) {
+    let control = ctx.control.clone();
+    control.register_thread();
+    let result = run_loop(&mut ctx);
+    control.unregister_thread();
+    if let Err(reason) = result {
+        control.request_exit(reason);
+    }
+}
+
+fn run_loop(ctx: &mut VcpuContext) -> Result<(), ExitReason> {
+    let index = ctx.index;
+    let err = |what: String| ExitReason::Error(format!("vcpu{index}: {what}"));
+    loop {
+        if ctx.control.is_stopping() {
+            return Ok(());
+        }
+        ctx.control.park_if_paused();
+        if ctx.control.is_stopping() {
+            return Ok(());
+        }
+        match ctx.fd.run() {
+            Ok(exit) => match exit {
+                VcpuExit::IoIn(port, data) => {
+                    ctx.pio.read(u64::from(port), data);
+                }
+                VcpuExit::IoOut(port, data) => {
+                    ctx.pio.write(u64::from(port), data);
+                }
+                VcpuExit::MmioRead(addr, data) => {
+                    ctx.mmio.read(addr, data);
+                }
+                VcpuExit::MmioWrite(addr, data) => {
+                    ctx.mmio.write(addr, data);
+                }
+                VcpuExit::Shutdown => {
+                    // A triple fault: what a PC does next is reset.
+                    ctx.control.request_exit(ExitReason::Reset);
+                    return Ok(());
+                }
+                VcpuExit::SystemEvent(kind, _) => {
+                    let reason = match kind {
+                        kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => ExitReason::PowerOff,
+                        kvm_bindings::KVM_SYSTEM_EVENT_RESET => ExitReason::Reset,
+                        other => return Err(err(format!("system event {other}"))),
+                    };
+                    ctx.control.request_exit(reason);
+                    return Ok(());
+                }
+                VcpuExit::Hlt => {
+                    // The in-kernel irqchip handles HLT; an exit means the
+                    // vCPU halted with interrupts it can never get.
+                    return Err(err("halted for good".into()));
+                }
+                VcpuExit::FailEntry(reason, cpu) => {
+                    return Err(err(format!(
+                        "VM entry failed (hardware reason {reason:#x}, cpu {cpu})"
+                    )));
+                }
+                VcpuExit::InternalError => {
+                    return Err(err("KVM internal error (emulation failure)".into()));
+                }
+                other => return Err(err(format!("unexpected exit {other:?}"))),
+            },
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                ctx.fd.set_kvm_immediate_exit(0);
+            }
+            Err(e) => return Err(err(format!("KVM_RUN failed: {e}"))),
+        }
+    }
+}
+
+/// Joins vCPU threads, kicking them until they are gone.
+pub fn join_all(control: &Control, handles: Vec<JoinHandle<()>>) {
+    for h in handles {
+        while !h.is_finished() {
+            control.kick_all();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let _ = h.join();
+    }
+}
