@@ -6,3 +6,5 @@
 pub mod config;
 pub mod fsutil;
 pub mod plugin;
+pub mod convert;
+pub mod store;

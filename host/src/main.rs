@@ -38,6 +38,8 @@ struct Cli {
 enum Command {
     /// Manage and call plugins.
     Plugin(cli::plugin::PluginArgs),
+    /// Convert, pull and manage images.
+    Image(cli::image::ImageArgs),
     /// Boot a kernel directly on the built-in VMM.
     Boot(cli::boot::BootArgs),
     /// Run a VM from an image (pull, convert, plan, boot). Not implemented
@@ -74,6 +76,10 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Plugin(args) => {
             let config = HostConfig::load(&overrides)?;
             cli::plugin::run(args, &config)
+        }
+        Command::Image(args) => {
+            let config = HostConfig::load(&overrides)?;
+            cli::image::run(args, &config)
         }
         Command::Boot(args) => cli::boot::run(args),
         Command::Run { image } => {

@@ -16,8 +16,9 @@ pub mod boot;
 pub mod config;
 pub mod devices;
 pub mod memory;
+pub mod signals;
 pub mod vcpu;
 pub mod vm;
 
-pub use config::{DiskConfig, SerialOutput, VmConfig};
-pub use vm::{ExitReason, Vm, VmError};
+pub use config::{parse_memory_size, DiskConfig, SerialOutput, SpecError, VmConfig};
+pub use vm::{ExitReason, StopHandle, Vm, VmError};

@@ -254,6 +254,11 @@ impl Vm {
         self.control.request_exit(ExitReason::HostRequest);
     }
 
+    /// A handle that can stop the VM from another thread.
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle(self.control.clone())
+    }
+
     /// The exit reason, once there is one.
     pub fn exit_reason(&self) -> Option<ExitReason> {
         self.control.exit_reason()
@@ -293,6 +298,16 @@ impl Drop for Vm {
             self.control.request_exit(ExitReason::HostRequest);
             self.teardown();
         }
+    }
+}
+
+/// Stops a VM from anywhere (a signal thread, a supervisor).
+#[derive(Clone)]
+pub struct StopHandle(Arc<Control>);
+
+impl StopHandle {
+    pub fn stop(&self) {
+        self.0.request_exit(ExitReason::HostRequest);
     }
 }
 

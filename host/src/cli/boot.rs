@@ -1,11 +1,70 @@
 //! `cocoon-host boot`: boot a kernel directly on the cocoon VMM.
 
+use std::path::PathBuf;
+
+use anyhow::Context;
 use clap::Args;
+use cocoon_vmm::{DiskConfig, ExitReason, SerialOutput, Vm, VmConfig};
 
 /// Boot a kernel directly on the built-in VMM.
+///
+/// COM1 is this terminal (or --serial-log). SIGINT/SIGTERM stop the VM.
+/// Exit status: 0 guest power-off, 3 guest reset, 130 stopped by a signal,
+/// 1 error.
 #[derive(Debug, Args)]
-pub struct BootArgs {}
+pub struct BootArgs {
+    /// Kernel: an ELF with a PVH entry note (vmlinux, the test guest) or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+    /// Initial ramdisk.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line; `virtio_mmio.device=` entries for the disks are appended.
+    #[arg(long, default_value = "console=ttyS0")]
+    pub cmdline: String,
+    /// A virtio-blk disk, in order; repeatable.
+    #[arg(
+        long = "disk",
+        value_name = "PATH[,ro][,serial=S][,direct]",
+        value_parser = DiskConfig::parse_spec
+    )]
+    pub disks: Vec<DiskConfig>,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u8,
+    /// Guest RAM: 512 (MiB), 512M, 2G.
+    #[arg(long, default_value = "256M", value_parser = cocoon_vmm::parse_memory_size)]
+    pub memory: u64,
+    /// Append COM1 output to this file instead of the terminal.
+    #[arg(long, value_name = "FILE")]
+    pub serial_log: Option<PathBuf>,
+}
 
-pub fn run(_args: BootArgs) -> anyhow::Result<i32> {
-    anyhow::bail!("not implemented yet: boot")
+pub fn run(args: BootArgs) -> anyhow::Result<i32> {
+    let config = VmConfig {
+        kernel: args.kernel,
+        initrd: args.initrd,
+        cmdline: args.cmdline,
+        cpus: args.cpus,
+        memory: args.memory,
+        disks: args.disks,
+        serial: match args.serial_log {
+            Some(path) => SerialOutput::File(path),
+            None => SerialOutput::Stdout,
+        },
+    };
+    // Before any VM thread exists, so that all of them inherit the mask and
+    // only the watcher thread receives the signals.
+    cocoon_vmm::signals::block_termination_signals().context("block SIGINT/SIGTERM")?;
+    let mut vm = Vm::start(config).context("start the VM")?;
+    cocoon_vmm::signals::stop_on_termination_signals(vm.stop_handle())
+        .context("watch SIGINT/SIGTERM")?;
+    let reason = vm.wait();
+    eprintln!("cocoon-host boot: VM stopped: {reason}");
+    Ok(match reason {
+        ExitReason::PowerOff => 0,
+        ExitReason::Reset => 3,
+        ExitReason::HostRequest => 130,
+        ExitReason::Error(_) => 1,
+    })
 }

@@ -329,7 +329,7 @@ impl LoadedPlugin {
             None => format!("{e:#}"),
         };
         if let Some(last) = store.data().last_stderr() {
-            detail.push_str(&format!(" (last stderr line: {last})"));
+            detail.push_str(&format!(" (stderr: {last})"));
         }
         PluginError::Trap {
             plugin,

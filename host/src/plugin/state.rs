@@ -111,7 +111,7 @@ impl State {
         Ok(self.table.push(src)?)
     }
 
-    /// The last line the plugin wrote to stderr.
+    /// The last lines the plugin wrote to stderr.
     pub fn last_stderr(&self) -> Option<String> {
         self.stdio[1].last()
     }
@@ -237,8 +237,8 @@ struct SinkInner {
     stream: &'static str,
     line: Vec<u8>,
     budget: usize,
-    /// The last line written, for trap messages (a panic prints there).
-    last: Option<String>,
+    /// The last lines written, for trap messages (a panic prints there).
+    last: std::collections::VecDeque<String>,
 }
 
 impl StdioSink {
@@ -249,13 +249,14 @@ impl StdioSink {
                 stream,
                 line: Vec::new(),
                 budget: STDIO_BUDGET,
-                last: None,
+                last: Default::default(),
             })),
         }
     }
 
     fn last(&self) -> Option<String> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).last.clone()
+        let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        (!g.last.is_empty()).then(|| Vec::from(g.last.clone()).join(" / "))
     }
 
     fn flush(&self) {
@@ -283,7 +284,13 @@ impl SinkInner {
         }
         let text = String::from_utf8_lossy(&self.line);
         tracing::warn!(plugin = %self.plugin, stream = self.stream, "{text}");
-        self.last = Some(text.into_owned());
+        // Rust's hint about RUST_BACKTRACE says nothing about the failure.
+        if !text.starts_with("note: run with `RUST_BACKTRACE") {
+            if self.last.len() == 2 {
+                self.last.pop_front();
+            }
+            self.last.push_back(text.into_owned());
+        }
         self.line.clear();
     }
 }

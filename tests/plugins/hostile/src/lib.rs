@@ -5,12 +5,13 @@ use cocoon_plugin_sdk::image_source::*;
 
 struct Hostile;
 
-fn artifact(url: String) -> Vec<Artifact> {
+/// The report travels in media_type: the host checks that URLs parse.
+fn artifact(report: String) -> Vec<Artifact> {
     vec![Artifact {
-        url,
+        url: "https://example.com/report".into(),
         digest: None,
         size: None,
-        media_type: "text/plain".into(),
+        media_type: report,
         format_hint: None,
         headers: Vec::new(),
     }]
@@ -23,7 +24,7 @@ impl ImageSource for Hostile {
 
     fn resolve(reference: &str, _platform: Platform) -> Result<Vec<Artifact>, Error> {
         match reference {
-            "ok" => Ok(artifact("https://example.com/ok.raw".into())),
+            "ok" => Ok(artifact("ok".into())),
             "loop" => {
                 // Volatile so the optimiser keeps a loop that never ends.
                 let mut n = 0u64;
@@ -50,14 +51,7 @@ impl ImageSource for Hostile {
             }
             "config" => Ok(config()
                 .into_iter()
-                .map(|(k, v)| Artifact {
-                    url: format!("{k}={v}"),
-                    digest: None,
-                    size: None,
-                    media_type: "text/plain".into(),
-                    format_hint: None,
-                    headers: Vec::new(),
-                })
+                .flat_map(|(k, v)| artifact(format!("{k}={v}")))
                 .collect()),
             other => {
                 if let Some(url) = other.strip_prefix("fetch:") {

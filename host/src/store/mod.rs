@@ -1,0 +1,2 @@
+//! The image store: content-addressed blobs, the reference index, the
+//! conversion cache.
