@@ -11,7 +11,9 @@ use cocoon_vmm::{DiskConfig, ExitReason, SerialOutput, Vm, VmConfig};
 fn main() {
     let mut args = std::env::args().skip(1);
     let Some(kernel) = args.next() else {
-        eprintln!("usage: boot KERNEL [--cmdline S] [--disk PATH[:ro]]... [--cpus N] [--memory MIB]");
+        eprintln!(
+            "usage: boot KERNEL [--cmdline S] [--disk PATH[:ro]]... [--cpus N] [--memory MIB]"
+        );
         std::process::exit(2);
     };
     let mut config = VmConfig::new(kernel);

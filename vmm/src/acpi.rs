@@ -101,7 +101,15 @@ pub fn build_tables(base: u64, cpus: u8, slots: &[MmioSlot]) -> (u64, Vec<u8>) {
         .flag(fadt::Flags::PwrButton)
         .flag(fadt::Flags::SlpButton)
         .dsdt_64(dsdt_at);
-    let io = |port: u16| gas::GAS::new(gas::AddressSpace::SystemIo, 8, 0, gas::AccessSize::ByteAccess, port.into());
+    let io = |port: u16| {
+        gas::GAS::new(
+            gas::AddressSpace::SystemIo,
+            8,
+            0,
+            gas::AccessSize::ByteAccess,
+            port.into(),
+        )
+    };
     fadt.reset_reg = io(RESET_PORT);
     fadt.reset_value = RESET_VALUE;
     fadt.sleep_control_reg = io(SLEEP_CONTROL_PORT);
@@ -118,7 +126,11 @@ pub fn build_tables(base: u64, cpus: u8, slots: &[MmioSlot]) -> (u64, Vec<u8>) {
         madt::LocalInterruptController::Address(LAPIC_ADDR),
     );
     for cpu in 0..cpus {
-        madt.add_structure(madt::ProcessorLocalApic::new(cpu, cpu, madt::EnabledStatus::Enabled));
+        madt.add_structure(madt::ProcessorLocalApic::new(
+            cpu,
+            cpu,
+            madt::EnabledStatus::Enabled,
+        ));
     }
     madt.add_structure(madt::IoApic::new(0, IOAPIC_ADDR, 0));
     let madt_at = base + image.len() as u64;
@@ -164,7 +176,16 @@ mod tests {
     #[test]
     fn tables_link_up_and_checksum() {
         let base = 0xe0000;
-        let slots = [MmioSlot { addr: 0xd000_0000, irq: 5 }, MmioSlot { addr: 0xd000_1000, irq: 6 }];
+        let slots = [
+            MmioSlot {
+                addr: 0xd000_0000,
+                irq: 5,
+            },
+            MmioSlot {
+                addr: 0xd000_1000,
+                irq: 6,
+            },
+        ];
         let (rsdp, image) = build_tables(base, 4, &slots);
         assert_eq!(rsdp, base);
         assert_eq!(&image[0..8], b"RSD PTR ");
@@ -195,7 +216,10 @@ mod tests {
         assert_eq!(lnro, 2);
         // SLEEP_CONTROL_REG at offset 244: System I/O, our port.
         assert_eq!(fadt[244], 1);
-        assert_eq!(u64::from_le_bytes(fadt[248..256].try_into().unwrap()), SLEEP_CONTROL_PORT as u64);
+        assert_eq!(
+            u64::from_le_bytes(fadt[248..256].try_into().unwrap()),
+            SLEEP_CONTROL_PORT as u64
+        );
         let madt = table_at(&image, base, entries[1]);
         assert_eq!(&madt[0..4], b"APIC");
         assert!(checksum_ok(madt));

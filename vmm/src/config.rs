@@ -76,7 +76,11 @@ pub enum SpecError {
     #[error("disk spec {spec:?}: option {option:?} given twice")]
     Duplicate { spec: String, option: String },
     #[error("disk spec {spec:?}: serial {serial:?} is {len} bytes; at most {max} are allowed", max = crate::devices::virtio::block::SERIAL_LEN)]
-    SerialTooLong { spec: String, serial: String, len: usize },
+    SerialTooLong {
+        spec: String,
+        serial: String,
+        len: usize,
+    },
     #[error("disk spec {spec:?}: serial {serial:?} must be non-empty printable ASCII without spaces or commas")]
     BadSerial { spec: String, serial: String },
     #[error("memory {value:?}: expected a number with an optional K, M, G or T suffix (plain numbers are MiB)")]
@@ -102,7 +106,10 @@ impl DiskConfig {
                 None => (option, None),
             };
             if seen.contains(&name) {
-                return Err(SpecError::Duplicate { spec: spec.into(), option: name.into() });
+                return Err(SpecError::Duplicate {
+                    spec: spec.into(),
+                    option: name.into(),
+                });
             }
             match (name, value) {
                 ("ro", None) => disk.read_only = true,
@@ -117,12 +124,18 @@ impl DiskConfig {
                         });
                     }
                     if serial.is_empty() || !serial.bytes().all(|b| b.is_ascii_graphic()) {
-                        return Err(SpecError::BadSerial { spec: spec.into(), serial: serial.into() });
+                        return Err(SpecError::BadSerial {
+                            spec: spec.into(),
+                            serial: serial.into(),
+                        });
                     }
                     disk.serial = Some(serial.into());
                 }
                 _ => {
-                    return Err(SpecError::UnknownOption { spec: spec.into(), option: option.into() });
+                    return Err(SpecError::UnknownOption {
+                        spec: spec.into(),
+                        option: option.into(),
+                    });
                 }
             }
             seen.push(name);
@@ -134,9 +147,14 @@ impl DiskConfig {
 /// Parses a memory size: `512` (MiB, as QEMU's -m), `512M`, `2G`, `65536K`,
 /// with an optional `iB`/`B` after the suffix.
 pub fn parse_memory_size(value: &str) -> Result<u64, SpecError> {
-    let bad = || SpecError::BadMemory { value: value.into() };
+    let bad = || SpecError::BadMemory {
+        value: value.into(),
+    };
     let v = value.trim();
-    let v = v.strip_suffix("iB").or_else(|| v.strip_suffix('B')).unwrap_or(v);
+    let v = v
+        .strip_suffix("iB")
+        .or_else(|| v.strip_suffix('B'))
+        .unwrap_or(v);
     let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
     let (digits, suffix) = v.split_at(split);
     let n: u64 = digits.parse().map_err(|_| bad())?;
@@ -148,7 +166,9 @@ pub fn parse_memory_size(value: &str) -> Result<u64, SpecError> {
         _ => return Err(bad()),
     };
     n.checked_mul(1u64 << shift)
-        .ok_or_else(|| SpecError::MemoryOverflow { value: value.into() })
+        .ok_or_else(|| SpecError::MemoryOverflow {
+            value: value.into(),
+        })
 }
 
 #[cfg(test)]
@@ -156,7 +176,12 @@ mod tests {
     use super::*;
 
     fn disk(path: &str, ro: bool, serial: Option<&str>, direct: bool) -> DiskConfig {
-        DiskConfig { path: path.into(), read_only: ro, serial: serial.map(Into::into), direct }
+        DiskConfig {
+            path: path.into(),
+            read_only: ro,
+            serial: serial.map(Into::into),
+            direct,
+        }
     }
 
     #[test]
@@ -164,9 +189,18 @@ mod tests {
         let ok: &[(&str, DiskConfig)] = &[
             ("a.img", disk("a.img", false, None, false)),
             ("/x/a.img,ro", disk("/x/a.img", true, None, false)),
-            ("a.img,serial=data0", disk("a.img", false, Some("data0"), false)),
-            ("a.img,direct,ro,serial=abc", disk("a.img", true, Some("abc"), true)),
-            ("a.img,serial=12345678901234567890", disk("a.img", false, Some("12345678901234567890"), false)),
+            (
+                "a.img,serial=data0",
+                disk("a.img", false, Some("data0"), false),
+            ),
+            (
+                "a.img,direct,ro,serial=abc",
+                disk("a.img", true, Some("abc"), true),
+            ),
+            (
+                "a.img,serial=12345678901234567890",
+                disk("a.img", false, Some("12345678901234567890"), false),
+            ),
         ];
         for (spec, want) in ok {
             assert_eq!(&DiskConfig::parse_spec(spec).unwrap(), want, "{spec}");
@@ -179,7 +213,10 @@ mod tests {
             ("a.img,serial", "unknown option \"serial\""),
             ("a.img,ro,ro", "option \"ro\" given twice"),
             ("a.img,serial=a,serial=b", "option \"serial\" given twice"),
-            ("a.img,serial=123456789012345678901", "serial \"123456789012345678901\" is 21 bytes; at most 20"),
+            (
+                "a.img,serial=123456789012345678901",
+                "serial \"123456789012345678901\" is 21 bytes; at most 20",
+            ),
             ("a.img,serial=", "serial \"\" must be non-empty"),
             ("a.img,serial=a b", "serial \"a b\" must be"),
             ("a.img,", "unknown option \"\""),
@@ -187,7 +224,10 @@ mod tests {
         for (spec, want) in bad {
             let e = DiskConfig::parse_spec(spec).unwrap_err().to_string();
             assert!(e.contains(want), "{spec}: {e}");
-            assert!(e.contains(&format!("{spec:?}")), "error does not name the spec: {e}");
+            assert!(
+                e.contains(&format!("{spec:?}")),
+                "error does not name the spec: {e}"
+            );
         }
     }
 
@@ -206,8 +246,15 @@ mod tests {
             assert_eq!(parse_memory_size(v).unwrap(), *want, "{v}");
         }
         for v in ["", "M", "1X", "-1", "1.5G", "G1"] {
-            assert_eq!(parse_memory_size(v), Err(SpecError::BadMemory { value: v.into() }), "{v}");
+            assert_eq!(
+                parse_memory_size(v),
+                Err(SpecError::BadMemory { value: v.into() }),
+                "{v}"
+            );
         }
-        assert!(matches!(parse_memory_size("99999999999T"), Err(SpecError::MemoryOverflow { .. })));
+        assert!(matches!(
+            parse_memory_size("99999999999T"),
+            Err(SpecError::MemoryOverflow { .. })
+        ));
     }
 }

@@ -138,11 +138,22 @@ mod tests {
     fn e820_small_memory_has_no_high_region() {
         let map = e820_map(256 << 20);
         assert_eq!(map.len(), 3);
-        assert_eq!(map[0], E820Entry { addr: 0, size: 0x9fc00, kind: E820_RAM });
+        assert_eq!(
+            map[0],
+            E820Entry {
+                addr: 0,
+                size: 0x9fc00,
+                kind: E820_RAM
+            }
+        );
         assert_eq!(map[1].kind, E820_RESERVED);
         assert_eq!(
             map[2],
-            E820Entry { addr: HIMEM_START, size: (256 << 20) - HIMEM_START, kind: E820_RAM }
+            E820Entry {
+                addr: HIMEM_START,
+                size: (256 << 20) - HIMEM_START,
+                kind: E820_RAM
+            }
         );
     }
 
@@ -152,7 +163,14 @@ mod tests {
         let map = e820_map(size);
         assert_eq!(map.len(), 4);
         assert_eq!(map[2].addr + map[2].size, MMIO_GAP_START);
-        assert_eq!(map[3], E820Entry { addr: MMIO_GAP_END, size: size - MMIO_GAP_START, kind: E820_RAM });
+        assert_eq!(
+            map[3],
+            E820Entry {
+                addr: MMIO_GAP_END,
+                size: size - MMIO_GAP_START,
+                kind: E820_RAM
+            }
+        );
         let ram: u64 = ram_regions(size).iter().map(|r| r.1).sum();
         assert_eq!(ram, size);
     }
@@ -167,6 +185,9 @@ mod tests {
 
     #[test]
     fn too_small_memory_is_refused() {
-        assert!(matches!(create_guest_memory(1 << 20), Err(MemoryError::TooSmall(_))));
+        assert!(matches!(
+            create_guest_memory(1 << 20),
+            Err(MemoryError::TooSmall(_))
+        ));
     }
 }

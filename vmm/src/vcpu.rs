@@ -64,8 +64,7 @@ extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
 pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
     static ONCE: std::sync::OnceLock<Result<(), vmm_sys_util::errno::Error>> =
         std::sync::OnceLock::new();
-    ONCE.get_or_init(|| vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler))
-        .clone()
+    *ONCE.get_or_init(|| vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler))
 }
 
 impl Control {
@@ -180,7 +179,11 @@ impl Control {
                     if now >= d {
                         return None;
                     }
-                    s = self.cond.wait_timeout(s, d - now).unwrap_or_else(|p| p.into_inner()).0;
+                    s = self
+                        .cond
+                        .wait_timeout(s, d - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
                 }
             }
         }

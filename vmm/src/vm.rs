@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -78,24 +80,35 @@ impl Vm {
     /// Builds the VM and starts its vCPUs.
     pub fn start(config: VmConfig) -> Result<Vm, VmError> {
         validate(&config)?;
-        vcpu::install_kick_handler().map_err(|e| VmError::Io("install the vCPU kick signal handler", e.into()))?;
+        vcpu::install_kick_handler()
+            .map_err(|e| VmError::Io("install the vCPU kick signal handler", e.into()))?;
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
-        for cap in [Cap::Irqchip, Cap::Ioeventfd, Cap::Irqfd, Cap::UserMemory, Cap::ImmediateExit] {
+        for cap in [
+            Cap::Irqchip,
+            Cap::Ioeventfd,
+            Cap::Irqfd,
+            Cap::UserMemory,
+            Cap::ImmediateExit,
+        ] {
             if !kvm.check_extension(cap) {
                 return Err(VmError::MissingCap(cap));
             }
         }
-        let vm = kvm.create_vm().map_err(|e| VmError::Kvm("create a VM", e))?;
+        let vm = kvm
+            .create_vm()
+            .map_err(|e| VmError::Kvm("create a VM", e))?;
         vm.set_tss_address(memory::KVM_TSS_ADDR as usize)
             .map_err(|e| VmError::Kvm("set the TSS address", e))?;
         vm.set_identity_map_address(memory::KVM_IDENTITY_MAP_ADDR)
             .map_err(|e| VmError::Kvm("set the identity map address", e))?;
-        vm.create_irq_chip().map_err(|e| VmError::Kvm("create the irqchip", e))?;
+        vm.create_irq_chip()
+            .map_err(|e| VmError::Kvm("create the irqchip", e))?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
         };
-        vm.create_pit2(pit).map_err(|e| VmError::Kvm("create the PIT", e))?;
+        vm.create_pit2(pit)
+            .map_err(|e| VmError::Kvm("create the PIT", e))?;
 
         let mem = memory::create_guest_memory(config.memory)?;
         for (slot, region) in mem.iter().enumerate() {
@@ -109,19 +122,28 @@ impl Vm {
             // SAFETY: the region is a live mapping of exactly `len` bytes
             // owned by `mem`, which the returned Vm keeps until after the
             // VM fd is closed.
-            unsafe { vm.set_user_memory_region(r) }.map_err(|e| VmError::Kvm("map guest memory", e))?;
+            unsafe { vm.set_user_memory_region(r) }
+                .map_err(|e| VmError::Kvm("map guest memory", e))?;
         }
 
         let control = Arc::new(Control::default());
         let mut pio = Bus::new();
         let mut mmio = Bus::new();
 
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Io("create an eventfd", e))?;
+        let serial_irq =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Io("create an eventfd", e))?;
         vm.register_irqfd(&serial_irq, COM1_GSI)
             .map_err(|e| VmError::Kvm("register the COM1 irqfd", e))?;
-        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, serial_writer(&config.serial)?)));
+        let serial = Arc::new(Mutex::new(SerialDevice::new(
+            serial_irq,
+            serial_writer(&config.serial)?,
+        )));
         pio.insert(serial.clone(), COM1_PORT, COM1_PORT_LEN)?;
-        pio.insert(Arc::new(Mutex::new(I8042::new(control.clone()))), I8042_PORT, I8042_PORT_LEN)?;
+        pio.insert(
+            Arc::new(Mutex::new(I8042::new(control.clone()))),
+            I8042_PORT,
+            I8042_PORT_LEN,
+        )?;
         pio.insert(
             Arc::new(Mutex::new(AcpiPowerDevice::new(control.clone()))),
             ACPI_PM_PORT_BASE,
@@ -131,27 +153,41 @@ impl Vm {
             spawn_stdin_reader(serial)?;
         }
 
-        let io_stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Io("create an eventfd", e))?;
+        let io_stop =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Io("create an eventfd", e))?;
         let mut slots = Vec::new();
         let mut io_threads = Vec::new();
         for (index, disk) in config.disks.iter().enumerate() {
             let (addr, irq) = memory::virtio_mmio_slot(index);
-            let block = Block::open(&disk.path, disk.read_only, disk.direct, disk.serial.as_deref())
-                .map_err(|source| VmError::Disk { index, source })?;
-            let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Io("create an eventfd", e))?;
+            let block = Block::open(
+                &disk.path,
+                disk.read_only,
+                disk.direct,
+                disk.serial.as_deref(),
+            )
+            .map_err(|source| VmError::Disk { index, source })?;
+            let irq_evt = EventFd::new(libc::EFD_NONBLOCK)
+                .map_err(|e| VmError::Io("create an eventfd", e))?;
             vm.register_irqfd(&irq_evt, irq)
                 .map_err(|e| VmError::Kvm("register a virtio irqfd", e))?;
             let transport = MmioTransport::new(Box::new(block), mem.clone(), irq_evt);
             let mut queue_evts = Vec::new();
             for q in 0..transport.num_queues() {
-                let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Io("create an eventfd", e))?;
-                vm.register_ioevent(&evt, &IoEventAddress::Mmio(addr + REG_QUEUE_NOTIFY), q as u32)
-                    .map_err(|e| VmError::Kvm("register a virtio ioeventfd", e))?;
+                let evt = EventFd::new(libc::EFD_NONBLOCK)
+                    .map_err(|e| VmError::Io("create an eventfd", e))?;
+                vm.register_ioevent(
+                    &evt,
+                    &IoEventAddress::Mmio(addr + REG_QUEUE_NOTIFY),
+                    q as u32,
+                )
+                .map_err(|e| VmError::Kvm("register a virtio ioeventfd", e))?;
                 queue_evts.push(evt);
             }
             let transport = Arc::new(Mutex::new(transport));
             mmio.insert(transport.clone(), addr, VIRTIO_MMIO_SIZE)?;
-            let stop = io_stop.try_clone().map_err(|e| VmError::Io("clone an eventfd", e))?;
+            let stop = io_stop
+                .try_clone()
+                .map_err(|e| VmError::Io("clone an eventfd", e))?;
             let handle = std::thread::Builder::new()
                 .name(format!("virtio-blk{index}"))
                 .spawn(move || io_thread(transport, queue_evts, stop))
@@ -186,9 +222,12 @@ impl Vm {
                 .map_err(|e| VmError::Kvm("create a vCPU", e))?;
             let mut cpuid = supported.clone();
             cpuid::patch_cpuid(&mut cpuid, index, config.cpus, tsc_deadline);
-            fd.set_cpuid2(&cpuid).map_err(|e| VmError::Kvm("set CPUID", e))?;
+            fd.set_cpuid2(&cpuid)
+                .map_err(|e| VmError::Kvm("set CPUID", e))?;
             let msrs = msrs::boot_msrs();
-            let n = fd.set_msrs(&msrs).map_err(|e| VmError::Kvm("set MSRs", e))?;
+            let n = fd
+                .set_msrs(&msrs)
+                .map_err(|e| VmError::Kvm("set MSRs", e))?;
             if n != msrs.as_slice().len() {
                 return Err(VmError::Config(format!(
                     "KVM accepted {n} of {} boot MSRs",
@@ -335,7 +374,10 @@ pub fn full_cmdline(user: &str, slots: &[MmioSlot]) -> String {
         if !s.is_empty() {
             s.push(' ');
         }
-        s.push_str(&format!("virtio_mmio.device=4K@{:#x}:{}", slot.addr, slot.irq));
+        s.push_str(&format!(
+            "virtio_mmio.device=4K@{:#x}:{}",
+            slot.addr, slot.irq
+        ));
     }
     s
 }
@@ -426,12 +468,24 @@ mod tests {
 
     #[test]
     fn cmdline_gets_one_entry_per_slot() {
-        let slots = [MmioSlot { addr: 0xd000_0000, irq: 5 }, MmioSlot { addr: 0xd000_1000, irq: 6 }];
+        let slots = [
+            MmioSlot {
+                addr: 0xd000_0000,
+                irq: 5,
+            },
+            MmioSlot {
+                addr: 0xd000_1000,
+                irq: 6,
+            },
+        ];
         assert_eq!(
             full_cmdline(" console=ttyS0 ", &slots),
             "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"
         );
-        assert_eq!(full_cmdline("", &slots[..1]), "virtio_mmio.device=4K@0xd0000000:5");
+        assert_eq!(
+            full_cmdline("", &slots[..1]),
+            "virtio_mmio.device=4K@0xd0000000:5"
+        );
     }
 
     #[test]

@@ -70,7 +70,11 @@ fn boot_and_check(n: usize, cpus: u8) {
     let (reason, serial) = run_vm(config, TIMEOUT);
     assert_eq!(reason, ExitReason::PowerOff, "guest output:\n{serial}");
     let report = report(&serial);
-    assert_eq!(report.first().map(String::as_str), Some("start"), "{serial}");
+    assert_eq!(
+        report.first().map(String::as_str),
+        Some("start"),
+        "{serial}"
+    );
     assert!(report.iter().all(|l| !l.starts_with("error")), "{serial}");
     assert!(report.contains(&format!("done disks={n}")), "{serial}");
 
@@ -82,16 +86,29 @@ fn boot_and_check(n: usize, cpus: u8) {
         let line = &disk_lines[i];
         let idx = i.to_string();
         assert_eq!(line["index"], idx);
-        assert_eq!(line["addr"], format!("{:#x}", 0xd000_0000u64 + i as u64 * 0x1000));
-        assert_eq!(line["capacity_sectors"], (d.contents.len() / SECTOR).to_string());
+        assert_eq!(
+            line["addr"],
+            format!("{:#x}", 0xd000_0000u64 + i as u64 * 0x1000)
+        );
+        assert_eq!(
+            line["capacity_sectors"],
+            (d.contents.len() / SECTOR).to_string()
+        );
         assert_eq!(line["serial"], d.serial.clone().unwrap_or_default());
         assert_eq!(line["ro"], if d.read_only { "1" } else { "0" });
 
-        let hash = hash_lines.iter().find(|h| h["index"] == idx).expect("hash line");
-        let want = Sha256::digest(&d.contents[HASH_SECTOR * SECTOR..(HASH_SECTOR + HASH_COUNT) * SECTOR]);
+        let hash = hash_lines
+            .iter()
+            .find(|h| h["index"] == idx)
+            .expect("hash line");
+        let want =
+            Sha256::digest(&d.contents[HASH_SECTOR * SECTOR..(HASH_SECTOR + HASH_COUNT) * SECTOR]);
         assert_eq!(hash["sha256"], hex::encode(want), "disk {i}");
 
-        let write = write_lines.iter().find(|w| w["index"] == idx).expect("write line");
+        let write = write_lines
+            .iter()
+            .find(|w| w["index"] == idx)
+            .expect("write line");
         let after = std::fs::read(&d.path).unwrap();
         if d.read_only {
             assert_eq!(write["outcome"], "error", "disk {i}");
@@ -99,10 +116,19 @@ fn boot_and_check(n: usize, cpus: u8) {
         } else {
             assert_eq!(write["outcome"], "ok", "disk {i}");
             let sector = &after[WRITE_SECTOR * SECTOR..(WRITE_SECTOR + 1) * SECTOR];
-            assert!(sector.iter().all(|b| *b == 0x5a), "disk {i} sector not written");
+            assert!(
+                sector.iter().all(|b| *b == 0x5a),
+                "disk {i} sector not written"
+            );
             // Nothing else changed.
-            assert_eq!(after[..WRITE_SECTOR * SECTOR], d.contents[..WRITE_SECTOR * SECTOR]);
-            assert_eq!(after[(WRITE_SECTOR + 1) * SECTOR..], d.contents[(WRITE_SECTOR + 1) * SECTOR..]);
+            assert_eq!(
+                after[..WRITE_SECTOR * SECTOR],
+                d.contents[..WRITE_SECTOR * SECTOR]
+            );
+            assert_eq!(
+                after[(WRITE_SECTOR + 1) * SECTOR..],
+                d.contents[(WRITE_SECTOR + 1) * SECTOR..]
+            );
         }
     }
 }
@@ -132,7 +158,10 @@ fn guest_sees_its_command_line_and_powers_off_without_disks() {
     let (reason, serial) = run_vm(config, TIMEOUT);
     assert_eq!(reason, ExitReason::PowerOff, "{serial}");
     let report = report(&serial);
-    assert!(report.contains(&"cmdline hello=world".to_string()), "{serial}");
+    assert!(
+        report.contains(&"cmdline hello=world".to_string()),
+        "{serial}"
+    );
     assert!(report.contains(&"done disks=0".to_string()), "{serial}");
 }
 
@@ -155,7 +184,10 @@ fn direct_io_disk_reads_and_writes() {
     assert_eq!(reason, ExitReason::PowerOff, "{serial}");
     let report = report(&serial);
     let hash = &fields(&report, "hash")[0];
-    assert_eq!(hash["sha256"], hex::encode(Sha256::digest(&contents[..64 * SECTOR])));
+    assert_eq!(
+        hash["sha256"],
+        hex::encode(Sha256::digest(&contents[..64 * SECTOR]))
+    );
     assert_eq!(fields(&report, "write")[0]["outcome"], "ok");
     assert_eq!(fields(&report, "seqread")[0]["bytes"], "4194304");
     let after = std::fs::read(&path).unwrap();

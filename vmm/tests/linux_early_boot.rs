@@ -53,7 +53,10 @@ fn linux_reads_our_cmdline_e820_acpi_ioapic_and_lapics() {
     };
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.img");
-    std::fs::File::create(&disk).unwrap().set_len(16 << 20).unwrap();
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
     let log = dir.path().join("serial.log");
     let user_cmdline = "earlyprintk=serial,ttyS0 console=ttyS0 cocoon.test=linux-early";
     let mut config = VmConfig::new(&vmlinux);
@@ -87,16 +90,28 @@ fn linux_reads_our_cmdline_e820_acpi_ioapic_and_lapics() {
     has(&format!("Command line: {}\n", full_cmdline(user_cmdline, &slots)).replace('\n', ""));
     // The RAM entries of our E820 map, as the kernel echoes them.
     has("BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff] usable");
-    has(&format!("BIOS-e820: [mem 0x0000000000100000-{:#018x}] usable", MEMORY - 1));
+    has(&format!(
+        "BIOS-e820: [mem 0x0000000000100000-{:#018x}] usable",
+        MEMORY - 1
+    ));
     // Our ACPI tables, at the addresses we put them, with our OEM IDs.
     let (xsdt, facp, apic, dsdt) = table_addresses(&slots);
     has(&format!("ACPI: RSDP {ACPI_START:#018X} 000024 (v02 COCOON)").replace("0X", "0x"));
-    has(&format!("ACPI: XSDT {xsdt:#018X} 000034 (v01 COCOON COCOONVM 00000001").replace("0X", "0x"));
-    has(&format!("ACPI: FACP {facp:#018X} 000114 (v06 COCOON COCOONVM 00000001").replace("0X", "0x"));
+    has(
+        &format!("ACPI: XSDT {xsdt:#018X} 000034 (v01 COCOON COCOONVM 00000001")
+            .replace("0X", "0x"),
+    );
+    has(
+        &format!("ACPI: FACP {facp:#018X} 000114 (v06 COCOON COCOONVM 00000001")
+            .replace("0X", "0x"),
+    );
     has(&format!("ACPI: DSDT {dsdt:#018X}").replace("0X", "0x"));
     // MADT: 44-byte header, one 8-byte LAPIC entry per vCPU, one IOAPIC.
     let madt_len = 44 + 8 * usize::from(CPUS) + 12;
-    has(&format!("ACPI: APIC {apic:#018X} {madt_len:06X} (v01 COCOON COCOONVM 00000001").replace("0X", "0x"));
+    has(
+        &format!("ACPI: APIC {apic:#018X} {madt_len:06X} (v01 COCOON COCOONVM 00000001")
+            .replace("0X", "0x"),
+    );
     has("IOAPIC[0]: apic_id 0, version 17, address 0xfec00000, GSI 0-23");
     has("ACPI: Using ACPI (MADT) for SMP configuration information");
     // Every LAPIC of the MADT became a possible CPU.

@@ -28,16 +28,29 @@ fn pause_holds_the_guest_and_resume_lets_it_finish() {
 
     // Pause as soon as the guest is under way.
     let t0 = Instant::now();
-    while !std::fs::read_to_string(&log).unwrap_or_default().contains("cocoon-guest: start") {
-        assert!(t0.elapsed() < Duration::from_secs(30), "guest never started");
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("cocoon-guest: start")
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "guest never started"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
     vm.pause();
     assert!(vm.is_paused());
     let frozen = std::fs::read_to_string(&log).unwrap();
-    assert!(!frozen.contains("done"), "the guest finished before the pause: {frozen}");
+    assert!(
+        !frozen.contains("done"),
+        "the guest finished before the pause: {frozen}"
+    );
     std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(std::fs::read_to_string(&log).unwrap(), frozen, "output while paused");
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        frozen,
+        "output while paused"
+    );
     assert_eq!(vm.exit_reason(), None);
     vm.resume();
     let reason = vm.wait_timeout(Duration::from_secs(60));
@@ -45,7 +58,12 @@ fn pause_holds_the_guest_and_resume_lets_it_finish() {
     assert_eq!(vm.wait(), ExitReason::PowerOff);
     let out = std::fs::read_to_string(&log).unwrap();
     let lines = report(&out);
-    assert!(lines.iter().any(|l| l.starts_with("seqread index=0 bytes=67108864")), "{out}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("seqread index=0 bytes=67108864")),
+        "{out}"
+    );
     assert!(lines.iter().any(|l| l == "done disks=1"), "{out}");
 }
 
@@ -56,7 +74,10 @@ fn stop_is_reported_as_host_request() {
     }
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("big.img");
-    std::fs::File::create(&disk).unwrap().set_len(1 << 30).unwrap();
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
     let mut config = VmConfig::new(test_guest());
     config.disks.push(DiskConfig::new(&disk));
     // Long enough that the guest is still reading when we stop it.
@@ -74,6 +95,8 @@ fn a_kernel_that_is_not_there_is_an_error() {
     if !kvm_or_skip("missing kernel") {
         return;
     }
-    let e = Vm::start(VmConfig::new("/nonexistent/kernel")).err().unwrap();
+    let e = Vm::start(VmConfig::new("/nonexistent/kernel"))
+        .err()
+        .unwrap();
     assert!(e.to_string().contains("cannot load the kernel"), "{e}");
 }

@@ -53,7 +53,11 @@ mod tests {
     #[test]
     fn mtrr_default_type_is_write_back_enabled() {
         let m = boot_msrs();
-        let e = m.as_slice().iter().find(|e| e.index == MSR_MTRR_DEF_TYPE).unwrap();
+        let e = m
+            .as_slice()
+            .iter()
+            .find(|e| e.index == MSR_MTRR_DEF_TYPE)
+            .unwrap();
         assert_eq!(e.data & 0xff, 6);
         assert_ne!(e.data & (1 << 11), 0);
     }

@@ -87,8 +87,10 @@ pub fn setup_boot_vcpu(
             regs.rbx = start_info;
         }
     }
-    vcpu.set_sregs(&sregs).map_err(|e| RegsError::Kvm("sregs", e))?;
-    vcpu.set_regs(&regs).map_err(|e| RegsError::Kvm("regs", e))?;
+    vcpu.set_sregs(&sregs)
+        .map_err(|e| RegsError::Kvm("sregs", e))?;
+    vcpu.set_regs(&regs)
+        .map_err(|e| RegsError::Kvm("regs", e))?;
     Ok(())
 }
 
@@ -121,12 +123,16 @@ pub fn setup_lint(vcpu: &VcpuFd) -> Result<(), RegsError> {
     };
     set(&mut lapic.regs, APIC_LVT0, APIC_MODE_EXTINT);
     set(&mut lapic.regs, APIC_LVT1, APIC_MODE_NMI);
-    vcpu.set_lapic(&lapic).map_err(|e| RegsError::Kvm("lapic", e))
+    vcpu.set_lapic(&lapic)
+        .map_err(|e| RegsError::Kvm("lapic", e))
 }
 
 /// Identity-maps the first GiB with 2 MiB pages.
 fn write_identity_page_tables(mem: &GuestMemoryMmap) -> Result<(), RegsError> {
-    let w = |v: u64, a: u64| mem.write_obj(v, GuestAddress(a)).map_err(RegsError::GuestMemory);
+    let w = |v: u64, a: u64| {
+        mem.write_obj(v, GuestAddress(a))
+            .map_err(RegsError::GuestMemory)
+    };
     w(PDPTE_ADDR | 0x03, PML4_ADDR)?;
     w(PDE_ADDR | 0x03, PDPTE_ADDR)?;
     for i in 0..512u64 {

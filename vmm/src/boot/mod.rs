@@ -47,7 +47,11 @@ pub enum BootError {
     #[error("the command line contains a NUL byte")]
     CmdlineNul,
     #[error("the initrd of {size} bytes does not fit between the kernel end {kernel_end:#x} and {limit:#x}")]
-    InitrdTooLarge { size: u64, kernel_end: u64, limit: u64 },
+    InitrdTooLarge {
+        size: u64,
+        kernel_end: u64,
+        limit: u64,
+    },
     #[error("cannot write boot data into guest memory")]
     GuestMemory(#[source] vm_memory::GuestMemoryError),
 }
@@ -82,7 +86,12 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec<'_>) -> Result<EntryMode, Boo
                 }
                 _ => u64::from(u32::MAX) + 1,
             };
-            Some(load_initrd(mem, path, kernel_end, limit.min(spec.memory_size.min(MMIO_GAP_START)))?)
+            Some(load_initrd(
+                mem,
+                path,
+                kernel_end,
+                limit.min(spec.memory_size.min(MMIO_GAP_START)),
+            )?)
         }
         None => None,
     };
@@ -123,8 +132,8 @@ fn load_kernel(
     file.seek(SeekFrom::Start(0))
         .map_err(|e| BootError::Read(name.to_string(), e))?;
     if &magic == b"\x7fELF" {
-        let r = Elf::load(mem, None, file, Some(GuestAddress(HIMEM_START)))
-            .map_err(BootError::Elf)?;
+        let r =
+            Elf::load(mem, None, file, Some(GuestAddress(HIMEM_START))).map_err(BootError::Elf)?;
         let kind = match r.pvh_boot_cap {
             PvhBootCapability::PvhEntryPresent(entry) => KernelKind::Pvh(entry),
             _ => KernelKind::Elf64(r.kernel_load),
@@ -262,10 +271,8 @@ fn write_boot_params(
     mem.write_obj(params, GuestAddress(ZERO_PAGE_ADDR))
         .map_err(BootError::GuestMemory)?;
     // The zero page must not overlap the page tables right above it.
-    debug_assert!(
-        GuestAddress(ZERO_PAGE_ADDR)
-            .checked_add(std::mem::size_of::<boot_params>() as u64)
-            .is_some_and(|end| end.0 <= crate::memory::PML4_ADDR)
-    );
+    debug_assert!(GuestAddress(ZERO_PAGE_ADDR)
+        .checked_add(std::mem::size_of::<boot_params>() as u64)
+        .is_some_and(|end| end.0 <= crate::memory::PML4_ADDR));
     Ok(())
 }

@@ -63,11 +63,17 @@ mod tests {
 
     #[test]
     fn decodes_s5_and_reset_only() {
-        assert_eq!(decode_write(SLEEP_CONTROL_PORT, (5 << 2) | (1 << 5)), Some(ExitReason::PowerOff));
+        assert_eq!(
+            decode_write(SLEEP_CONTROL_PORT, (5 << 2) | (1 << 5)),
+            Some(ExitReason::PowerOff)
+        );
         // S5 without SLP_EN, or another sleep state, is not a power-off.
         assert_eq!(decode_write(SLEEP_CONTROL_PORT, 5 << 2), None);
         assert_eq!(decode_write(SLEEP_CONTROL_PORT, (3 << 2) | (1 << 5)), None);
-        assert_eq!(decode_write(RESET_PORT, RESET_VALUE), Some(ExitReason::Reset));
+        assert_eq!(
+            decode_write(RESET_PORT, RESET_VALUE),
+            Some(ExitReason::Reset)
+        );
         assert_eq!(decode_write(RESET_PORT, 0), None);
         assert_eq!(decode_write(SLEEP_STATUS_PORT, 0xff), None);
     }

@@ -47,7 +47,9 @@ impl Bus {
         if len == 0 {
             return Err(BusError::Empty(base));
         }
-        let end = base.checked_add(len).ok_or(BusError::Overlap { base, len })?;
+        let end = base
+            .checked_add(len)
+            .ok_or(BusError::Overlap { base, len })?;
         if self
             .entries
             .iter()
@@ -120,10 +122,17 @@ mod tests {
         let mut bus = Bus::new();
         let a = Arc::new(Mutex::new(Echo(vec![])));
         bus.insert(a.clone(), 0x3f8, 8).unwrap();
-        bus.insert(Arc::new(Mutex::new(Echo(vec![]))), 0x60, 5).unwrap();
-        assert!(bus.insert(Arc::new(Mutex::new(Echo(vec![]))), 0x3fc, 8).is_err());
-        assert!(bus.insert(Arc::new(Mutex::new(Echo(vec![]))), 0x3f0, 9).is_err());
-        assert!(bus.insert(Arc::new(Mutex::new(Echo(vec![]))), 0x10, 0).is_err());
+        bus.insert(Arc::new(Mutex::new(Echo(vec![]))), 0x60, 5)
+            .unwrap();
+        assert!(bus
+            .insert(Arc::new(Mutex::new(Echo(vec![]))), 0x3fc, 8)
+            .is_err());
+        assert!(bus
+            .insert(Arc::new(Mutex::new(Echo(vec![]))), 0x3f0, 9)
+            .is_err());
+        assert!(bus
+            .insert(Arc::new(Mutex::new(Echo(vec![]))), 0x10, 0)
+            .is_err());
         let mut b = [0u8; 1];
         assert!(bus.read(0x3fd, &mut b));
         assert_eq!(b[0], 5);

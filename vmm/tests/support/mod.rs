@@ -13,7 +13,11 @@ use cocoon_vmm::{ExitReason, SerialOutput, Vm, VmConfig};
 /// Whether a test that needs /dev/kvm may run. Without KVM it skips with a
 /// printed reason, unless COCOON_REQUIRE_KVM=1, where it fails.
 pub fn kvm_or_skip(test: &str) -> bool {
-    let reason = match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    let reason = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         Ok(_) => return true,
         Err(e) => format!("/dev/kvm is not usable: {e}"),
     };
@@ -29,7 +33,10 @@ pub fn require_kvm() -> bool {
 }
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// The directory beside this build's target directory where the guest is
@@ -152,6 +159,9 @@ pub fn fetch_linux() -> Result<PathBuf, String> {
     if vmlinux.is_file() {
         Ok(vmlinux)
     } else {
-        Err(format!("scripts/fetch-linux-kernel left no {}", vmlinux.display()))
+        Err(format!(
+            "scripts/fetch-linux-kernel left no {}",
+            vmlinux.display()
+        ))
     }
 }

@@ -17,7 +17,9 @@ use virtio_queue::{Queue, QueueT};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::{VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use super::{
+    VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
 
 pub const VIRTIO_ID_BLOCK: u32 = 2;
 pub const SECTOR_SIZE: u64 = 512;
@@ -184,15 +186,17 @@ where
             readable.push(seg);
         }
     }
-    let (data_in, status) =
-        split_last_byte(&writable).ok_or((None, RequestError::NoStatus))?;
+    let (data_in, status) = split_last_byte(&writable).ok_or((None, RequestError::NoStatus))?;
     if let Some(why) = malformed {
         // The status byte itself was checked with its descriptor.
         return Err((Some(status), RequestError::Malformed(why)));
     }
     let mut header = [0u8; REQUEST_HEADER_LEN as usize];
     if total(&readable) < REQUEST_HEADER_LEN || !read_segments(mem, &readable, &mut header) {
-        return Err((Some(status), RequestError::Malformed("request header too short")));
+        return Err((
+            Some(status),
+            RequestError::Malformed("request header too short"),
+        ));
     }
     let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
     let mut sector = [0u8; 8];
@@ -222,7 +226,12 @@ pub struct Block {
 }
 
 impl Block {
-    pub fn open(path: &Path, read_only: bool, direct: bool, serial: Option<&str>) -> Result<Self, BlockError> {
+    pub fn open(
+        path: &Path,
+        read_only: bool,
+        direct: bool,
+        serial: Option<&str>,
+    ) -> Result<Self, BlockError> {
         let name = path.display().to_string();
         let open = |direct: bool| {
             let mut o = OpenOptions::new();
@@ -251,7 +260,13 @@ impl Block {
         Ok(Self::from_parts(file, buffered, size, read_only, id))
     }
 
-    fn from_parts(file: File, buffered: Option<File>, capacity: u64, read_only: bool, serial: [u8; SERIAL_LEN]) -> Self {
+    fn from_parts(
+        file: File,
+        buffered: Option<File>,
+        capacity: u64,
+        read_only: bool,
+        serial: [u8; SERIAL_LEN],
+    ) -> Self {
         let mut features = VIRTIO_F_VERSION_1
             | VIRTIO_RING_F_EVENT_IDX
             | VIRTIO_RING_F_INDIRECT_DESC
@@ -264,7 +279,8 @@ impl Block {
             features |= VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES;
         }
         let mut config = [0u8; CONFIG_LEN];
-        let mut put = |off: usize, bytes: &[u8]| config[off..off + bytes.len()].copy_from_slice(bytes);
+        let mut put =
+            |off: usize, bytes: &[u8]| config[off..off + bytes.len()].copy_from_slice(bytes);
         put(0, &(capacity >> SECTOR_SHIFT).to_le_bytes()); // capacity
         put(12, &u32::from(QUEUE_SIZE - 2).to_le_bytes()); // seg_max
         put(20, &(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
@@ -292,7 +308,11 @@ impl Block {
     }
 
     /// Serves one descriptor chain; returns the used length.
-    fn process_chain<M>(&mut self, mem: &GuestMemoryMmap, chain: virtio_queue::DescriptorChain<M>) -> u32
+    fn process_chain<M>(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        chain: virtio_queue::DescriptorChain<M>,
+    ) -> u32
     where
         M: std::ops::Deref,
         M::Target: GuestMemory,
@@ -372,7 +392,7 @@ impl Block {
         if len == 0 {
             return Err(RequestError::Malformed("no data"));
         }
-        if len % SECTOR_SIZE != 0 {
+        if !len.is_multiple_of(SECTOR_SIZE) {
             return Err(RequestError::Malformed("data length not a multiple of 512"));
         }
         let end = sector
@@ -387,8 +407,10 @@ impl Block {
 
     fn discard(&mut self, mem: &GuestMemoryMmap, req: &Request) -> Result<(), RequestError> {
         let len = total(&req.data_out);
-        if len == 0 || len % DISCARD_SEGMENT_LEN != 0 {
-            return Err(RequestError::Malformed("discard payload not whole segments"));
+        if len == 0 || !len.is_multiple_of(DISCARD_SEGMENT_LEN) {
+            return Err(RequestError::Malformed(
+                "discard payload not whole segments",
+            ));
         }
         let count = len / DISCARD_SEGMENT_LEN;
         if count > u64::from(MAX_DISCARD_SEG) {
@@ -404,7 +426,11 @@ impl Block {
             let sector = u64::from_le_bytes(seg[0..8].try_into().unwrap_or_default());
             let num = u32::from_le_bytes(seg[8..12].try_into().unwrap_or_default());
             let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap_or_default());
-            let allowed = if req.kind == VIRTIO_BLK_T_WRITE_ZEROES { WRITE_ZEROES_FLAG_UNMAP } else { 0 };
+            let allowed = if req.kind == VIRTIO_BLK_T_WRITE_ZEROES {
+                WRITE_ZEROES_FLAG_UNMAP
+            } else {
+                0
+            };
             if flags & !allowed != 0 {
                 return Err(RequestError::Unsupported);
             }
@@ -426,7 +452,13 @@ impl Block {
     }
 
     /// Moves `segs` to or from the file at `offset`.
-    fn transfer(&self, mem: &GuestMemoryMmap, segs: &[Segment], offset: u64, write: bool) -> Result<(), RequestError> {
+    fn transfer(
+        &self,
+        mem: &GuestMemoryMmap,
+        segs: &[Segment],
+        offset: u64,
+        write: bool,
+    ) -> Result<(), RequestError> {
         if segs.is_empty() {
             return Ok(());
         }
@@ -441,16 +473,19 @@ impl Block {
             });
         }
         let direct_ok = self.buffered.is_some()
-            && iovecs
-                .iter()
-                .all(|v| (v.iov_base as usize) % SECTOR_SIZE as usize == 0 && v.iov_len % SECTOR_SIZE as usize == 0);
+            && iovecs.iter().all(|v| {
+                (v.iov_base as usize).is_multiple_of(SECTOR_SIZE as usize)
+                    && v.iov_len.is_multiple_of(SECTOR_SIZE as usize)
+            });
         let result = match (&self.buffered, direct_ok) {
             (Some(buffered), false) => rw_all(buffered, &mut iovecs, offset, write),
             (Some(buffered), true) => {
                 let mut retry = iovecs.clone();
                 match rw_all(&self.file, &mut iovecs, offset, write) {
                     // The file system wants more alignment than 512.
-                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => rw_all(buffered, &mut retry, offset, write),
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                        rw_all(buffered, &mut retry, offset, write)
+                    }
                     r => r,
                 }
             }
@@ -473,9 +508,19 @@ fn rw_all(file: &File, iovecs: &mut [libc::iovec], mut offset: u64, write: bool)
         // harmless for a copy.
         let n = unsafe {
             if write {
-                libc::pwritev(file.as_raw_fd(), chunk.as_ptr(), chunk.len() as libc::c_int, offset as libc::off_t)
+                libc::pwritev(
+                    file.as_raw_fd(),
+                    chunk.as_ptr(),
+                    chunk.len() as libc::c_int,
+                    offset as libc::off_t,
+                )
             } else {
-                libc::preadv(file.as_raw_fd(), chunk.as_ptr(), chunk.len() as libc::c_int, offset as libc::off_t)
+                libc::preadv(
+                    file.as_raw_fd(),
+                    chunk.as_ptr(),
+                    chunk.len() as libc::c_int,
+                    offset as libc::off_t,
+                )
             }
         };
         if n < 0 {
@@ -557,10 +602,7 @@ impl VirtioDevice for Block {
             if queue.disable_notification(mem).is_err() {
                 return false;
             }
-            loop {
-                let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                    break;
-                };
+            while let Some(chain) = queue.pop_descriptor_chain(mem) {
                 let head = chain.head_index();
                 let used = self.process_chain(mem, chain);
                 if queue.add_used(mem, head, used).is_err() {

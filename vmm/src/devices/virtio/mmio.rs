@@ -172,7 +172,9 @@ impl MmioTransport {
             REG_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
             REG_DRIVER_FEATURES if setup && self.status & STATUS_FEATURES_OK == 0 => {
                 match self.driver_features_sel {
-                    0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
+                    0 => {
+                        self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v)
+                    }
                     1 => {
                         self.driver_features =
                             (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
@@ -191,12 +193,24 @@ impl MmioTransport {
                     q.set_ready(v == 1);
                 }
             }
-            REG_QUEUE_DESC_LOW if setup => self.with_queue(|q| q.set_desc_table_address(Some(v), None)),
-            REG_QUEUE_DESC_HIGH if setup => self.with_queue(|q| q.set_desc_table_address(None, Some(v))),
-            REG_QUEUE_DRIVER_LOW if setup => self.with_queue(|q| q.set_avail_ring_address(Some(v), None)),
-            REG_QUEUE_DRIVER_HIGH if setup => self.with_queue(|q| q.set_avail_ring_address(None, Some(v))),
-            REG_QUEUE_DEVICE_LOW if setup => self.with_queue(|q| q.set_used_ring_address(Some(v), None)),
-            REG_QUEUE_DEVICE_HIGH if setup => self.with_queue(|q| q.set_used_ring_address(None, Some(v))),
+            REG_QUEUE_DESC_LOW if setup => {
+                self.with_queue(|q| q.set_desc_table_address(Some(v), None))
+            }
+            REG_QUEUE_DESC_HIGH if setup => {
+                self.with_queue(|q| q.set_desc_table_address(None, Some(v)))
+            }
+            REG_QUEUE_DRIVER_LOW if setup => {
+                self.with_queue(|q| q.set_avail_ring_address(Some(v), None))
+            }
+            REG_QUEUE_DRIVER_HIGH if setup => {
+                self.with_queue(|q| q.set_avail_ring_address(None, Some(v)))
+            }
+            REG_QUEUE_DEVICE_LOW if setup => {
+                self.with_queue(|q| q.set_used_ring_address(Some(v), None))
+            }
+            REG_QUEUE_DEVICE_HIGH if setup => {
+                self.with_queue(|q| q.set_used_ring_address(None, Some(v)))
+            }
             REG_INTERRUPT_ACK => self.interrupt_status &= !v,
             REG_STATUS => self.write_status(v),
             REG_SHM_SEL => {}
@@ -227,15 +241,15 @@ impl MmioTransport {
         let mut new = v;
         if added & STATUS_FEATURES_OK != 0 {
             let offered = self.device.features();
-            if self.driver_features & !offered != 0 || self.driver_features & VIRTIO_F_VERSION_1 == 0 {
+            if self.driver_features & !offered != 0
+                || self.driver_features & VIRTIO_F_VERSION_1 == 0
+            {
                 // Refuse FEATURES_OK: the driver reads it back and gives up.
                 new &= !STATUS_FEATURES_OK;
             }
         }
-        if added & STATUS_DRIVER_OK != 0 {
-            if new & STATUS_FEATURES_OK == 0 || !self.activate() {
-                new = (new & !STATUS_DRIVER_OK) | STATUS_NEEDS_RESET;
-            }
+        if added & STATUS_DRIVER_OK != 0 && (new & STATUS_FEATURES_OK == 0 || !self.activate()) {
+            new = (new & !STATUS_DRIVER_OK) | STATUS_NEEDS_RESET;
         }
         self.status = new;
     }
@@ -260,7 +274,7 @@ impl BusDevice for MmioTransport {
             return;
         }
         // Registers are 32-bit and aligned; other accesses read as zero.
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             data.fill(0);
             return;
         }
@@ -275,7 +289,7 @@ impl BusDevice for MmioTransport {
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
             return;
         };
-        if offset % 4 == 0 {
+        if offset.is_multiple_of(4) {
             self.write_reg(offset, u32::from_le_bytes(bytes));
         }
     }
@@ -316,7 +330,10 @@ mod tests {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let t = MmioTransport::new(
-            Box::new(Dummy { processed: 0, resets: 0 }),
+            Box::new(Dummy {
+                processed: 0,
+                resets: 0,
+            }),
             mem,
             irq.try_clone().unwrap(),
         );
@@ -347,7 +364,11 @@ mod tests {
         w(t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
         w(t, REG_DRIVER_FEATURES_SEL, 1);
         w(t, REG_DRIVER_FEATURES, high);
-        w(t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+        w(
+            t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
     }
 
     #[test]
@@ -385,7 +406,11 @@ mod tests {
         t.notify(0);
         assert!(irq.read().is_err());
         setup_queue(&mut t);
-        w(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+        w(
+            &mut t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
         assert!(t.is_activated());
         assert_eq!(r(&mut t, REG_STATUS) & STATUS_NEEDS_RESET, 0);
         t.notify(0);
@@ -412,7 +437,11 @@ mod tests {
         w(&mut t, REG_QUEUE_DRIVER_LOW, 0x2000);
         w(&mut t, REG_QUEUE_DEVICE_LOW, 0x3000);
         w(&mut t, REG_QUEUE_READY, 1);
-        w(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+        w(
+            &mut t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
         assert!(!t.is_activated());
         assert_ne!(r(&mut t, REG_STATUS) & STATUS_NEEDS_RESET, 0);
     }

@@ -78,7 +78,10 @@ fn file_bytes(f: &Fixture) -> Vec<u8> {
 fn read_returns_file_data() {
     let mut f = fixture();
     header(&f.mem, VIRTIO_BLK_T_IN, 3);
-    let used = run(&mut f, &[d(HDR, 16, 0), d(DATA, 1024, F_WRITE), d(STATUS, 1, F_WRITE)]);
+    let used = run(
+        &mut f,
+        &[d(HDR, 16, 0), d(DATA, 1024, F_WRITE), d(STATUS, 1, F_WRITE)],
+    );
     assert_eq!(used, 1025);
     assert_eq!(status(&f), VIRTIO_BLK_S_OK);
     let mut got = vec![0u8; 1024];
@@ -91,12 +94,21 @@ fn write_lands_in_file_across_split_descriptors() {
     let mut f = fixture();
     header(&f.mem, VIRTIO_BLK_T_OUT, 1);
     f.mem.write_slice(&[0xab; 300], GuestAddress(DATA)).unwrap();
-    f.mem.write_slice(&[0xcd; 212], GuestAddress(DATA + 0x1000)).unwrap();
+    f.mem
+        .write_slice(&[0xcd; 212], GuestAddress(DATA + 0x1000))
+        .unwrap();
     // The header and first data bytes share one descriptor.
-    f.mem.write_slice(&[0x11; 512], GuestAddress(HDR + 16)).unwrap();
+    f.mem
+        .write_slice(&[0x11; 512], GuestAddress(HDR + 16))
+        .unwrap();
     let used = run(
         &mut f,
-        &[d(HDR, 16 + 512, 0), d(DATA, 300, 0), d(DATA + 0x1000, 212, 0), d(STATUS, 1, F_WRITE)],
+        &[
+            d(HDR, 16 + 512, 0),
+            d(DATA, 300, 0),
+            d(DATA + 0x1000, 212, 0),
+            d(STATUS, 1, F_WRITE),
+        ],
     );
     assert_eq!(used, 1);
     assert_eq!(status(&f), VIRTIO_BLK_S_OK);
@@ -111,7 +123,10 @@ fn get_id_returns_the_serial_nul_padded() {
     let mut f = fixture();
     header(&f.mem, VIRTIO_BLK_T_GET_ID, 0);
     f.mem.write_slice(&[0xff; 20], GuestAddress(DATA)).unwrap();
-    let used = run(&mut f, &[d(HDR, 16, 0), d(DATA, 20, F_WRITE), d(STATUS, 1, F_WRITE)]);
+    let used = run(
+        &mut f,
+        &[d(HDR, 16, 0), d(DATA, 20, F_WRITE), d(STATUS, 1, F_WRITE)],
+    );
     assert_eq!(used, 21);
     assert_eq!(status(&f), VIRTIO_BLK_S_OK);
     let mut id = [0u8; 20];
@@ -123,7 +138,9 @@ fn get_id_returns_the_serial_nul_padded() {
 #[test]
 fn serial_longer_than_20_bytes_is_refused() {
     let file = tempfile::NamedTempFile::new().unwrap();
-    let e = Block::open(file.path(), false, false, Some("012345678901234567890")).err().unwrap();
+    let e = Block::open(file.path(), false, false, Some("012345678901234567890"))
+        .err()
+        .unwrap();
     assert!(matches!(e, BlockError::SerialTooLong(_)));
 }
 
@@ -145,17 +162,28 @@ fn read_only_disk_refuses_writes_and_discards() {
     assert_eq!(f.block.features() & VIRTIO_BLK_F_DISCARD, 0);
     let before = file_bytes(&f);
     header(&f.mem, VIRTIO_BLK_T_OUT, 0);
-    run(&mut f, &[d(HDR, 16, 0), d(DATA, 512, 0), d(STATUS, 1, F_WRITE)]);
+    run(
+        &mut f,
+        &[d(HDR, 16, 0), d(DATA, 512, 0), d(STATUS, 1, F_WRITE)],
+    );
     assert_eq!(status(&f), VIRTIO_BLK_S_IOERR);
     f.mem.write_obj(POISON, GuestAddress(STATUS)).unwrap();
     header(&f.mem, VIRTIO_BLK_T_WRITE_ZEROES, 0);
-    f.mem.write_slice(&discard_segment(0, 8, 0), GuestAddress(DATA)).unwrap();
-    run(&mut f, &[d(HDR, 16, 0), d(DATA, 16, 0), d(STATUS, 1, F_WRITE)]);
+    f.mem
+        .write_slice(&discard_segment(0, 8, 0), GuestAddress(DATA))
+        .unwrap();
+    run(
+        &mut f,
+        &[d(HDR, 16, 0), d(DATA, 16, 0), d(STATUS, 1, F_WRITE)],
+    );
     assert_eq!(status(&f), VIRTIO_BLK_S_IOERR);
     assert_eq!(file_bytes(&f), before);
     // Reads still work.
     header(&f.mem, VIRTIO_BLK_T_IN, 0);
-    run(&mut f, &[d(HDR, 16, 0), d(DATA, 512, F_WRITE), d(STATUS, 1, F_WRITE)]);
+    run(
+        &mut f,
+        &[d(HDR, 16, 0), d(DATA, 512, F_WRITE), d(STATUS, 1, F_WRITE)],
+    );
     assert_eq!(status(&f), VIRTIO_BLK_S_OK);
 }
 
@@ -164,7 +192,10 @@ fn read_only_disk_refuses_writes_and_discards() {
 #[test]
 fn header_outside_guest_memory_is_an_error() {
     let mut f = fixture();
-    let used = run(&mut f, &[d(MEM_SIZE as u64 - 8, 16, 0), d(STATUS, 1, F_WRITE)]);
+    let used = run(
+        &mut f,
+        &[d(MEM_SIZE as u64 - 8, 16, 0), d(STATUS, 1, F_WRITE)],
+    );
     assert_eq!(used, 1);
     assert_eq!(status(&f), VIRTIO_BLK_S_IOERR);
 }
@@ -174,11 +205,25 @@ fn data_outside_guest_memory_is_an_error_and_the_file_is_untouched() {
     let mut f = fixture();
     let before = file_bytes(&f);
     header(&f.mem, VIRTIO_BLK_T_OUT, 0);
-    run(&mut f, &[d(HDR, 16, 0), d(u64::MAX - 100, 512, 0), d(STATUS, 1, F_WRITE)]);
+    run(
+        &mut f,
+        &[
+            d(HDR, 16, 0),
+            d(u64::MAX - 100, 512, 0),
+            d(STATUS, 1, F_WRITE),
+        ],
+    );
     assert_eq!(status(&f), VIRTIO_BLK_S_IOERR);
     f.mem.write_obj(POISON, GuestAddress(STATUS)).unwrap();
     header(&f.mem, VIRTIO_BLK_T_IN, 0);
-    run(&mut f, &[d(HDR, 16, 0), d(MEM_SIZE as u64, 512, F_WRITE), d(STATUS, 1, F_WRITE)]);
+    run(
+        &mut f,
+        &[
+            d(HDR, 16, 0),
+            d(MEM_SIZE as u64, 512, F_WRITE),
+            d(STATUS, 1, F_WRITE),
+        ],
+    );
     assert_eq!(status(&f), VIRTIO_BLK_S_IOERR);
     assert_eq!(file_bytes(&f), before);
 }
@@ -187,23 +232,43 @@ fn data_outside_guest_memory_is_an_error_and_the_file_is_untouched() {
 fn huge_lengths_are_errors() {
     let mut f = fixture();
     header(&f.mem, VIRTIO_BLK_T_IN, 0);
-    run(&mut f, &[d(HDR, 16, 0), d(DATA, 0x8000_0000, F_WRITE), d(STATUS, 1, F_WRITE)]);
+    run(
+        &mut f,
+        &[
+            d(HDR, 16, 0),
+            d(DATA, 0x8000_0000, F_WRITE),
+            d(STATUS, 1, F_WRITE),
+        ],
+    );
     assert_eq!(status(&f), VIRTIO_BLK_S_IOERR);
     // A chain longer than 4 GiB in total is cut where it overflows, before
     // the status: dropped.
     f.mem.write_obj(POISON, GuestAddress(STATUS)).unwrap();
-    let used = run(&mut f, &[d(HDR, 16, 0), d(DATA, u32::MAX, F_WRITE), d(STATUS, 1, F_WRITE)]);
+    let used = run(
+        &mut f,
+        &[
+            d(HDR, 16, 0),
+            d(DATA, u32::MAX, F_WRITE),
+            d(STATUS, 1, F_WRITE),
+        ],
+    );
     assert_eq!(used, 0);
     assert_eq!(status(&f), POISON);
     // A sector whose byte offset overflows u64.
     f.mem.write_obj(POISON, GuestAddress(STATUS)).unwrap();
     header(&f.mem, VIRTIO_BLK_T_IN, u64::MAX / 2);
-    run(&mut f, &[d(HDR, 16, 0), d(DATA, 512, F_WRITE), d(STATUS, 1, F_WRITE)]);
+    run(
+        &mut f,
+        &[d(HDR, 16, 0), d(DATA, 512, F_WRITE), d(STATUS, 1, F_WRITE)],
+    );
     assert_eq!(status(&f), VIRTIO_BLK_S_IOERR);
     // One sector past the end.
     f.mem.write_obj(POISON, GuestAddress(STATUS)).unwrap();
     header(&f.mem, VIRTIO_BLK_T_IN, 128);
-    run(&mut f, &[d(HDR, 16, 0), d(DATA, 512, F_WRITE), d(STATUS, 1, F_WRITE)]);
+    run(
+        &mut f,
+        &[d(HDR, 16, 0), d(DATA, 512, F_WRITE), d(STATUS, 1, F_WRITE)],
+    );
     assert_eq!(status(&f), VIRTIO_BLK_S_IOERR);
 }
 
@@ -213,15 +278,29 @@ fn wrong_directions_are_errors_or_dropped() {
     // Read data in a device-readable buffer: the device cannot write it.
     header(&f.mem, VIRTIO_BLK_T_IN, 0);
     f.mem.write_slice(&[0x42; 512], GuestAddress(DATA)).unwrap();
-    run(&mut f, &[d(HDR, 16, 0), d(DATA, 512, 0), d(STATUS, 1, F_WRITE)]);
+    run(
+        &mut f,
+        &[d(HDR, 16, 0), d(DATA, 512, 0), d(STATUS, 1, F_WRITE)],
+    );
     assert_eq!(status(&f), VIRTIO_BLK_S_IOERR);
     let mut data = [0u8; 512];
     f.mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
-    assert!(data.iter().all(|b| *b == 0x42), "a readable buffer was written");
+    assert!(
+        data.iter().all(|b| *b == 0x42),
+        "a readable buffer was written"
+    );
     // A readable descriptor after a writable one.
     f.mem.write_obj(POISON, GuestAddress(STATUS)).unwrap();
     header(&f.mem, VIRTIO_BLK_T_IN, 0);
-    run(&mut f, &[d(HDR, 16, 0), d(DATA, 512, F_WRITE), d(DATA + 0x1000, 512, 0), d(STATUS, 1, F_WRITE)]);
+    run(
+        &mut f,
+        &[
+            d(HDR, 16, 0),
+            d(DATA, 512, F_WRITE),
+            d(DATA + 0x1000, 512, 0),
+            d(STATUS, 1, F_WRITE),
+        ],
+    );
     assert_eq!(status(&f), VIRTIO_BLK_S_IOERR);
     // A device-writable header.
     f.mem.write_obj(POISON, GuestAddress(STATUS)).unwrap();
@@ -244,21 +323,30 @@ fn status_buffers_of_the_wrong_size() {
     // Two bytes after a read: 513 data bytes are not whole sectors.
     header(&f.mem, VIRTIO_BLK_T_IN, 0);
     f.mem.write_obj(POISON, GuestAddress(STATUS + 1)).unwrap();
-    let used = run(&mut f, &[d(HDR, 16, 0), d(DATA, 512, F_WRITE), d(STATUS, 2, F_WRITE)]);
+    let used = run(
+        &mut f,
+        &[d(HDR, 16, 0), d(DATA, 512, F_WRITE), d(STATUS, 2, F_WRITE)],
+    );
     assert_eq!(used, 1);
     let last: u8 = f.mem.read_obj(GuestAddress(STATUS + 1)).unwrap();
     assert_eq!(last, VIRTIO_BLK_S_IOERR);
     // A status that runs off the end of guest memory.
     f.mem.write_obj(POISON, GuestAddress(STATUS)).unwrap();
     header(&f.mem, VIRTIO_BLK_T_FLUSH, 0);
-    assert_eq!(run(&mut f, &[d(HDR, 16, 0), d(MEM_SIZE as u64 - 1, 4, F_WRITE)]), 0);
+    assert_eq!(
+        run(&mut f, &[d(HDR, 16, 0), d(MEM_SIZE as u64 - 1, 4, F_WRITE)]),
+        0
+    );
 }
 
 #[test]
 fn short_header_is_an_error() {
     let mut f = fixture();
     header(&f.mem, VIRTIO_BLK_T_IN, 0);
-    run(&mut f, &[d(HDR, 8, 0), d(DATA, 512, F_WRITE), d(STATUS, 1, F_WRITE)]);
+    run(
+        &mut f,
+        &[d(HDR, 8, 0), d(DATA, 512, F_WRITE), d(STATUS, 1, F_WRITE)],
+    );
     assert_eq!(status(&f), VIRTIO_BLK_S_IOERR);
     f.mem.write_obj(POISON, GuestAddress(STATUS)).unwrap();
     run(&mut f, &[d(STATUS, 1, F_WRITE)]);
@@ -295,8 +383,17 @@ fn process_queue_completes_requests_and_honours_event_idx() {
     let mut linked = Vec::new();
     for (i, raw) in descs.iter().enumerate() {
         let s = SplitDescriptor::from(*raw);
-        let flags = if i + 1 < descs.len() { s.flags() | F_NEXT } else { s.flags() };
-        linked.push(RawDescriptor::from(SplitDescriptor::new(s.addr().0, s.len(), flags, i as u16 + 1)));
+        let flags = if i + 1 < descs.len() {
+            s.flags() | F_NEXT
+        } else {
+            s.flags()
+        };
+        linked.push(RawDescriptor::from(SplitDescriptor::new(
+            s.addr().0,
+            s.len(),
+            flags,
+            i as u16 + 1,
+        )));
     }
     vq.add_desc_chains(&linked, 0).unwrap();
     let mut q: Queue = vq.create_queue().unwrap();
@@ -355,15 +452,26 @@ fn discard_and_write_zeroes_punch_holes() {
 
     // Discard the first MiB and write-zeroes (unmap) the third.
     header(&f.mem, VIRTIO_BLK_T_DISCARD, 0);
-    f.mem.write_slice(&discard_segment(0, 2048, 0), GuestAddress(DATA)).unwrap();
-    run(&mut f, &[d(HDR, 16, 0), d(DATA, 16, 0), d(STATUS, 1, F_WRITE)]);
+    f.mem
+        .write_slice(&discard_segment(0, 2048, 0), GuestAddress(DATA))
+        .unwrap();
+    run(
+        &mut f,
+        &[d(HDR, 16, 0), d(DATA, 16, 0), d(STATUS, 1, F_WRITE)],
+    );
     assert_eq!(status(&f), VIRTIO_BLK_S_OK);
     f.mem.write_obj(POISON, GuestAddress(STATUS)).unwrap();
     header(&f.mem, VIRTIO_BLK_T_WRITE_ZEROES, 0);
     f.mem
-        .write_slice(&discard_segment(4096, 2048, WRITE_ZEROES_FLAG_UNMAP), GuestAddress(DATA))
+        .write_slice(
+            &discard_segment(4096, 2048, WRITE_ZEROES_FLAG_UNMAP),
+            GuestAddress(DATA),
+        )
         .unwrap();
-    run(&mut f, &[d(HDR, 16, 0), d(DATA, 16, 0), d(STATUS, 1, F_WRITE)]);
+    run(
+        &mut f,
+        &[d(HDR, 16, 0), d(DATA, 16, 0), d(STATUS, 1, F_WRITE)],
+    );
     assert_eq!(status(&f), VIRTIO_BLK_S_OK);
 
     assert_eq!(hole_after(&file, 0), 0);
@@ -371,7 +479,10 @@ fn discard_and_write_zeroes_punch_holes() {
     assert_eq!(hole_after(&file, MIB as i64), 2 * MIB as i64);
     assert_eq!(data_after(&file, 2 * MIB as i64), 3 * MIB as i64);
     let blocks_after = file.metadata().unwrap().blocks();
-    assert!(blocks_after + 2 * 2048 <= blocks_before, "{blocks_before} -> {blocks_after}");
+    assert!(
+        blocks_after + 2 * 2048 <= blocks_before,
+        "{blocks_before} -> {blocks_after}"
+    );
     assert_eq!(file.metadata().unwrap().len(), 4 * MIB as u64);
     let bytes = file_bytes(&f);
     assert!(bytes[..MIB].iter().all(|b| *b == 0));
@@ -388,14 +499,25 @@ fn bad_discards_change_nothing() {
     let mut payload = discard_segment(0, 8, 0).to_vec();
     payload.extend_from_slice(&discard_segment(120, 16, 0));
     f.mem.write_slice(&payload, GuestAddress(DATA)).unwrap();
-    run(&mut f, &[d(HDR, 16, 0), d(DATA, 32, 0), d(STATUS, 1, F_WRITE)]);
+    run(
+        &mut f,
+        &[d(HDR, 16, 0), d(DATA, 32, 0), d(STATUS, 1, F_WRITE)],
+    );
     assert_eq!(status(&f), VIRTIO_BLK_S_IOERR);
     // Unmap flag on a discard is not defined.
-    f.mem.write_slice(&discard_segment(0, 8, 1), GuestAddress(DATA)).unwrap();
-    run(&mut f, &[d(HDR, 16, 0), d(DATA, 16, 0), d(STATUS, 1, F_WRITE)]);
+    f.mem
+        .write_slice(&discard_segment(0, 8, 1), GuestAddress(DATA))
+        .unwrap();
+    run(
+        &mut f,
+        &[d(HDR, 16, 0), d(DATA, 16, 0), d(STATUS, 1, F_WRITE)],
+    );
     assert_eq!(status(&f), VIRTIO_BLK_S_UNSUPP);
     // A payload that is not whole segments.
-    run(&mut f, &[d(HDR, 16, 0), d(DATA, 15, 0), d(STATUS, 1, F_WRITE)]);
+    run(
+        &mut f,
+        &[d(HDR, 16, 0), d(DATA, 15, 0), d(STATUS, 1, F_WRITE)],
+    );
     assert_eq!(status(&f), VIRTIO_BLK_S_IOERR);
     assert_eq!(file_bytes(&f), before);
 }
@@ -405,16 +527,30 @@ fn direct_io_reads_and_writes_aligned_and_unaligned_buffers() {
     let mut f = fixture_with(64 * 1024, false, true, None);
     // Aligned buffer: goes through O_DIRECT.
     header(&f.mem, VIRTIO_BLK_T_OUT, 8);
-    f.mem.write_slice(&[0x77; 4096], GuestAddress(DATA)).unwrap();
-    run(&mut f, &[d(HDR, 16, 0), d(DATA, 4096, 0), d(STATUS, 1, F_WRITE)]);
+    f.mem
+        .write_slice(&[0x77; 4096], GuestAddress(DATA))
+        .unwrap();
+    run(
+        &mut f,
+        &[d(HDR, 16, 0), d(DATA, 4096, 0), d(STATUS, 1, F_WRITE)],
+    );
     assert_eq!(status(&f), VIRTIO_BLK_S_OK);
     // Unaligned guest buffer: served through the buffered descriptor.
     f.mem.write_obj(POISON, GuestAddress(STATUS)).unwrap();
     header(&f.mem, VIRTIO_BLK_T_IN, 8);
-    run(&mut f, &[d(HDR, 16, 0), d(DATA + 0x10003, 4096, F_WRITE), d(STATUS, 1, F_WRITE)]);
+    run(
+        &mut f,
+        &[
+            d(HDR, 16, 0),
+            d(DATA + 0x10003, 4096, F_WRITE),
+            d(STATUS, 1, F_WRITE),
+        ],
+    );
     assert_eq!(status(&f), VIRTIO_BLK_S_OK);
     let mut got = vec![0u8; 4096];
-    f.mem.read_slice(&mut got, GuestAddress(DATA + 0x10003)).unwrap();
+    f.mem
+        .read_slice(&mut got, GuestAddress(DATA + 0x10003))
+        .unwrap();
     assert!(got.iter().all(|b| *b == 0x77));
     assert!(file_bytes(&f)[4096..8192].iter().all(|b| *b == 0x77));
 }
