@@ -17,7 +17,16 @@ fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let root = manifest_dir.parent().unwrap().to_path_buf();
     let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
-    for watched in ["plugins/sdk", "plugins/builtin", "plugins/examples", "plugins/Cargo.toml", "tests/plugins/hostile", "tests/plugins/sockets", "tests/plugins/Cargo.toml", "wit"] {
+    for watched in [
+        "plugins/sdk",
+        "plugins/builtin",
+        "plugins/examples",
+        "plugins/Cargo.toml",
+        "tests/plugins/hostile",
+        "tests/plugins/sockets",
+        "tests/plugins/Cargo.toml",
+        "wit",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
     println!("cargo:rerun-if-env-changed=COCOON_PLUGINS_WASM_DIR");
@@ -31,7 +40,10 @@ fn main() {
             target.join(WASM_TARGET).join("release")
         }
     };
-    println!("cargo:rustc-env=COCOON_PLUGIN_WASM_DIR={}", wasm_dir.display());
+    println!(
+        "cargo:rustc-env=COCOON_PLUGIN_WASM_DIR={}",
+        wasm_dir.display()
+    );
 
     let mut table = String::from(
         "/// First-party plugins embedded at build time: (manifest, wasm).\n\
@@ -58,12 +70,12 @@ fn main() {
 }
 
 /// A stable directory beside the host's own target dir, so plugin builds
-/// are reused across profiles and clippy runs. Cargo marks its target dir
-/// with CACHEDIR.TAG.
+/// are reused across profiles and clippy runs. OUT_DIR is
+/// `<target>/<profile>/build/<package>-<hash>/out`.
 fn wasm_target_dir(out_dir: &Path) -> PathBuf {
     out_dir
         .ancestors()
-        .find(|p| p.join("CACHEDIR.TAG").is_file())
+        .nth(4)
         .unwrap_or(out_dir)
         .join("wasm-plugins")
 }
@@ -71,10 +83,16 @@ fn wasm_target_dir(out_dir: &Path) -> PathBuf {
 fn build_wasm_workspace(manifest: &Path, target_dir: &Path) {
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args(["build", "--release", "--target", WASM_TARGET, "--manifest-path"])
-        .arg(manifest)
-        .arg("--target-dir")
-        .arg(target_dir);
+    cmd.args([
+        "build",
+        "--release",
+        "--target",
+        WASM_TARGET,
+        "--manifest-path",
+    ])
+    .arg(manifest)
+    .arg("--target-dir")
+    .arg(target_dir);
     // Variables cargo sets for this build script would leak the host
     // build's flags and wrappers (clippy's driver, coverage flags) into the
     // wasm build.

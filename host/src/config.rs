@@ -243,8 +243,14 @@ mod tests {
     #[test]
     fn rejects_bad_input_naming_field_and_value() {
         let cases = [
-            ("[plugins.x]\ngrant_fetch = [\"http://a/b\"]\n", "plugins.x.grant_fetch"),
-            ("[plugins.x]\nlimits = { deadline_ms = 0 }\n", "plugins.x.limits.deadline_ms"),
+            (
+                "[plugins.x]\ngrant_fetch = [\"http://a/b\"]\n",
+                "plugins.x.grant_fetch",
+            ),
+            (
+                "[plugins.x]\nlimits = { deadline_ms = 0 }\n",
+                "plugins.x.limits.deadline_ms",
+            ),
         ];
         for (text, field) in cases {
             let err = load_text(text).unwrap_err().to_string();

@@ -22,11 +22,19 @@ fn spec(name: &str, limits: Limits, fetch: &[&str]) -> PluginSpec {
         kind: PluginKind::ImageSource,
         limits,
         config: BTreeMap::from([("site".to_string(), "test".to_string())]),
-        fetch_hosts: fetch.iter().map(|h| HostPattern::parse(h).unwrap()).collect(),
+        fetch_hosts: fetch
+            .iter()
+            .map(|h| HostPattern::parse(h).unwrap())
+            .collect(),
     }
 }
 
-fn load(rt: &Runtime, crate_name: &str, limits: Limits, fetch: &[&str]) -> Result<LoadedPlugin, PluginError> {
+fn load(
+    rt: &Runtime,
+    crate_name: &str,
+    limits: Limits,
+    fetch: &[&str],
+) -> Result<LoadedPlugin, PluginError> {
     let bytes = std::fs::read(wasm(crate_name)).unwrap();
     rt.load(spec(crate_name, limits, fetch), &bytes, &sha256_hex(&bytes))
 }
@@ -47,7 +55,9 @@ fn assert_still_serves(rt: &Runtime) {
     let tmp = tempfile::tempdir().unwrap();
     let registry = Registry::discover(&HostConfig::at(tmp.path()));
     let url = registry.load(rt, "url-source").unwrap();
-    let a = url.resolve("https://example.com/x.qcow2", &Platform::host()).unwrap();
+    let a = url
+        .resolve("https://example.com/x.qcow2", &Platform::host())
+        .unwrap();
     assert_eq!(a[0].format_hint.as_deref(), Some("qcow2"));
 }
 
@@ -64,8 +74,14 @@ fn infinite_loop_hits_the_deadline() {
     let took = start.elapsed();
     assert!(matches!(err, PluginError::Deadline { .. }), "{err}");
     assert!(err.to_string().contains("plugin hostile"), "{err}");
-    assert!(took < Duration::from_millis(300) + Duration::from_secs(1), "took {took:?}");
-    assert!(took >= Duration::from_millis(300), "returned before the deadline: {took:?}");
+    assert!(
+        took < Duration::from_millis(300) + Duration::from_secs(1),
+        "took {took:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(300),
+        "returned before the deadline: {took:?}"
+    );
     assert_still_serves(&rt);
 }
 
@@ -73,7 +89,10 @@ fn infinite_loop_hits_the_deadline() {
 fn memory_bomb_hits_the_limit() {
     let rt = runtime();
     let err = hostile(&rt).resolve("bomb", &Platform::host()).unwrap_err();
-    assert!(matches!(err, PluginError::MemoryLimit { limit_mib: 32, .. }), "{err}");
+    assert!(
+        matches!(err, PluginError::MemoryLimit { limit_mib: 32, .. }),
+        "{err}"
+    );
     assert!(err.to_string().contains("plugin hostile"), "{err}");
     assert_still_serves(&rt);
 }
@@ -81,12 +100,22 @@ fn memory_bomb_hits_the_limit() {
 #[test]
 fn panic_is_a_trap_naming_the_plugin_and_its_message() {
     let rt = runtime();
-    let (err, logs) = capture_logs(|| hostile(&rt).resolve("panic", &Platform::host()).unwrap_err());
+    let (err, logs) = capture_logs(|| {
+        hostile(&rt)
+            .resolve("panic", &Platform::host())
+            .unwrap_err()
+    });
     let msg = err.to_string();
     assert!(matches!(err, PluginError::Trap { .. }), "{msg}");
-    assert!(msg.contains("plugin hostile") && msg.contains("resolve"), "{msg}");
+    assert!(
+        msg.contains("plugin hostile") && msg.contains("resolve"),
+        "{msg}"
+    );
     assert!(msg.contains("panics on purpose"), "{msg}");
-    assert!(logs.contains("hostile") && logs.contains("panics on purpose"), "{logs}");
+    assert!(
+        logs.contains("hostile") && logs.contains("panics on purpose"),
+        "{logs}"
+    );
     assert_still_serves(&rt);
 }
 
@@ -94,7 +123,10 @@ fn panic_is_a_trap_naming_the_plugin_and_its_message() {
 fn trap_is_reported() {
     let rt = runtime();
     let err = hostile(&rt).resolve("trap", &Platform::host()).unwrap_err();
-    assert!(matches!(&err, PluginError::Trap { detail, .. } if detail.contains("unreachable")), "{err}");
+    assert!(
+        matches!(&err, PluginError::Trap { detail, .. } if detail.contains("unreachable")),
+        "{err}"
+    );
     assert_still_serves(&rt);
 }
 
@@ -104,7 +136,10 @@ fn filesystem_and_environment_are_empty() {
     let p = hostile(&rt);
     let err = p.resolve("passwd", &Platform::host()).unwrap_err();
     let msg = err.to_string();
-    assert!(matches!(&err, PluginError::Returned { kind, .. } if kind == "io"), "{msg}");
+    assert!(
+        matches!(&err, PluginError::Returned { kind, .. } if kind == "io"),
+        "{msg}"
+    );
     assert!(!msg.contains("root:"), "{msg}");
     // The test process has an environment; the plugin must see none of it.
     assert!(std::env::vars().count() > 0);
@@ -116,7 +151,14 @@ fn filesystem_and_environment_are_empty() {
 #[test]
 fn sockets_import_is_refused_at_load() {
     let rt = runtime();
-    let err = load(&rt, "sockets", Limits::for_kind(PluginKind::ImageSource), &[]).err().unwrap();
+    let err = load(
+        &rt,
+        "sockets",
+        Limits::for_kind(PluginKind::ImageSource),
+        &[],
+    )
+    .err()
+    .unwrap();
     match &err {
         PluginError::ImportRefused { plugin, import, .. } => {
             assert_eq!(plugin, "sockets");
@@ -137,7 +179,11 @@ fn a_plugin_of_the_wrong_kind_is_refused() {
     let err = rt.load(s, &bytes, &sha256_hex(&bytes)).err().unwrap();
     assert!(matches!(err, PluginError::ImportRefused { .. }), "{err}");
     let bytes = std::fs::read(wasm("default-policy")).unwrap();
-    let mut s = spec("default-policy", Limits::for_kind(PluginKind::ImageSource), &[]);
+    let mut s = spec(
+        "default-policy",
+        Limits::for_kind(PluginKind::ImageSource),
+        &[],
+    );
     s.kind = PluginKind::ImageSource;
     let err = rt.load(s, &bytes, &sha256_hex(&bytes)).err().unwrap();
     assert!(matches!(err, PluginError::WrongExports { .. }), "{err}");
@@ -166,17 +212,27 @@ fn wrong_sha256_in_manifest_is_refused() {
     let registry = Registry::discover(&config);
     assert!(registry.get("liar").is_err());
     let problem = &registry.problems()[0];
-    assert!(matches!(problem.error, PluginError::DigestMismatch { .. }), "{}", problem.error);
+    assert!(
+        matches!(problem.error, PluginError::DigestMismatch { .. }),
+        "{}",
+        problem.error
+    );
     let err = registry.load(&rt, "liar").err().unwrap();
     assert!(err.to_string().contains("liar"), "{err}");
-    let err = registry::verify(&rt, &config.plugin_dir.join("liar"), None).err().unwrap();
+    let err = registry::verify(&rt, &config.plugin_dir.join("liar"), None)
+        .err()
+        .unwrap();
     assert!(matches!(err, PluginError::DigestMismatch { .. }), "{err}");
 
     // Swapping the wasm after discovery is caught at load time too.
     let real = sha256_hex(&std::fs::read(wasm("hostile")).unwrap());
     write_plugin_dir(&config.plugin_dir, "swapped", "hostile", &real, "");
     let registry = Registry::discover(&config);
-    std::fs::copy(wasm("sockets"), config.plugin_dir.join("swapped/hostile.wasm")).unwrap();
+    std::fs::copy(
+        wasm("sockets"),
+        config.plugin_dir.join("swapped/hostile.wasm"),
+    )
+    .unwrap();
     let err = registry.load(&rt, "swapped").err().unwrap();
     assert!(matches!(err, PluginError::DigestMismatch { .. }), "{err}");
     assert_still_serves(&rt);
@@ -195,27 +251,48 @@ fn fetch_is_limited_to_granted_hosts() {
 
     // Nothing granted: denied, and the server never sees a request.
     let p = load(&rt, "hostile", limits, &[]).unwrap();
-    let err = p.resolve(&format!("fetch:{}", server.url("/hello")), &Platform::host()).unwrap_err();
+    let err = p
+        .resolve(
+            &format!("fetch:{}", server.url("/hello")),
+            &Platform::host(),
+        )
+        .unwrap_err();
     assert!(err.to_string().contains("denied"), "{err}");
     assert_eq!(server.hits("/hello"), 0);
 
     // Granted this server: allowed; a redirect within it is followed.
     let granted = format!("127.0.0.1:{}", server.port);
     let p = load(&rt, "hostile", limits, &[&granted]).unwrap();
-    let a = p.resolve(&format!("fetch:{}", server.url("/hello")), &Platform::host()).unwrap();
+    let a = p
+        .resolve(
+            &format!("fetch:{}", server.url("/hello")),
+            &Platform::host(),
+        )
+        .unwrap();
     assert_eq!(a[0].media_type, "200 hello");
-    let a = p.resolve(&format!("fetch:{}", server.url("/here")), &Platform::host()).unwrap();
+    let a = p
+        .resolve(&format!("fetch:{}", server.url("/here")), &Platform::host())
+        .unwrap();
     assert_eq!(a[0].media_type, "200 hello");
 
     // Another port on the same address is another host.
-    let err = p.resolve(&format!("fetch:{}", other.url("/secret")), &Platform::host()).unwrap_err();
+    let err = p
+        .resolve(
+            &format!("fetch:{}", other.url("/secret")),
+            &Platform::host(),
+        )
+        .unwrap_err();
     assert!(err.to_string().contains("denied"), "{err}");
     // A redirect to a host not granted is re-checked and denied.
-    let err = p.resolve(&format!("fetch:{}", server.url("/away")), &Platform::host()).unwrap_err();
+    let err = p
+        .resolve(&format!("fetch:{}", server.url("/away")), &Platform::host())
+        .unwrap_err();
     assert!(err.to_string().contains("denied"), "{err}");
     assert_eq!(other.hits("/secret"), 0);
     // Plain http to a non-loopback host is refused before any connection.
-    let err = p.resolve("fetch:http://example.com/", &Platform::host()).unwrap_err();
+    let err = p
+        .resolve("fetch:http://example.com/", &Platform::host())
+        .unwrap_err();
     assert!(err.to_string().contains("only to loopback"), "{err}");
     assert_still_serves(&rt);
 }
@@ -245,7 +322,10 @@ fn declared_and_granted_are_both_required() {
     let registry = Registry::discover(&config);
     for (name, _, _, allowed) in cases {
         let p = registry.load(&rt, name).unwrap();
-        let r = p.resolve(&format!("fetch:{}", server.url("/hello")), &Platform::host());
+        let r = p.resolve(
+            &format!("fetch:{}", server.url("/hello")),
+            &Platform::host(),
+        );
         assert_eq!(r.is_ok(), allowed, "{name}: {r:?}");
     }
 }
@@ -256,8 +336,14 @@ fn stderr_and_logs_reach_the_host_log_under_the_plugin_name() {
     let p = hostile(&rt);
     let (r, logs) = capture_logs(|| p.resolve("stderr", &Platform::host()));
     r.unwrap();
-    let line = logs.lines().find(|l| l.contains("hostile says hello on stderr")).expect(&logs);
-    assert!(line.contains("plugin=hostile") && line.contains("stderr"), "{line}");
+    let line = logs
+        .lines()
+        .find(|l| l.contains("hostile says hello on stderr"))
+        .expect(&logs);
+    assert!(
+        line.contains("plugin=hostile") && line.contains("stderr"),
+        "{line}"
+    );
 
     // A plugin that logs without end is cut off at its budget.
     let (r, logs) = capture_logs(|| p.resolve("log:5000", &Platform::host()));
@@ -289,11 +375,17 @@ fn second_load_deserialises_from_the_compiled_cache() {
     assert_eq!(rt.stats().cache_hits.load(Ordering::Relaxed), 1);
     assert_eq!(p.resolve("ok", &Platform::host()).unwrap().len(), 1);
 
-    let files: Vec<_> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().path()).collect();
+    let files: Vec<_> = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     assert_eq!(files.len(), 1, "{files:?}");
     let file = &files[0];
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(file).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
 
     // A cache file others could have written is never deserialised.
     std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644)).unwrap();
@@ -301,7 +393,10 @@ fn second_load_deserialises_from_the_compiled_cache() {
     load(&rt, "hostile", limits, &[]).unwrap();
     assert_eq!(rt.stats().cache_hits.load(Ordering::Relaxed), 0);
     assert_eq!(rt.stats().compiled.load(Ordering::Relaxed), 1);
-    assert_eq!(std::fs::metadata(file).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
 
     // A corrupt one is recompiled and replaced.
     std::fs::write(file, b"not a compiled component").unwrap();
@@ -332,9 +427,16 @@ fn converter_and_policy_round_trips() {
     assert!(s.map(3 << 20, 16).unwrap().is_empty());
     drop(s);
     let err = raw.open_image(&img, "qcow2").err().unwrap();
-    assert!(matches!(&err, PluginError::Returned { kind, .. } if kind == "unsupported"), "{err}");
+    assert!(
+        matches!(&err, PluginError::Returned { kind, .. } if kind == "unsupported"),
+        "{err}"
+    );
     let data: Vec<u8> = (0..65536u32).map(|i| i as u8).collect();
-    let c = cocoon_host::plugin::calls::Compressed { source_offset: 0, source_length: 65536, codec: 0 };
+    let c = cocoon_host::plugin::calls::Compressed {
+        source_offset: 0,
+        source_length: 65536,
+        codec: 0,
+    };
     assert_eq!(raw.decode(c, &data, 65536).unwrap(), data);
     let err = raw.decode(c, &data, 100).unwrap_err();
     assert!(matches!(err, PluginError::Returned { .. }), "{err}");

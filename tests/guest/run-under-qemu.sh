@@ -107,8 +107,8 @@ echo "== boot 2: hash, write, seqread"
 # the last sector), a write to each, read-backs, a sequential read.
 actions=(
     "cocoon.hash=$rwi:0:8"
-    "cocoon.hash=$rwi:1001:3000"
-    "cocoon.hash=$roi:$((16 * 2048 - 700)):700"
+    "cocoon.hash=$rwi:1001:264"
+    "cocoon.hash=$roi:$((16 * 2048 - 40)):40"
     "cocoon.write=$rwi:4:5a"
     "cocoon.hash=$rwi:4:1"
     "cocoon.write=$roi:3:a5"
@@ -122,8 +122,8 @@ expect_line() {
     grep -qx "cocoon-guest: $1" "$work/run.log" || fail "missing or different: cocoon-guest: $1"
 }
 expect_line "hash index=$rwi sector=0 count=8 sha256=$(sectors_sha "$work/rw.orig" 0 8)"
-expect_line "hash index=$rwi sector=1001 count=3000 sha256=$(sectors_sha "$work/rw.orig" 1001 3000)"
-expect_line "hash index=$roi sector=$((16 * 2048 - 700)) count=700 sha256=$(sectors_sha "$work/ro.orig" $((16 * 2048 - 700)) 700)"
+expect_line "hash index=$rwi sector=1001 count=264 sha256=$(sectors_sha "$work/rw.orig" 1001 264)"
+expect_line "hash index=$roi sector=$((16 * 2048 - 40)) count=40 sha256=$(sectors_sha "$work/ro.orig" $((16 * 2048 - 40)) 40)"
 expect_line "write index=$rwi sector=4 byte=5a outcome=ok"
 five_a=$(head -c 512 /dev/zero | tr '\0' '\132' | sha256sum | cut -d' ' -f1)
 expect_line "hash index=$rwi sector=4 count=1 sha256=$five_a"

@@ -265,7 +265,7 @@ fn run_loop(ctx: &mut VcpuContext) -> Result<(), ExitReason> {
                     )));
                 }
                 VcpuExit::InternalError => {
-                    return Err(err("KVM internal error (emulation failure)".into()));
+                    return Err(err(internal_error(&mut ctx.fd)));
                 }
                 other => return Err(err(format!("unexpected exit {other:?}"))),
             },
@@ -275,6 +275,30 @@ fn run_loop(ctx: &mut VcpuContext) -> Result<(), ExitReason> {
             Err(e) => return Err(err(format!("KVM_RUN failed: {e}"))),
         }
     }
+}
+
+/// Describes a KVM_EXIT_INTERNAL_ERROR from its suberror and data.
+fn internal_error(fd: &mut VcpuFd) -> String {
+    let run = fd.get_kvm_run();
+    // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal`
+    // is the union member KVM filled in.
+    let internal = unsafe { run.__bindgen_anon_1.internal };
+    let what = match internal.suberror {
+        kvm_bindings::KVM_INTERNAL_ERROR_EMULATION => "instruction emulation failed",
+        kvm_bindings::KVM_INTERNAL_ERROR_SIMUL_EX => "exception while delivering an exception",
+        kvm_bindings::KVM_INTERNAL_ERROR_DELIVERY_EV => "cannot deliver an event",
+        _ => "internal error",
+    };
+    let n = (internal.ndata as usize).min(internal.data.len());
+    let data: Vec<String> = internal.data[..n]
+        .iter()
+        .map(|d| format!("{d:#x}"))
+        .collect();
+    format!(
+        "KVM: {what} (suberror {}, data [{}])",
+        internal.suberror,
+        data.join(", ")
+    )
 }
 
 /// Joins vCPU threads, kicking them until they are gone.

@@ -67,8 +67,7 @@ pub struct Vm {
     control: Arc<Control>,
     vcpus: usize,
     vcpu_threads: Vec<JoinHandle<()>>,
-    io_threads: Vec<JoinHandle<()>>,
-    io_stop: EventFd,
+    io: IoThreads,
     exit: Option<ExitReason>,
     // Kept alive for as long as the vCPUs run: dropping them unmaps
     // memory and closes the VM.
@@ -83,13 +82,7 @@ impl Vm {
         vcpu::install_kick_handler()
             .map_err(|e| VmError::Io("install the vCPU kick signal handler", e.into()))?;
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
-        for cap in [
-            Cap::Irqchip,
-            Cap::Ioeventfd,
-            Cap::Irqfd,
-            Cap::UserMemory,
-            Cap::ImmediateExit,
-        ] {
+        for cap in [Cap::Irqchip, Cap::Ioeventfd, Cap::Irqfd, Cap::UserMemory] {
             if !kvm.check_extension(cap) {
                 return Err(VmError::MissingCap(cap));
             }
@@ -153,10 +146,13 @@ impl Vm {
             spawn_stdin_reader(serial)?;
         }
 
-        let io_stop =
-            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Io("create an eventfd", e))?;
+        // Dropped on any early return below, which stops the I/O threads.
+        let mut io = IoThreads {
+            stop: EventFd::new(libc::EFD_NONBLOCK)
+                .map_err(|e| VmError::Io("create an eventfd", e))?,
+            handles: Vec::new(),
+        };
         let mut slots = Vec::new();
-        let mut io_threads = Vec::new();
         for (index, disk) in config.disks.iter().enumerate() {
             let (addr, irq) = memory::virtio_mmio_slot(index);
             let block = Block::open(
@@ -185,14 +181,15 @@ impl Vm {
             }
             let transport = Arc::new(Mutex::new(transport));
             mmio.insert(transport.clone(), addr, VIRTIO_MMIO_SIZE)?;
-            let stop = io_stop
+            let stop = io
+                .stop
                 .try_clone()
                 .map_err(|e| VmError::Io("clone an eventfd", e))?;
             let handle = std::thread::Builder::new()
                 .name(format!("virtio-blk{index}"))
                 .spawn(move || io_thread(transport, queue_evts, stop))
                 .map_err(|e| VmError::Io("spawn a disk I/O thread", e))?;
-            io_threads.push(handle);
+            io.handles.push(handle);
             slots.push(MmioSlot { addr, irq });
         }
 
@@ -257,7 +254,6 @@ impl Vm {
                 Err(e) => {
                     control.request_exit(ExitReason::Error("cannot spawn a vCPU thread".into()));
                     vcpu::join_all(&control, vcpu_threads);
-                    let _ = io_stop.write(1);
                     return Err(VmError::Io("spawn a vCPU thread", e));
                 }
             }
@@ -266,8 +262,7 @@ impl Vm {
             control,
             vcpus: config.cpus as usize,
             vcpu_threads,
-            io_threads,
-            io_stop,
+            io,
             exit: None,
             _vm: vm,
             _mem: mem,
@@ -324,10 +319,30 @@ impl Vm {
 
     fn teardown(&mut self) {
         vcpu::join_all(&self.control, std::mem::take(&mut self.vcpu_threads));
-        let _ = self.io_stop.write(1);
-        for h in std::mem::take(&mut self.io_threads) {
+        self.io.stop_and_join();
+    }
+}
+
+/// The disk I/O threads and the eventfd that stops them all.
+struct IoThreads {
+    stop: EventFd,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl IoThreads {
+    fn stop_and_join(&mut self) {
+        // No thread reads the stop counter, so it stays readable for every
+        // thread, now or at its next poll.
+        let _ = self.stop.write(1);
+        for h in std::mem::take(&mut self.handles) {
             let _ = h.join();
         }
+    }
+}
+
+impl Drop for IoThreads {
+    fn drop(&mut self) {
+        self.stop_and_join();
     }
 }
 

@@ -87,7 +87,10 @@ fn linux_reads_our_cmdline_e820_acpi_ioapic_and_lapics() {
     has("Linux version 6.");
     let (addr, irq) = virtio_mmio_slot(0);
     let slots = [MmioSlot { addr, irq }];
-    has(&format!("Command line: {}\n", full_cmdline(user_cmdline, &slots)).replace('\n', ""));
+    has(&format!(
+        "Command line: {}",
+        full_cmdline(user_cmdline, &slots)
+    ));
     // The RAM entries of our E820 map, as the kernel echoes them.
     has("BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff] usable");
     has(&format!(
@@ -96,22 +99,21 @@ fn linux_reads_our_cmdline_e820_acpi_ioapic_and_lapics() {
     ));
     // Our ACPI tables, at the addresses we put them, with our OEM IDs.
     let (xsdt, facp, apic, dsdt) = table_addresses(&slots);
-    has(&format!("ACPI: RSDP {ACPI_START:#018X} 000024 (v02 COCOON)").replace("0X", "0x"));
-    has(
-        &format!("ACPI: XSDT {xsdt:#018X} 000034 (v01 COCOON COCOONVM 00000001")
-            .replace("0X", "0x"),
-    );
-    has(
-        &format!("ACPI: FACP {facp:#018X} 000114 (v06 COCOON COCOONVM 00000001")
-            .replace("0X", "0x"),
-    );
-    has(&format!("ACPI: DSDT {dsdt:#018X}").replace("0X", "0x"));
+    has(&format!(
+        "ACPI: RSDP 0x{ACPI_START:016X} 000024 (v02 COCOON)"
+    ));
+    has(&format!(
+        "ACPI: XSDT 0x{xsdt:016X} 000034 (v01 COCOON COCOONVM 00000001"
+    ));
+    has(&format!(
+        "ACPI: FACP 0x{facp:016X} 000114 (v06 COCOON COCOONVM 00000001"
+    ));
+    has(&format!("ACPI: DSDT 0x{dsdt:016X}"));
     // MADT: 44-byte header, one 8-byte LAPIC entry per vCPU, one IOAPIC.
     let madt_len = 44 + 8 * usize::from(CPUS) + 12;
-    has(
-        &format!("ACPI: APIC {apic:#018X} {madt_len:06X} (v01 COCOON COCOONVM 00000001")
-            .replace("0X", "0x"),
-    );
+    has(&format!(
+        "ACPI: APIC 0x{apic:016X} {madt_len:06X} (v01 COCOON COCOONVM 00000001"
+    ));
     has("IOAPIC[0]: apic_id 0, version 17, address 0xfec00000, GSI 0-23");
     has("ACPI: Using ACPI (MADT) for SMP configuration information");
     // Every LAPIC of the MADT became a possible CPU.

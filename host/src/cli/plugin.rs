@@ -87,12 +87,23 @@ pub fn run(args: PluginArgs, config: &HostConfig) -> anyhow::Result<i32> {
     match args.command {
         PluginCommand::List { output } => list(config, output),
         PluginCommand::Inspect { name, output } => inspect(config, &runtime, &name, output),
-        PluginCommand::Verify { path, manifest, output } => {
+        PluginCommand::Verify {
+            path,
+            manifest,
+            output,
+        } => {
             let (report, _) = registry::verify(&runtime, &path, manifest.as_deref())?;
             emit(output, &report, |r| {
-                println!("ok: {} {} ({})", r.manifest.name, r.manifest.version, r.manifest.kind);
+                println!(
+                    "ok: {} {} ({})",
+                    r.manifest.name, r.manifest.version, r.manifest.kind
+                );
                 println!("  manifest  {}", r.manifest_path.display());
-                println!("  wasm      {} ({} bytes)", r.wasm_path.display(), r.wasm_size);
+                println!(
+                    "  wasm      {} ({} bytes)",
+                    r.wasm_path.display(),
+                    r.wasm_size
+                );
                 println!("  sha256    {}", r.sha256);
                 match &r.sha256_pinned {
                     Some(_) => println!("  pinned    yes, matches"),
@@ -104,7 +115,11 @@ pub fn run(args: PluginArgs, config: &HostConfig) -> anyhow::Result<i32> {
             })?;
             Ok(0)
         }
-        PluginCommand::Install { path, manifest, output } => {
+        PluginCommand::Install {
+            path,
+            manifest,
+            output,
+        } => {
             let (report, _) = registry::verify(&runtime, &path, manifest.as_deref())?;
             let dir = registry::install(config, &report)?;
             #[derive(Serialize)]
@@ -118,7 +133,14 @@ pub fn run(args: PluginArgs, config: &HostConfig) -> anyhow::Result<i32> {
                 sha256: &report.sha256,
                 path: &dir,
             };
-            emit(output, &out, |o| println!("installed {} ({}) in {}", o.name, o.sha256, o.path.display()))?;
+            emit(output, &out, |o| {
+                println!(
+                    "installed {} ({}) in {}",
+                    o.name,
+                    o.sha256,
+                    o.path.display()
+                )
+            })?;
             Ok(0)
         }
         PluginCommand::Call { name, call, output } => {
@@ -179,15 +201,34 @@ fn list(config: &HostConfig, output: Format) -> anyhow::Result<i32> {
             .collect(),
     };
     emit(output, &out, |o| {
-        println!("{:<18} {:<8} {:<17} {:<9} {:<14} FETCH", "NAME", "VERSION", "KIND", "ORIGIN", "SHA256");
+        println!(
+            "{:<18} {:<8} {:<17} {:<9} {:<14} FETCH",
+            "NAME", "VERSION", "KIND", "ORIGIN", "SHA256"
+        );
         for p in &o.plugins {
             let origin = match p.origin {
                 PluginOrigin::Builtin => "builtin",
                 PluginOrigin::Directory(_) => "directory",
             };
-            let fetch = if p.fetch.is_empty() { "-".to_string() } else { p.fetch.join(",") };
-            let name = if p.disabled { format!("{} (disabled)", p.name) } else { p.name.to_string() };
-            println!("{:<18} {:<8} {:<17} {:<9} {:<14} {}", name, p.version, p.kind, origin, &p.sha256[..12], fetch);
+            let fetch = if p.fetch.is_empty() {
+                "-".to_string()
+            } else {
+                p.fetch.join(",")
+            };
+            let name = if p.disabled {
+                format!("{} (disabled)", p.name)
+            } else {
+                p.name.to_string()
+            };
+            println!(
+                "{:<18} {:<8} {:<17} {:<9} {:<14} {}",
+                name,
+                p.version,
+                p.kind,
+                origin,
+                &p.sha256[..12],
+                fetch
+            );
         }
         for p in &o.problems {
             eprintln!("unusable: {}: {}", p.path.display(), p.error);
@@ -205,7 +246,12 @@ struct InspectOutput<'a> {
     compiled_cache_hit: bool,
 }
 
-fn inspect(config: &HostConfig, runtime: &Runtime, name: &str, output: Format) -> anyhow::Result<i32> {
+fn inspect(
+    config: &HostConfig,
+    runtime: &Runtime,
+    name: &str,
+    output: Format,
+) -> anyhow::Result<i32> {
     let registry = Registry::discover(config);
     let info = registry.get(name)?;
     let loaded = registry.load(runtime, name)?;
@@ -228,14 +274,34 @@ fn inspect(config: &HostConfig, runtime: &Runtime, name: &str, output: Format) -
         }
         println!("sha256        {}", o.info.sha256);
         println!("size          {} bytes", o.info.wasm_size);
-        println!("fetch         declared [{}] granted [{}] effective [{}]",
-            m.capabilities.fetch.join(", "), o.info.granted_fetch.join(", "), o.info.effective_fetch.join(", "));
-        println!("limits        deadline {} ms, memory {} MiB", o.info.limits.deadline.as_millis(), o.info.limits.memory_mib());
-        let config: Vec<String> = o.info.config.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!(
+            "fetch         declared [{}] granted [{}] effective [{}]",
+            m.capabilities.fetch.join(", "),
+            o.info.granted_fetch.join(", "),
+            o.info.effective_fetch.join(", ")
+        );
+        println!(
+            "limits        deadline {} ms, memory {} MiB",
+            o.info.limits.deadline.as_millis(),
+            o.info.limits.memory_mib()
+        );
+        let config: Vec<String> = o
+            .info
+            .config
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         println!("config        {}", config.join(" "));
         println!("imports       {}", o.imports.join("\n              "));
         println!("exports       {}", o.exports.join(", "));
-        println!("compiled      {}", if o.compiled_cache_hit { "from cache" } else { "compiled now" });
+        println!(
+            "compiled      {}",
+            if o.compiled_cache_hit {
+                "from cache"
+            } else {
+                "compiled now"
+            }
+        );
     })?;
     Ok(0)
 }
@@ -246,7 +312,8 @@ fn read_request(path: &Path) -> anyhow::Result<VmRequest> {
         std::io::stdin().read_to_string(&mut s)?;
         s
     } else {
-        std::fs::read_to_string(path).with_context(|| format!("reading VM request {}", path.display()))?
+        std::fs::read_to_string(path)
+            .with_context(|| format!("reading VM request {}", path.display()))?
     };
     serde_json::from_str(&text).with_context(|| format!("VM request {}", path.display()))
 }
@@ -258,7 +325,8 @@ fn head_tail(file: &Path, n: u64) -> anyhow::Result<(Vec<u8>, Vec<u8>, u64)> {
     let size = f.metadata()?.len();
     let read = |off: u64, len: u64| -> anyhow::Result<Vec<u8>> {
         let mut buf = vec![0; len as usize];
-        f.read_exact_at(&mut buf, off).with_context(|| format!("reading {}", file.display()))?;
+        f.read_exact_at(&mut buf, off)
+            .with_context(|| format!("reading {}", file.display()))?;
         Ok(buf)
     };
     let head = read(0, size.min(n))?;
@@ -273,7 +341,12 @@ fn call_plugin(plugin: &LoadedPlugin, call: Call, output: Format) -> anyhow::Res
             let artifacts = plugin.resolve(&reference, &Platform::host())?;
             emit(output, &artifacts, |a| {
                 for a in a {
-                    println!("{} {} {}", a.url, a.digest.as_deref().unwrap_or("-"), a.format_hint.as_deref().unwrap_or("-"));
+                    println!(
+                        "{} {} {}",
+                        a.url,
+                        a.digest.as_deref().unwrap_or("-"),
+                        a.format_hint.as_deref().unwrap_or("-")
+                    );
                 }
             })?
         }
@@ -302,9 +375,17 @@ fn call_plugin(plugin: &LoadedPlugin, call: Call, output: Format) -> anyhow::Res
                 backing: Option<String>,
                 extents: Vec<T>,
             }
-            let out = MapOutput { virtual_size, backing, extents };
+            let out = MapOutput {
+                virtual_size,
+                backing,
+                extents,
+            };
             emit(output, &out, |o| {
-                println!("virtual size {} bytes, backing {}", o.virtual_size, o.backing.as_deref().unwrap_or("-"));
+                println!(
+                    "virtual size {} bytes, backing {}",
+                    o.virtual_size,
+                    o.backing.as_deref().unwrap_or("-")
+                );
                 for e in &o.extents {
                     println!("{:>16} {:>16} {:?}", e.offset, e.length, e.kind);
                 }
@@ -314,7 +395,13 @@ fn call_plugin(plugin: &LoadedPlugin, call: Call, output: Format) -> anyhow::Res
             let disks = plugin.plan(&read_request(&request)?)?;
             emit(output, &disks, |d| {
                 for d in d {
-                    println!("{:<20} {:<7} ro={} size={:?}", d.name, format!("{:?}", d.role).to_lowercase(), d.read_only, d.size_bytes);
+                    println!(
+                        "{:<20} {:<7} ro={} size={:?}",
+                        d.name,
+                        format!("{:?}", d.role).to_lowercase(),
+                        d.read_only,
+                        d.size_bytes
+                    );
                 }
             })?
         }

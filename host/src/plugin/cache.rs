@@ -65,7 +65,9 @@ impl CompiledCache {
                 // compatibility hash; wasmtime also checks its header.
                 match unsafe { Component::deserialize_file(engine, &path) } {
                     Ok(c) => return Ok((c, Origin::Cached)),
-                    Err(e) => tracing::warn!(path = %path.display(), "recompiling: cached component unusable: {e}"),
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), "recompiling: cached component unusable: {e}")
+                    }
                 }
             }
         }
@@ -79,8 +81,8 @@ impl CompiledCache {
         }
         // SAFETY: these bytes were produced by `precompile_component` of this
         // very engine a moment ago.
-        let component = unsafe { Component::deserialize(engine, &compiled) }
-            .map_err(|e| format!("{e:?}"))?;
+        let component =
+            unsafe { Component::deserialize(engine, &compiled) }.map_err(|e| format!("{e:?}"))?;
         Ok((component, Origin::Compiled))
     }
 

@@ -67,7 +67,9 @@ impl LoadedPlugin {
 
     fn image_source(&self) -> Result<(Store<State>, image_source::ImageSource), PluginError> {
         self.expect_kind(PluginKind::ImageSource)?;
-        let KindPre::ImageSource(pre) = &self.pre else { unreachable!("kind checked") };
+        let KindPre::ImageSource(pre) = &self.pre else {
+            unreachable!("kind checked")
+        };
         let mut store = self.new_store();
         let b = self.call(&mut store, "instantiate", |s| pre.instantiate(s))?;
         Ok((store, b))
@@ -75,7 +77,9 @@ impl LoadedPlugin {
 
     fn converter(&self) -> Result<(Store<State>, format_converter::FormatConverter), PluginError> {
         self.expect_kind(PluginKind::FormatConverter)?;
-        let KindPre::FormatConverter(pre) = &self.pre else { unreachable!("kind checked") };
+        let KindPre::FormatConverter(pre) = &self.pre else {
+            unreachable!("kind checked")
+        };
         let mut store = self.new_store();
         let b = self.call(&mut store, "instantiate", |s| pre.instantiate(s))?;
         Ok((store, b))
@@ -83,7 +87,9 @@ impl LoadedPlugin {
 
     fn policy(&self) -> Result<(Store<State>, disk_policy::DiskPolicy), PluginError> {
         self.expect_kind(PluginKind::DiskPolicy)?;
-        let KindPre::DiskPolicy(pre) = &self.pre else { unreachable!("kind checked") };
+        let KindPre::DiskPolicy(pre) = &self.pre else {
+            unreachable!("kind checked")
+        };
         let mut store = self.new_store();
         let b = self.call(&mut store, "instantiate", |s| pre.instantiate(s))?;
         Ok((store, b))
@@ -92,11 +98,19 @@ impl LoadedPlugin {
     /// image-source: the schemes the plugin resolves.
     pub fn schemes(&self) -> Result<Vec<String>, PluginError> {
         let (mut store, b) = self.image_source()?;
-        let schemes = self.call(&mut store, "schemes", |s| b.cocoon_plugin_resolver().call_schemes(s))?;
+        let schemes = self.call(&mut store, "schemes", |s| {
+            b.cocoon_plugin_resolver().call_schemes(s)
+        })?;
         for scheme in &schemes {
             let ok = !scheme.is_empty()
                 && scheme.len() <= 32
-                && scheme.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'+' || c == b'-' || c == b'.');
+                && scheme.bytes().all(|c| {
+                    c.is_ascii_lowercase()
+                        || c.is_ascii_digit()
+                        || c == b'+'
+                        || c == b'-'
+                        || c == b'.'
+                });
             if !ok {
                 return Err(self.invalid("schemes", format!("{scheme:?} is not a URL scheme")));
             }
@@ -105,22 +119,38 @@ impl LoadedPlugin {
     }
 
     /// image-source: resolves `reference` into checked artifacts.
-    pub fn resolve(&self, reference: &str, platform: &Platform) -> Result<Vec<Artifact>, PluginError> {
+    pub fn resolve(
+        &self,
+        reference: &str,
+        platform: &Platform,
+    ) -> Result<Vec<Artifact>, PluginError> {
         let (mut store, b) = self.image_source()?;
         let artifacts = self
-            .call(&mut store, "resolve", |s| b.cocoon_plugin_resolver().call_resolve(s, reference, platform))?
+            .call(&mut store, "resolve", |s| {
+                b.cocoon_plugin_resolver()
+                    .call_resolve(s, reference, platform)
+            })?
             .map_err(|e| self.returned("resolve", e))?;
         if artifacts.len() > MAX_ARTIFACTS {
-            return Err(self.invalid("resolve", format!("{} artifacts, at most {MAX_ARTIFACTS}", artifacts.len())));
+            return Err(self.invalid(
+                "resolve",
+                format!("{} artifacts, at most {MAX_ARTIFACTS}", artifacts.len()),
+            ));
         }
         for a in &artifacts {
             if let Some(d) = &a.digest {
                 if !valid_digest(d) {
-                    return Err(self.invalid("resolve", format!("digest {d:?} is not sha256:<64 lower-case hex>")));
+                    return Err(self.invalid(
+                        "resolve",
+                        format!("digest {d:?} is not sha256:<64 lower-case hex>"),
+                    ));
                 }
             }
             if url::Url::parse(&a.url).is_err() {
-                return Err(self.invalid("resolve", format!("artifact URL {:?} does not parse", a.url)));
+                return Err(self.invalid(
+                    "resolve",
+                    format!("artifact URL {:?} does not parse", a.url),
+                ));
             }
         }
         Ok(artifacts)
@@ -128,10 +158,16 @@ impl LoadedPlugin {
 
     /// format-converter: what the plugin makes of a file's first and last
     /// bytes.
-    pub fn probe(&self, head: &[u8], tail: &[u8], file_size: u64) -> Result<Option<ProbeResult>, PluginError> {
+    pub fn probe(
+        &self,
+        head: &[u8],
+        tail: &[u8],
+        file_size: u64,
+    ) -> Result<Option<ProbeResult>, PluginError> {
         let (mut store, b) = self.converter()?;
         let r = self.call(&mut store, "probe", |s| {
-            b.cocoon_plugin_converter().call_probe(s, head, tail, file_size)
+            b.cocoon_plugin_converter()
+                .call_probe(s, head, tail, file_size)
         })?;
         if let Some(p) = &r {
             if p.confidence > 100 || p.format.is_empty() || p.format.len() > 32 {
@@ -147,12 +183,21 @@ impl LoadedPlugin {
         let src = SourceFile::open(path).map_err(PluginError::io("opening source", path))?;
         let source_size = src.size();
         let (mut store, b) = self.converter()?;
-        let handle = store.data_mut().push_source(src).map_err(|e| self.instantiate_err(e))?;
+        let handle = store
+            .data_mut()
+            .push_source(src)
+            .map_err(|e| self.instantiate_err(e))?;
         let image = self
-            .call(&mut store, "open", |s| b.cocoon_plugin_converter().image().call_open(s, handle, format))?
+            .call(&mut store, "open", |s| {
+                b.cocoon_plugin_converter()
+                    .image()
+                    .call_open(s, handle, format)
+            })?
             .map_err(|e| self.returned("open", e))?;
         let virtual_size = self.call(&mut store, "virtual-size", |s| {
-            b.cocoon_plugin_converter().image().call_virtual_size(s, image)
+            b.cocoon_plugin_converter()
+                .image()
+                .call_virtual_size(s, image)
         })?;
         Ok(ImageSession {
             plugin: self,
@@ -166,16 +211,30 @@ impl LoadedPlugin {
 
     /// format-converter: decodes one compressed extent; the answer must be
     /// exactly `length` bytes.
-    pub fn decode(&self, extent: Compressed, input: &[u8], length: u32) -> Result<Vec<u8>, PluginError> {
+    pub fn decode(
+        &self,
+        extent: Compressed,
+        input: &[u8],
+        length: u32,
+    ) -> Result<Vec<u8>, PluginError> {
         if length > MAX_DECODED {
-            return Err(self.invalid("decode", format!("extent of {length} bytes is over {MAX_DECODED}")));
+            return Err(self.invalid(
+                "decode",
+                format!("extent of {length} bytes is over {MAX_DECODED}"),
+            ));
         }
         let (mut store, b) = self.converter()?;
         let out = self
-            .call(&mut store, "decode", |s| b.cocoon_plugin_converter().call_decode(s, extent, input, length))?
+            .call(&mut store, "decode", |s| {
+                b.cocoon_plugin_converter()
+                    .call_decode(s, extent, input, length)
+            })?
             .map_err(|e| self.returned("decode", e))?;
         if out.len() != length as usize {
-            return Err(self.invalid("decode", format!("{} bytes decoded, {length} expected", out.len())));
+            return Err(self.invalid(
+                "decode",
+                format!("{} bytes decoded, {length} expected", out.len()),
+            ));
         }
         Ok(out)
     }
@@ -183,20 +242,27 @@ impl LoadedPlugin {
     /// disk-policy: the ordered disk plan.
     pub fn plan(&self, request: &VmRequest) -> Result<Vec<Disk>, PluginError> {
         let (mut store, b) = self.policy()?;
-        self.call(&mut store, "plan", |s| b.cocoon_plugin_policy().call_plan(s, request))?
-            .map_err(|e| self.returned("plan", e))
+        self.call(&mut store, "plan", |s| {
+            b.cocoon_plugin_policy().call_plan(s, request)
+        })?
+        .map_err(|e| self.returned("plan", e))
     }
 
     /// disk-policy: the site rules a request breaks.
     pub fn validate(&self, request: &VmRequest) -> Result<Vec<Violation>, PluginError> {
         let (mut store, b) = self.policy()?;
-        self.call(&mut store, "validate", |s| b.cocoon_plugin_policy().call_validate(s, request))
+        self.call(&mut store, "validate", |s| {
+            b.cocoon_plugin_policy().call_validate(s, request)
+        })
     }
 }
 
 fn valid_digest(d: &str) -> bool {
-    d.strip_prefix("sha256:")
-        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+    d.strip_prefix("sha256:").is_some_and(|h| {
+        h.len() == 64
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
 }
 
 /// An opened image: one store kept across the map calls of a conversion.
@@ -218,8 +284,9 @@ impl ImageSession<'_> {
     /// The backing file name the image stores, unresolved.
     pub fn backing(&mut self) -> Result<Option<String>, PluginError> {
         let (b, image) = (&self.bindings, self.image);
-        self.plugin
-            .call(&mut self.store, "backing", |s| b.cocoon_plugin_converter().image().call_backing(s, image))
+        self.plugin.call(&mut self.store, "backing", |s| {
+            b.cocoon_plugin_converter().image().call_backing(s, image)
+        })
     }
 
     /// One page of extents from `offset`, checked: contiguous from
@@ -229,7 +296,11 @@ impl ImageSession<'_> {
         let (b, image) = (&self.bindings, self.image);
         let extents = self
             .plugin
-            .call(&mut self.store, "map", |s| b.cocoon_plugin_converter().image().call_map(s, image, offset, max))?
+            .call(&mut self.store, "map", |s| {
+                b.cocoon_plugin_converter()
+                    .image()
+                    .call_map(s, image, offset, max)
+            })?
             .map_err(|e| self.plugin.returned("map", e))?;
         check_page(&extents, offset, max, self.virtual_size, self.source_size)
             .map_err(|detail| self.plugin.invalid("map", detail))?;
@@ -247,38 +318,66 @@ impl Drop for ImageSession<'_> {
 }
 
 /// The rules a map page must satisfy.
-pub fn check_page(extents: &[Extent], offset: u64, max: u32, virtual_size: u64, source_size: u64) -> Result<(), String> {
+pub fn check_page(
+    extents: &[Extent],
+    offset: u64,
+    max: u32,
+    virtual_size: u64,
+    source_size: u64,
+) -> Result<(), String> {
     if extents.len() > max as usize {
-        return Err(format!("{} extents, asked for at most {max}", extents.len()));
+        return Err(format!(
+            "{} extents, asked for at most {max}",
+            extents.len()
+        ));
     }
     if extents.is_empty() && offset < virtual_size {
-        return Err(format!("no extents at offset {offset} below the virtual size {virtual_size}"));
+        return Err(format!(
+            "no extents at offset {offset} below the virtual size {virtual_size}"
+        ));
     }
     let mut at = offset;
     for e in extents {
         if e.offset != at {
-            return Err(format!("extent at {} leaves a gap or overlap at {at}", e.offset));
+            return Err(format!(
+                "extent at {} leaves a gap or overlap at {at}",
+                e.offset
+            ));
         }
         let end = e
             .offset
             .checked_add(e.length)
             .filter(|&end| e.length > 0 && end <= virtual_size)
-            .ok_or_else(|| format!("extent {}+{} is empty or past the virtual size {virtual_size}", e.offset, e.length))?;
+            .ok_or_else(|| {
+                format!(
+                    "extent {}+{} is empty or past the virtual size {virtual_size}",
+                    e.offset, e.length
+                )
+            })?;
         match &e.kind {
             ExtentKind::Data(src) => {
                 if src.checked_add(e.length).is_none_or(|s| s > source_size) {
-                    return Err(format!("data extent at source {src}+{} is past the source's {source_size} bytes", e.length));
+                    return Err(format!(
+                        "data extent at source {src}+{} is past the source's {source_size} bytes",
+                        e.length
+                    ));
                 }
             }
             ExtentKind::Compressed(c) => {
-                if c.source_offset.checked_add(c.source_length as u64).is_none_or(|s| s > source_size) {
+                if c.source_offset
+                    .checked_add(c.source_length as u64)
+                    .is_none_or(|s| s > source_size)
+                {
                     return Err(format!(
                         "compressed extent at source {}+{} is past the source's {source_size} bytes",
                         c.source_offset, c.source_length
                     ));
                 }
                 if e.length > MAX_DECODED as u64 {
-                    return Err(format!("compressed extent decodes to {} bytes, over {MAX_DECODED}", e.length));
+                    return Err(format!(
+                        "compressed extent decodes to {} bytes, over {MAX_DECODED}",
+                        e.length
+                    ));
                 }
             }
             ExtentKind::Zero | ExtentKind::Backing => {}
@@ -293,7 +392,11 @@ mod tests {
     use super::*;
 
     fn ext(offset: u64, length: u64, kind: ExtentKind) -> Extent {
-        Extent { offset, length, kind }
+        Extent {
+            offset,
+            length,
+            kind,
+        }
     }
 
     #[test]
@@ -301,7 +404,11 @@ mod tests {
         use ExtentKind::*;
         let vs = 1 << 20;
         let src = 4096;
-        let ok = [ext(0, 512, Data(0)), ext(512, 1024, Zero), ext(1536, vs - 1536, Backing)];
+        let ok = [
+            ext(0, 512, Data(0)),
+            ext(512, 1024, Zero),
+            ext(1536, vs - 1536, Backing),
+        ];
         assert!(check_page(&ok, 0, 10, vs, src).is_ok());
         assert!(check_page(&[], vs, 10, vs, src).is_ok());
         let bad: &[(&[Extent], &str)] = &[
@@ -313,7 +420,15 @@ mod tests {
             (&[ext(0, 512, Data(src - 100))], "past the source"),
             (&[ext(0, 512, Data(u64::MAX))], "past the source"),
             (
-                &[ext(0, 512, Compressed(super::Compressed { source_offset: src, source_length: 1, codec: 0 }))],
+                &[ext(
+                    0,
+                    512,
+                    Compressed(super::Compressed {
+                        source_offset: src,
+                        source_length: 1,
+                        codec: 0,
+                    }),
+                )],
                 "past the source",
             ),
             (&[], "no extents"),

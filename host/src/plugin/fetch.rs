@@ -44,7 +44,9 @@ impl HostPattern {
     fn matches(&self, url: &Url) -> bool {
         let host = url.host_str().map(|h| h.to_ascii_lowercase());
         host.as_deref() == Some(self.host.as_str())
-            && self.port.is_none_or(|p| url.port_or_known_default() == Some(p))
+            && self
+                .port
+                .is_none_or(|p| url.port_or_known_default() == Some(p))
     }
 }
 
@@ -58,14 +60,31 @@ impl std::fmt::Display for HostPattern {
 }
 
 /// The hosts a plugin may reach: declared by the plugin and granted by the
-/// operator. Either list alone grants nothing.
+/// operator. Either list alone grants nothing. A pattern without a port
+/// covers every port, so the intersection of `a` and `a:5000` is `a:5000`.
 pub fn effective_hosts(declared: &[String], granted: &[String]) -> Vec<HostPattern> {
-    let granted: Vec<HostPattern> = granted.iter().filter_map(|g| HostPattern::parse(g)).collect();
-    declared
+    let granted: Vec<HostPattern> = granted
         .iter()
-        .filter_map(|d| HostPattern::parse(d))
-        .filter(|d| granted.contains(d))
-        .collect()
+        .filter_map(|g| HostPattern::parse(g))
+        .collect();
+    let mut out: Vec<HostPattern> = Vec::new();
+    for d in declared.iter().filter_map(|d| HostPattern::parse(d)) {
+        for g in granted.iter().filter(|g| g.host == d.host) {
+            let port = match (d.port, g.port) {
+                (Some(a), Some(b)) if a != b => continue,
+                (Some(p), _) | (None, Some(p)) => Some(p),
+                (None, None) => None,
+            };
+            let both = HostPattern {
+                host: d.host.clone(),
+                port,
+            };
+            if !out.contains(&both) {
+                out.push(both);
+            }
+        }
+    }
+    out
 }
 
 fn is_loopback(url: &Url) -> bool {
@@ -180,7 +199,10 @@ impl Fetcher {
             match (req.follow_redirects && redirect, location) {
                 (true, Some(location)) => {
                     let next = url.join(&location).map_err(|e| {
-                        refuse(ErrorKind::InvalidInput, format!("bad redirect {location:?}: {e}"))
+                        refuse(
+                            ErrorKind::InvalidInput,
+                            format!("bad redirect {location:?}: {e}"),
+                        )
                     })?;
                     let next = check_url(next.as_str(), &self.allowed)?;
                     if next.origin() != url.origin() {
@@ -268,14 +290,25 @@ mod tests {
     use super::*;
 
     fn hosts(list: &[&str]) -> Vec<HostPattern> {
-        list.iter().map(|h| HostPattern::parse(h).unwrap()).collect()
+        list.iter()
+            .map(|h| HostPattern::parse(h).unwrap())
+            .collect()
     }
 
     #[test]
     fn host_patterns() {
-        assert_eq!(HostPattern::parse("Example.COM").unwrap().to_string(), "example.com");
-        assert_eq!(HostPattern::parse("a.b:5000").unwrap().to_string(), "a.b:5000");
-        assert_eq!(HostPattern::parse("[::1]:80").unwrap().to_string(), "[::1]:80");
+        assert_eq!(
+            HostPattern::parse("Example.COM").unwrap().to_string(),
+            "example.com"
+        );
+        assert_eq!(
+            HostPattern::parse("a.b:5000").unwrap().to_string(),
+            "a.b:5000"
+        );
+        assert_eq!(
+            HostPattern::parse("[::1]:80").unwrap().to_string(),
+            "[::1]:80"
+        );
         for bad in ["", "http://a", "a/b", "u@a", "a:99999", "a b"] {
             assert!(HostPattern::parse(bad).is_none(), "{bad}");
         }
@@ -289,6 +322,12 @@ mod tests {
         );
         assert_eq!(eff, hosts(&["b.com:443", "c.com"]));
         assert!(effective_hosts(&["a.com".into()], &[]).is_empty());
+        let eff = effective_hosts(
+            &["a.com".into(), "b.com:1".into()],
+            &["a.com:5000".into(), "b.com".into()],
+        );
+        assert_eq!(eff, hosts(&["a.com:5000", "b.com:1"]));
+        assert!(effective_hosts(&["a.com:1".into()], &["a.com:2".into()]).is_empty());
         assert!(effective_hosts(&[], &["a.com".into()]).is_empty());
     }
 

@@ -157,7 +157,11 @@ impl Manifest {
             ));
         }
         if parse_semver(&raw.version).is_none() {
-            return Err(invalid("version", &raw.version, "not a MAJOR.MINOR.PATCH version".into()));
+            return Err(invalid(
+                "version",
+                &raw.version,
+                "not a MAJOR.MINOR.PATCH version".into(),
+            ));
         }
         let kind = PluginKind::parse(&raw.kind).ok_or_else(|| {
             invalid(
@@ -177,8 +181,13 @@ impl Manifest {
             ));
         }
         if let Some(wasm) = &raw.wasm {
-            if wasm.is_empty() || wasm.contains('/') || wasm.contains('\0') || wasm.starts_with('.') {
-                return Err(invalid("wasm", wasm, "must be a plain file name beside the manifest".into()));
+            if wasm.is_empty() || wasm.contains('/') || wasm.contains('\0') || wasm.starts_with('.')
+            {
+                return Err(invalid(
+                    "wasm",
+                    wasm,
+                    "must be a plain file name beside the manifest".into(),
+                ));
             }
         }
         let sha256 = match &raw.sha256 {
@@ -197,14 +206,26 @@ impl Manifest {
         }
         for host in &raw.capabilities.fetch {
             if HostPattern::parse(host).is_none() {
-                return Err(invalid("capabilities.fetch", host, "not a host or host:port".into()));
+                return Err(invalid(
+                    "capabilities.fetch",
+                    host,
+                    "not a host or host:port".into(),
+                ));
             }
         }
         if raw.limits.deadline_ms == Some(0) {
-            return Err(invalid("limits.deadline_ms", "0", "must be at least 1".into()));
+            return Err(invalid(
+                "limits.deadline_ms",
+                "0",
+                "must be at least 1".into(),
+            ));
         }
         if raw.limits.memory_mib == Some(0) {
-            return Err(invalid("limits.memory_mib", "0", "must be at least 1".into()));
+            return Err(invalid(
+                "limits.memory_mib",
+                "0",
+                "must be at least 1".into(),
+            ));
         }
         Ok(Manifest {
             name: raw.name,
@@ -230,7 +251,8 @@ fn valid_name(name: &str) -> bool {
     !b.is_empty()
         && b.len() <= 63
         && b[0].is_ascii_lowercase()
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
 }
 
 fn parse_semver(s: &str) -> Option<(u64, u64, u64)> {
@@ -291,11 +313,27 @@ mod tests {
             ("kind = \"image-source\"", "kind = \"sorcerer\"", "kind"),
             ("api = \"0.1.0\"", "api = \"0.2.0\"", "api"),
             ("api = \"0.1.0\"", "api = \"1.1.0\"", "api"),
-            ("wasm = \"site_source.wasm\"", "wasm = \"../x.wasm\"", "wasm"),
-            ("wasm = \"site_source.wasm\"", "wasm = \"/etc/x.wasm\"", "wasm"),
+            (
+                "wasm = \"site_source.wasm\"",
+                "wasm = \"../x.wasm\"",
+                "wasm",
+            ),
+            (
+                "wasm = \"site_source.wasm\"",
+                "wasm = \"/etc/x.wasm\"",
+                "wasm",
+            ),
             ("sha256 = \"ABCDEF", "sha256 = \"XYZDEF", "sha256"),
-            ("kind = \"image-source\"", "kind = \"disk-policy\"", "capabilities.fetch"),
-            ("\"127.0.0.1:8080\"", "\"http://127.0.0.1/\"", "capabilities.fetch"),
+            (
+                "kind = \"image-source\"",
+                "kind = \"disk-policy\"",
+                "capabilities.fetch",
+            ),
+            (
+                "\"127.0.0.1:8080\"",
+                "\"http://127.0.0.1/\"",
+                "capabilities.fetch",
+            ),
             ("deadline_ms = 100", "deadline_ms = 0", "limits.deadline_ms"),
         ];
         for (from, to, field) in cases {
@@ -312,7 +350,8 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_refused() {
-        let err = Manifest::parse(&format!("{GOOD}\n[extra]\na = 1\n"), Path::new("p")).unwrap_err();
+        let err =
+            Manifest::parse(&format!("{GOOD}\n[extra]\na = 1\n"), Path::new("p")).unwrap_err();
         assert!(matches!(err, ManifestError::Parse { .. }));
     }
 

@@ -22,6 +22,7 @@ pub mod registry;
 pub mod runtime;
 pub mod source;
 pub mod state;
+pub mod warm;
 
 pub use error::PluginError;
 pub use limits::Limits;

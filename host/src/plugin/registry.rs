@@ -74,7 +74,14 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 impl PluginInfo {
-    fn new(manifest: Manifest, origin: PluginOrigin, sha256: String, wasm_size: u64, wasm: WasmSource, config: &HostConfig) -> Self {
+    fn new(
+        manifest: Manifest,
+        origin: PluginOrigin,
+        sha256: String,
+        wasm_size: u64,
+        wasm: WasmSource,
+        config: &HostConfig,
+    ) -> Self {
         let settings = config.plugin(&manifest.name);
         let hosts = effective_hosts(&manifest.capabilities.fetch, &settings.grant_fetch);
         let limits = Limits::for_kind(manifest.kind)
@@ -116,7 +123,8 @@ impl PluginInfo {
         match &self.wasm {
             WasmSource::Embedded(b) => Ok(b.to_vec()),
             WasmSource::File(path) => {
-                let bytes = std::fs::read(path).map_err(PluginError::io("reading plugin wasm", path))?;
+                let bytes =
+                    std::fs::read(path).map_err(PluginError::io("reading plugin wasm", path))?;
                 let actual = sha256_hex(&bytes);
                 if actual != self.sha256 {
                     return Err(PluginError::DigestMismatch {
@@ -152,7 +160,11 @@ impl Registry {
         }
         let mut problems = Vec::new();
         let mut dirs: Vec<PathBuf> = match std::fs::read_dir(&config.plugin_dir) {
-            Ok(rd) => rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).collect(),
+            Ok(rd) => rd
+                .filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.is_dir())
+                .collect(),
             Err(_) => Vec::new(),
         };
         dirs.sort();
@@ -175,7 +187,8 @@ impl Registry {
         let manifest_path = dir.join("plugin.toml");
         let manifest = Manifest::load(&manifest_path)?;
         let (wasm_path, pinned) = check_pinned(&manifest, &manifest_path)?;
-        let bytes = std::fs::read(&wasm_path).map_err(PluginError::io("reading plugin wasm", &wasm_path))?;
+        let bytes = std::fs::read(&wasm_path)
+            .map_err(PluginError::io("reading plugin wasm", &wasm_path))?;
         let actual = sha256_hex(&bytes);
         if actual != pinned {
             return Err(PluginError::DigestMismatch {
@@ -203,7 +216,9 @@ impl Registry {
     }
 
     pub fn get(&self, name: &str) -> Result<&PluginInfo, PluginError> {
-        self.plugins.get(name).ok_or_else(|| PluginError::NotFound(name.to_string()))
+        self.plugins
+            .get(name)
+            .ok_or_else(|| PluginError::NotFound(name.to_string()))
     }
 
     /// Loads plugin `name` into `runtime`.
@@ -212,7 +227,11 @@ impl Registry {
             Some(info) => info,
             None => {
                 // A plugin that failed discovery reports why, not "not found".
-                if let Some(i) = self.problems.iter().position(|p| p.path.file_name().is_some_and(|f| f == name)) {
+                if let Some(i) = self
+                    .problems
+                    .iter()
+                    .position(|p| p.path.file_name().is_some_and(|f| f == name))
+                {
                     let p = &self.problems[i];
                     return Err(PluginError::Instantiate {
                         plugin: name.to_string(),
@@ -231,13 +250,17 @@ impl Registry {
 }
 
 /// The wasm path and pinned digest a directory manifest must carry.
-fn check_pinned(manifest: &Manifest, manifest_path: &Path) -> Result<(PathBuf, String), PluginError> {
+fn check_pinned(
+    manifest: &Manifest,
+    manifest_path: &Path,
+) -> Result<(PathBuf, String), PluginError> {
     let missing = |field: &'static str| {
         PluginError::Manifest(super::manifest::ManifestError::Invalid {
             path: manifest_path.to_path_buf(),
             field,
             value: String::new(),
-            reason: "required for an installed plugin (`cocoon-host plugin install` fills it)".into(),
+            reason: "required for an installed plugin (`cocoon-host plugin install` fills it)"
+                .into(),
         })
     };
     let wasm = manifest.wasm.as_ref().ok_or_else(|| missing("wasm"))?;
@@ -263,7 +286,10 @@ pub struct VerifyReport {
 
 /// Locates the manifest and wasm of a candidate plugin: a directory with
 /// `plugin.toml`, a `plugin.toml`, or a `.wasm` with `manifest` given.
-pub fn locate(path: &Path, manifest: Option<&Path>) -> Result<(PathBuf, Option<PathBuf>), PluginError> {
+pub fn locate(
+    path: &Path,
+    manifest: Option<&Path>,
+) -> Result<(PathBuf, Option<PathBuf>), PluginError> {
     if let Some(m) = manifest {
         return Ok((m.to_path_buf(), Some(path.to_path_buf())));
     }
@@ -280,7 +306,11 @@ pub fn locate(path: &Path, manifest: Option<&Path>) -> Result<(PathBuf, Option<P
 /// Checks a candidate plugin end to end, as the host would load it: the
 /// manifest, the pinned digest (when pinned), compilation, the import
 /// allowlist, the exports of its kind, and one harmless call.
-pub fn verify(runtime: &Runtime, path: &Path, manifest: Option<&Path>) -> Result<(VerifyReport, LoadedPlugin), PluginError> {
+pub fn verify(
+    runtime: &Runtime,
+    path: &Path,
+    manifest: Option<&Path>,
+) -> Result<(VerifyReport, LoadedPlugin), PluginError> {
     let (manifest_path, wasm_override) = locate(path, manifest)?;
     let manifest = Manifest::load(&manifest_path)?;
     let wasm_path = match wasm_override {
@@ -295,7 +325,8 @@ pub fn verify(runtime: &Runtime, path: &Path, manifest: Option<&Path>) -> Result
                     .ok_or(e)
             })?,
     };
-    let bytes = std::fs::read(&wasm_path).map_err(PluginError::io("reading plugin wasm", &wasm_path))?;
+    let bytes =
+        std::fs::read(&wasm_path).map_err(PluginError::io("reading plugin wasm", &wasm_path))?;
     let sha256 = sha256_hex(&bytes);
     if let Some(pinned) = &manifest.sha256 {
         if *pinned != sha256 {
@@ -365,7 +396,8 @@ pub fn install(config: &HostConfig, report: &VerifyReport) -> Result<PathBuf, Pl
     let dir = config.plugin_dir.join(name);
     std::fs::create_dir_all(&dir).map_err(PluginError::io("creating plugin directory", &dir))?;
     let wasm_name = format!("{}.wasm", name.replace('-', "_"));
-    let bytes = std::fs::read(&report.wasm_path).map_err(PluginError::io("reading plugin wasm", &report.wasm_path))?;
+    let bytes = std::fs::read(&report.wasm_path)
+        .map_err(PluginError::io("reading plugin wasm", &report.wasm_path))?;
     if sha256_hex(&bytes) != report.sha256 {
         return Err(PluginError::DigestMismatch {
             plugin: name.clone(),
@@ -374,7 +406,8 @@ pub fn install(config: &HostConfig, report: &VerifyReport) -> Result<PathBuf, Pl
         });
     }
     let wasm_path = dir.join(&wasm_name);
-    fsutil::write_atomic(&wasm_path, &bytes, 0o644).map_err(PluginError::io("writing", &wasm_path))?;
+    fsutil::write_atomic(&wasm_path, &bytes, 0o644)
+        .map_err(PluginError::io("writing", &wasm_path))?;
     let mut manifest = report.manifest.clone();
     manifest.wasm = Some(wasm_name);
     manifest.sha256 = Some(report.sha256.clone());

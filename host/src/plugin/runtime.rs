@@ -116,12 +116,21 @@ impl Runtime {
         let engine = Engine::new(&config).map_err(engine_err)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(engine_err)?;
-        image_source::cocoon::plugin::types::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)
-            .map_err(engine_err)?;
-        image_source::cocoon::plugin::host::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)
-            .map_err(engine_err)?;
-        image_source::cocoon::plugin::fetch::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)
-            .map_err(engine_err)?;
+        image_source::cocoon::plugin::types::add_to_linker::<State, HasSelf<State>>(
+            &mut linker,
+            |s| s,
+        )
+        .map_err(engine_err)?;
+        image_source::cocoon::plugin::host::add_to_linker::<State, HasSelf<State>>(
+            &mut linker,
+            |s| s,
+        )
+        .map_err(engine_err)?;
+        image_source::cocoon::plugin::fetch::add_to_linker::<State, HasSelf<State>>(
+            &mut linker,
+            |s| s,
+        )
+        .map_err(engine_err)?;
         format_converter::cocoon::plugin::source::add_to_linker::<State, HasSelf<State>>(
             &mut linker,
             |s| s,
@@ -148,21 +157,29 @@ impl Runtime {
     /// Compiles (or loads from the cache) `wasm`, checks its imports
     /// against the allowlist of `spec.kind` and its exports against the
     /// kind's world, and prepares it for instantiation.
-    pub fn load(&self, spec: PluginSpec, wasm: &[u8], sha256: &str) -> Result<LoadedPlugin, PluginError> {
+    pub fn load(
+        &self,
+        spec: PluginSpec,
+        wasm: &[u8],
+        sha256: &str,
+    ) -> Result<LoadedPlugin, PluginError> {
         let name = spec.name.clone();
-        let (component, origin) = self
-            .cache
-            .load(&self.engine, sha256, wasm)
-            .map_err(|detail| PluginError::Compile {
-                plugin: name.clone(),
-                detail,
-            })?;
+        let (component, origin) =
+            self.cache
+                .load(&self.engine, sha256, wasm)
+                .map_err(|detail| PluginError::Compile {
+                    plugin: name.clone(),
+                    detail,
+                })?;
         match origin {
             Origin::Compiled => self.stats.compiled.fetch_add(1, Ordering::Relaxed),
             Origin::Cached => self.stats.cache_hits.fetch_add(1, Ordering::Relaxed),
         };
         let ty = component.component_type();
-        let import_names: Vec<String> = ty.imports(&self.engine).map(|(n, _)| n.to_string()).collect();
+        let import_names: Vec<String> = ty
+            .imports(&self.engine)
+            .map(|(n, _)| n.to_string())
+            .collect();
         for import in &import_names {
             if let Some(reason) = imports::refusal(spec.kind, import) {
                 return Err(PluginError::ImportRefused {
@@ -172,25 +189,32 @@ impl Runtime {
                 });
             }
         }
-        let export_names: Vec<String> = ty.exports(&self.engine).map(|(n, _)| n.to_string()).collect();
-        let pre = self
-            .linker
-            .instantiate_pre(&component)
-            .map_err(|e| PluginError::Instantiate {
-                plugin: name.clone(),
-                detail: format!("{e:#}"),
-            })?;
+        let export_names: Vec<String> = ty
+            .exports(&self.engine)
+            .map(|(n, _)| n.to_string())
+            .collect();
+        let pre =
+            self.linker
+                .instantiate_pre(&component)
+                .map_err(|e| PluginError::Instantiate {
+                    plugin: name.clone(),
+                    detail: format!("{e:#}"),
+                })?;
         let wrong = |e: wasmtime::Error| PluginError::WrongExports {
             plugin: name.clone(),
             kind: spec.kind.as_str(),
             detail: format!("{e:#}"),
         };
         let pre = match spec.kind {
-            PluginKind::ImageSource => KindPre::ImageSource(image_source::ImageSourcePre::new(pre).map_err(wrong)?),
-            PluginKind::FormatConverter => {
-                KindPre::FormatConverter(format_converter::FormatConverterPre::new(pre).map_err(wrong)?)
+            PluginKind::ImageSource => {
+                KindPre::ImageSource(image_source::ImageSourcePre::new(pre).map_err(wrong)?)
             }
-            PluginKind::DiskPolicy => KindPre::DiskPolicy(disk_policy::DiskPolicyPre::new(pre).map_err(wrong)?),
+            PluginKind::FormatConverter => KindPre::FormatConverter(
+                format_converter::FormatConverterPre::new(pre).map_err(wrong)?,
+            ),
+            PluginKind::DiskPolicy => {
+                KindPre::DiskPolicy(disk_policy::DiskPolicyPre::new(pre).map_err(wrong)?)
+            }
         };
         Ok(LoadedPlugin {
             name: name.as_str().into(),
@@ -206,6 +230,7 @@ impl Runtime {
     }
 }
 
+#[derive(Clone)]
 pub(crate) enum KindPre {
     ImageSource(image_source::ImageSourcePre<State>),
     FormatConverter(format_converter::FormatConverterPre<State>),
@@ -251,6 +276,30 @@ impl LoadedPlugin {
         &self.exports
     }
 
+    /// The same compiled plugin, allowed to fetch from `hosts` as well as
+    /// from its declared-and-granted hosts. The image store uses it to let
+    /// a first-party source reach exactly the server a reference names
+    /// (`oci://HOST[:PORT]/…`) for the one resolve of that reference.
+    pub fn with_fetch_hosts(&self, hosts: &[HostPattern]) -> LoadedPlugin {
+        let mut spec = self.spec.clone();
+        for h in hosts {
+            if !spec.fetch_hosts.contains(h) {
+                spec.fetch_hosts.push(h.clone());
+            }
+        }
+        LoadedPlugin {
+            name: self.name.clone(),
+            spec,
+            config: self.config.clone(),
+            pre: self.pre.clone(),
+            origin: self.origin,
+            imports: self.imports.clone(),
+            exports: self.exports.clone(),
+            engine: self.engine.clone(),
+            stats: self.stats.clone(),
+        }
+    }
+
     pub(crate) fn expect_kind(&self, wanted: PluginKind) -> Result<(), PluginError> {
         if self.spec.kind == wanted {
             Ok(())
@@ -267,14 +316,15 @@ impl LoadedPlugin {
     /// one, so a trap never leaves state behind.
     pub(crate) fn new_store(&self) -> Store<State> {
         self.stats.instantiations.fetch_add(1, Ordering::Relaxed);
-        let fetcher = (self.spec.kind == PluginKind::ImageSource && !self.spec.fetch_hosts.is_empty())
-            .then(|| {
-                Fetcher::new(
-                    &self.name,
-                    self.spec.fetch_hosts.clone(),
-                    Instant::now() + self.spec.limits.deadline,
-                )
-            });
+        let fetcher = (self.spec.kind == PluginKind::ImageSource
+            && !self.spec.fetch_hosts.is_empty())
+        .then(|| {
+            Fetcher::new(
+                &self.name,
+                self.spec.fetch_hosts.clone(),
+                Instant::now() + self.spec.limits.deadline,
+            )
+        });
         let state = State::new(
             self.name.clone(),
             self.spec.limits.memory_bytes,
@@ -289,7 +339,13 @@ impl LoadedPlugin {
 
     /// Gives the next call a full deadline.
     pub(crate) fn arm_deadline(&self, store: &mut Store<State>) {
-        let ticks = self.spec.limits.deadline.as_micros().div_ceil(TICK.as_micros()) as u64 + 1;
+        let ticks = self
+            .spec
+            .limits
+            .deadline
+            .as_micros()
+            .div_ceil(TICK.as_micros()) as u64
+            + 1;
         store.set_epoch_deadline(ticks);
     }
 

@@ -165,7 +165,10 @@ impl host::Host for State {
             host::LogLevel::Error => tracing::error!(plugin, ?fields, "{message}"),
         }
         if self.log_budget == 0 {
-            tracing::warn!(plugin, "log budget of {LOG_BUDGET} records spent; dropping the rest");
+            tracing::warn!(
+                plugin,
+                "log budget of {LOG_BUDGET} records spent; dropping the rest"
+            );
         }
     }
 
@@ -189,7 +192,10 @@ impl fetch::Host for State {
             Some(f) => f.fetch(req),
             None => Err(WitError::new(
                 ErrorKind::InvalidInput,
-                format!("fetch of {} denied: this plugin was granted no hosts", req.url),
+                format!(
+                    "fetch of {} denied: this plugin was granted no hosts",
+                    req.url
+                ),
             )),
         }
     }

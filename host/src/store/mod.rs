@@ -1,2 +1,171 @@
 //! The image store: content-addressed blobs, the reference index, the
 //! conversion cache.
+//!
+//! Layout under `STATE_DIR/images/`:
+//!
+//! | path | what |
+//! |---|---|
+//! | `blobs/sha256/<hex>` | verified blobs, mode 0444; only [`blob::Layout::commit`] puts files here |
+//! | `refs/<sha256 of reference>.json` | the reference index: artifacts with digest, size, media type, ETag, Last-Modified |
+//! | `converted/<source hex>/<target>/<converter sha256>/{image,image.digest}` | the conversion cache |
+//! | `tmp/` | partial downloads (resumable) and their validators; never served |
+//! | `locks/` | per-key flock files |
+//!
+//! The rules of DESIGN.md hold by construction:
+//! - a [`blob::VerifiedBlob`] can only be made by hashing bytes; nothing
+//!   else is ever handed to a caller;
+//! - a pinned pull is satisfied by the blob of that digest, re-hashed, and
+//!   never by what the index says a URL served last time ([`pull`]);
+//! - converted images live in their own namespace keyed by (source digest,
+//!   target, converter digest) and a [`convert_cache::ConvertedImage`] can
+//!   only be made from a valid digest file; conversion never writes the
+//!   reference index, so it cannot change how a source's freshness is
+//!   checked.
+
+use std::path::PathBuf;
+
+pub mod blob;
+pub mod convert_cache;
+pub mod digest;
+pub mod download;
+pub mod gc;
+pub mod index;
+pub mod lock;
+pub mod pull;
+pub mod sources;
+
+pub use blob::{Layout, VerifiedBlob};
+pub use convert_cache::{ConvertBackend, ConvertedImage, ConverterId, EngineBackend};
+pub use digest::Digest;
+pub use gc::{GcReport, NoRoots, RootSet};
+pub use index::{ArtifactRecord, RefRecord};
+pub use pull::{PullPolicy, PullProgress, PullReport, PullRequest, Quiet};
+pub use sources::{PluginSources, Resolved, Sources};
+
+use crate::config::HostConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{op} {path}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what}: digest mismatch: expected {expected}, got {actual}; nothing was kept")]
+    DigestMismatch {
+        what: String,
+        expected: Digest,
+        actual: Digest,
+    },
+    #[error("{url}: size mismatch: expected {expected} bytes, got {actual}; nothing was kept")]
+    SizeMismatch { url: String, expected: u64, actual: u64 },
+    #[error("{url}: HTTP {status}")]
+    Http { url: String, status: u16 },
+    #[error("{url}: {detail}")]
+    Transport { url: String, detail: String },
+    #[error("{url}: the server sent more than the expected {expected} bytes")]
+    TooLong { url: String, expected: u64 },
+    #[error("{reference} is not in the store and the pull policy is `never`")]
+    NotPresent { reference: String },
+    #[error("{reference}: no image-source plugin handles scheme {scheme:?}")]
+    NoSource { reference: String, scheme: String },
+    #[error("{reference}: {reason}")]
+    BadReference { reference: String, reason: String },
+    #[error("{reference}: pinned digest {pinned} but the source resolved {resolved}")]
+    PinConflict {
+        reference: String,
+        pinned: Digest,
+        resolved: Digest,
+    },
+    #[error("resolving {reference}")]
+    Resolve {
+        reference: String,
+        #[source]
+        source: crate::plugin::PluginError,
+    },
+    #[error("{reference}: the source returned no artifacts")]
+    NoArtifacts { reference: String },
+    #[error("index file {path}")]
+    Index {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("converting {source_digest} to {target}")]
+    Convert {
+        source_digest: Digest,
+        target: String,
+        #[source]
+        source: crate::convert::ConvertError,
+    },
+    #[error("{0}")]
+    BadDigest(#[from] digest::BadDigest),
+    #[error("no format-converter plugin is available")]
+    NoConverter,
+}
+
+impl StoreError {
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> StoreError {
+        let path = path.into();
+        move |source| StoreError::Io { op, path, source }
+    }
+
+    /// Whether the server could not be reached at all (as opposed to
+    /// answering wrongly): the case where a present blob is reused with a
+    /// warning.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            StoreError::Transport { .. } => true,
+            StoreError::Http { status, .. } => *status >= 500,
+            StoreError::Resolve { source, .. } => {
+                matches!(source, crate::plugin::PluginError::Returned { kind, .. } if kind == "io")
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The store of one host.
+pub struct Store {
+    layout: Layout,
+}
+
+impl Store {
+    /// The store under `config.state_dir/images`, created if missing.
+    pub fn open(config: &HostConfig) -> Result<Store, StoreError> {
+        Store::at(config.state_dir.join("images"))
+    }
+
+    pub fn at(root: PathBuf) -> Result<Store, StoreError> {
+        Ok(Store { layout: Layout::create(root)? })
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+}
+
+/// An error and its causes on one line.
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+impl Store {
+    /// Forgets a reference; its blobs stay until gc. False when it was
+    /// not in the store.
+    pub fn remove(&self, reference: &str) -> Result<bool, StoreError> {
+        let layout = self.layout();
+        let _writer = layout.writer_lock()?;
+        let _lock = layout.lock(&format!("0-ref-{}", index::key(reference)))?;
+        layout.remove_ref(reference)
+    }
+}

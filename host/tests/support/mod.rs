@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 
 /// A built wasm plugin (first-party, example or fixture) by crate name.
 pub fn wasm(crate_name: &str) -> PathBuf {
-    PathBuf::from(env!("COCOON_PLUGIN_WASM_DIR")).join(format!("{}.wasm", crate_name.replace('-', "_")))
+    PathBuf::from(env!("COCOON_PLUGIN_WASM_DIR"))
+        .join(format!("{}.wasm", crate_name.replace('-', "_")))
 }
 
 /// One canned answer of the test server.
@@ -22,10 +23,18 @@ pub struct Reply {
 
 impl Reply {
     pub fn ok(body: impl Into<Vec<u8>>) -> Self {
-        Reply { status: 200, headers: Vec::new(), body: body.into() }
+        Reply {
+            status: 200,
+            headers: Vec::new(),
+            body: body.into(),
+        }
     }
     pub fn redirect(to: &str) -> Self {
-        Reply { status: 302, headers: vec![("Location".into(), to.into())], body: Vec::new() }
+        Reply {
+            status: 302,
+            headers: vec![("Location".into(), to.into())],
+            body: Vec::new(),
+        }
     }
 }
 
@@ -40,7 +49,10 @@ impl TestServer {
     pub fn start(routes: Vec<(&str, Reply)>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let routes: HashMap<String, Reply> = routes.into_iter().map(|(p, r)| (p.to_string(), r)).collect();
+        let routes: HashMap<String, Reply> = routes
+            .into_iter()
+            .map(|(p, r)| (p.to_string(), r))
+            .collect();
         let hits: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
         let h = hits.clone();
         std::thread::spawn(move || {
@@ -77,8 +89,16 @@ fn serve(stream: TcpStream, routes: &HashMap<String, Reply>, hits: &Mutex<HashMa
         }
     }
     *hits.lock().unwrap().entry(path.clone()).or_default() += 1;
-    let reply = routes.get(&path).cloned().unwrap_or(Reply { status: 404, headers: Vec::new(), body: b"not found".to_vec() });
-    let mut out = format!("HTTP/1.1 {} X\r\nContent-Length: {}\r\nConnection: close\r\n", reply.status, reply.body.len());
+    let reply = routes.get(&path).cloned().unwrap_or(Reply {
+        status: 404,
+        headers: Vec::new(),
+        body: b"not found".to_vec(),
+    });
+    let mut out = format!(
+        "HTTP/1.1 {} X\r\nContent-Length: {}\r\nConnection: close\r\n",
+        reply.status,
+        reply.body.len()
+    );
     for (k, v) in &reply.headers {
         out.push_str(&format!("{k}: {v}\r\n"));
     }

@@ -227,7 +227,8 @@ pub mod format_converter {
                     fn open(
                         src: $crate::format_converter::Source,
                         format: ::std::string::String,
-                    ) -> ::std::result::Result<__c::Image, $crate::format_converter::Error> {
+                    ) -> ::std::result::Result<__c::Image, $crate::format_converter::Error>
+                    {
                         <$t>::open(src, &format).map(|i| __c::Image::new(__CocoonImage(i)))
                     }
                     fn virtual_size(&self) -> u64 {

@@ -3,13 +3,17 @@
 //! The PVH boot protocol (used by QEMU's microvm through qboot and by our VMM)
 //! enters at the address in the XEN_ELFNOTE_PHYS32_ENTRY note with flat 4 GiB
 //! segments, paging and interrupts off, and %ebx holding the physical address
-//! of `struct hvm_start_info`. The trampoline below zeroes .bss, builds
-//! identity page tables for the first 4 GiB with 2 MiB pages (the virtio-mmio
-//! windows live just below 4 GiB), enables SSE (sha2 may pick SHA-NI at run
-//! time), loads a 64-bit GDT, turns on long mode and calls `rust_main`.
+//! of `struct hvm_start_info`. The trampoline below loads its own GDT, LDT and
+//! TR, zeroes .bss, builds identity page tables for the first 4 GiB with
+//! 2 MiB pages (the virtio-mmio windows live just below 4 GiB), enables SSE
+//! (sha2 may pick SHA-NI at run time), turns on long mode and calls
+//! `rust_main` with the hvm_start_info address.
 //!
-//! The tables are written once and never touched again: the test machines run
-//! nested KVM with shadow paging, where page-table writes are expensive.
+//! The tables are written once and never touched again (with accessed and
+//! dirty bits preset, so the CPU never writes them either): page-table writes
+//! are expensive under shadow paging. Every instruction here also costs: the
+//! test machines' KVM emulates this guest instruction by instruction (about
+//! 1 µs each), so the code before the first serial line stays short.
 
 use core::arch::global_asm;
 
@@ -33,21 +37,61 @@ pvh_start:
     cld
     /* %ebx (hvm_start_info) survives everything below except the final move. */
 
-    /* Zero .bss: the page tables and the stack live there. */
+    /* First make the segment state fully valid: our own GDT with accessed
+       bits set, every segment register reloaded, a null LDT and a busy TSS
+       in TR. VMX without unrestricted-guest (no EPT, as in nested set-ups)
+       checks all of these and falls back to emulating the guest when one is
+       off, and the PVH spec leaves TR to the loader. */
+    lgdt boot_gdt_ptr
+    ljmp $0x18, $1f
+1:
+    movl $0x10, %eax
+    movw %ax, %ds
+    movw %ax, %es
+    movw %ax, %ss
+    movw %ax, %fs
+    movw %ax, %gs
+    xorl %eax, %eax
+    lldt %ax
+    /* TSS descriptor at GDT offset 0x20: base boot_tss, limit 0x67, present,
+       type 9 (available; ltr marks it busy). The base is split into fields
+       here because the assembler cannot shift a relocated address. */
+    movl $boot_tss, %edx
+    movl %edx, %eax
+    shll $16, %eax
+    orl $0x67, %eax
+    movl %eax, boot_gdt + 0x20
+    movl %edx, %eax
+    andl $0xff000000, %eax
+    movl %edx, %ecx
+    shrl $16, %ecx
+    andl $0xff, %ecx
+    orl %ecx, %eax
+    orl $0x8900, %eax
+    movl %eax, boot_gdt + 0x24
+    movw $0x20, %ax
+    ltr %ax
+
+    /* Zero .bss (the page tables live there). It is kept small: the big
+       buffers and the stack are in .noinit, because under instruction
+       emulation every iteration of a string instruction costs, and this runs
+       before the first serial line. Four bytes at a time, the linker script
+       aligns both ends to 16. */
     movl $__bss_start, %edi
     movl $__bss_end, %ecx
     subl %edi, %ecx
+    shrl $2, %ecx
     xorl %eax, %eax
-    rep stosb
+    rep stosl
 
     /* PML4[0] -> PDPT. */
     movl $boot_pdpt, %eax
-    orl $0x3, %eax              /* present, writable */
+    orl $0x23, %eax             /* present, writable, accessed */
     movl %eax, boot_pml4
 
     /* PDPT[0..4] -> the four page directories. */
     movl $boot_pd, %eax
-    orl $0x3, %eax
+    orl $0x23, %eax
     movl $boot_pdpt, %edi
     movl $4, %ecx
 1:
@@ -56,9 +100,10 @@ pvh_start:
     addl $8, %edi
     loop 1b
 
-    /* 2048 2 MiB pages: 0 .. 4 GiB, present, writable, large. */
+    /* 2048 2 MiB pages: 0 .. 4 GiB, present, writable, accessed, dirty,
+       large. */
     movl $boot_pd, %edi
-    movl $0x83, %eax
+    movl $0xe3, %eax
     movl $2048, %ecx
 2:
     movl %eax, (%edi)
@@ -74,8 +119,6 @@ pvh_start:
     addl $8, %edi
     loop 3b
 
-    lgdt boot_gdt_ptr
-
     /* CR4: PAE, OSFXSR, OSXMMEXCPT. */
     movl %cr4, %eax
     orl $((1 << 5) | (1 << 9) | (1 << 10)), %eax
@@ -90,9 +133,11 @@ pvh_start:
     orl $(1 << 8), %eax
     wrmsr
 
-    /* CR0: PG, MP, PE on; EM, TS off (SSE must not trap). */
+    /* CR0: PG, MP, PE on; EM, TS off (SSE must not trap); CD, NW off: the
+       reset value has caching disabled, and PVH does not say the loader
+       turns it on; left so, every access would be uncached. */
     movl %cr0, %eax
-    andl $~((1 << 2) | (1 << 3)), %eax
+    andl $~((1 << 2) | (1 << 3) | (1 << 29) | (1 << 30)), %eax
     orl $((1 << 31) | (1 << 1) | 1), %eax
     movl %eax, %cr0
 
@@ -114,12 +159,15 @@ pvh_long_mode:
     ud2
     jmp 4b
 
-    .section .rodata.boot_gdt, "a", @progbits
+    /* Writable: the CPU sets the TSS busy bit in it. */
+    .section .data.boot_gdt, "aw", @progbits
     .balign 16
 boot_gdt:
     .quad 0
-    .quad 0x00af9a000000ffff    /* 0x08: 64-bit code */
-    .quad 0x00cf92000000ffff    /* 0x10: flat data */
+    .quad 0x00af9b000000ffff    /* 0x08: 64-bit code, accessed */
+    .quad 0x00cf93000000ffff    /* 0x10: flat data, accessed */
+    .quad 0x00cf9b000000ffff    /* 0x18: flat 32-bit code, accessed */
+    .quad 0, 0                  /* 0x20: 64-bit TSS, filled in at entry */
 boot_gdt_end:
     .balign 8
 boot_gdt_ptr:
@@ -135,6 +183,12 @@ boot_pdpt:
 boot_pd:
     .skip 0x4000
     .balign 16
+boot_tss:
+    .skip 0x68
+
+    /* Not zeroed: a stack needs no initial value. */
+    .section .noinit.boot_stack, "aw", @nobits
+    .balign 4096
 boot_stack:
     .skip 0x40000
 boot_stack_top:

@@ -13,7 +13,7 @@ use virtio_drivers::{BufferDirection, Hal, PAGE_SIZE, PhysAddr};
 
 /// Room for the queues of every device the command line may name
 /// (a virtio-blk queue of 16 entries takes two or three pages).
-const ARENA_PAGES: usize = 128;
+const ARENA_PAGES: usize = 96;
 
 #[repr(C, align(4096))]
 struct Arena(UnsafeCell<[u8; ARENA_PAGES * PAGE_SIZE]>);
@@ -22,16 +22,20 @@ struct Arena(UnsafeCell<[u8; ARENA_PAGES * PAGE_SIZE]>);
 // index only grows, atomically), so no two owners ever share a byte.
 unsafe impl Sync for Arena {}
 
+// In .noinit: nothing zeroes it up front (that would cost start-up time under
+// instruction emulation); `dma_alloc` zeroes the pages it hands out.
+// SAFETY (link_section): linker.ld gives .noinit.* a NOBITS output section of
+// its own, where nothing else overlaps the arena.
+#[unsafe(link_section = ".noinit.dma_arena")]
 static ARENA: Arena = Arena(UnsafeCell::new([0; ARENA_PAGES * PAGE_SIZE]));
 static NEXT_PAGE: AtomicUsize = AtomicUsize::new(0);
 
 pub struct GuestHal;
 
-// SAFETY: dma_alloc returns page-aligned, zeroed (the arena is .bss, zeroed by
-// the trampoline, and never reused), exclusively owned pages whose physical
-// address equals their virtual address; share/unshare need no bouncing
-// because every guest buffer is directly addressable by the device at its
-// virtual address.
+// SAFETY: dma_alloc returns page-aligned pages, zeroed when handed out and
+// never handed out twice, whose physical address equals their virtual
+// address; share/unshare need no bouncing because every guest buffer is
+// directly addressable by the device at its virtual address.
 unsafe impl Hal for GuestHal {
     fn dma_alloc(pages: usize, _direction: BufferDirection) -> (PhysAddr, NonNull<u8>) {
         let claimed = NEXT_PAGE.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |next| {
@@ -42,6 +46,9 @@ unsafe impl Hal for GuestHal {
                 // SAFETY: `first + pages <= ARENA_PAGES`, so the offset stays
                 // inside the arena.
                 let ptr = unsafe { ARENA.0.get().cast::<u8>().add(first * PAGE_SIZE) };
+                // SAFETY: the pages were just claimed exclusively (above) and
+                // lie inside the arena.
+                unsafe { ptr.write_bytes(0, pages * PAGE_SIZE) };
                 // Never null: it points into a static.
                 let ptr = NonNull::new(ptr).unwrap_or(NonNull::dangling());
                 (ptr.as_ptr() as PhysAddr, ptr)

@@ -7,6 +7,7 @@
 #![no_main]
 
 mod boot;
+mod cpu;
 mod disk;
 mod hal;
 mod port;
@@ -24,11 +25,13 @@ use disk::{Disk, Probe};
 static RSDP: AtomicU64 = AtomicU64::new(0);
 
 /// Called by the trampoline in boot.rs on the boot stack, in long mode.
+// SAFETY (no_mangle): the trampoline calls this name; nothing else defines it.
 #[unsafe(no_mangle)]
 extern "C" fn rust_main(start_info_paddr: u64) -> ! {
     serial::init();
     say!("start");
     traps::install();
+    cpu::enable_write_back();
     // SAFETY: the trampoline passes the loader's %ebx unchanged and has
     // identity-mapped the first 4 GiB.
     let info = match unsafe { boot::read_start_info(start_info_paddr) } {

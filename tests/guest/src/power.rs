@@ -1,5 +1,6 @@
-//! Power-off: ACPI sleep control, then QEMU's isa-debug-exit, then a triple
-//! fault (a reset, which `-no-reboot` and our VMM both treat as a stop).
+//! Power-off: ACPI sleep control, then QEMU's isa-debug-exit, then a reset
+//! through the i8042, then a triple fault (resets, which `-no-reboot` and our
+//! VMM both treat as a stop).
 
 use crate::port::{outb, outl, outw};
 use crate::tsc;
@@ -9,6 +10,10 @@ use core::arch::asm;
 const SLEEP_S5: u8 = (5 << 2) | (1 << 5);
 /// QEMU's `-device isa-debug-exit,iobase=0xf4`: QEMU exits with (value << 1) | 1.
 const DEBUG_EXIT_PORT: u16 = 0xf4;
+
+/// The i8042 keyboard controller's command port and its "pulse reset" command.
+const I8042_COMMAND_PORT: u16 = 0x64;
+const I8042_RESET: u8 = 0xfe;
 
 /// Only the identity-mapped first 4 GiB can be touched.
 const MAPPED_END: u64 = 1 << 32;
@@ -27,6 +32,10 @@ pub fn off(rsdp_paddr: u64) -> ! {
     // SAFETY: writing the debug-exit port has no memory effects; where no
     // such device exists the write is ignored.
     unsafe { outl(DEBUG_EXIT_PORT, 0) };
+    tsc::delay_ms(200);
+    // SAFETY: as above; 0xfe to the i8042 command port pulses the reset line
+    // (our VMM has an i8042 for exactly this), ignored where there is none.
+    unsafe { outb(I8042_COMMAND_PORT, I8042_RESET) };
     tsc::delay_ms(200);
     triple_fault()
 }
@@ -150,7 +159,9 @@ fn find_sleep_control(rsdp: u64) -> Option<Gas> {
 }
 
 /// Loads an empty IDT and raises an exception: with no way to deliver it the
-/// CPU shuts down, which virtual machines treat as a reset.
+/// CPU shuts down, which virtual machines treat as a reset. (Where KVM
+/// emulates the guest's instructions, the emulator gives up on this instead
+/// and the VMM sees an internal error, which stops the guest too.)
 pub fn triple_fault() -> ! {
     #[repr(C, packed)]
     struct Idtr {

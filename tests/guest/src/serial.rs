@@ -35,14 +35,22 @@ fn put(byte: u8) {
     unsafe { outb(COM1, byte) };
 }
 
-/// A `fmt::Write` over COM1.
+/// A `fmt::Write` over COM1 that keeps whatever it writes on one line: line
+/// breaks in the text (a panic message has them) become spaces.
 pub struct Serial;
 
 impl fmt::Write for Serial {
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        s.bytes().for_each(put);
+        s.bytes()
+            .map(|b| if b == b'\n' || b == b'\r' { b' ' } else { b })
+            .for_each(put);
         Ok(())
     }
+}
+
+/// Ends a protocol line.
+pub fn newline() {
+    put(b'\n');
 }
 
 /// Prints one protocol line: `cocoon-guest: ` + the arguments + newline.
@@ -53,6 +61,6 @@ macro_rules! say {
         let mut serial = $crate::serial::Serial;
         let _ = serial.write_str("cocoon-guest: ");
         let _ = serial.write_fmt(format_args!($($arg)*));
-        let _ = serial.write_str("\n");
+        $crate::serial::newline();
     }};
 }

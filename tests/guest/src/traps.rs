@@ -38,6 +38,7 @@ trap_stubs:
     options(att_syntax)
 );
 
+// SAFETY: the global_asm above defines `trap_stubs` as 32 quads in .rodata.
 unsafe extern "C" {
     /// The 32 stub addresses laid out above.
     static trap_stubs: [u64; 32];
@@ -85,6 +86,7 @@ fn has_error_code(vector: u64) -> bool {
     matches!(vector, 8 | 10..=14 | 17 | 21 | 29 | 30)
 }
 
+// SAFETY (no_mangle): trap_common calls this name; nothing else defines it.
 #[unsafe(no_mangle)]
 extern "C" fn rust_trap(vector: u64, word1: u64, word2: u64) -> ! {
     let (error, rip) = if has_error_code(vector) {

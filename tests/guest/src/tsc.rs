@@ -1,7 +1,8 @@
 //! Time from the TSC, and where its frequency came from.
 
+use crate::cpu::{cpuid, wrmsr};
 use crate::port::{inb, outb};
-use core::arch::x86_64::{__cpuid, _rdtsc};
+use core::arch::x86_64::_rdtsc;
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -73,28 +74,15 @@ pub fn ticks_to_ns(ticks: u64, khz: u64) -> u64 {
     (u128::from(ticks) * 1_000_000 / u128::from(khz.max(1))) as u64
 }
 
-/// Busy-waits about `ms` milliseconds; with no known frequency, a fixed
-/// number of spins stands in (the waits are only grace periods).
+/// Busy-waits about `ms` milliseconds. With no known frequency it assumes
+/// 3 GHz: the waits are only grace periods, and counting loop iterations
+/// instead would take minutes under instruction emulation.
 pub fn delay_ms(ms: u64) {
-    match khz() {
-        Some(khz) => {
-            let end = now().saturating_add(khz.saturating_mul(ms));
-            while now() < end {
-                core::hint::spin_loop();
-            }
-        }
-        None => {
-            for _ in 0..ms.saturating_mul(1_000_000) {
-                core::hint::spin_loop();
-            }
-        }
+    let khz = khz().unwrap_or(3_000_000);
+    let end = now().saturating_add(khz.saturating_mul(ms));
+    while now() < end {
+        core::hint::spin_loop();
     }
-}
-
-fn cpuid(leaf: u32) -> (u32, u32, u32, u32) {
-    // cpuid is unprivileged and every x86-64 CPU has it.
-    let r = __cpuid(leaf);
-    (r.eax, r.ebx, r.ecx, r.edx)
 }
 
 fn hypervisor_leaf() -> Option<u64> {
@@ -214,19 +202,6 @@ fn kvm_clock() -> Option<u64> {
         (numerator << -shift) / u128::from(mul)
     };
     u64::try_from(khz).ok().filter(|&k| k != 0)
-}
-
-/// Writes a model-specific register.
-///
-/// # Safety
-/// The MSR must exist (or the CPU raises #GP) and the write must not break
-/// memory safety.
-unsafe fn wrmsr(msr: u32, value: u64) {
-    // SAFETY: the caller vouches for the MSR and the value.
-    unsafe {
-        core::arch::asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32,
-            options(nostack, preserves_flags));
-    }
 }
 
 const PIT_HZ: u64 = 1_193_182;

@@ -27,14 +27,19 @@ impl FormatConverter for Raw {
 
     fn open(src: Source, format: &str) -> Result<RawImage, Error> {
         if format != "raw" {
-            return Err(Error::unsupported(format!("raw-converter does not read {format}")));
+            return Err(Error::unsupported(format!(
+                "raw-converter does not read {format}"
+            )));
         }
         Ok(RawImage { size: src.size() })
     }
 
     fn decode(extent: Compressed, input: Vec<u8>, length: u32) -> Result<Vec<u8>, Error> {
         if extent.codec != STORED {
-            return Err(Error::unsupported(format!("codec {} is not raw's", extent.codec)));
+            return Err(Error::unsupported(format!(
+                "codec {} is not raw's",
+                extent.codec
+            )));
         }
         if input.len() != length as usize {
             return Err(Error::invalid_input(format!(

@@ -44,7 +44,10 @@ impl ImageSource for Hostile {
                 Ok(text) => Ok(artifact(text)),
                 Err(e) => Err(Error::io(format!("reading /etc/passwd: {e}"))),
             },
-            "env" => Ok(artifact(format!("{:?}", std::env::vars().collect::<Vec<_>>()))),
+            "env" => Ok(artifact(format!(
+                "{:?}",
+                std::env::vars().collect::<Vec<_>>()
+            ))),
             "stderr" => {
                 eprintln!("hostile says hello on stderr");
                 Ok(artifact("stderr".into()))
@@ -68,7 +71,9 @@ impl ImageSource for Hostile {
                     }
                     Ok(Vec::new())
                 } else {
-                    Err(Error::unsupported(format!("unknown misbehaviour {other:?}")))
+                    Err(Error::unsupported(format!(
+                        "unknown misbehaviour {other:?}"
+                    )))
                 }
             }
         }

@@ -8,13 +8,12 @@
 //! every other malformed request gets VIRTIO_BLK_S_IOERR.
 
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
 use virtio_queue::{Queue, QueueT};
-
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::{
@@ -243,10 +242,11 @@ impl Block {
         };
         let file = open(direct)?;
         let buffered = if direct { Some(open(false)?) } else { None };
-        let size = file
-            .metadata()
-            .map_err(|e| BlockError::Open(name.clone(), e))?
-            .len();
+        // Seeking to the end sizes regular files and block devices alike
+        // (a block device's metadata says 0).
+        let size = (&file)
+            .seek(SeekFrom::End(0))
+            .map_err(|e| BlockError::Open(name.clone(), e))?;
         if size % SECTOR_SIZE != 0 {
             return Err(BlockError::Size(name, size));
         }
@@ -324,6 +324,9 @@ impl Block {
             }
             Err((status, e)) => (status, Err(e)),
         };
+        if let Err(e) = &result {
+            tracing::debug!(error = ?e, "virtio-blk request failed");
+        }
         let Some(status_addr) = status_addr else {
             return 0;
         };
@@ -596,13 +599,18 @@ impl VirtioDevice for Block {
     }
 
     fn process_queue(&mut self, mem: &GuestMemoryMmap, _index: usize, queue: &mut Queue) -> bool {
-        // Bounded so that a guest that keeps refilling the ring cannot pin
-        // this thread forever without interrupts going out.
-        for _ in 0..64 {
+        // Drain, then re-enable notifications and drain again if the driver
+        // added more meanwhile (the EVENT_IDX race). A driver that keeps
+        // refilling keeps only this disk's own thread busy. A round that
+        // finds "more" but pops nothing means a corrupt avail index: stop
+        // rather than spin on it.
+        loop {
             if queue.disable_notification(mem).is_err() {
                 return false;
             }
+            let mut popped = 0usize;
             while let Some(chain) = queue.pop_descriptor_chain(mem) {
+                popped += 1;
                 let head = chain.head_index();
                 let used = self.process_chain(mem, chain);
                 if queue.add_used(mem, head, used).is_err() {
@@ -610,8 +618,8 @@ impl VirtioDevice for Block {
                 }
             }
             match queue.enable_notification(mem) {
-                Ok(true) => continue,
-                Ok(false) => break,
+                Ok(true) if popped > 0 => continue,
+                Ok(_) => break,
                 Err(_) => return false,
             }
         }

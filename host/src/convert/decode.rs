@@ -1,0 +1,140 @@
+//! The decoder pool: compressed pieces are read from their source and
+//! decoded by warm plugin instances on worker threads, one instance per
+//! plugin per worker, and written straight into the output. The queue is
+//! short, so memory stays at a few extents per worker whatever the image.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Mutex, PoisonError};
+
+use crate::plugin::calls::{Compressed, MAX_DECODED};
+use crate::plugin::LoadedPlugin;
+
+use super::output::Output;
+use super::{ConvertError, Progress};
+
+/// Compressed pieces queued per worker.
+const QUEUE_PER_WORKER: usize = 4;
+
+/// One compressed piece to decode and write.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// The image of the chain it comes from.
+    pub layer: usize,
+    pub extent: Compressed,
+    /// Bytes the extent decodes to.
+    pub decoded: u64,
+    /// Where the wanted bytes start in the decoded extent.
+    pub skip: u64,
+    /// Where they go in the output, and how many.
+    pub offset: u64,
+    pub length: u64,
+}
+
+/// The sending end the walk submits jobs to.
+pub struct Pool<'a> {
+    tx: SyncSender<Job>,
+    failure: &'a Mutex<Option<ConvertError>>,
+}
+
+impl Pool<'_> {
+    /// Queues `job`; fails with the first worker error, if any.
+    pub fn submit(&self, job: Job) -> Result<(), ConvertError> {
+        if let Some(e) = self.failure.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            return Err(e);
+        }
+        // The workers outlive the sender; a send fails only if they all
+        // panicked, and the scope re-raises that panic.
+        let _ = self.tx.send(job);
+        Ok(())
+    }
+}
+
+/// Runs `walk` with a pool of `jobs` workers decoding what it submits.
+/// `plugins[i]` and `sources[i]` are the converter and file of image `i`
+/// of the chain.
+pub fn run(
+    jobs: usize,
+    plugins: &[&LoadedPlugin],
+    sources: &[(PathBuf, File)],
+    out: &Output,
+    progress: &dyn Progress,
+    walk: impl FnOnce(&Pool<'_>) -> Result<(), ConvertError>,
+) -> Result<(), ConvertError> {
+    let failure = Mutex::new(None);
+    let (tx, rx) = sync_channel::<Job>(jobs.max(1) * QUEUE_PER_WORKER);
+    let rx = Mutex::new(rx);
+    let walked = std::thread::scope(|scope| {
+        for _ in 0..jobs.max(1) {
+            scope.spawn(|| worker(&rx, plugins, sources, out, progress, &failure));
+        }
+        let pool = Pool { tx, failure: &failure };
+        // Dropping the pool closes the queue, so the workers drain it and
+        // stop before the scope ends.
+        walk(&pool)
+    });
+    let failed = failure.into_inner().unwrap_or_else(PoisonError::into_inner);
+    walked?;
+    failed.map_or(Ok(()), Err)
+}
+
+fn worker(
+    rx: &Mutex<Receiver<Job>>,
+    plugins: &[&LoadedPlugin],
+    sources: &[(PathBuf, File)],
+    out: &Output,
+    progress: &dyn Progress,
+    failure: &Mutex<Option<ConvertError>>,
+) {
+    let mut warm = HashMap::new();
+    let mut failed = false;
+    loop {
+        let job = match rx.lock().unwrap_or_else(PoisonError::into_inner).recv() {
+            Ok(job) => job,
+            Err(_) => return,
+        };
+        // After a failure, keep draining so the walk never blocks on a
+        // full queue; it sees the error at its next submit.
+        if failed {
+            continue;
+        }
+        if let Err(e) = decode_one(&job, plugins, sources, out, &mut warm) {
+            failed = true;
+            failure.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert(e);
+            continue;
+        }
+        progress.advance(job.length);
+    }
+}
+
+fn decode_one<'p>(
+    job: &Job,
+    plugins: &[&'p LoadedPlugin],
+    sources: &[(PathBuf, File)],
+    out: &Output,
+    warm: &mut HashMap<usize, crate::plugin::warm::Warm<'p, crate::plugin::bindings::format_converter::FormatConverter>>,
+) -> Result<(), ConvertError> {
+    let (path, file) = &sources[job.layer];
+    let invalid = |detail: String| ConvertError::Invalid { image: path.clone(), detail };
+    // The runtime bounds compressed extents; these guard the arithmetic.
+    if job.decoded > MAX_DECODED as u64 || job.skip + job.length > job.decoded {
+        return Err(invalid(format!(
+            "compressed piece {}+{} of a {}-byte extent",
+            job.skip, job.length, job.decoded
+        )));
+    }
+    let mut input = vec![0u8; job.extent.source_length as usize];
+    file.read_exact_at(&mut input, job.extent.source_offset)
+        .map_err(ConvertError::io("reading compressed data from", path))?;
+    let plugin = plugins[job.layer];
+    let session = match warm.entry(job.layer) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(v) => v.insert(plugin.warm_converter()?),
+    };
+    let decoded = session.decode(job.extent, &input, job.decoded as u32)?;
+    let wanted = &decoded[job.skip as usize..(job.skip + job.length) as usize];
+    out.write_at(wanted, job.offset)
+}

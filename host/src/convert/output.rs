@@ -1,0 +1,190 @@
+//! The raw output: a sparse file of the virtual size under a temp name in
+//! the destination's directory, filled by copy_file_range (read/write when
+//! the kernel or filesystem cannot), fsynced and renamed over the
+//! destination. Zeros are never written: they stay holes. Dropped before
+//! `finish`, the temp file is removed.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use rustix::fs::SeekFrom;
+use tempfile::NamedTempFile;
+
+use super::ConvertError;
+
+/// Largest single copy_file_range or read/write step.
+const CHUNK: u64 = 8 << 20;
+
+/// The directory a file lives in ("." for a bare name).
+pub fn parent_dir(path: &Path) -> &Path {
+    path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
+}
+
+pub struct Output {
+    tmp: NamedTempFile,
+    dest: PathBuf,
+}
+
+impl Output {
+    /// A temp file beside `dest`, `size` bytes long and all hole.
+    pub fn create(dest: &Path, size: u64) -> Result<Self, ConvertError> {
+        let dir = parent_dir(dest);
+        let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!(".{name}."))
+            .suffix(".part")
+            .tempfile_in(dir)
+            .map_err(ConvertError::io("creating a temp file in", dir))?;
+        tmp.as_file().set_len(size).map_err(ConvertError::io("sizing", tmp.path()))?;
+        Ok(Output {
+            tmp,
+            dest: dest.to_path_buf(),
+        })
+    }
+
+    pub fn file(&self) -> &File {
+        self.tmp.as_file()
+    }
+
+    pub fn path(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    /// Writes `data` at `offset` unless it is all zeros (a hole already).
+    pub fn write_at(&self, data: &[u8], offset: u64) -> Result<(), ConvertError> {
+        if data.iter().all(|&b| b == 0) {
+            return Ok(());
+        }
+        self.file().write_all_at(data, offset).map_err(ConvertError::io("writing", self.path()))
+    }
+
+    /// Copies `length` bytes at `src_offset` of `src` to `offset`, skipping
+    /// the holes of the source (preallocated images are mostly holes).
+    pub fn copy_from(&self, src: &File, src_path: &Path, src_offset: u64, offset: u64, length: u64) -> Result<(), ConvertError> {
+        let end = src_offset + length;
+        let mut at = src_offset;
+        while at < end {
+            let (data, hole) = match data_run(src, at) {
+                Ok(Some(run)) => run,
+                // Past the last data: the rest reads as zeros.
+                Ok(None) => return Ok(()),
+                // No SEEK_DATA on this filesystem: everything is data.
+                Err(_) => (at, end),
+            };
+            if data >= end {
+                return Ok(());
+            }
+            let stop = hole.min(end);
+            self.copy_range(src, src_path, data, offset + (data - src_offset), stop - data)?;
+            at = stop;
+        }
+        Ok(())
+    }
+
+    fn copy_range(&self, src: &File, src_path: &Path, mut from: u64, mut to: u64, mut length: u64) -> Result<(), ConvertError> {
+        while length > 0 {
+            let step = length.min(CHUNK) as usize;
+            let (mut f, mut t) = (from, to);
+            match rustix::fs::copy_file_range(src, Some(&mut f), self.file(), Some(&mut t), step) {
+                Ok(0) => {
+                    return Err(ConvertError::Io {
+                        what: "copying from",
+                        path: src_path.to_path_buf(),
+                        source: io::Error::new(io::ErrorKind::UnexpectedEof, format!("the source ends before {from}")),
+                    })
+                }
+                Ok(n) => {
+                    from += n as u64;
+                    to += n as u64;
+                    length -= n as u64;
+                }
+                Err(rustix::io::Errno::INTR) => {}
+                // Cross-device copies on old kernels, filesystems without
+                // support, special files: copy through a buffer.
+                Err(_) => return self.copy_buffered(src, src_path, from, to, length),
+            }
+        }
+        Ok(())
+    }
+
+    fn copy_buffered(&self, src: &File, src_path: &Path, mut from: u64, mut to: u64, mut length: u64) -> Result<(), ConvertError> {
+        let mut buf = vec![0u8; length.min(CHUNK) as usize];
+        while length > 0 {
+            let n = length.min(CHUNK) as usize;
+            src.read_exact_at(&mut buf[..n], from).map_err(ConvertError::io("reading", src_path))?;
+            self.write_at(&buf[..n], to)?;
+            from += n as u64;
+            to += n as u64;
+            length -= n as u64;
+        }
+        Ok(())
+    }
+
+    /// fsyncs the file, renames it over the destination, fsyncs the
+    /// directory, and returns the bytes that are not holes.
+    pub fn finish(self) -> Result<u64, ConvertError> {
+        let file = self.tmp.as_file();
+        file.sync_all().map_err(ConvertError::io("syncing", self.tmp.path()))?;
+        let allocated = allocated_bytes(file).map_err(ConvertError::io("measuring", self.tmp.path()))?;
+        let dir = parent_dir(&self.dest).to_path_buf();
+        self.tmp
+            .persist(&self.dest)
+            .map_err(|e| ConvertError::io("renaming onto", &self.dest)(e.error))?;
+        crate::fsutil::sync_dir(&dir).map_err(ConvertError::io("syncing", &dir))?;
+        Ok(allocated)
+    }
+}
+
+/// The data run at or after `at`: (start, end), or None past the last one.
+fn data_run(file: &File, at: u64) -> io::Result<Option<(u64, u64)>> {
+    let data = match rustix::fs::seek(file, SeekFrom::Data(at)) {
+        Ok(d) => d,
+        Err(rustix::io::Errno::NXIO) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let hole = rustix::fs::seek(file, SeekFrom::Hole(data))?;
+    Ok(Some((data, hole)))
+}
+
+/// Bytes of `file` that are not holes, by walking SEEK_DATA / SEEK_HOLE.
+pub fn allocated_bytes(file: &File) -> io::Result<u64> {
+    let mut total = 0;
+    let mut at = 0;
+    while let Some((data, hole)) = data_run(file, at)? {
+        total += hole - data;
+        at = hole;
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copies_skip_holes_and_zeros_stay_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let src_path = dir.path().join("src");
+        let src = File::create(&src_path).unwrap();
+        src.set_len(4 << 20).unwrap();
+        src.write_all_at(&[7u8; 4096], 1 << 20).unwrap();
+        let src = File::open(&src_path).unwrap();
+        let dest = dir.path().join("out.raw");
+        let out = Output::create(&dest, 8 << 20).unwrap();
+        out.copy_from(&src, &src_path, 0, 4 << 20, 4 << 20).unwrap();
+        out.write_at(&[0u8; 65536], 0).unwrap();
+        out.write_at(&[1u8; 10], 100).unwrap();
+        let allocated = out.finish().unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2, "no temp file left");
+        let bytes = std::fs::read(&dest).unwrap();
+        assert_eq!(bytes.len(), 8 << 20);
+        assert_eq!(bytes[100..110], [1u8; 10]);
+        assert_eq!(bytes[(5 << 20)..(5 << 20) + 4096], [7u8; 4096]);
+        assert_eq!(bytes.iter().map(|&b| b as u64).sum::<u64>(), 10 + 7 * 4096);
+        // Two written blocks; the filesystem may round up, but not to the
+        // whole file.
+        assert!((8192..=(1 << 20)).contains(&allocated), "{allocated}");
+    }
+}

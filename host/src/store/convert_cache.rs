@@ -1,0 +1,187 @@
+//! The conversion cache: `converted/<source hex>/<target>/<converter
+//! sha256>/image` with its digest file `image.digest` beside it.
+//!
+//! - The key is (source digest, target format, converter digest): a new
+//!   converter build never serves an old conversion.
+//! - The source is re-hashed before it is converted.
+//! - The result is renamed into place, then its digest file is written
+//!   atomically. A [`ConvertedImage`] is only made from a digest file that
+//!   parses, names this key and matches the file's size; anything else is
+//!   incomplete and is rebuilt.
+//! - Nothing here touches the reference index: conversion cannot change
+//!   how the source's freshness is checked.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use super::blob::{Layout, VerifiedBlob};
+use super::digest::{hash_reader, Digest};
+use super::{Store, StoreError};
+use crate::fsutil;
+
+/// A converter plugin as part of a cache key.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ConverterId {
+    pub name: String,
+    /// sha256 hex of the plugin's wasm.
+    pub sha256: String,
+}
+
+/// What converts; the engine in production, a stand-in in tests.
+pub trait ConvertBackend {
+    /// The converters installed now: a cached result made by any other
+    /// converter build is not used.
+    fn installed(&self) -> Vec<ConverterId>;
+    /// Converts `source` into a `target` file at `dest`, returning the
+    /// converter that did it.
+    fn convert(&self, source: &VerifiedBlob, dest: &Path, target: &str) -> Result<ConverterId, StoreError>;
+}
+
+/// The conversion engine with the registry's converter plugins.
+pub struct EngineBackend<'a> {
+    pub runtime: &'a crate::plugin::Runtime,
+    pub registry: &'a crate::plugin::Registry,
+}
+
+impl ConvertBackend for EngineBackend<'_> {
+    fn installed(&self) -> Vec<ConverterId> {
+        self.registry
+            .list()
+            .filter(|p| p.manifest.kind == crate::plugin::PluginKind::FormatConverter && !p.disabled)
+            .map(|p| ConverterId { name: p.name().to_string(), sha256: p.sha256.clone() })
+            .collect()
+    }
+
+    fn convert(&self, blob: &VerifiedBlob, dest: &Path, target: &str) -> Result<ConverterId, StoreError> {
+        let req = crate::convert::ConvertRequest { source: blob.path(), dest, format: None, backing: &crate::convert::NoBacking, jobs: 0 };
+        let wrap = |e| StoreError::Convert {
+            source_digest: blob.digest().clone(),
+            target: target.to_string(),
+            source: e,
+        };
+        let report = crate::convert::convert(self.runtime, self.registry, &req, &crate::convert::Silent).map_err(wrap)?;
+        Ok(ConverterId { name: report.converter, sha256: report.converter_sha256 })
+    }
+}
+
+/// The digest file of a converted image.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DigestFile {
+    pub digest: Digest,
+    pub size: u64,
+    pub source: Digest,
+    pub target: String,
+    pub converter: ConverterId,
+}
+
+/// A converted image with a valid digest file.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConvertedImage {
+    pub path: PathBuf,
+    pub digest: Digest,
+    pub size: u64,
+    pub source: Digest,
+    pub target: String,
+    pub converter: ConverterId,
+    /// Whether this call converted (false: served from the cache).
+    pub converted_now: bool,
+}
+
+impl ConvertedImage {
+    /// Re-hashes the image against its digest file.
+    pub fn verify(&self) -> Result<bool, StoreError> {
+        let f = fs::File::open(&self.path).map_err(StoreError::io("opening", &self.path))?;
+        let (d, n) = hash_reader(io::BufReader::with_capacity(1 << 20, f)).map_err(StoreError::io("hashing", &self.path))?;
+        Ok(d == self.digest && n == self.size)
+    }
+}
+
+fn safe_target(target: &str) -> bool {
+    !target.is_empty() && target.len() <= 32 && target.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+impl Layout {
+    fn conv_dir(&self, source: &Digest, target: &str) -> PathBuf {
+        self.converted_dir().join(source.hex()).join(target)
+    }
+
+    /// The cached conversion in `dir`, if its digest file is valid for
+    /// this key.
+    fn valid_conversion(&self, dir: &Path, source: &Digest, target: &str, converter: &ConverterId) -> Option<ConvertedImage> {
+        let image = dir.join("image");
+        let text = fs::read(dir.join("image.digest")).ok()?;
+        let df: DigestFile = serde_json::from_slice(&text).ok()?;
+        let size = fs::metadata(&image).ok()?.len();
+        (df.source == *source && df.target == target && df.converter == *converter && df.size == size).then(|| ConvertedImage {
+            path: image,
+            digest: df.digest,
+            size,
+            source: df.source,
+            target: df.target,
+            converter: df.converter,
+            converted_now: false,
+        })
+    }
+}
+
+impl Store {
+    /// The `target` conversion of `source`, from the cache or made now.
+    pub fn converted(&self, source: &Digest, target: &str, backend: &dyn ConvertBackend) -> Result<ConvertedImage, StoreError> {
+        if !safe_target(target) {
+            return Err(StoreError::BadReference { reference: target.into(), reason: "not a format name".into() });
+        }
+        let layout = self.layout();
+        let _writer = layout.writer_lock()?;
+        let _lock = layout.lock(&format!("2-conv-{}-{target}", source.hex()))?;
+        let base = layout.conv_dir(source, target);
+        for c in backend.installed() {
+            if let Some(hit) = layout.valid_conversion(&base.join(&c.sha256), source, target, &c) {
+                return Ok(hit);
+            }
+        }
+        // Verified now, not at some earlier pull: the bytes converted are
+        // the bytes the digest names.
+        let blob: VerifiedBlob = layout.verified(source)?.ok_or_else(|| StoreError::Io {
+            op: "finding source blob",
+            path: layout.blob_path(source),
+            source: io::Error::from(io::ErrorKind::NotFound),
+        })?;
+        fs::create_dir_all(&base).map_err(StoreError::io("creating", &base))?;
+        // Leftovers of a conversion that was killed.
+        if let Ok(rd) = fs::read_dir(&base) {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().starts_with(".work-") {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+        let work = base.join(format!(".work-{}", std::process::id()));
+        let converter = backend.convert(&blob, &work, target)?;
+        if !converter.sha256.bytes().all(|b| b.is_ascii_hexdigit()) || converter.sha256.len() != 64 {
+            let _ = fs::remove_file(&work);
+            return Err(StoreError::NoConverter);
+        }
+        let f = fs::File::open(&work).map_err(StoreError::io("opening", &work))?;
+        f.sync_all().map_err(StoreError::io("syncing", &work))?;
+        let (digest, size) = hash_reader(io::BufReader::with_capacity(1 << 20, f)).map_err(StoreError::io("hashing", &work))?;
+        let dir = base.join(&converter.sha256);
+        fs::create_dir_all(&dir).map_err(StoreError::io("creating", &dir))?;
+        let digest_path = dir.join("image.digest");
+        // An old digest file must not describe the new image for even a
+        // moment: remove it before the image is replaced.
+        match fs::remove_file(&digest_path) {
+            Ok(()) => fsutil::sync_dir(&dir).map_err(StoreError::io("syncing", &dir))?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StoreError::io("removing", &digest_path)(e)),
+        }
+        let image = dir.join("image");
+        fs::rename(&work, &image).map_err(StoreError::io("renaming into the cache", &image))?;
+        fsutil::sync_dir(&dir).map_err(StoreError::io("syncing", &dir))?;
+        fsutil::sync_dir(&base).map_err(StoreError::io("syncing", &base))?;
+        let df = DigestFile { digest: digest.clone(), size, source: source.clone(), target: target.into(), converter: converter.clone() };
+        fsutil::write_atomic(&digest_path, &serde_json::to_vec_pretty(&df).expect("plain struct"), 0o644)
+            .map_err(StoreError::io("writing", &digest_path))?;
+        Ok(ConvertedImage { path: image, digest, size, source: source.clone(), target: target.into(), converter, converted_now: true })
+    }
+}

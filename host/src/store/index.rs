@@ -1,0 +1,120 @@
+//! The reference index: what each reference resolved to when it was last
+//! pulled, with the freshness data needed to revalidate it. One JSON file
+//! per reference, written atomically and only after every blob it names
+//! is in the store.
+
+use std::fs;
+use std::io;
+use std::path::PathBuf;
+
+use super::blob::Layout;
+use super::digest::Digest;
+use super::StoreError;
+use crate::fsutil;
+
+/// One artifact of a reference, as last pulled.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ArtifactRecord {
+    pub url: String,
+    pub digest: Digest,
+    pub size: u64,
+    pub media_type: String,
+    #[serde(default)]
+    pub format_hint: Option<String>,
+    /// Whether the source pinned this digest (then it never needs
+    /// revalidation) or the host learned it by hashing what the URL served.
+    #[serde(default)]
+    pub pinned: bool,
+    #[serde(default)]
+    pub etag: Option<String>,
+    #[serde(default)]
+    pub last_modified: Option<String>,
+}
+
+/// What a reference resolved to.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RefRecord {
+    pub reference: String,
+    /// The plugin that resolved it, or `file` for local files.
+    pub source: String,
+    /// Seconds since the epoch of the pull that wrote this record.
+    pub pulled_at: u64,
+    pub artifacts: Vec<ArtifactRecord>,
+}
+
+impl RefRecord {
+    /// The digest the reference is known by: its first artifact's (the
+    /// file of a URL, the manifest of an OCI image).
+    pub fn digest(&self) -> &Digest {
+        &self.artifacts[0].digest
+    }
+
+    pub fn size(&self) -> u64 {
+        self.artifacts.iter().map(|a| a.size).sum()
+    }
+}
+
+/// The file name of a reference's record: references contain `/` and `:`.
+pub fn key(reference: &str) -> String {
+    Digest::of(reference.as_bytes()).hex().to_string()
+}
+
+impl Layout {
+    fn ref_path(&self, reference: &str) -> PathBuf {
+        self.refs_dir().join(format!("{}.json", key(reference)))
+    }
+
+    pub fn read_ref(&self, reference: &str) -> Result<Option<RefRecord>, StoreError> {
+        let path = self.ref_path(reference);
+        let text = match fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StoreError::io("reading", &path)(e)),
+        };
+        let record: RefRecord = serde_json::from_slice(&text).map_err(|source| StoreError::Index { path: path.clone(), source })?;
+        if record.reference != reference || record.artifacts.is_empty() {
+            // A hash collision is not plausible; a hand-edited or
+            // truncated-by-hand file is. Treat it as absent.
+            return Ok(None);
+        }
+        Ok(Some(record))
+    }
+
+    pub fn write_ref(&self, record: &RefRecord) -> Result<(), StoreError> {
+        let path = self.ref_path(&record.reference);
+        let text = serde_json::to_vec_pretty(record).map_err(|source| StoreError::Index { path: path.clone(), source })?;
+        fsutil::write_atomic(&path, &text, 0o644).map_err(StoreError::io("writing", &path))
+    }
+
+    /// Removes a reference's record; false when there was none.
+    pub fn remove_ref(&self, reference: &str) -> Result<bool, StoreError> {
+        let path = self.ref_path(reference);
+        match fs::remove_file(&path) {
+            Ok(()) => {
+                fsutil::sync_dir(&self.refs_dir()).map_err(StoreError::io("syncing", self.refs_dir()))?;
+                Ok(true)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(StoreError::io("removing", &path)(e)),
+        }
+    }
+
+    /// Every record, sorted by reference. Unreadable files are skipped
+    /// with a warning: one bad file must not hide the others.
+    pub fn list_refs(&self) -> Result<Vec<RefRecord>, StoreError> {
+        let dir = self.refs_dir();
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(StoreError::io("listing", &dir))? {
+            let path = entry.map_err(StoreError::io("listing", &dir))?.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            match fs::read(&path).map(|t| serde_json::from_slice::<RefRecord>(&t)) {
+                Ok(Ok(r)) if !r.artifacts.is_empty() => out.push(r),
+                _ => tracing::warn!(file = %path.display(), "unreadable reference record skipped"),
+            }
+        }
+        out.sort_by(|a, b| a.reference.cmp(&b.reference));
+        Ok(out)
+    }
+}

@@ -1,0 +1,64 @@
+//! Per-key `flock`s. Lock files live in `locks/` and are never deleted
+//! (deleting a lock file someone waits on would split the lock in two).
+//!
+//! Lock names are chosen so that the order in which a pull takes them
+//! (reference, then blobs, then conversions) is also their sorted path
+//! order: `0-ref-…` < `1-blob-…` < `2-conv-…`. No process ever takes a
+//! lower-ordered lock while holding a higher one, so no two processes can
+//! deadlock. `gc` holds `gc` exclusively; every writer holds it shared.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{flock, FlockOperation};
+
+/// A held lock; released when dropped (closing the file releases it).
+#[derive(Debug)]
+pub struct Held {
+    _file: File,
+    pub path: PathBuf,
+}
+
+fn open(path: &Path) -> io::Result<File> {
+    OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(path)
+}
+
+/// Blocks until `path` is locked exclusively.
+pub fn exclusive(path: &Path) -> io::Result<Held> {
+    let file = open(path)?;
+    flock(&file, FlockOperation::LockExclusive)?;
+    Ok(Held { _file: file, path: path.to_path_buf() })
+}
+
+/// Blocks until `path` is locked shared.
+pub fn shared(path: &Path) -> io::Result<Held> {
+    let file = open(path)?;
+    flock(&file, FlockOperation::LockShared)?;
+    Ok(Held { _file: file, path: path.to_path_buf() })
+}
+
+/// Locks several paths exclusively, in sorted order.
+pub fn exclusive_all(paths: &[PathBuf]) -> io::Result<Vec<Held>> {
+    let mut sorted = paths.to_vec();
+    sorted.sort();
+    sorted.dedup();
+    sorted.iter().map(|p| exclusive(p)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exclusive_excludes_and_releases_on_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k");
+        let held = exclusive(&p).unwrap();
+        let other = open(&p).unwrap();
+        assert!(flock(&other, FlockOperation::NonBlockingLockExclusive).is_err());
+        drop(held);
+        assert!(flock(&other, FlockOperation::NonBlockingLockExclusive).is_ok());
+    }
+}

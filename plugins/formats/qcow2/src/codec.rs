@@ -1,0 +1,108 @@
+//! Decoding compressed clusters. Both codecs stop as soon as `length`
+//! bytes are out: the stored run is padded to 512-byte sectors, and the
+//! last cluster of an image whose size is not cluster-aligned is asked for
+//! only up to the virtual size.
+
+use cocoon_format_common::FormatError;
+use miniz_oxide::inflate::core::{decompress, inflate_flags, DecompressorOxide};
+use miniz_oxide::inflate::TINFLStatus;
+
+/// Codec tag of raw deflate clusters (compression_type 0, "zlib").
+pub const CODEC_DEFLATE: u32 = 1;
+/// Codec tag of zstd clusters (compression_type 1).
+pub const CODEC_ZSTD: u32 = 2;
+
+/// Decodes `input` (one compressed cluster) into exactly `length` bytes.
+pub fn decode(codec: u32, input: &[u8], length: usize) -> Result<Vec<u8>, FormatError> {
+    match codec {
+        CODEC_DEFLATE => inflate(input, length),
+        CODEC_ZSTD => unzstd(input, length),
+        other => Err(FormatError::unsupported(format!("codec tag {other} is not a qcow2 codec"))),
+    }
+}
+
+fn inflate(input: &[u8], length: usize) -> Result<Vec<u8>, FormatError> {
+    let mut out = vec![0u8; length];
+    if length == 0 {
+        return Ok(out);
+    }
+    let mut state = Box::<DecompressorOxide>::default();
+    // The whole input is given at once and the output buffer is the whole
+    // cluster, so one call either fills it or fails.
+    let flags = inflate_flags::TINFL_FLAG_USING_NON_WRAPPING_OUTPUT_BUF;
+    let (status, _read, written) = decompress(&mut state, input, &mut out, 0, flags);
+    match status {
+        TINFLStatus::Done | TINFLStatus::HasMoreOutput if written == length => Ok(out),
+        TINFLStatus::Done | TINFLStatus::NeedsMoreInput | TINFLStatus::FailedCannotMakeProgress => {
+            Err(FormatError::invalid(format!(
+                "deflate cluster of {} bytes decodes to {written} bytes, {length} expected",
+                input.len()
+            )))
+        }
+        other => Err(FormatError::invalid(format!(
+            "deflate cluster of {} bytes is corrupt ({other:?} after {written} bytes)",
+            input.len()
+        ))),
+    }
+}
+
+fn unzstd(input: &[u8], length: usize) -> Result<Vec<u8>, FormatError> {
+    use std::io::Read;
+    let mut out = vec![0u8; length];
+    let mut filled = 0;
+    let mut rest = input;
+    // qemu may write a cluster as several frames; read frames until the
+    // cluster is full.
+    while filled < length {
+        if rest.is_empty() {
+            return Err(FormatError::invalid(format!(
+                "zstd cluster of {} bytes decodes to {filled} bytes, {length} expected",
+                input.len()
+            )));
+        }
+        let mut frame = ruzstd::decoding::StreamingDecoder::new(&mut rest)
+            .map_err(|e| FormatError::invalid(format!("zstd cluster: bad frame header: {e}")))?;
+        loop {
+            let n = frame
+                .read(&mut out[filled..])
+                .map_err(|e| FormatError::invalid(format!("zstd cluster is corrupt: {e}")))?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+            if filled == length {
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deflate_round_trip_and_truncation() {
+        let data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
+        let packed = miniz_oxide::deflate::compress_to_vec(&data, 6);
+        assert_eq!(decode(CODEC_DEFLATE, &packed, data.len()).unwrap(), data);
+        // Sector padding after the stream is ignored.
+        let mut padded = packed.clone();
+        padded.extend_from_slice(&[0xAA; 300]);
+        assert_eq!(decode(CODEC_DEFLATE, &padded, data.len()).unwrap(), data);
+        // The last cluster of an unaligned image is wanted only in part.
+        assert_eq!(decode(CODEC_DEFLATE, &packed, 1000).unwrap(), data[..1000]);
+        let short = decode(CODEC_DEFLATE, &packed, data.len() + 1).unwrap_err();
+        assert!(short.message.contains("expected"), "{short}");
+        assert!(decode(CODEC_DEFLATE, &[0xff; 64], 4096).is_err());
+        assert!(decode(CODEC_DEFLATE, &packed[..packed.len() / 2], data.len()).is_err());
+    }
+
+    #[test]
+    fn zstd_garbage_is_an_error() {
+        assert!(decode(CODEC_ZSTD, &[0x28, 0xb5, 0x2f, 0xfd, 0xff, 0xff], 4096).is_err());
+        assert!(decode(CODEC_ZSTD, &[], 4096).is_err());
+        assert!(decode(99, &[], 4096).is_err());
+    }
+}
