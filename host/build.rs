@@ -21,10 +21,9 @@ fn main() {
         "plugins/sdk",
         "plugins/builtin",
         "plugins/examples",
+        "plugins/formats",
         "plugins/Cargo.toml",
-        "tests/plugins/hostile",
-        "tests/plugins/sockets",
-        "tests/plugins/Cargo.toml",
+        "tests/plugins",
         "wit",
     ] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());

@@ -289,6 +289,17 @@ fn fetch_is_limited_to_granted_hosts() {
         .unwrap_err();
     assert!(err.to_string().contains("denied"), "{err}");
     assert_eq!(other.hits("/secret"), 0);
+    // A body over the plugin's cap (1 MiB for this fixture) is refused.
+    let big = TestServer::start(vec![("/big", Reply::ok(vec![b'x'; 2 << 20]))]);
+    let big_host = format!("127.0.0.1:{}", big.port);
+    let p2 = load(&rt, "hostile", limits, &[&big_host]).unwrap();
+    let err = p2
+        .resolve(&format!("fetch:{}", big.url("/big")), &Platform::host())
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("larger than 1048576 bytes"),
+        "{err}"
+    );
     // Plain http to a non-loopback host is refused before any connection.
     let err = p
         .resolve("fetch:http://example.com/", &Platform::host())
@@ -462,4 +473,32 @@ fn converter_and_policy_round_trips() {
     assert_eq!(v.len(), 1, "{v:?}");
     assert_eq!(v[0].field, "data_disks");
     assert!(policy.plan(&bad).is_err());
+}
+
+#[test]
+fn source_reader_is_read_and_seek_over_the_host_handle() {
+    let rt = runtime();
+    let bytes = std::fs::read(wasm("reader")).unwrap();
+    let mut s = spec("reader", Limits::for_kind(PluginKind::FormatConverter), &[]);
+    s.kind = PluginKind::FormatConverter;
+    let p = rt.load(s, &bytes, &sha256_hex(&bytes)).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("data");
+    // Bigger than one host read, and not a multiple of anything.
+    let data: Vec<u8> = (0..(9u64 << 20) + 777)
+        .map(|i| ((i * 2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(&img, &data).unwrap();
+    let mut hash = 0xcbf29ce484222325u64;
+    for b in &data {
+        hash ^= *b as u64;
+        hash = hash.wrapping_mul(0x100000001b3);
+    }
+    let mut session = p.open_image(&img, "any").unwrap();
+    assert_eq!(session.virtual_size(), data.len() as u64);
+    let summary = session.backing().unwrap().unwrap();
+    assert_eq!(
+        summary,
+        format!("{hash:016x} oversized-refused=true negative-seek-refused=true")
+    );
 }

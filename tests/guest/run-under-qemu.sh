@@ -12,7 +12,7 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/root/.cache/cocoon-host/target-guest}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$(cd "$(dirname "$0")/../.." && pwd)/target/guest}
 qemu=${QEMU:-qemu-system-x86_64}
 timeout_s=${TIMEOUT:-120}
 

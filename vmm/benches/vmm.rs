@@ -203,8 +203,8 @@ fn main() {
     if let Some(i) = args.iter().position(|a| a == "--runs") {
         runs = args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(runs);
     }
-    if std::fs::metadata("/dev/kvm").is_err() {
-        eprintln!("SKIPPED: no /dev/kvm");
+    if let Err(e) = cocoon_vmm::check_kvm() {
+        eprintln!("SKIPPED: {e}");
         return;
     }
     let guest = build_guest();

@@ -21,4 +21,4 @@ pub mod vcpu;
 pub mod vm;
 
 pub use config::{parse_memory_size, DiskConfig, SerialOutput, SpecError, VmConfig};
-pub use vm::{ExitReason, StopHandle, Vm, VmError};
+pub use vm::{check_kvm, ExitReason, StopHandle, Vm, VmError};

@@ -40,6 +40,8 @@ pub enum VmError {
     OpenKvm(#[source] kvm_ioctls::Error),
     #[error("KVM refused to {0}")]
     Kvm(&'static str, #[source] kvm_ioctls::Error),
+    #[error("/dev/kvm does not answer as KVM (API version {0})")]
+    NotKvm(i32),
     #[error("the host KVM lacks {0:?}")]
     MissingCap(Cap),
     #[error(transparent)]
@@ -81,12 +83,7 @@ impl Vm {
         validate(&config)?;
         vcpu::install_kick_handler()
             .map_err(|e| VmError::Io("install the vCPU kick signal handler", e.into()))?;
-        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
-        for cap in [Cap::Irqchip, Cap::Ioeventfd, Cap::Irqfd, Cap::UserMemory] {
-            if !kvm.check_extension(cap) {
-                return Err(VmError::MissingCap(cap));
-            }
-        }
+        let kvm = open_kvm()?;
         let vm = kvm
             .create_vm()
             .map_err(|e| VmError::Kvm("create a VM", e))?;
@@ -354,6 +351,28 @@ impl Drop for Vm {
         }
     }
 }
+
+/// Whether this host can run VMs: /dev/kvm opens, answers as KVM, and has
+/// the capabilities the VMM needs. The error says what is missing.
+pub fn check_kvm() -> Result<(), VmError> {
+    open_kvm().map(|_| ())
+}
+
+fn open_kvm() -> Result<Kvm, VmError> {
+    let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+    let version = kvm.get_api_version();
+    if version != kvm_bindings::KVM_API_VERSION as i32 {
+        return Err(VmError::NotKvm(version));
+    }
+    for cap in REQUIRED_CAPS {
+        if !kvm.check_extension(cap) {
+            return Err(VmError::MissingCap(cap));
+        }
+    }
+    Ok(kvm)
+}
+
+const REQUIRED_CAPS: [Cap; 4] = [Cap::Irqchip, Cap::Ioeventfd, Cap::Irqfd, Cap::UserMemory];
 
 /// Stops a VM from anywhere (a signal thread, a supervisor).
 #[derive(Clone)]

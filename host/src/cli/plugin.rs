@@ -28,6 +28,7 @@ enum PluginCommand {
     },
     /// Show one plugin: manifest, digest, grants, limits, imports, exports.
     Inspect {
+        /// The plugin's name (see `plugin list`).
         name: String,
         #[arg(short, long, value_enum, default_value_t)]
         output: Format,
@@ -37,7 +38,9 @@ enum PluginCommand {
     /// one harmless call. PATH is a directory with plugin.toml, a
     /// plugin.toml, or a .wasm (with --manifest, or plugin.toml beside it).
     Verify {
+        /// A plugin directory, a plugin.toml, or a .wasm.
         path: PathBuf,
+        /// The manifest, when PATH is a .wasm without plugin.toml beside it.
         #[arg(long)]
         manifest: Option<PathBuf>,
         #[arg(short, long, value_enum, default_value_t)]
@@ -46,7 +49,9 @@ enum PluginCommand {
     /// Verify a plugin, then copy it into the plugin directory with its
     /// sha256 pinned in the installed manifest.
     Install {
+        /// A plugin directory, a plugin.toml, or a .wasm.
         path: PathBuf,
+        /// The manifest, when PATH is a .wasm without plugin.toml beside it.
         #[arg(long)]
         manifest: Option<PathBuf>,
         #[arg(short, long, value_enum, default_value_t)]
@@ -54,6 +59,7 @@ enum PluginCommand {
     },
     /// Call one function of a plugin, for authors and operators.
     Call {
+        /// The plugin's name (see `plugin list`).
         name: String,
         #[command(subcommand)]
         call: Call,
@@ -67,19 +73,34 @@ enum Call {
     /// image-source: the URL schemes it resolves.
     Schemes,
     /// image-source: resolve a reference into artifacts (linux/amd64).
-    Resolve { reference: String },
+    Resolve {
+        /// e.g. https://example.com/disk.qcow2@sha256:<hex>
+        reference: String,
+    },
     /// format-converter: probe a file's first and last 64 KiB.
-    Probe { file: PathBuf },
+    Probe {
+        /// The image file.
+        file: PathBuf,
+    },
     /// format-converter: open a file and print its extent map.
     Map {
+        /// The image file.
         file: PathBuf,
+        /// The format to open it as.
         #[arg(long, default_value = "raw")]
         format: String,
     },
     /// disk-policy: the disk plan for a VM request (JSON file, - for stdin).
-    Plan { request: PathBuf },
-    /// disk-policy: the site rules a VM request (JSON) breaks.
-    Validate { request: PathBuf },
+    Plan {
+        /// A VM request as JSON (fields of the WIT vm-request record).
+        request: PathBuf,
+    },
+    /// disk-policy: the site rules a VM request (JSON) breaks; exits 1 when
+    /// there are any.
+    Validate {
+        /// A VM request as JSON, or - for stdin.
+        request: PathBuf,
+    },
 }
 
 pub fn run(args: PluginArgs, config: &HostConfig) -> anyhow::Result<i32> {

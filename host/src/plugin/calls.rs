@@ -65,34 +65,43 @@ impl LoadedPlugin {
         }
     }
 
-    fn image_source(&self) -> Result<(Store<State>, image_source::ImageSource), PluginError> {
-        self.expect_kind(PluginKind::ImageSource)?;
-        let KindPre::ImageSource(pre) = &self.pre else {
-            unreachable!("kind checked")
-        };
+    /// A fresh store with the plugin instantiated as `kind`.
+    fn instance<B>(
+        &self,
+        kind: PluginKind,
+        pick: impl FnOnce(&KindPre, &mut Store<State>) -> Option<wasmtime::Result<B>>,
+    ) -> Result<(Store<State>, B), PluginError> {
+        self.expect_kind(kind)?;
         let mut store = self.new_store();
-        let b = self.call(&mut store, "instantiate", |s| pre.instantiate(s))?;
+        let b = self.call(&mut store, "instantiate", |s| {
+            pick(&self.pre, s).expect("the kind was checked")
+        })?;
         Ok((store, b))
     }
 
-    fn converter(&self) -> Result<(Store<State>, format_converter::FormatConverter), PluginError> {
-        self.expect_kind(PluginKind::FormatConverter)?;
-        let KindPre::FormatConverter(pre) = &self.pre else {
-            unreachable!("kind checked")
-        };
-        let mut store = self.new_store();
-        let b = self.call(&mut store, "instantiate", |s| pre.instantiate(s))?;
-        Ok((store, b))
+    pub(crate) fn image_source(
+        &self,
+    ) -> Result<(Store<State>, image_source::ImageSource), PluginError> {
+        self.instance(PluginKind::ImageSource, |pre, s| match pre {
+            KindPre::ImageSource(p) => Some(p.instantiate(s)),
+            _ => None,
+        })
+    }
+
+    pub(crate) fn converter(
+        &self,
+    ) -> Result<(Store<State>, format_converter::FormatConverter), PluginError> {
+        self.instance(PluginKind::FormatConverter, |pre, s| match pre {
+            KindPre::FormatConverter(p) => Some(p.instantiate(s)),
+            _ => None,
+        })
     }
 
     fn policy(&self) -> Result<(Store<State>, disk_policy::DiskPolicy), PluginError> {
-        self.expect_kind(PluginKind::DiskPolicy)?;
-        let KindPre::DiskPolicy(pre) = &self.pre else {
-            unreachable!("kind checked")
-        };
-        let mut store = self.new_store();
-        let b = self.call(&mut store, "instantiate", |s| pre.instantiate(s))?;
-        Ok((store, b))
+        self.instance(PluginKind::DiskPolicy, |pre, s| match pre {
+            KindPre::DiskPolicy(p) => Some(p.instantiate(s)),
+            _ => None,
+        })
     }
 
     /// image-source: the schemes the plugin resolves.

@@ -7,8 +7,7 @@ use wasmtime::Store;
 use super::bindings::{format_converter, image_source};
 use super::calls::Compressed;
 use super::error::PluginError;
-use super::manifest::PluginKind;
-use super::runtime::{KindPre, LoadedPlugin};
+use super::runtime::LoadedPlugin;
 use super::state::State;
 
 /// An instantiated plugin and its store.
@@ -20,6 +19,15 @@ pub struct Warm<'p, B> {
 }
 
 impl<'p, B> Warm<'p, B> {
+    fn new(plugin: &'p LoadedPlugin, store: Store<State>, bindings: B) -> Self {
+        Warm {
+            plugin,
+            store,
+            bindings,
+            poisoned: false,
+        }
+    }
+
     fn run<T>(
         &mut self,
         call: &str,
@@ -42,36 +50,16 @@ impl<'p, B> Warm<'p, B> {
 impl LoadedPlugin {
     /// A warm image-source instance.
     pub fn warm_image_source(&self) -> Result<Warm<'_, image_source::ImageSource>, PluginError> {
-        self.expect_kind(PluginKind::ImageSource)?;
-        let KindPre::ImageSource(pre) = &self.pre else {
-            unreachable!("kind checked")
-        };
-        let mut store = self.new_store();
-        let bindings = self.call(&mut store, "instantiate", |s| pre.instantiate(s))?;
-        Ok(Warm {
-            plugin: self,
-            store,
-            bindings,
-            poisoned: false,
-        })
+        let (store, bindings) = self.image_source()?;
+        Ok(Warm::new(self, store, bindings))
     }
 
     /// A warm format-converter instance.
     pub fn warm_converter(
         &self,
     ) -> Result<Warm<'_, format_converter::FormatConverter>, PluginError> {
-        self.expect_kind(PluginKind::FormatConverter)?;
-        let KindPre::FormatConverter(pre) = &self.pre else {
-            unreachable!("kind checked")
-        };
-        let mut store = self.new_store();
-        let bindings = self.call(&mut store, "instantiate", |s| pre.instantiate(s))?;
-        Ok(Warm {
-            plugin: self,
-            store,
-            bindings,
-            poisoned: false,
-        })
+        let (store, bindings) = self.converter()?;
+        Ok(Warm::new(self, store, bindings))
     }
 }
 

@@ -94,6 +94,7 @@ struct State {
 pub struct Server {
     pub port: u16,
     state: Arc<Mutex<State>>,
+    down: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Server {
@@ -101,15 +102,27 @@ impl Server {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let state: Arc<Mutex<State>> = Arc::default();
+        let down: Arc<std::sync::atomic::AtomicBool> = Arc::default();
         let s = state.clone();
+        let d = down.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
+                if d.load(std::sync::atomic::Ordering::SeqCst) {
+                    // Unreachable: the connection is reset at once.
+                    drop(stream);
+                    continue;
+                }
                 let s = s.clone();
                 std::thread::spawn(move || serve(stream, &s));
             }
         });
-        Server { port, state }
+        Server { port, state, down }
+    }
+
+    /// Resets every connection from now on (`false`: serve again).
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, std::sync::atomic::Ordering::SeqCst);
     }
 
     pub fn set(&self, path: &str, r: Resource) {

@@ -13,13 +13,17 @@ use cocoon_vmm::{ExitReason, SerialOutput, Vm, VmConfig};
 /// Whether a test that needs /dev/kvm may run. Without KVM it skips with a
 /// printed reason, unless COCOON_REQUIRE_KVM=1, where it fails.
 pub fn kvm_or_skip(test: &str) -> bool {
-    let reason = match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => return true,
-        Err(e) => format!("/dev/kvm is not usable: {e}"),
+    let reason = match cocoon_vmm::check_kvm() {
+        Ok(()) => return true,
+        Err(e) => {
+            let mut msg = format!("KVM is not usable: {e}");
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            msg
+        }
     };
     if std::env::var("COCOON_REQUIRE_KVM").as_deref() == Ok("1") {
         panic!("{test}: {reason} (and COCOON_REQUIRE_KVM=1)");

@@ -24,7 +24,10 @@ fn outcome(file: &[u8]) -> Result<(), FormatError> {
 
 fn refused(file: &[u8], needle: &str) -> FormatError {
     let err = outcome(file).expect_err("hostile input must be refused");
-    assert!(err.message.contains(needle), "error {err} should mention {needle:?}");
+    assert!(
+        err.message.contains(needle),
+        "error {err} should mention {needle:?}"
+    );
     err
 }
 

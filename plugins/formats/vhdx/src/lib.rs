@@ -427,7 +427,7 @@ impl Vhdx {
                         r.offset + r.length
                     )));
                 }
-                if off + used > self.file_size {
+                if off.checked_add(used).is_none_or(|e| e > self.file_size) {
                     return Err(FormatError::invalid(format!(
                         "VHDX block {block} at offset {off} ends past the end of the {}-byte file",
                         self.file_size

@@ -44,6 +44,8 @@ const MARKER_FOOTER: u32 = 3;
 /// How many grains one `map` call looks at before returning what it has, so
 /// that a call's time is bounded whatever the image holds.
 const SCAN_LIMIT: u64 = 1 << 16;
+/// Grain-directory entries read per table read.
+const GD_WINDOW: u64 = 8192;
 
 /// Codec tag of a streamOptimized grain: zlib, with the grain size in
 /// sectors in bits 8.. so that `decode` (which is stateless) knows how large
@@ -88,8 +90,11 @@ pub struct Vmdk {
     grain_sectors: u64,
     grain: u64,
     gtes_per_gt: u64,
-    /// Grain directory: sector offsets of the grain tables (0: none).
-    gd: Vec<u32>,
+    /// Grain directory: `gd_entries` u32 sector offsets of the grain
+    /// tables (0: none) at `gd_offset`, read in windows by `map` so that
+    /// memory stays bounded whatever the capacity.
+    gd_offset: u64,
+    gd_entries: u64,
     compressed: bool,
     zero_grain: bool,
     /// Grain tables must start at or after this offset: the header and the
@@ -285,7 +290,8 @@ impl Vmdk {
         let descriptor = if h.desc_offset != 0 {
             let off = h.desc_offset.checked_mul(SECTOR);
             let len = h.desc_size.checked_mul(SECTOR);
-            let (Some(off), Some(len)) = (off, len) else {
+            let end = off.zip(len).and_then(|(o, l)| o.checked_add(l));
+            let (Some(off), Some(len), Some(end)) = (off, len, end) else {
                 return Err(FormatError::invalid(format!(
                     "VMDK descriptorOffset {} / descriptorSize {} overflow",
                     h.desc_offset, h.desc_size
@@ -297,7 +303,7 @@ impl Vmdk {
                     h.desc_size
                 )));
             }
-            descriptor_end = descriptor_end.max(off + len);
+            descriptor_end = descriptor_end.max(end);
             Some(parse_descriptor(&read(
                 src,
                 off,
@@ -386,8 +392,6 @@ impl Vmdk {
                  {capacity} bytes) does not fit in the {file_size}-byte file"
             )));
         }
-        let raw = read(src, gd_off, gd_bytes, "VMDK grain directory")?;
-        let gd = raw.chunks_exact(4).map(|c| le32(c, 0)).collect();
 
         let overhead = h.overhead.checked_mul(SECTOR).filter(|&o| o <= file_size);
         let Some(overhead) = overhead else {
@@ -413,7 +417,8 @@ impl Vmdk {
             grain_sectors: h.grain_sectors,
             grain,
             gtes_per_gt,
-            gd,
+            gd_offset: gd_off,
+            gd_entries,
             compressed,
             zero_grain: h.flags & FLAG_ZERO_GRAIN != 0,
             min_table_offset: descriptor_end,
@@ -478,9 +483,14 @@ impl Vmdk {
         }
     }
 
-    /// Reads grain table `gd_index`.
-    fn grain_table(&self, src: &dyn ReadAt, gd_index: u64) -> Result<Vec<u32>, FormatError> {
-        let sector = u64::from(self.gd[gd_index as usize]);
+    /// Reads grain table `gd_index`, at `sector`.
+    fn grain_table(
+        &self,
+        src: &dyn ReadAt,
+        gd_index: u64,
+        sector: u32,
+    ) -> Result<Vec<u32>, FormatError> {
+        let sector = u64::from(sector);
         let off = sector * SECTOR;
         if off < self.min_table_offset {
             return Err(FormatError::invalid(format!(
@@ -578,6 +588,7 @@ impl Vmdk {
         let mut out = Vec::new();
         let mut pos = offset;
         let mut table: Option<(u64, Vec<u32>)> = None;
+        let mut gd_window: (u64, Vec<u32>) = (0, Vec::new());
         let mut scanned = 0u64;
         while pos < self.capacity && max > 0 {
             if scanned >= SCAN_LIMIT {
@@ -586,7 +597,18 @@ impl Vmdk {
             scanned += 1;
             let grain_index = pos / self.grain;
             let gd_index = grain_index / self.gtes_per_gt;
-            let (run, end) = if self.gd[gd_index as usize] == 0 {
+            if gd_index < gd_window.0 || gd_index >= gd_window.0 + gd_window.1.len() as u64 {
+                let count = GD_WINDOW.min(self.gd_entries - gd_index);
+                let raw = read(
+                    src,
+                    self.gd_offset + gd_index * 4,
+                    count * 4,
+                    "VMDK grain directory",
+                )?;
+                gd_window = (gd_index, raw.chunks_exact(4).map(|c| le32(c, 0)).collect());
+            }
+            let gt_sector = gd_window.1[(gd_index - gd_window.0) as usize];
+            let (run, end) = if gt_sector == 0 {
                 // No grain table: the whole span it would cover is
                 // unallocated.
                 let end = (gd_index + 1)
@@ -595,7 +617,7 @@ impl Vmdk {
                 (self.unallocated(), end)
             } else {
                 if table.as_ref().is_none_or(|(i, _)| *i != gd_index) {
-                    table = Some((gd_index, self.grain_table(src, gd_index)?));
+                    table = Some((gd_index, self.grain_table(src, gd_index, gt_sector)?));
                 }
                 let gt = &table.as_ref().expect("loaded above").1;
                 let entry = gt[(grain_index % self.gtes_per_gt) as usize];

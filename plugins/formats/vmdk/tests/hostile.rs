@@ -57,7 +57,10 @@ fn random_bytes_after_the_magic() {
         let mut file = vec![0u8; 512 + (round % 8) * 4096];
         rng.fill(&mut file);
         file[..4].copy_from_slice(b"KDMV");
-        assert!(outcome(&file).is_err(), "random header {round} was accepted");
+        assert!(
+            outcome(&file).is_err(),
+            "random header {round} was accepted"
+        );
     }
 }
 

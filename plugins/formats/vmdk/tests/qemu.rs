@@ -114,3 +114,37 @@ fn zeroed_grain_entries_match_qemu() {
     let stats = check(&dir, &patched, &file);
     assert!(stats.zero_bytes >= 3 * 65536);
 }
+
+/// A delta image names its parent; its unallocated grains read from it.
+#[test]
+fn delta_image_reports_its_parent() {
+    let dir = Scratch::new("vmdk-delta");
+    qemu_create(&dir, "base", "vmdk", "", "4M");
+    let out = std::process::Command::new("qemu-img")
+        .current_dir(&dir.0)
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-b",
+            "base.vmdk",
+            "-F",
+            "vmdk",
+            "delta.vmdk",
+        ])
+        .output()
+        .expect("qemu-img");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let file = std::fs::read(dir.path("delta.vmdk")).unwrap();
+    let vmdk = Vmdk::open(&file).expect("open");
+    assert_eq!(vmdk.backing(), Some("base.vmdk"));
+    let map = vmdk.map(&file, 0, 16).unwrap();
+    assert_eq!(map.len(), 1);
+    assert_eq!(map[0].run, cocoon_format_common::Run::Backing);
+    assert_eq!(map[0].length, 4 << 20);
+}

@@ -24,7 +24,10 @@ fn outcome(file: &[u8]) -> Result<(), FormatError> {
 
 fn refused(file: &[u8], needle: &str) -> FormatError {
     let err = outcome(file).expect_err("hostile input must be refused");
-    assert!(err.message.contains(needle), "error {err} should mention {needle:?}");
+    assert!(
+        err.message.contains(needle),
+        "error {err} should mention {needle:?}"
+    );
     err
 }
 
@@ -55,7 +58,10 @@ fn bat(file: &[u8]) -> usize {
 /// Index of the first allocated BAT entry.
 fn first_allocated(file: &[u8]) -> usize {
     let at = bat(file);
-    (0..).map(|i| at + 4 * i).find(|&e| be32(file, e) != u32::MAX).unwrap()
+    (0..)
+        .map(|i| at + 4 * i)
+        .find(|&e| be32(file, e) != u32::MAX)
+        .unwrap()
 }
 
 #[test]

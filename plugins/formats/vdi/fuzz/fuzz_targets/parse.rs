@@ -33,7 +33,10 @@ fuzz_target!(|data: &[u8]| {
         for e in page {
             assert_eq!(e.offset, pos, "extents must be contiguous");
             assert!(e.length > 0);
-            let end = e.offset.checked_add(e.length).expect("extent end overflows");
+            let end = e
+                .offset
+                .checked_add(e.length)
+                .expect("extent end overflows");
             assert!(end <= virtual_size, "extent {e:?} past the virtual size");
             match e.run {
                 Run::Data(at) => {

@@ -33,7 +33,10 @@ fuzz_target!(|data: &[u8]| {
         for e in page {
             assert_eq!(e.offset, pos, "extents must be contiguous");
             assert!(e.length > 0);
-            let end = e.offset.checked_add(e.length).expect("extent end overflows");
+            let end = e
+                .offset
+                .checked_add(e.length)
+                .expect("extent end overflows");
             assert!(end <= virtual_size, "extent {e:?} past the virtual size");
             match e.run {
                 Run::Data(at) => {
@@ -49,7 +52,10 @@ fuzz_target!(|data: &[u8]| {
                     codec,
                 } => {
                     let data_end = source_offset + u64::from(source_length);
-                    assert!(data_end <= size, "compressed run {e:?} past the end of the file");
+                    assert!(
+                        data_end <= size,
+                        "compressed run {e:?} past the end of the file"
+                    );
                     // Decoding is bounded by the grain size the codec names.
                     let input = &data[source_offset as usize..data_end as usize];
                     if let Ok(out) = decode(codec, input, e.length as u32) {

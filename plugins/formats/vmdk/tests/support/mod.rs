@@ -196,10 +196,7 @@ pub fn rebuild(
 
 /// Walks the whole map of a (possibly hostile) image in bounded pages;
 /// returns the first error. Panics if the walk does not end.
-pub fn walk(
-    virtual_size: u64,
-    map: &MapFn,
-) -> Result<(), FormatError> {
+pub fn walk(virtual_size: u64, map: &MapFn) -> Result<(), FormatError> {
     let mut pos = 0u64;
     for _ in 0..1_000_000 {
         let extents = map(pos, 256)?;
