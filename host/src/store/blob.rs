@@ -142,6 +142,7 @@ impl Layout {
         file.sync_all().map_err(StoreError::io("syncing", &path))?;
         fs::set_permissions(&path, fs::Permissions::from_mode(0o444)).map_err(StoreError::io("chmod", &path))?;
         let dest = self.blob_path(&actual);
+        super::crash_point("before-blob-rename");
         fs::rename(&path, &dest).map_err(StoreError::io("renaming into the store", &dest))?;
         fsutil::sync_dir(&self.blobs_dir()).map_err(StoreError::io("syncing", self.blobs_dir()))?;
         let _ = fs::remove_file(Staged::meta_path_of(&path));

@@ -179,6 +179,7 @@ impl Store {
         fs::rename(&work, &image).map_err(StoreError::io("renaming into the cache", &image))?;
         fsutil::sync_dir(&dir).map_err(StoreError::io("syncing", &dir))?;
         fsutil::sync_dir(&base).map_err(StoreError::io("syncing", &base))?;
+        super::crash_point("before-digest-file");
         let df = DigestFile { digest: digest.clone(), size, source: source.clone(), target: target.into(), converter: converter.clone() };
         fsutil::write_atomic(&digest_path, &serde_json::to_vec_pretty(&df).expect("plain struct"), 0o644)
             .map_err(StoreError::io("writing", &digest_path))?;

@@ -169,3 +169,14 @@ impl Store {
         layout.remove_ref(reference)
     }
 }
+
+/// Test hook for crash-safety tests: with `COCOON_CRASH_AT=<point>` in the
+/// environment, this process kills itself with SIGKILL when it reaches
+/// that point, so tests can stop the real binary exactly between two
+/// writes. Costs one environment lookup per point otherwise.
+pub(crate) fn crash_point(point: &str) {
+    if std::env::var_os("COCOON_CRASH_AT").is_some_and(|v| v == point) {
+        let _ = std::process::Command::new("kill").arg("-KILL").arg(std::process::id().to_string()).status();
+        std::thread::sleep(std::time::Duration::from_secs(60));
+    }
+}

@@ -247,6 +247,7 @@ impl Store {
         let record = RefRecord { reference: reference.into(), source: resolved.source, pulled_at: now(), artifacts: records };
         // After the data it describes: a crash before this line leaves
         // blobs without a record (gc reclaims them), never the reverse.
+        super::crash_point("before-record");
         layout.write_ref(&record)?;
         Ok(report(reference, record, blobs, downloaded, network, warnings))
     }

@@ -8,9 +8,12 @@
 //! payload entries; bitmaps only matter to differencing images, which are
 //! refused (as qemu does on read).
 //!
-//! A non-empty log (non-zero log GUID in the current header) means the
-//! metadata may be stale until the log is replayed. Replaying is not
-//! implemented: such images are refused with a clear error.
+//! A non-empty log (a non-zero log GUID in the current header, and log
+//! entries carrying that GUID) means the metadata may be stale until the log
+//! is replayed. Replaying is not implemented: such images are refused with a
+//! clear error. A non-zero GUID with no entries of its own (a writer opened
+//! the file and crashed before logging anything) has nothing to replay and
+//! is read, as qemu does.
 
 use cocoon_format_common::{push_merged, Extent, FormatError, ReadAt, Run};
 
@@ -27,6 +30,12 @@ const REGION_TABLE_LEN: u64 = 64 * KIB;
 /// MiB; nothing else may live there.
 const HEADER_SECTION: u64 = MIB;
 const MAX_TABLE_ENTRIES: u32 = 2047;
+/// Log entries start on 4 KiB boundaries of the log region.
+const LOG_SECTOR: u64 = 4 * KIB;
+/// Signature, checksum, lengths, sequence, counts and the log GUID.
+const LOG_ENTRY_HEADER_LEN: u64 = 48;
+/// The largest log scanned for entries (qemu and Hyper-V write 1 MiB).
+const MAX_LOG_SCAN: u64 = 64 * MIB;
 const METADATA_TABLE_LEN: u64 = 64 * KIB;
 /// The largest virtual disk the specification allows: 64 TiB.
 const MAX_VIRTUAL_SIZE: u64 = 64 * 1024 * 1024 * MIB;
@@ -246,18 +255,18 @@ impl Vhdx {
                 "VHDX header version {version} (1 is read)"
             )));
         }
-        let log_guid = &header[48..64];
-        if log_guid.iter().any(|&b| b != 0) {
-            return Err(FormatError::unsupported(format!(
-                "VHDX log is not empty (log GUID {}): replaying the log is not supported; open \
-                 the image read-write once in Hyper-V or QEMU to replay it",
-                fmt_guid(log_guid)
-            )));
-        }
         let log = Region {
             offset: le64(&header, 72),
             length: u64::from(le32(&header, 68)),
         };
+        let log_guid = &header[48..64];
+        if log_guid.iter().any(|&b| b != 0) && log_has_entries(src, log, log_guid)? {
+            return Err(FormatError::unsupported(format!(
+                "VHDX log is not empty (log GUID {} has entries): replaying the log is not \
+                 supported; open the image read-write once in Hyper-V or QEMU to replay it",
+                fmt_guid(log_guid)
+            )));
+        }
 
         // The region table: the first copy with a valid checksum.
         let mut table = None;
@@ -487,6 +496,37 @@ impl Vhdx {
         }
         Ok(out)
     }
+}
+
+/// Whether the log region holds an entry header of the log `guid`. Entries
+/// are 4 KiB aligned; an entry of the current GUID means updates that may
+/// not be in the metadata yet. Only signatures and GUIDs are compared
+/// (not checksums): an entry that looks current is refused, never ignored.
+fn log_has_entries(src: &dyn ReadAt, log: Region, guid: &[u8]) -> Result<bool, FormatError> {
+    if log.offset < HEADER_SECTION
+        || log
+            .offset
+            .checked_add(log.length)
+            .is_none_or(|e| e > src.size())
+    {
+        return Err(FormatError::invalid(format!(
+            "VHDX log at offset {} length {} is not inside the file after the header section",
+            log.offset, log.length
+        )));
+    }
+    if log.length > MAX_LOG_SCAN {
+        return Err(FormatError::unsupported(format!(
+            "VHDX log of {} bytes with a non-zero GUID is over the {MAX_LOG_SCAN}-byte scan limit",
+            log.length
+        )));
+    }
+    for at in (0..log.length / LOG_SECTOR).map(|i| log.offset + i * LOG_SECTOR) {
+        let h = read(src, at, LOG_ENTRY_HEADER_LEN, "VHDX log entry")?;
+        if &h[..4] == b"loge" && &h[32..48] == guid {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// The metadata items this parser needs.

@@ -133,6 +133,14 @@ fn region_past_eof() {
     refused(&file, "not inside the file");
 }
 
+/// Offset and length of the log, from the first header.
+fn log_region(file: &[u8]) -> (usize, usize) {
+    (
+        le64(file, 64 * KIB + 72) as usize,
+        le32(file, 64 * KIB + 68) as usize,
+    )
+}
+
 #[test]
 fn non_empty_log_is_refused() {
     let mut file = fixture("vhdx-log");
@@ -140,8 +148,21 @@ fn non_empty_log_is_refused() {
         file[off + 48..off + 64].copy_from_slice(&[0xab; 16]);
     }
     reseal_headers(&mut file);
+    // An entry of the current GUID in the log's third 4 KiB sector.
+    let (log, len) = log_region(&file);
+    assert!(len >= 12 * KIB);
+    let entry = log + 8 * KIB;
+    file[entry..entry + 4].copy_from_slice(b"loge");
+    file[entry + 32..entry + 48].copy_from_slice(&[0xab; 16]);
     let err = refused(&file, "log is not empty");
     assert_eq!(err.kind, ErrorKind::Unsupported);
+
+    // The log region itself outside the file.
+    for off in [64 * KIB, 128 * KIB] {
+        file[off + 72..off + 80].copy_from_slice(&(1u64 << 50).to_le_bytes());
+    }
+    reseal_headers(&mut file);
+    refused(&file, "log at offset");
 }
 
 #[test]
@@ -153,4 +174,14 @@ fn mutated_metadata_never_panics() {
     mutate(&file, meta..meta + 64 * KIB + 64, 300, &outcome);
     // The BAT has no checksum: every mutation reaches the map.
     mutate(&file, at..at + 64, 300, &outcome);
+}
+
+/// A BAT file offset near 2^64: the end check must not overflow.
+#[test]
+fn block_offset_at_the_top_of_u64() {
+    let mut file = fixture("vhdx-top");
+    let at = bat(&file);
+    let top = !0xf_ffffu64 | 6;
+    file[at..at + 8].copy_from_slice(&top.to_le_bytes());
+    refused(&file, "past the end");
 }

@@ -68,3 +68,30 @@ fn empty_one_tebibyte_image_is_one_zero_run() {
     let pages = zero_walk(vhdx.virtual_size(), &|off, max| vhdx.map(&file, off, max));
     assert!(pages <= 16, "{pages} pages");
 }
+
+/// A writer set a log GUID but logged nothing: there is nothing to replay,
+/// and qemu reads the image as it is.
+#[test]
+fn log_guid_without_entries_matches_qemu() {
+    let dir = Scratch::new("vhdx-guid");
+    let img = qemu_image(&dir, "guid", &source_data(SIZE), "vhdx", "block_size=1M");
+    let mut file = std::fs::read(&img).unwrap();
+    for off in [64 << 10, 128 << 10] {
+        file[off + 48..off + 64].copy_from_slice(&[0x5a; 16]);
+        file[off + 4..off + 8].fill(0);
+        let crc = cocoon_format_vhdx::crc32c(&file[off..off + 4096]);
+        file[off + 4..off + 8].copy_from_slice(&crc.to_le_bytes());
+    }
+    let patched = dir.path("guid-patched.vhdx");
+    std::fs::write(&patched, &file).unwrap();
+    let vhdx = Vhdx::open(&file).expect("open");
+    let expected = qemu_raw(&dir, &patched, "vhdx");
+    let (raw, _) = rebuild(
+        &file,
+        vhdx.virtual_size(),
+        64,
+        &|off, max| vhdx.map(&file, off, max),
+        &no_codec,
+    );
+    assert_eq!(sha256(&raw), sha256(&expected));
+}

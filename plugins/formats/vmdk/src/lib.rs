@@ -318,7 +318,10 @@ impl Vmdk {
                 d.create_type.as_deref(),
                 None | Some("monolithicSparse") | Some("streamOptimized")
             ) && d.extents.len() <= 1
-                && d.extents.iter().all(|e| e.kind == "SPARSE");
+                && d.extents.iter().all(|e| e.kind == "SPARSE")
+                // The one extent of a self-contained image is the file
+                // itself, named by its base name: a path names another file.
+                && d.extents.iter().all(|e| !e.file.contains(['/', '\\']));
             if !self_contained || h.capacity == 0 {
                 return Err(external_extents(d));
             }

@@ -155,6 +155,13 @@ fn embedded_descriptor_naming_etc_shadow() {
     let err = refused(&file, "/etc/shadow");
     assert_eq!(err.kind, ErrorKind::Unsupported);
 
+    // A non-zero capacity and a sole sparse extent, but named by a path.
+    let mut file = fixture("vmdk-embedded1", "");
+    let text = b"# Disk DescriptorFile\nversion=1\ncreateType=\"monolithicSparse\"\n\
+                 RW 12288 SPARSE \"/etc/shadow\"\n\0";
+    file[desc..desc + text.len()].copy_from_slice(text);
+    refused(&file, "/etc/shadow");
+
     // Same with a non-zero capacity but a second, external extent.
     let mut file = fixture("vmdk-embedded2", "");
     let text = b"# Disk DescriptorFile\nversion=1\ncreateType=\"twoGbMaxExtentSparse\"\n\
@@ -192,4 +199,13 @@ fn mutated_metadata_never_panics() {
         mutate(&file, 0..512, 300, &outcome);
         mutate(&file, gd..gd + 8192, 300, &outcome);
     }
+}
+
+/// Found by the fuzzer: a descriptor range that overflows u64.
+#[test]
+fn descriptor_range_overflow() {
+    let mut file = fixture("vmdk-desc-overflow", "");
+    file[28..36].copy_from_slice(&((1u64 << 55) - 1).to_le_bytes());
+    file[36..44].copy_from_slice(&2u64.to_le_bytes());
+    refused(&file, "overflow");
 }

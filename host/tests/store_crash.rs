@@ -1,0 +1,219 @@
+//! Crash safety and concurrency with the real binary: pulls killed with
+//! SIGKILL mid-download and between writes, conversions killed
+//! mid-way and between the image and its digest file, and eight processes
+//! pulling one reference at once.
+
+mod store_common;
+
+use std::fs;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cocoon_host::store::{ConvertBackend, ConverterId, Digest, Layout, PullPolicy, PullRequest, Quiet, Store, StoreError, VerifiedBlob};
+use store_common::{bytes, sha256, Cli, Fault, Resource, Server};
+
+fn kill9(child: &mut Child) {
+    let _ = Command::new("kill").arg("-KILL").arg(child.id().to_string()).status();
+    let _ = child.wait();
+}
+
+/// The store's invariants after any crash: every blob hashes to its
+/// name, every record names only present blobs, and nothing unverified
+/// is outside `tmp/`.
+fn assert_consistent(images: &Path) {
+    let layout = Layout::create(images.to_path_buf()).unwrap();
+    for e in fs::read_dir(layout.blobs_dir()).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().to_string_lossy().into_owned();
+        assert!(!name.starts_with('.'), "a temp file in blobs/: {name}");
+        assert_eq!(sha256(&fs::read(e.path()).unwrap()), format!("sha256:{name}"), "blob {name} does not hash to its name");
+    }
+    for r in layout.list_refs().unwrap() {
+        for a in &r.artifacts {
+            assert!(layout.present(&a.digest, Some(a.size)).is_some(), "{} names missing blob {}", r.reference, a.digest);
+        }
+    }
+}
+
+fn slow(body: Vec<u8>) -> Resource {
+    Resource::new(body).etag("\"slow\"").fault(Fault::Slow { chunk: 32 << 10, delay: Duration::from_millis(10) })
+}
+
+#[test]
+fn eight_processes_pull_one_reference_and_download_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let cli = Cli::new(dir.path());
+    let s = Server::start();
+    let body = bytes(1, 1 << 20);
+    // Slow enough that all eight are running while the first downloads.
+    s.set("/shared.img", slow(body.clone()));
+    let url = s.url("/shared.img");
+    let children: Vec<Child> = (0..8)
+        .map(|_| cli.command(&["image", "pull", &url, "-o", "json"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap())
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["digest"], sha256(&body));
+    }
+    assert_eq!(s.hits("/shared.img"), 1, "exactly one download");
+    assert_consistent(&dir.path().join("images"));
+}
+
+#[test]
+fn a_pull_killed_mid_download_never_serves_partial_data_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let cli = Cli::new(dir.path());
+    let s = Server::start();
+    let body = bytes(2, 2 << 20);
+    s.set("/big.img", slow(body.clone()));
+    let url = s.url("/big.img");
+    let images = dir.path().join("images");
+    let mut killed = 0;
+    for delay in [150u64, 400, 700] {
+        let mut child = cli.command(&["image", "pull", &url]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(delay));
+        if child.try_wait().unwrap().is_none() {
+            kill9(&mut child);
+            killed += 1;
+        }
+        assert_consistent(&images);
+        // Nothing is served: offline, the reference is not in the store.
+        let out = cli.run(&["image", "pull", "--pull", "never", &url]);
+        assert!(!out.status.success(), "a killed pull left a usable image");
+        let list = cli.json(&["image", "list"]);
+        assert_eq!(list.as_array().unwrap().len(), 0);
+    }
+    assert!(killed >= 2, "the pulls were killed mid-download ({killed})");
+    let v = cli.json(&["image", "pull", &url]);
+    assert_eq!(v["digest"], sha256(&body));
+    assert_consistent(&images);
+    // Later attempts resumed what earlier ones had written.
+    let seen = s.seen("/big.img");
+    assert!(seen.iter().any(|r| r.status == 206 && r.header("if-range") == Some("\"slow\"")), "no resumed request: {seen:?}");
+    assert!(fs::read_dir(images.join("tmp")).unwrap().next().is_none(), "partial files left after success");
+}
+
+#[test]
+fn a_pull_killed_between_blob_and_record_completes_next_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let cli = Cli::new(dir.path());
+    let s = Server::start();
+    let body = bytes(3, 100_000);
+    s.set("/r.img", Resource::new(body.clone()));
+    let url = s.url("/r.img");
+    let images = dir.path().join("images");
+    for point in ["before-blob-rename", "before-record"] {
+        let out = cli.command(&["image", "pull", "--digest", &sha256(&body), &url]).env("COCOON_CRASH_AT", point).output().unwrap();
+        assert!(!out.status.success(), "{point}: the process was not killed");
+        assert_consistent(&images);
+        let out = cli.run(&["image", "pull", "--pull", "never", &url]);
+        assert!(!out.status.success(), "{point}: an image without its record was served");
+    }
+    // The blob committed before the kill is reused (re-hashed, pinned).
+    let hits = s.hits("/r.img");
+    let v = cli.json(&["image", "pull", "--digest", &sha256(&body), &url]);
+    assert_eq!(v["digest"], sha256(&body));
+    assert_eq!(v["downloaded"], 0);
+    assert_eq!(s.hits("/r.img"), hits);
+    let v = cli.json(&["image", "inspect", "--verify", &url]);
+    assert_eq!(v["blobs"][0]["verified"], true);
+}
+
+/// A converter that writes slowly, so a kill lands mid-conversion.
+struct SlowCopy;
+
+fn slow_copy_id() -> ConverterId {
+    ConverterId { name: "slow-copy".into(), sha256: Digest::of(b"slow-copy").hex().to_string() }
+}
+
+impl ConvertBackend for SlowCopy {
+    fn installed(&self) -> Vec<ConverterId> {
+        vec![slow_copy_id()]
+    }
+    fn convert(&self, source: &VerifiedBlob, dest: &Path, _target: &str) -> Result<ConverterId, StoreError> {
+        use std::io::Write;
+        let data = fs::read(source.path()).unwrap();
+        let mut f = fs::File::create(dest).unwrap();
+        for chunk in data.chunks(64 << 10) {
+            f.write_all(chunk).unwrap();
+            f.flush().unwrap();
+            if std::env::var_os("SLOW_COPY_DELAY").is_some() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(slow_copy_id())
+    }
+}
+
+/// Not a test on its own: the child process of the conversion crash test
+/// (re-executed with `STORE_CHILD` set).
+#[test]
+fn child_convert() {
+    let Some(root) = std::env::var_os("STORE_CHILD") else { return };
+    let store = Store::at(root.into()).unwrap();
+    let digest: Digest = std::env::var("STORE_SOURCE").unwrap().parse().unwrap();
+    store.converted(&digest, "raw", &SlowCopy).unwrap();
+}
+
+fn spawn_child(root: &Path, source: &Digest, envs: &[(&str, &str)]) -> Child {
+    let mut c = Command::new(std::env::current_exe().unwrap());
+    c.args(["--exact", "child_convert", "--test-threads=1"])
+        .env("STORE_CHILD", root)
+        .env("STORE_SOURCE", source.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (k, v) in envs {
+        c.env(k, v);
+    }
+    c.spawn().unwrap()
+}
+
+#[test]
+fn a_conversion_killed_midway_or_before_its_digest_file_is_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("images");
+    let store = Store::at(root.clone()).unwrap();
+    let file = dir.path().join("src.raw");
+    let data = bytes(4, 2 << 20);
+    fs::write(&file, &data).unwrap();
+    struct NoSources;
+    impl cocoon_host::store::Sources for NoSources {
+        fn resolve(&self, r: &str) -> Result<cocoon_host::store::Resolved, StoreError> {
+            panic!("no network for {r}")
+        }
+    }
+    let req = PullRequest { reference: file.to_str().unwrap().into(), digest: None, policy: PullPolicy::Missing, force: false };
+    let source = store.pull(&NoSources, &req, &Quiet).unwrap().digest;
+    let want = sha256(&data);
+
+    // 1. Killed mid-conversion (by the test, at some point of the copy).
+    let mut child = spawn_child(&root, &source, &[("SLOW_COPY_DELAY", "1")]);
+    let started = Instant::now();
+    let work_dir = root.join("converted").join(source.hex()).join("raw");
+    while !work_dir.exists() && started.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(150));
+    assert!(child.try_wait().unwrap().is_none(), "the conversion finished before it could be killed");
+    kill9(&mut child);
+    let cache = work_dir.join(slow_copy_id().sha256);
+    assert!(!cache.join("image.digest").exists());
+    let c = store.converted(&source, "raw", &SlowCopy).unwrap();
+    assert!(c.converted_now, "a half-written conversion was served");
+    assert_eq!(c.digest.to_string(), want);
+    assert!(fs::read_dir(&work_dir).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().starts_with(".work-")));
+
+    // 2. Killed between the image and its digest file.
+    fs::remove_dir_all(&cache).unwrap();
+    let mut child = spawn_child(&root, &source, &[("COCOON_CRASH_AT", "before-digest-file")]);
+    let status = child.wait().unwrap();
+    assert!(!status.success());
+    assert!(cache.join("image").exists() && !cache.join("image.digest").exists(), "the kill landed between the two writes");
+    let c = store.converted(&source, "raw", &SlowCopy).unwrap();
+    assert!(c.converted_now, "an image without its digest file was served");
+    assert!(c.verify().unwrap());
+    assert!(!store.converted(&source, "raw", &SlowCopy).unwrap().converted_now);
+}
