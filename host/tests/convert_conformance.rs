@@ -13,7 +13,9 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use cocoon_host::config::HostConfig;
-use cocoon_host::convert::{self, ConvertError, ConvertReport, ConvertRequest, Converters, DirResolver, NoBacking, Silent};
+use cocoon_host::convert::{
+    self, ConvertError, ConvertReport, ConvertRequest, Converters, DirResolver, NoBacking, Silent,
+};
 use cocoon_host::plugin::calls::{ExtentKind, MAX_EXTENTS_PER_PAGE};
 use cocoon_host::plugin::{Registry, Runtime};
 use sha2::{Digest, Sha256};
@@ -32,12 +34,18 @@ fn env() -> &'static Env {
     static ENV: OnceLock<Env> = OnceLock::new();
     ENV.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
-        let runtime = Box::leak(Box::new(Runtime::new(Some(dir.path().join("cache"))).unwrap()));
+        let runtime = Box::leak(Box::new(
+            Runtime::new(Some(dir.path().join("cache"))).unwrap(),
+        ));
         let registry = Registry::discover(&HostConfig::at(&dir.path().join("state")));
         let converters = Converters::load(runtime, &registry).unwrap();
         let source = dir.path().join("source.raw");
         write_source(&source, SOURCE_SIZE);
-        Env { converters, source, _dir: dir }
+        Env {
+            converters,
+            source,
+            _dir: dir,
+        }
     })
 }
 
@@ -65,11 +73,23 @@ fn write_source(path: &Path, size: u64) {
         .cycle()
         .take((3 * MIB) as usize)
         .collect();
-    f.write_all_at(&random_bytes(1, (2 * MIB) as usize), 0).unwrap();
+    f.write_all_at(&random_bytes(1, (2 * MIB) as usize), 0)
+        .unwrap();
     f.write_all_at(&text, 3 * MIB).unwrap();
-    f.write_all_at(&random_bytes(2, (MIB / 2) as usize), 6 * MIB + MIB / 2).unwrap();
-    for (i, at) in [8 * MIB + 4096, 9 * MIB + 70_000, 11 * MIB + 512, 13 * MIB - 512, 17 * MIB + 123 * 512].iter().enumerate() {
-        f.write_all_at(&random_bytes(10 + i as u64, 1536), *at).unwrap();
+    f.write_all_at(&random_bytes(2, (MIB / 2) as usize), 6 * MIB + MIB / 2)
+        .unwrap();
+    for (i, at) in [
+        8 * MIB + 4096,
+        9 * MIB + 70_000,
+        11 * MIB + 512,
+        13 * MIB - 512,
+        17 * MIB + 123 * 512,
+    ]
+    .iter()
+    .enumerate()
+    {
+        f.write_all_at(&random_bytes(10 + i as u64, 1536), *at)
+            .unwrap();
     }
     f.write_all_at(&text[..(MIB as usize)], 20 * MIB).unwrap();
     // Smaller sources keep only what fits.
@@ -78,8 +98,14 @@ fn write_source(path: &Path, size: u64) {
 }
 
 fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e} (run scripts/install-deps for qemu-utils)"));
-    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e} (run scripts/install-deps for qemu-utils)"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn qemu_img(args: &[&str]) {
@@ -102,15 +128,31 @@ fn sha256_file(path: &Path) -> String {
     hex::encode(h.finalize())
 }
 
-fn convert_file(src: &Path, dest: &Path, format: Option<&str>, backing: &dyn convert::BackingResolver) -> Result<ConvertReport, ConvertError> {
-    let req = ConvertRequest { source: src, dest, format, backing, jobs: 0 };
+fn convert_file(
+    src: &Path,
+    dest: &Path,
+    format: Option<&str>,
+    backing: &dyn convert::BackingResolver,
+) -> Result<ConvertReport, ConvertError> {
+    let req = ConvertRequest {
+        source: src,
+        dest,
+        format,
+        backing,
+        jobs: 0,
+    };
     convert::convert_with(&env().converters, &req, &Silent)
 }
 
 /// Every block-aligned part of each zero extent of `image` is a hole in
 /// `out`.
 fn assert_zero_extents_are_holes(image: &Path, converter: &str, format: &str, out: &Path) -> u64 {
-    let plugin = env().converters.plugins.iter().find(|p| p.name() == converter).unwrap();
+    let plugin = env()
+        .converters
+        .plugins
+        .iter()
+        .find(|p| p.name() == converter)
+        .unwrap();
     let mut session = plugin.open_image(image, format).unwrap();
     let file = File::open(out).unwrap();
     let mut at = 0;
@@ -124,7 +166,11 @@ fn assert_zero_extents_are_holes(image: &Path, converter: &str, format: &str, ou
                 if start < end {
                     zero_bytes += end - start;
                     match rustix::fs::seek(&file, rustix::fs::SeekFrom::Data(start)) {
-                        Ok(data) => assert!(data >= end, "{}: zero extent {start}..{end} has data at {data}", image.display()),
+                        Ok(data) => assert!(
+                            data >= end,
+                            "{}: zero extent {start}..{end} has data at {data}",
+                            image.display()
+                        ),
                         Err(e) => assert_eq!(e, rustix::io::Errno::NXIO),
                     }
                 }
@@ -139,15 +185,36 @@ fn assert_zero_extents_are_holes(image: &Path, converter: &str, format: &str, ou
 fn check(image: &Path, fmt: &str, backing: &dyn convert::BackingResolver) -> ConvertReport {
     let dir = image.parent().unwrap();
     let reference = dir.join("reference.raw");
-    qemu_img(&["convert", "-f", fmt, "-O", "raw", image.to_str().unwrap(), reference.to_str().unwrap()]);
+    qemu_img(&[
+        "convert",
+        "-f",
+        fmt,
+        "-O",
+        "raw",
+        image.to_str().unwrap(),
+        reference.to_str().unwrap(),
+    ]);
     let ours = dir.join("ours.raw");
-    let report = convert_file(image, &ours, None, backing).unwrap_or_else(|e| panic!("{}: {e}", image.display()));
+    let report = convert_file(image, &ours, None, backing)
+        .unwrap_or_else(|e| panic!("{}: {e}", image.display()));
     assert_eq!(report.format, fmt);
-    assert_eq!(report.virtual_size, std::fs::metadata(&reference).unwrap().len());
+    assert_eq!(
+        report.virtual_size,
+        std::fs::metadata(&reference).unwrap().len()
+    );
     assert_eq!(std::fs::metadata(&ours).unwrap().len(), report.virtual_size);
-    assert_eq!(sha256_file(&ours), sha256_file(&reference), "{} differs from qemu-img's output", image.display());
+    assert_eq!(
+        sha256_file(&ours),
+        sha256_file(&reference),
+        "{} differs from qemu-img's output",
+        image.display()
+    );
     let zero = assert_zero_extents_are_holes(image, &report.converter, fmt, &ours);
-    assert!(report.allocated_bytes <= report.virtual_size - zero, "allocated {} with {zero} zero bytes", report.allocated_bytes);
+    assert!(
+        report.allocated_bytes <= report.virtual_size - zero,
+        "allocated {} with {zero} zero bytes",
+        report.allocated_bytes
+    );
     report
 }
 
@@ -205,7 +272,11 @@ vectors! {
 fn qcow2_lazy_refcounts_with_the_dirty_bit_set() {
     let (_dir, image) = vector("qcow2", &["-o", "lazy_refcounts=on"]);
     // A writer that crashed leaves incompatible feature bit 0 set.
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(&image).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&image)
+        .unwrap();
     let mut word = [0u8; 8];
     f.read_exact_at(&mut word, 72).unwrap();
     let v = u64::from_be_bytes(word) | 1;
@@ -220,7 +291,14 @@ fn qcow2_size_not_cluster_aligned() {
     let source = dir.path().join("odd.raw");
     // 7 sectors past a 64 KiB boundary, the last one written.
     write_source(&source, 5 * MIB + 7 * 512);
-    for (i, extra) in [&[][..], &["-c"][..], &["-c", "-o", "compression_type=zstd"][..]].iter().enumerate() {
+    for (i, extra) in [
+        &[][..],
+        &["-c"][..],
+        &["-c", "-o", "compression_type=zstd"][..],
+    ]
+    .iter()
+    .enumerate()
+    {
         let (_d, image) = vector_from(&source, "qcow2", extra);
         let r = check(&image, "qcow2", &NoBacking);
         assert_eq!(r.virtual_size, 5 * MIB + 7 * 512, "variant {i}");
@@ -233,20 +311,57 @@ fn qcow2_backing_chain_of_two_overlays() {
     let d = dir.path();
     let (ov1, ov2) = (d.join("ov1.qcow2"), d.join("ov2.qcow2"));
     // Names are stored as given: plain names, resolved in the directory.
-    run(Command::new("qemu-img").current_dir(d).args(["create", "-f", "qcow2", "-b", "image.qcow2", "-F", "qcow2", "ov1.qcow2"]));
-    qemu_io(ov1.to_str().unwrap(), "qcow2", &["write -P 0xab 1M 64k", "write -z 3M 128k", "write -P 0x11 23M 1M"]);
+    run(Command::new("qemu-img").current_dir(d).args([
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "image.qcow2",
+        "-F",
+        "qcow2",
+        "ov1.qcow2",
+    ]));
+    qemu_io(
+        ov1.to_str().unwrap(),
+        "qcow2",
+        &[
+            "write -P 0xab 1M 64k",
+            "write -z 3M 128k",
+            "write -P 0x11 23M 1M",
+        ],
+    );
     // The second overlay is smaller-clustered and writes across the first.
     run(Command::new("qemu-img").current_dir(d).args([
-        "create", "-f", "qcow2", "-o", "cluster_size=4k", "-b", "ov1.qcow2", "-F", "qcow2", "ov2.qcow2",
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4k",
+        "-b",
+        "ov1.qcow2",
+        "-F",
+        "qcow2",
+        "ov2.qcow2",
     ]));
-    qemu_io(ov2.to_str().unwrap(), "qcow2", &["write -P 0xcd 1052672 8k", "write -z 0 4k", "write -P 0x22 9M 12k"]);
+    qemu_io(
+        ov2.to_str().unwrap(),
+        "qcow2",
+        &[
+            "write -P 0xcd 1052672 8k",
+            "write -z 0 4k",
+            "write -P 0x22 9M 12k",
+        ],
+    );
     let resolver = DirResolver::new(d).unwrap();
     let r = check(&ov2, "qcow2", &resolver);
     let canon = |p: &Path| p.canonicalize().unwrap();
     assert_eq!(r.backing_chain, vec![canon(&ov1), canon(&base)]);
     // Without a resolver the chain is refused, not guessed.
     let e = convert_file(&ov2, &d.join("x.raw"), None, &NoBacking).unwrap_err();
-    assert!(matches!(e, ConvertError::BackingNotFound { ref name, .. } if name == "ov1.qcow2"), "{e}");
+    assert!(
+        matches!(e, ConvertError::BackingNotFound { ref name, .. } if name == "ov1.qcow2"),
+        "{e}"
+    );
     assert!(!d.join("x.raw").exists());
 }
 
@@ -258,7 +373,11 @@ fn qcow2_empty_1tib_in_bounded_time() {
     let out = dir.path().join("out.raw");
     let started = Instant::now();
     let r = convert_file(&image, &out, None, &NoBacking).unwrap();
-    assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(r.virtual_size, 1 << 40);
     assert_eq!(r.allocated_bytes, 0);
     let meta = std::fs::metadata(&out).unwrap();

@@ -11,22 +11,35 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use cocoon_host::config::HostConfig;
-use cocoon_host::convert::{self, BackingResolver, ConvertError, ConvertReport, ConvertRequest, Converters, NoBacking, Silent};
+use cocoon_host::convert::{
+    self, BackingResolver, ConvertError, ConvertReport, ConvertRequest, Converters, NoBacking,
+    Silent,
+};
 use cocoon_host::plugin::{PluginError, Registry, Runtime};
 
 fn converters() -> &'static Converters {
     static C: OnceLock<Converters> = OnceLock::new();
     C.get_or_init(|| {
         let dir = Box::leak(Box::new(tempfile::tempdir().unwrap()));
-        let runtime = Box::leak(Box::new(Runtime::new(Some(dir.path().join("cache"))).unwrap()));
+        let runtime = Box::leak(Box::new(
+            Runtime::new(Some(dir.path().join("cache"))).unwrap(),
+        ));
         let registry = Registry::discover(&HostConfig::at(&dir.path().join("state")));
         Converters::load(runtime, &registry).unwrap()
     })
 }
 
 fn qemu_img(dir: &Path, args: &[&str]) {
-    let out = Command::new("qemu-img").current_dir(dir).args(args).output().expect("qemu-img (scripts/install-deps)");
-    assert!(out.status.success(), "qemu-img {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("qemu-img")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("qemu-img (scripts/install-deps)");
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A 4 MiB qcow2 with some data, and the raw it was made from.
@@ -37,18 +50,44 @@ fn small_qcow2(dir: &Path) -> (PathBuf, PathBuf) {
     f.write_all_at(&[0x5a; 100_000], 300_000).unwrap();
     f.write_all_at(b"last", (4 << 20) - 4).unwrap();
     let img = dir.join("img.qcow2");
-    qemu_img(dir, &["convert", "-f", "raw", "-O", "qcow2", "-c", "src.raw", "img.qcow2"]);
+    qemu_img(
+        dir,
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-c",
+            "src.raw",
+            "img.qcow2",
+        ],
+    );
     (img, raw)
 }
 
-fn convert(src: &Path, dest: &Path, format: Option<&str>, backing: &dyn BackingResolver) -> Result<ConvertReport, ConvertError> {
-    let req = ConvertRequest { source: src, dest, format, backing, jobs: 2 };
+fn convert(
+    src: &Path,
+    dest: &Path,
+    format: Option<&str>,
+    backing: &dyn BackingResolver,
+) -> Result<ConvertReport, ConvertError> {
+    let req = ConvertRequest {
+        source: src,
+        dest,
+        format,
+        backing,
+        jobs: 2,
+    };
     convert::convert_with(converters(), &req, &Silent)
 }
 
 /// Nothing but `keep` in `dir`: no temp or partial output left behind.
 fn assert_only(dir: &Path, keep: &[&str]) {
-    let mut names: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     names.sort();
     let mut keep: Vec<String> = keep.iter().map(|s| s.to_string()).collect();
     keep.sort();
@@ -65,15 +104,28 @@ fn hostile_backing_names_are_refused_before_resolution() {
     }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    for (i, name) in ["../../etc/passwd", "/etc/passwd", r#"json:{"file":{"driver":"file","filename":"/etc/shadow"}}"#, "nbd:localhost:10809"]
-        .iter()
-        .enumerate()
+    for (i, name) in [
+        "../../etc/passwd",
+        "/etc/passwd",
+        r#"json:{"file":{"driver":"file","filename":"/etc/shadow"}}"#,
+        "nbd:localhost:10809",
+    ]
+    .iter()
+    .enumerate()
     {
         let img = format!("ov{i}.qcow2");
         // -u: qemu-img does not open the backing file, it just stores the name.
-        qemu_img(d, &["create", "-f", "qcow2", "-u", "-b", name, "-F", "raw", &img, "1M"]);
+        qemu_img(
+            d,
+            &[
+                "create", "-f", "qcow2", "-u", "-b", name, "-F", "raw", &img, "1M",
+            ],
+        );
         let e = convert(&d.join(&img), &d.join("out.raw"), None, &Panics).unwrap_err();
-        assert!(matches!(&e, ConvertError::BackingName { name: n, .. } if n == name), "{name}: {e}");
+        assert!(
+            matches!(&e, ConvertError::BackingName { name: n, .. } if n == name),
+            "{name}: {e}"
+        );
         assert!(e.to_string().contains("refused"), "{e}");
     }
     let mut keep: Vec<String> = (0..4).map(|i| format!("ov{i}.qcow2")).collect();
@@ -109,7 +161,8 @@ fn compressed_downloads_are_unpacked_never_taken_for_raw() {
     let (img, raw) = small_qcow2(d);
     let bytes = std::fs::read(&img).unwrap();
     let gz = d.join("img.qcow2.gz");
-    let mut e = flate2::write::GzEncoder::new(File::create(&gz).unwrap(), flate2::Compression::default());
+    let mut e =
+        flate2::write::GzEncoder::new(File::create(&gz).unwrap(), flate2::Compression::default());
     e.write_all(&bytes).unwrap();
     e.finish().unwrap();
     let xz = d.join("img.qcow2.xz");
@@ -122,14 +175,20 @@ fn compressed_downloads_are_unpacked_never_taken_for_raw() {
     for (path, codec) in [(&gz, "gzip"), (&xz, "xz"), (&zst, "zstd")] {
         let out = d.join(format!("{codec}.raw"));
         let r = convert(path, &out, None, &NoBacking).unwrap();
-        assert_eq!((r.format.as_str(), r.decompressed.clone()), ("qcow2", vec![codec]));
+        assert_eq!(
+            (r.format.as_str(), r.decompressed.clone()),
+            ("qcow2", vec![codec])
+        );
         assert_eq!(std::fs::read(&out).unwrap(), want, "{codec}");
     }
     // A truncated download is an error, not a short raw disk.
     let cut = d.join("cut.xz");
     std::fs::write(&cut, &std::fs::read(&xz).unwrap()[..200]).unwrap();
     let e = convert(&cut, &d.join("cut.raw"), None, &NoBacking).unwrap_err();
-    assert!(matches!(e, ConvertError::Decompress { codec: "xz", .. }), "{e}");
+    assert!(
+        matches!(e, ConvertError::Decompress { codec: "xz", .. }),
+        "{e}"
+    );
     assert!(!d.join("cut.raw").exists());
 }
 
@@ -148,24 +207,57 @@ fn hostile_qcow2_headers_end_in_clear_errors_and_no_output() {
     let d = dir.path();
     let (img, _) = small_qcow2(d);
     let cases: Vec<(PathBuf, &str)> = vec![
-        (patched(&img, "l1.qcow2", 40, &(1u64 << 40).to_be_bytes()), "past the end"),
-        (patched(&img, "bits.qcow2", 20, &30u32.to_be_bytes()), "cluster_bits is 30"),
-        (patched(&img, "huge.qcow2", 24, &(1u64 << 60).to_be_bytes()), "l1_size"),
-        (patched(&img, "crypt.qcow2", 32, &1u32.to_be_bytes()), "encrypted"),
-        (patched(&img, "incompat.qcow2", 72, &(1u64 << 2).to_be_bytes()), "external data file"),
-        (patched(&img, "unknown.qcow2", 72, &(1u64 << 40).to_be_bytes()), "unknown incompatible feature"),
+        (
+            patched(&img, "l1.qcow2", 40, &(1u64 << 40).to_be_bytes()),
+            "past the end",
+        ),
+        (
+            patched(&img, "bits.qcow2", 20, &30u32.to_be_bytes()),
+            "cluster_bits is 30",
+        ),
+        (
+            patched(&img, "huge.qcow2", 24, &(1u64 << 60).to_be_bytes()),
+            "l1_size",
+        ),
+        (
+            patched(&img, "crypt.qcow2", 32, &1u32.to_be_bytes()),
+            "encrypted",
+        ),
+        (
+            patched(&img, "incompat.qcow2", 72, &(1u64 << 2).to_be_bytes()),
+            "external data file",
+        ),
+        (
+            patched(&img, "unknown.qcow2", 72, &(1u64 << 40).to_be_bytes()),
+            "unknown incompatible feature",
+        ),
     ];
     let trunc = d.join("trunc.qcow2");
     std::fs::write(&trunc, &std::fs::read(&img).unwrap()[..80]).unwrap();
-    for (path, want) in cases.iter().map(|(p, w)| (p.as_path(), *w)).chain([(trunc.as_path(), "truncated header")]) {
+    for (path, want) in cases
+        .iter()
+        .map(|(p, w)| (p.as_path(), *w))
+        .chain([(trunc.as_path(), "truncated header")])
+    {
         let out = d.join("out.raw");
         let e = convert(path, &out, None, &NoBacking).unwrap_err();
         let msg = e.to_string();
-        assert!(matches!(e, ConvertError::Plugin(PluginError::Returned { .. })), "{}: {msg}", path.display());
-        assert!(msg.contains(want) && msg.contains("qcow2"), "{}: {msg}", path.display());
+        assert!(
+            matches!(e, ConvertError::Plugin(PluginError::Returned { .. })),
+            "{}: {msg}",
+            path.display()
+        );
+        assert!(
+            msg.contains(want) && msg.contains("qcow2"),
+            "{}: {msg}",
+            path.display()
+        );
         assert!(!out.exists());
     }
-    let names: Vec<String> = std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let names: Vec<String> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     assert!(names.iter().all(|n| !n.contains(".part")), "{names:?}");
 }
 
@@ -198,7 +290,14 @@ fn cli_converts_and_prints_json() {
     let (img, raw) = small_qcow2(d);
     let out = d.join("out.raw");
     let o = Command::new(env!("CARGO_BIN_EXE_cocoon-host"))
-        .args(["--state-dir", d.join("state").to_str().unwrap(), "image", "convert", "-o", "json"])
+        .args([
+            "--state-dir",
+            d.join("state").to_str().unwrap(),
+            "image",
+            "convert",
+            "-o",
+            "json",
+        ])
         .arg(&img)
         .arg(&out)
         .output()
@@ -211,7 +310,14 @@ fn cli_converts_and_prints_json() {
     assert!(v["duration"].as_f64().unwrap() > 0.0);
     assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&raw).unwrap());
     let o = Command::new(env!("CARGO_BIN_EXE_cocoon-host"))
-        .args(["--state-dir", d.join("state").to_str().unwrap(), "image", "convert", "--format", "vdi"])
+        .args([
+            "--state-dir",
+            d.join("state").to_str().unwrap(),
+            "image",
+            "convert",
+            "--format",
+            "vdi",
+        ])
         .arg(&img)
         .arg(d.join("x.raw"))
         .output()

@@ -10,11 +10,17 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cocoon_host::store::{ConvertBackend, ConverterId, Digest, Layout, PullPolicy, PullRequest, Quiet, Store, StoreError, VerifiedBlob};
+use cocoon_host::store::{
+    ConvertBackend, ConverterId, Digest, Layout, PullPolicy, PullRequest, Quiet, Store, StoreError,
+    VerifiedBlob,
+};
 use store_common::{bytes, sha256, Cli, Fault, Resource, Server};
 
 fn kill9(child: &mut Child) {
-    let _ = Command::new("kill").arg("-KILL").arg(child.id().to_string()).status();
+    let _ = Command::new("kill")
+        .arg("-KILL")
+        .arg(child.id().to_string())
+        .status();
     let _ = child.wait();
 }
 
@@ -27,17 +33,42 @@ fn assert_consistent(images: &Path) {
         let e = e.unwrap();
         let name = e.file_name().to_string_lossy().into_owned();
         assert!(!name.starts_with('.'), "a temp file in blobs/: {name}");
-        assert_eq!(sha256(&fs::read(e.path()).unwrap()), format!("sha256:{name}"), "blob {name} does not hash to its name");
+        assert_eq!(
+            sha256(&fs::read(e.path()).unwrap()),
+            format!("sha256:{name}"),
+            "blob {name} does not hash to its name"
+        );
     }
     for r in layout.list_refs().unwrap() {
         for a in &r.artifacts {
-            assert!(layout.present(&a.digest, Some(a.size)).is_some(), "{} names missing blob {}", r.reference, a.digest);
+            assert!(
+                layout.present(&a.digest, Some(a.size)).is_some(),
+                "{} names missing blob {}",
+                r.reference,
+                a.digest
+            );
         }
     }
 }
 
+/// Bytes in the partial download files of `tmp/`.
+fn partial_len(images: &Path) -> u64 {
+    fs::read_dir(images.join("tmp"))
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".partial"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 fn slow(body: Vec<u8>) -> Resource {
-    Resource::new(body).etag("\"slow\"").fault(Fault::Slow { chunk: 32 << 10, delay: Duration::from_millis(10) })
+    Resource::new(body).etag("\"slow\"").fault(Fault::Slow {
+        chunk: 32 << 10,
+        delay: Duration::from_millis(10),
+    })
 }
 
 #[test]
@@ -50,11 +81,21 @@ fn eight_processes_pull_one_reference_and_download_once() {
     s.set("/shared.img", slow(body.clone()));
     let url = s.url("/shared.img");
     let children: Vec<Child> = (0..8)
-        .map(|_| cli.command(&["image", "pull", &url, "-o", "json"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap())
+        .map(|_| {
+            cli.command(&["image", "pull", &url, "-o", "json"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
         .collect();
     for c in children {
         let out = c.wait_with_output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(v["digest"], sha256(&body));
     }
@@ -67,14 +108,27 @@ fn a_pull_killed_mid_download_never_serves_partial_data_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let cli = Cli::new(dir.path());
     let s = Server::start();
-    let body = bytes(2, 2 << 20);
+    let body = bytes(2, 4 << 20);
     s.set("/big.img", slow(body.clone()));
     let url = s.url("/big.img");
     let images = dir.path().join("images");
     let mut killed = 0;
-    for delay in [150u64, 400, 700] {
-        let mut child = cli.command(&["image", "pull", &url]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-        std::thread::sleep(Duration::from_millis(delay));
+    for round in 1..=3u64 {
+        let mut child = cli
+            .command(&["image", "pull", &url])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Kill once this round's transfer has put more on disk than the
+        // last one: a different point of the body every round.
+        let started = Instant::now();
+        while partial_len(&images) < round * (768 << 10)
+            && started.elapsed() < Duration::from_secs(20)
+            && child.try_wait().unwrap().is_none()
+        {
+            std::thread::sleep(Duration::from_millis(2));
+        }
         if child.try_wait().unwrap().is_none() {
             kill9(&mut child);
             killed += 1;
@@ -86,14 +140,21 @@ fn a_pull_killed_mid_download_never_serves_partial_data_and_resumes() {
         let list = cli.json(&["image", "list"]);
         assert_eq!(list.as_array().unwrap().len(), 0);
     }
-    assert!(killed >= 2, "the pulls were killed mid-download ({killed})");
+    assert_eq!(killed, 3, "the pulls were killed mid-download");
     let v = cli.json(&["image", "pull", &url]);
     assert_eq!(v["digest"], sha256(&body));
     assert_consistent(&images);
     // Later attempts resumed what earlier ones had written.
     let seen = s.seen("/big.img");
-    assert!(seen.iter().any(|r| r.status == 206 && r.header("if-range") == Some("\"slow\"")), "no resumed request: {seen:?}");
-    assert!(fs::read_dir(images.join("tmp")).unwrap().next().is_none(), "partial files left after success");
+    assert!(
+        seen.iter()
+            .any(|r| r.status == 206 && r.header("if-range") == Some("\"slow\"")),
+        "no resumed request: {seen:?}"
+    );
+    assert!(
+        fs::read_dir(images.join("tmp")).unwrap().next().is_none(),
+        "partial files left after success"
+    );
 }
 
 #[test]
@@ -106,11 +167,18 @@ fn a_pull_killed_between_blob_and_record_completes_next_time() {
     let url = s.url("/r.img");
     let images = dir.path().join("images");
     for point in ["before-blob-rename", "before-record"] {
-        let out = cli.command(&["image", "pull", "--digest", &sha256(&body), &url]).env("COCOON_CRASH_AT", point).output().unwrap();
+        let out = cli
+            .command(&["image", "pull", "--digest", &sha256(&body), &url])
+            .env("COCOON_CRASH_AT", point)
+            .output()
+            .unwrap();
         assert!(!out.status.success(), "{point}: the process was not killed");
         assert_consistent(&images);
         let out = cli.run(&["image", "pull", "--pull", "never", &url]);
-        assert!(!out.status.success(), "{point}: an image without its record was served");
+        assert!(
+            !out.status.success(),
+            "{point}: an image without its record was served"
+        );
     }
     // The blob committed before the kill is reused (re-hashed, pinned).
     let hits = s.hits("/r.img");
@@ -126,14 +194,22 @@ fn a_pull_killed_between_blob_and_record_completes_next_time() {
 struct SlowCopy;
 
 fn slow_copy_id() -> ConverterId {
-    ConverterId { name: "slow-copy".into(), sha256: Digest::of(b"slow-copy").hex().to_string() }
+    ConverterId {
+        name: "slow-copy".into(),
+        sha256: Digest::of(b"slow-copy").hex().to_string(),
+    }
 }
 
 impl ConvertBackend for SlowCopy {
     fn installed(&self) -> Vec<ConverterId> {
         vec![slow_copy_id()]
     }
-    fn convert(&self, source: &VerifiedBlob, dest: &Path, _target: &str) -> Result<ConverterId, StoreError> {
+    fn convert(
+        &self,
+        source: &VerifiedBlob,
+        dest: &Path,
+        _target: &str,
+    ) -> Result<ConverterId, StoreError> {
         use std::io::Write;
         let data = fs::read(source.path()).unwrap();
         let mut f = fs::File::create(dest).unwrap();
@@ -152,7 +228,9 @@ impl ConvertBackend for SlowCopy {
 /// (re-executed with `STORE_CHILD` set).
 #[test]
 fn child_convert() {
-    let Some(root) = std::env::var_os("STORE_CHILD") else { return };
+    let Some(root) = std::env::var_os("STORE_CHILD") else {
+        return;
+    };
     let store = Store::at(root.into()).unwrap();
     let digest: Digest = std::env::var("STORE_SOURCE").unwrap().parse().unwrap();
     store.converted(&digest, "raw", &SlowCopy).unwrap();
@@ -185,7 +263,12 @@ fn a_conversion_killed_midway_or_before_its_digest_file_is_rebuilt() {
             panic!("no network for {r}")
         }
     }
-    let req = PullRequest { reference: file.to_str().unwrap().into(), digest: None, policy: PullPolicy::Missing, force: false };
+    let req = PullRequest {
+        reference: file.to_str().unwrap().into(),
+        digest: None,
+        policy: PullPolicy::Missing,
+        force: false,
+    };
     let source = store.pull(&NoSources, &req, &Quiet).unwrap().digest;
     let want = sha256(&data);
 
@@ -197,23 +280,131 @@ fn a_conversion_killed_midway_or_before_its_digest_file_is_rebuilt() {
         std::thread::sleep(Duration::from_millis(5));
     }
     std::thread::sleep(Duration::from_millis(150));
-    assert!(child.try_wait().unwrap().is_none(), "the conversion finished before it could be killed");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the conversion finished before it could be killed"
+    );
     kill9(&mut child);
     let cache = work_dir.join(slow_copy_id().sha256);
     assert!(!cache.join("image.digest").exists());
     let c = store.converted(&source, "raw", &SlowCopy).unwrap();
     assert!(c.converted_now, "a half-written conversion was served");
     assert_eq!(c.digest.to_string(), want);
-    assert!(fs::read_dir(&work_dir).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().starts_with(".work-")));
+    assert!(fs::read_dir(&work_dir).unwrap().all(|e| !e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .starts_with(".work-")));
 
     // 2. Killed between the image and its digest file.
     fs::remove_dir_all(&cache).unwrap();
     let mut child = spawn_child(&root, &source, &[("COCOON_CRASH_AT", "before-digest-file")]);
     let status = child.wait().unwrap();
     assert!(!status.success());
-    assert!(cache.join("image").exists() && !cache.join("image.digest").exists(), "the kill landed between the two writes");
+    assert!(
+        cache.join("image").exists() && !cache.join("image.digest").exists(),
+        "the kill landed between the two writes"
+    );
     let c = store.converted(&source, "raw", &SlowCopy).unwrap();
-    assert!(c.converted_now, "an image without its digest file was served");
+    assert!(
+        c.converted_now,
+        "an image without its digest file was served"
+    );
     assert!(c.verify().unwrap());
-    assert!(!store.converted(&source, "raw", &SlowCopy).unwrap().converted_now);
+    assert!(
+        !store
+            .converted(&source, "raw", &SlowCopy)
+            .unwrap()
+            .converted_now
+    );
+}
+
+/// Entries of `dir` whose names start with a dot (work and temp files).
+fn dot_files(dir: &Path) -> Vec<String> {
+    fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn the_real_engine_killed_mid_conversion_and_before_the_digest_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cli = Cli::new(dir.path());
+    let file = dir.path().join("disk.raw");
+    let data = bytes(5, 256 << 20);
+    fs::write(&file, &data).unwrap();
+    let want = sha256(&data);
+    drop(data);
+    let reference = file.to_str().unwrap();
+    cli.json(&["image", "pull", reference]);
+    let work_dir = dir
+        .path()
+        .join("images/converted")
+        .join(&want["sha256:".len()..])
+        .join("raw");
+
+    // 1. SIGKILL while the engine writes.
+    let mut child = cli
+        .command(&["image", "pull", "--convert", "raw", reference])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while dot_files(&work_dir).is_empty()
+        && started.elapsed() < Duration::from_secs(30)
+        && child.try_wait().unwrap().is_none()
+    {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the conversion ended before it could be killed"
+    );
+    kill9(&mut child);
+    let digest_files: Vec<_> = fs::read_dir(&work_dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().join("image.digest").exists())
+        .collect();
+    assert!(
+        digest_files.is_empty(),
+        "a digest file exists for a killed conversion"
+    );
+    let v = cli.json(&["image", "pull", "--convert", "raw", reference]);
+    assert_eq!(v["converted"]["converted_now"], true);
+    assert_eq!(
+        v["converted"]["digest"],
+        want.as_str(),
+        "raw to raw keeps the bytes"
+    );
+    assert!(
+        dot_files(&work_dir).is_empty(),
+        "work files left: {:?}",
+        dot_files(&work_dir)
+    );
+    let v = cli.json(&["image", "pull", "--convert", "raw", reference]);
+    assert_eq!(v["converted"]["converted_now"], false);
+
+    // 2. SIGKILL between the image and its digest file.
+    let image = std::path::PathBuf::from(v["converted"]["path"].as_str().unwrap());
+    fs::remove_dir_all(image.parent().unwrap()).unwrap();
+    let out = cli
+        .command(&["image", "pull", "--convert", "raw", reference])
+        .env("COCOON_CRASH_AT", "before-digest-file")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(image.exists() && !image.with_file_name("image.digest").exists());
+    let v = cli.json(&["image", "pull", "--convert", "raw", reference]);
+    assert_eq!(
+        v["converted"]["converted_now"], true,
+        "an image without its digest file was served"
+    );
+    assert_eq!(v["converted"]["digest"], want.as_str());
 }

@@ -18,17 +18,27 @@ pub fn check_backing_name(name: &str) -> Option<&'static str> {
     if name.contains('\0') || name.contains('\n') {
         return Some("it contains a NUL or newline");
     }
-    if name.get(..5).is_some_and(|p| p.eq_ignore_ascii_case("json:")) {
+    if name
+        .get(..5)
+        .is_some_and(|p| p.eq_ignore_ascii_case("json:"))
+    {
         return Some("json: pseudo-protocol names are not files");
     }
     if name.starts_with('/') {
         return Some("it is an absolute path");
     }
-    if Path::new(name).components().any(|c| c == Component::ParentDir) {
+    if Path::new(name)
+        .components()
+        .any(|c| c == Component::ParentDir)
+    {
         return Some("it climbs out of its directory with ..");
     }
     // qemu reads `proto:rest` (nbd:, http:, …) as a protocol, not a file.
-    if name.split('/').next().is_some_and(|first| first.contains(':')) {
+    if name
+        .split('/')
+        .next()
+        .is_some_and(|first| first.contains(':'))
+    {
         return Some("it names a protocol (a ':' before the first '/')");
     }
     None
@@ -43,7 +53,9 @@ pub struct DirResolver {
 
 impl DirResolver {
     pub fn new(dir: &Path) -> std::io::Result<Self> {
-        Ok(DirResolver { dir: dir.canonicalize()? })
+        Ok(DirResolver {
+            dir: dir.canonicalize()?,
+        })
     }
 }
 
@@ -69,7 +81,10 @@ pub fn open_chain<'c>(
 ) -> Result<Vec<Layer<'c>>, ConvertError> {
     let mut layers = vec![Layer::open(converters, plugin, source, path, format)?];
     let mut seen = HashSet::new();
-    seen.insert(path.canonicalize().map_err(ConvertError::io("resolving", path))?);
+    seen.insert(
+        path.canonicalize()
+            .map_err(ConvertError::io("resolving", path))?,
+    );
     loop {
         let child = layers.last_mut().expect("one layer at least");
         let Some(name) = child.session.backing()? else {
@@ -77,23 +92,37 @@ pub fn open_chain<'c>(
         };
         let image = child.path.clone();
         if let Some(reason) = check_backing_name(&name) {
-            return Err(ConvertError::BackingName { image, name, reason });
+            return Err(ConvertError::BackingName {
+                image,
+                name,
+                reason,
+            });
         }
         if layers.len() == MAX_CHAIN_DEPTH {
-            return Err(ConvertError::ChainTooDeep { image: source.to_path_buf() });
+            return Err(ConvertError::ChainTooDeep {
+                image: source.to_path_buf(),
+            });
         }
-        let resolved = resolver
-            .resolve(&image, &name)
-            .ok_or_else(|| ConvertError::BackingNotFound {
-                image: image.clone(),
-                name: name.clone(),
-            })?;
-        let canonical = resolved.canonicalize().map_err(ConvertError::io("resolving", &resolved))?;
+        let resolved =
+            resolver
+                .resolve(&image, &name)
+                .ok_or_else(|| ConvertError::BackingNotFound {
+                    image: image.clone(),
+                    name: name.clone(),
+                })?;
+        let canonical = resolved
+            .canonicalize()
+            .map_err(ConvertError::io("resolving", &resolved))?;
         if !seen.insert(canonical.clone()) {
-            return Err(ConvertError::BackingLoop { image, again: canonical });
+            return Err(ConvertError::BackingLoop {
+                image,
+                again: canonical,
+            });
         }
         let (plugin, format) = detect::choose(converters, &canonical, None)?;
-        layers.push(Layer::open(converters, plugin, &canonical, &canonical, &format)?);
+        layers.push(Layer::open(
+            converters, plugin, &canonical, &canonical, &format,
+        )?);
     }
 }
 
@@ -136,7 +165,10 @@ mod tests {
         std::os::unix::fs::symlink(root.path().join("outside"), dir.join("link")).unwrap();
         let r = DirResolver::new(&dir).unwrap();
         let child = dir.join("child");
-        assert_eq!(r.resolve(&child, "base"), Some(dir.canonicalize().unwrap().join("base")));
+        assert_eq!(
+            r.resolve(&child, "base"),
+            Some(dir.canonicalize().unwrap().join("base"))
+        );
         assert_eq!(r.resolve(&child, "link"), None);
         assert_eq!(r.resolve(&child, "../outside"), None);
         assert_eq!(r.resolve(&child, "missing"), None);

@@ -18,6 +18,10 @@ use super::{ConvertError, Progress};
 
 /// Compressed pieces queued per worker.
 const QUEUE_PER_WORKER: usize = 4;
+/// Most compressed bytes read for one extent: a compressed extent is
+/// never much larger than what it decodes to, and a plugin saying
+/// otherwise must not make the host allocate gigabytes.
+pub const MAX_COMPRESSED: u32 = 2 * MAX_DECODED;
 
 /// One compressed piece to decode and write.
 #[derive(Debug, Clone)]
@@ -43,7 +47,12 @@ pub struct Pool<'a> {
 impl Pool<'_> {
     /// Queues `job`; fails with the first worker error, if any.
     pub fn submit(&self, job: Job) -> Result<(), ConvertError> {
-        if let Some(e) = self.failure.lock().unwrap_or_else(PoisonError::into_inner).take() {
+        if let Some(e) = self
+            .failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
             return Err(e);
         }
         // The workers outlive the sender; a send fails only if they all
@@ -71,7 +80,10 @@ pub fn run(
         for _ in 0..jobs.max(1) {
             scope.spawn(|| worker(&rx, plugins, sources, out, progress, &failure));
         }
-        let pool = Pool { tx, failure: &failure };
+        let pool = Pool {
+            tx,
+            failure: &failure,
+        };
         // Dropping the pool closes the queue, so the workers drain it and
         // stop before the scope ends.
         walk(&pool)
@@ -103,7 +115,10 @@ fn worker(
         }
         if let Err(e) = decode_one(&job, plugins, sources, out, &mut warm) {
             failed = true;
-            failure.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert(e);
+            failure
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get_or_insert(e);
             continue;
         }
         progress.advance(job.length);
@@ -115,15 +130,27 @@ fn decode_one<'p>(
     plugins: &[&'p LoadedPlugin],
     sources: &[(PathBuf, File)],
     out: &Output,
-    warm: &mut HashMap<usize, crate::plugin::warm::Warm<'p, crate::plugin::bindings::format_converter::FormatConverter>>,
+    warm: &mut HashMap<
+        usize,
+        crate::plugin::warm::Warm<'p, crate::plugin::bindings::format_converter::FormatConverter>,
+    >,
 ) -> Result<(), ConvertError> {
     let (path, file) = &sources[job.layer];
-    let invalid = |detail: String| ConvertError::Invalid { image: path.clone(), detail };
+    let invalid = |detail: String| ConvertError::Invalid {
+        image: path.clone(),
+        detail,
+    };
     // The runtime bounds compressed extents; these guard the arithmetic.
     if job.decoded > MAX_DECODED as u64 || job.skip + job.length > job.decoded {
         return Err(invalid(format!(
             "compressed piece {}+{} of a {}-byte extent",
             job.skip, job.length, job.decoded
+        )));
+    }
+    if job.extent.source_length > MAX_COMPRESSED {
+        return Err(invalid(format!(
+            "compressed extent at {} claims {} bytes, over the {MAX_COMPRESSED}-byte limit",
+            job.extent.source_offset, job.extent.source_length
         )));
     }
     let mut input = vec![0u8; job.extent.source_length as usize];

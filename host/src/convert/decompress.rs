@@ -137,7 +137,8 @@ mod tests {
         assert!(u.file.is_none() && u.codecs.is_empty());
 
         let gz = dir.path().join("x.gz");
-        let mut e = flate2::write::GzEncoder::new(File::create(&gz).unwrap(), flate2::Compression::fast());
+        let mut e =
+            flate2::write::GzEncoder::new(File::create(&gz).unwrap(), flate2::Compression::fast());
         e.write_all(&data).unwrap();
         e.finish().unwrap();
         let xz = dir.path().join("x.xz");
@@ -147,13 +148,23 @@ mod tests {
         let zst = dir.path().join("x.zst");
         std::fs::write(&zst, zstd::encode_all(&data[..], 1).unwrap()).unwrap();
 
-        for (path, codecs) in [(&gz, vec!["gzip"]), (&xz, vec!["xz", "gzip"]), (&zst, vec!["zstd"])] {
+        for (path, codecs) in [
+            (&gz, vec!["gzip"]),
+            (&xz, vec!["xz", "gzip"]),
+            (&zst, vec!["zstd"]),
+        ] {
             let u = unpack(path, dir.path()).unwrap();
             assert_eq!(u.codecs, codecs);
-            assert_eq!(std::fs::read(u.file.as_ref().unwrap().path()).unwrap(), data);
+            assert_eq!(
+                std::fs::read(u.file.as_ref().unwrap().path()).unwrap(),
+                data
+            );
         }
         let bad = dir.path().join("bad.xz");
         std::fs::write(&bad, [0xfd, b'7', b'z', b'X', b'Z', 0, 1, 2, 3]).unwrap();
-        assert!(matches!(unpack(&bad, dir.path()), Err(ConvertError::Decompress { codec: "xz", .. })));
+        assert!(matches!(
+            unpack(&bad, dir.path()),
+            Err(ConvertError::Decompress { codec: "xz", .. })
+        ));
     }
 }

@@ -62,7 +62,9 @@ pub fn detect_magic(head: &[u8], tail: &[u8]) -> Option<&'static str> {
     }
     // VHD: the footer in the last 512 bytes (dynamic disks also copy it at
     // the start).
-    if head.starts_with(b"conectix") || (tail.len() >= 512 && tail[tail.len() - 512..].starts_with(b"conectix")) {
+    if head.starts_with(b"conectix")
+        || (tail.len() >= 512 && tail[tail.len() - 512..].starts_with(b"conectix"))
+    {
         return Some("vpc");
     }
     None
@@ -71,10 +73,14 @@ pub fn detect_magic(head: &[u8], tail: &[u8]) -> Option<&'static str> {
 /// The first and last [`PROBE_BYTES`] of `path`, and its size.
 pub fn head_and_tail(path: &Path) -> Result<(Vec<u8>, Vec<u8>, u64), ConvertError> {
     let file = File::open(path).map_err(ConvertError::io("opening", path))?;
-    let size = file.metadata().map_err(ConvertError::io("reading metadata of", path))?.len();
+    let size = file
+        .metadata()
+        .map_err(ConvertError::io("reading metadata of", path))?
+        .len();
     let read = |offset: u64, len: u64| -> Result<Vec<u8>, ConvertError> {
         let mut buf = vec![0u8; len as usize];
-        file.read_exact_at(&mut buf, offset).map_err(ConvertError::io("reading", path))?;
+        file.read_exact_at(&mut buf, offset)
+            .map_err(ConvertError::io("reading", path))?;
         Ok(buf)
     };
     let head = read(0, size.min(PROBE_BYTES))?;
@@ -85,7 +91,11 @@ pub fn head_and_tail(path: &Path) -> Result<(Vec<u8>, Vec<u8>, u64), ConvertErro
 
 /// The plugin (index into `converters`) and format that read `path`:
 /// the forced format when its probe agrees, else the most confident probe.
-pub fn choose(converters: &Converters, path: &Path, forced: Option<&str>) -> Result<(usize, String), ConvertError> {
+pub fn choose(
+    converters: &Converters,
+    path: &Path,
+    forced: Option<&str>,
+) -> Result<(usize, String), ConvertError> {
     let (head, tail, size) = head_and_tail(path)?;
     let mut answers = Vec::new();
     for (i, plugin) in converters.plugins.iter().enumerate() {
@@ -98,7 +108,9 @@ pub fn choose(converters: &Converters, path: &Path, forced: Option<&str>) -> Res
     }
     // Most confident first; the plugin order (by name) breaks ties.
     answers.sort_by(|a, b| b.2.cmp(&a.2).then(a.0.cmp(&b.0)));
-    let best = answers.first().map_or_else(|| "nothing".to_string(), |(_, f, c)| format!("{f} at {c}%"));
+    let best = answers
+        .first()
+        .map_or_else(|| "nothing".to_string(), |(_, f, c)| format!("{f} at {c}%"));
     if let Some(forced) = forced {
         return answers
             .into_iter()
@@ -118,7 +130,9 @@ pub fn choose(converters: &Converters, path: &Path, forced: Option<&str>) -> Res
             magic: magic.expect("checked"),
             probed: best,
         }),
-        _ => Err(ConvertError::Unrecognised { path: path.to_path_buf() }),
+        _ => Err(ConvertError::Unrecognised {
+            path: path.to_path_buf(),
+        }),
     }
 }
 
@@ -145,9 +159,18 @@ mod tests {
         for (head, tail, want) in cases {
             assert_eq!(detect_magic(head, tail), *want, "{head:?}");
         }
-        assert_eq!(detect_compression(&[0xfd, b'7', b'z', b'X', b'Z', 0, 0]), Some(Compression::Xz));
-        assert_eq!(detect_compression(&[0x1f, 0x8b, 8]), Some(Compression::Gzip));
-        assert_eq!(detect_compression(&[0x28, 0xb5, 0x2f, 0xfd]), Some(Compression::Zstd));
+        assert_eq!(
+            detect_compression(&[0xfd, b'7', b'z', b'X', b'Z', 0, 0]),
+            Some(Compression::Xz)
+        );
+        assert_eq!(
+            detect_compression(&[0x1f, 0x8b, 8]),
+            Some(Compression::Gzip)
+        );
+        assert_eq!(
+            detect_compression(&[0x28, 0xb5, 0x2f, 0xfd]),
+            Some(Compression::Zstd)
+        );
         assert_eq!(detect_compression(b"QFI\xfb"), None);
     }
 }

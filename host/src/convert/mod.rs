@@ -33,8 +33,6 @@ pub const MAX_CHAIN_DEPTH: usize = 16;
 pub enum ConvertError {
     #[error(transparent)]
     Plugin(#[from] PluginError),
-    #[error("not implemented yet: conversion")]
-    NotImplemented,
     #[error("{what} {}", path.display())]
     Io {
         what: &'static str,
@@ -94,7 +92,10 @@ pub enum ConvertError {
 }
 
 impl ConvertError {
-    pub(crate) fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Self + 'a {
+    pub(crate) fn io<'a>(
+        what: &'static str,
+        path: &'a Path,
+    ) -> impl FnOnce(std::io::Error) -> Self + 'a {
         move |source| ConvertError::Io {
             what,
             path: path.to_path_buf(),
@@ -190,7 +191,9 @@ impl Converters {
                     plugins.push(p);
                     sha256.push(info.sha256.clone());
                 }
-                Err(e) => tracing::warn!(plugin = info.name(), error = %e, "converter plugin skipped"),
+                Err(e) => {
+                    tracing::warn!(plugin = info.name(), error = %e, "converter plugin skipped")
+                }
             }
         }
         if plugins.is_empty() {
@@ -223,7 +226,8 @@ pub fn convert_with(
     let unpacked = decompress::unpack(req.source, scratch_dir)?;
     let source = unpacked.file.as_ref().map_or(req.source, |t| t.path());
     let (top, format) = detect::choose(converters, source, req.format)?;
-    let mut layers = backing::open_chain(converters, req.source, source, top, &format, req.backing)?;
+    let mut layers =
+        backing::open_chain(converters, req.source, source, top, &format, req.backing)?;
     let virtual_size = layers[0].virtual_size;
     let out = output::Output::create(req.dest, virtual_size)?;
     let jobs = match req.jobs {
@@ -231,7 +235,10 @@ pub fn convert_with(
         n => n,
     };
     progress.start(virtual_size);
-    let plugins: Vec<&LoadedPlugin> = layers.iter().map(|l| &converters.plugins[l.plugin]).collect();
+    let plugins: Vec<&LoadedPlugin> = layers
+        .iter()
+        .map(|l| &converters.plugins[l.plugin])
+        .collect();
     let sources: Vec<(PathBuf, std::fs::File)> = layers
         .iter()
         .map(|l| l.file.try_clone().map(|f| (l.path.clone(), f)))

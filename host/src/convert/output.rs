@@ -8,6 +8,9 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::thread::JoinHandle;
 
 use rustix::fs::SeekFrom;
 use tempfile::NamedTempFile;
@@ -16,31 +19,101 @@ use super::ConvertError;
 
 /// Largest single copy_file_range or read/write step.
 const CHUNK: u64 = 8 << 20;
+/// Bytes written between two background flushes.
+const FLUSH_EVERY: u64 = 128 << 20;
 
 /// The directory a file lives in ("." for a bare name).
 pub fn parent_dir(path: &Path) -> &Path {
-    path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
 }
 
 pub struct Output {
     tmp: NamedTempFile,
     dest: PathBuf,
+    flusher: Flusher,
+}
+
+/// Starts writeback while the copy goes on, so the fsync at the end finds
+/// little left to write: a background thread runs fdatasync each time
+/// another [`FLUSH_EVERY`] bytes have been written. A flush still running
+/// absorbs the requests made meanwhile.
+struct Flusher {
+    written: AtomicU64,
+    kick: Option<SyncSender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Flusher {
+    fn start(file: io::Result<File>) -> Self {
+        let (kick, thread) = match file {
+            Ok(file) => {
+                let (tx, rx) = sync_channel::<()>(1);
+                let thread = std::thread::Builder::new()
+                    .name("cocoon-flush".into())
+                    .spawn(move || {
+                        while rx.recv().is_ok() {
+                            // Errors surface at the final fsync.
+                            let _ = rustix::fs::fdatasync(&file);
+                        }
+                    })
+                    .ok();
+                (thread.is_some().then_some(tx), thread)
+            }
+            Err(_) => (None, None),
+        };
+        Flusher {
+            written: AtomicU64::new(0),
+            kick,
+            thread,
+        }
+    }
+
+    fn wrote(&self, bytes: u64) {
+        let before = self.written.fetch_add(bytes, Ordering::Relaxed);
+        if (before + bytes) / FLUSH_EVERY != before / FLUSH_EVERY {
+            if let Some(kick) = &self.kick {
+                let _ = kick.try_send(());
+            }
+        }
+    }
+
+    fn stop(&mut self) {
+        self.kick = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 impl Output {
     /// A temp file beside `dest`, `size` bytes long and all hole.
     pub fn create(dest: &Path, size: u64) -> Result<Self, ConvertError> {
         let dir = parent_dir(dest);
-        let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let tmp = tempfile::Builder::new()
             .prefix(&format!(".{name}."))
             .suffix(".part")
             .tempfile_in(dir)
             .map_err(ConvertError::io("creating a temp file in", dir))?;
-        tmp.as_file().set_len(size).map_err(ConvertError::io("sizing", tmp.path()))?;
+        tmp.as_file()
+            .set_len(size)
+            .map_err(ConvertError::io("sizing", tmp.path()))?;
+        let flusher = Flusher::start(tmp.as_file().try_clone());
         Ok(Output {
             tmp,
             dest: dest.to_path_buf(),
+            flusher,
         })
     }
 
@@ -57,12 +130,23 @@ impl Output {
         if data.iter().all(|&b| b == 0) {
             return Ok(());
         }
-        self.file().write_all_at(data, offset).map_err(ConvertError::io("writing", self.path()))
+        self.file()
+            .write_all_at(data, offset)
+            .map_err(ConvertError::io("writing", self.path()))?;
+        self.flusher.wrote(data.len() as u64);
+        Ok(())
     }
 
     /// Copies `length` bytes at `src_offset` of `src` to `offset`, skipping
     /// the holes of the source (preallocated images are mostly holes).
-    pub fn copy_from(&self, src: &File, src_path: &Path, src_offset: u64, offset: u64, length: u64) -> Result<(), ConvertError> {
+    pub fn copy_from(
+        &self,
+        src: &File,
+        src_path: &Path,
+        src_offset: u64,
+        offset: u64,
+        length: u64,
+    ) -> Result<(), ConvertError> {
         let end = src_offset + length;
         let mut at = src_offset;
         while at < end {
@@ -77,13 +161,26 @@ impl Output {
                 return Ok(());
             }
             let stop = hole.min(end);
-            self.copy_range(src, src_path, data, offset + (data - src_offset), stop - data)?;
+            self.copy_range(
+                src,
+                src_path,
+                data,
+                offset + (data - src_offset),
+                stop - data,
+            )?;
             at = stop;
         }
         Ok(())
     }
 
-    fn copy_range(&self, src: &File, src_path: &Path, mut from: u64, mut to: u64, mut length: u64) -> Result<(), ConvertError> {
+    fn copy_range(
+        &self,
+        src: &File,
+        src_path: &Path,
+        mut from: u64,
+        mut to: u64,
+        mut length: u64,
+    ) -> Result<(), ConvertError> {
         while length > 0 {
             let step = length.min(CHUNK) as usize;
             let (mut f, mut t) = (from, to);
@@ -92,13 +189,17 @@ impl Output {
                     return Err(ConvertError::Io {
                         what: "copying from",
                         path: src_path.to_path_buf(),
-                        source: io::Error::new(io::ErrorKind::UnexpectedEof, format!("the source ends before {from}")),
+                        source: io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            format!("the source ends before {from}"),
+                        ),
                     })
                 }
                 Ok(n) => {
                     from += n as u64;
                     to += n as u64;
                     length -= n as u64;
+                    self.flusher.wrote(n as u64);
                 }
                 Err(rustix::io::Errno::INTR) => {}
                 // Cross-device copies on old kernels, filesystems without
@@ -109,11 +210,19 @@ impl Output {
         Ok(())
     }
 
-    fn copy_buffered(&self, src: &File, src_path: &Path, mut from: u64, mut to: u64, mut length: u64) -> Result<(), ConvertError> {
+    fn copy_buffered(
+        &self,
+        src: &File,
+        src_path: &Path,
+        mut from: u64,
+        mut to: u64,
+        mut length: u64,
+    ) -> Result<(), ConvertError> {
         let mut buf = vec![0u8; length.min(CHUNK) as usize];
         while length > 0 {
             let n = length.min(CHUNK) as usize;
-            src.read_exact_at(&mut buf[..n], from).map_err(ConvertError::io("reading", src_path))?;
+            src.read_exact_at(&mut buf[..n], from)
+                .map_err(ConvertError::io("reading", src_path))?;
             self.write_at(&buf[..n], to)?;
             from += n as u64;
             to += n as u64;
@@ -124,10 +233,13 @@ impl Output {
 
     /// fsyncs the file, renames it over the destination, fsyncs the
     /// directory, and returns the bytes that are not holes.
-    pub fn finish(self) -> Result<u64, ConvertError> {
+    pub fn finish(mut self) -> Result<u64, ConvertError> {
+        self.flusher.stop();
         let file = self.tmp.as_file();
-        file.sync_all().map_err(ConvertError::io("syncing", self.tmp.path()))?;
-        let allocated = allocated_bytes(file).map_err(ConvertError::io("measuring", self.tmp.path()))?;
+        file.sync_all()
+            .map_err(ConvertError::io("syncing", self.tmp.path()))?;
+        let allocated =
+            allocated_bytes(file).map_err(ConvertError::io("measuring", self.tmp.path()))?;
         let dir = parent_dir(&self.dest).to_path_buf();
         self.tmp
             .persist(&self.dest)
@@ -177,7 +289,11 @@ mod tests {
         out.write_at(&[0u8; 65536], 0).unwrap();
         out.write_at(&[1u8; 10], 100).unwrap();
         let allocated = out.finish().unwrap();
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2, "no temp file left");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            2,
+            "no temp file left"
+        );
         let bytes = std::fs::read(&dest).unwrap();
         assert_eq!(bytes.len(), 8 << 20);
         assert_eq!(bytes[100..110], [1u8; 10]);

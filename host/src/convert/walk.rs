@@ -53,7 +53,13 @@ pub struct Layer<'c> {
 impl<'c> Layer<'c> {
     /// Opens `path` as `format` with plugin `plugin`; `name` is how errors
     /// call it (the original file when `path` is an unpacked copy).
-    pub fn open(converters: &'c Converters, plugin: usize, name: &Path, path: &Path, format: &str) -> Result<Self, ConvertError> {
+    pub fn open(
+        converters: &'c Converters,
+        plugin: usize,
+        name: &Path,
+        path: &Path,
+        format: &str,
+    ) -> Result<Self, ConvertError> {
         let session = converters.plugins[plugin].open_image(path, format)?;
         Ok(Layer {
             path: name.to_path_buf(),
@@ -75,15 +81,19 @@ impl<'c> Layer<'c> {
             }
             if let Some(e) = self.page.front() {
                 if e.offset > at {
-                    return Err(self.invalid(format!("the walk went back to {at} after {}", e.offset)));
+                    return Err(
+                        self.invalid(format!("the walk went back to {at} after {}", e.offset))
+                    );
                 }
-                return Ok(e.clone());
+                return Ok(*e);
             }
             if self.next >= self.virtual_size {
                 return Err(self.invalid(format!("offset {at} is past the map's end")));
             }
             let page = self.session.map(self.next, MAX_EXTENTS_PER_PAGE)?;
-            let last = page.last().expect("the runtime refuses empty pages below the virtual size");
+            let last = page
+                .last()
+                .expect("the runtime refuses empty pages below the virtual size");
             self.next = last.offset + last.length;
             self.page.extend(page);
         }
@@ -154,7 +164,10 @@ fn resolve(
         a = stop;
     }
     if a < b {
-        emit(Piece::Zero { offset: a, length: b - a })?;
+        emit(Piece::Zero {
+            offset: a,
+            length: b - a,
+        })?;
     }
     Ok(())
 }

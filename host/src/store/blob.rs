@@ -14,6 +14,10 @@ use super::lock;
 use super::StoreError;
 use crate::fsutil;
 
+/// Write buffer of a staged file: small enough that a killed download
+/// leaves most of what it received on disk for the resume.
+const BUF: usize = 256 << 10;
+
 /// Where everything of one store lives.
 #[derive(Debug, Clone)]
 pub struct Layout {
@@ -43,7 +47,13 @@ impl VerifiedBlob {
 impl Layout {
     pub fn create(root: PathBuf) -> Result<Layout, StoreError> {
         let layout = Layout { root };
-        for dir in [layout.blobs_dir(), layout.refs_dir(), layout.tmp_dir(), layout.locks_dir(), layout.converted_dir()] {
+        for dir in [
+            layout.blobs_dir(),
+            layout.refs_dir(),
+            layout.tmp_dir(),
+            layout.locks_dir(),
+            layout.converted_dir(),
+        ] {
             fs::create_dir_all(&dir).map_err(StoreError::io("creating", &dir))?;
         }
         Ok(layout)
@@ -72,14 +82,14 @@ impl Layout {
         self.blobs_dir().join(digest.hex())
     }
 
-    /// The lock of one key (`0-ref-…`, `1-blob-…`, `2-conv-…`, `gc`).
+    /// The lock of one key (`0-gc`, `0-ref-…`, `1-blob-…`, `1-stage-…`, `2-conv-…`).
     pub fn lock_path(&self, name: &str) -> PathBuf {
         self.locks_dir().join(name)
     }
 
     /// Every writer holds this shared; gc holds it exclusively.
     pub fn writer_lock(&self) -> Result<lock::Held, StoreError> {
-        let p = self.lock_path("gc");
+        let p = self.lock_path("0-gc");
         lock::shared(&p).map_err(StoreError::io("locking", p))
     }
 
@@ -97,7 +107,11 @@ impl Layout {
         if !meta.is_file() || size.is_some_and(|s| s != meta.len()) {
             return None;
         }
-        Some(VerifiedBlob { digest: digest.clone(), size: meta.len(), path })
+        Some(VerifiedBlob {
+            digest: digest.clone(),
+            size: meta.len(),
+            path,
+        })
     }
 
     /// The blob of `digest`, re-hashed now. A blob whose bytes no longer
@@ -110,19 +124,30 @@ impl Layout {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(StoreError::io("opening", &path)(e)),
         };
-        let (actual, size) = hash_reader(io::BufReader::with_capacity(1 << 20, file)).map_err(StoreError::io("hashing", &path))?;
+        let (actual, size) = hash_reader(io::BufReader::with_capacity(1 << 20, file))
+            .map_err(StoreError::io("hashing", &path))?;
         if actual != *digest {
             tracing::warn!(blob = %path.display(), expected = %digest, actual = %actual, "corrupt blob removed");
             fs::remove_file(&path).map_err(StoreError::io("removing corrupt blob", &path))?;
             return Ok(None);
         }
-        Ok(Some(VerifiedBlob { digest: actual, path, size }))
+        Ok(Some(VerifiedBlob {
+            digest: actual,
+            path,
+            size,
+        }))
     }
 
     /// Moves a staged file into the store if it hashes to `expected` (when
     /// given) and has `expected_size` bytes (when given). On any mismatch
     /// the staged file is deleted: nothing is kept.
-    pub fn commit(&self, staged: Staged, what: &str, expected: Option<&Digest>, expected_size: Option<u64>) -> Result<VerifiedBlob, StoreError> {
+    pub fn commit(
+        &self,
+        staged: Staged,
+        what: &str,
+        expected: Option<&Digest>,
+        expected_size: Option<u64>,
+    ) -> Result<VerifiedBlob, StoreError> {
         let (file, path, actual, size) = staged.finish()?;
         let fail = |e: StoreError| {
             let _ = fs::remove_file(&path);
@@ -131,22 +156,35 @@ impl Layout {
         };
         if let Some(expected) = expected {
             if *expected != actual {
-                return fail(StoreError::DigestMismatch { what: what.to_string(), expected: expected.clone(), actual });
+                return fail(StoreError::DigestMismatch {
+                    what: what.to_string(),
+                    expected: expected.clone(),
+                    actual,
+                });
             }
         }
         if let Some(expected) = expected_size {
             if expected != size {
-                return fail(StoreError::SizeMismatch { url: what.to_string(), expected, actual: size });
+                return fail(StoreError::SizeMismatch {
+                    url: what.to_string(),
+                    expected,
+                    actual: size,
+                });
             }
         }
         file.sync_all().map_err(StoreError::io("syncing", &path))?;
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o444)).map_err(StoreError::io("chmod", &path))?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o444))
+            .map_err(StoreError::io("chmod", &path))?;
         let dest = self.blob_path(&actual);
         super::crash_point("before-blob-rename");
         fs::rename(&path, &dest).map_err(StoreError::io("renaming into the store", &dest))?;
         fsutil::sync_dir(&self.blobs_dir()).map_err(StoreError::io("syncing", self.blobs_dir()))?;
         let _ = fs::remove_file(Staged::meta_path_of(&path));
-        Ok(VerifiedBlob { digest: actual, path: dest, size })
+        Ok(VerifiedBlob {
+            digest: actual,
+            path: dest,
+            size,
+        })
     }
 }
 
@@ -175,7 +213,9 @@ impl Staged {
             // whole file, and those bytes were not checked by anyone yet.
             let mut buf = vec![0u8; 1 << 20];
             loop {
-                let n = file.read(&mut buf).map_err(StoreError::io("reading", &path))?;
+                let n = file
+                    .read(&mut buf)
+                    .map_err(StoreError::io("reading", &path))?;
                 if n == 0 {
                     break;
                 }
@@ -183,10 +223,12 @@ impl Staged {
                 staged_len += n as u64;
             }
         } else {
-            file.set_len(0).map_err(StoreError::io("truncating", &path))?;
+            file.set_len(0)
+                .map_err(StoreError::io("truncating", &path))?;
         }
-        file.seek(SeekFrom::Start(staged_len)).map_err(StoreError::io("seeking", &path))?;
-        let mut writer = HashingWriter::new(io::BufWriter::with_capacity(1 << 20, file));
+        file.seek(SeekFrom::Start(staged_len))
+            .map_err(StoreError::io("seeking", &path))?;
+        let mut writer = HashingWriter::new(io::BufWriter::with_capacity(BUF, file));
         writer.adopt(hasher_seed);
         Ok(Staged { path, writer })
     }
@@ -215,23 +257,33 @@ impl Staged {
     }
 
     pub fn write_all(&mut self, buf: &[u8]) -> Result<(), StoreError> {
-        self.writer.write_all(buf).map_err(StoreError::io("writing", &self.path))
+        self.writer
+            .write_all(buf)
+            .map_err(StoreError::io("writing", &self.path))
     }
 
     /// Drops everything written so far (the server restarted from 0).
     pub fn restart(&mut self) -> Result<(), StoreError> {
-        self.writer.flush().map_err(StoreError::io("writing", &self.path))?;
+        self.writer
+            .flush()
+            .map_err(StoreError::io("writing", &self.path))?;
         let file = self.writer.get_ref().get_ref();
-        file.set_len(0).map_err(StoreError::io("truncating", &self.path))?;
-        let mut file = file.try_clone().map_err(StoreError::io("reopening", &self.path))?;
-        file.seek(SeekFrom::Start(0)).map_err(StoreError::io("seeking", &self.path))?;
-        self.writer = HashingWriter::new(io::BufWriter::with_capacity(1 << 20, file));
+        file.set_len(0)
+            .map_err(StoreError::io("truncating", &self.path))?;
+        let mut file = file
+            .try_clone()
+            .map_err(StoreError::io("reopening", &self.path))?;
+        file.seek(SeekFrom::Start(0))
+            .map_err(StoreError::io("seeking", &self.path))?;
+        self.writer = HashingWriter::new(io::BufWriter::with_capacity(BUF, file));
         Ok(())
     }
 
     /// Flushes, so a crash after this point keeps the bytes for a resume.
     pub fn flush(&mut self) -> Result<(), StoreError> {
-        self.writer.flush().map_err(StoreError::io("writing", &self.path))
+        self.writer
+            .flush()
+            .map_err(StoreError::io("writing", &self.path))
     }
 
     /// Deletes the staged file and its validators.
@@ -243,7 +295,9 @@ impl Staged {
     fn finish(self) -> Result<(File, PathBuf, Digest, u64), StoreError> {
         let path = self.path;
         let (buf, digest, size) = self.writer.finish();
-        let file = buf.into_inner().map_err(|e| StoreError::io("writing", &path)(e.into_error()))?;
+        let file = buf
+            .into_inner()
+            .map_err(|e| StoreError::io("writing", &path)(e.into_error()))?;
         Ok((file, path, digest, size))
     }
 }

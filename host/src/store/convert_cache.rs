@@ -35,7 +35,12 @@ pub trait ConvertBackend {
     fn installed(&self) -> Vec<ConverterId>;
     /// Converts `source` into a `target` file at `dest`, returning the
     /// converter that did it.
-    fn convert(&self, source: &VerifiedBlob, dest: &Path, target: &str) -> Result<ConverterId, StoreError>;
+    fn convert(
+        &self,
+        source: &VerifiedBlob,
+        dest: &Path,
+        target: &str,
+    ) -> Result<ConverterId, StoreError>;
 }
 
 /// The conversion engine with the registry's converter plugins.
@@ -48,20 +53,41 @@ impl ConvertBackend for EngineBackend<'_> {
     fn installed(&self) -> Vec<ConverterId> {
         self.registry
             .list()
-            .filter(|p| p.manifest.kind == crate::plugin::PluginKind::FormatConverter && !p.disabled)
-            .map(|p| ConverterId { name: p.name().to_string(), sha256: p.sha256.clone() })
+            .filter(|p| {
+                p.manifest.kind == crate::plugin::PluginKind::FormatConverter && !p.disabled
+            })
+            .map(|p| ConverterId {
+                name: p.name().to_string(),
+                sha256: p.sha256.clone(),
+            })
             .collect()
     }
 
-    fn convert(&self, blob: &VerifiedBlob, dest: &Path, target: &str) -> Result<ConverterId, StoreError> {
-        let req = crate::convert::ConvertRequest { source: blob.path(), dest, format: None, backing: &crate::convert::NoBacking, jobs: 0 };
+    fn convert(
+        &self,
+        blob: &VerifiedBlob,
+        dest: &Path,
+        target: &str,
+    ) -> Result<ConverterId, StoreError> {
+        let req = crate::convert::ConvertRequest {
+            source: blob.path(),
+            dest,
+            format: None,
+            backing: &crate::convert::NoBacking,
+            jobs: 0,
+        };
         let wrap = |e| StoreError::Convert {
             source_digest: blob.digest().clone(),
             target: target.to_string(),
-            source: e,
+            source: Box::new(e),
         };
-        let report = crate::convert::convert(self.runtime, self.registry, &req, &crate::convert::Silent).map_err(wrap)?;
-        Ok(ConverterId { name: report.converter, sha256: report.converter_sha256 })
+        let report =
+            crate::convert::convert(self.runtime, self.registry, &req, &crate::convert::Silent)
+                .map_err(wrap)?;
+        Ok(ConverterId {
+            name: report.converter,
+            sha256: report.converter_sha256,
+        })
     }
 }
 
@@ -92,13 +118,18 @@ impl ConvertedImage {
     /// Re-hashes the image against its digest file.
     pub fn verify(&self) -> Result<bool, StoreError> {
         let f = fs::File::open(&self.path).map_err(StoreError::io("opening", &self.path))?;
-        let (d, n) = hash_reader(io::BufReader::with_capacity(1 << 20, f)).map_err(StoreError::io("hashing", &self.path))?;
+        let (d, n) = hash_reader(io::BufReader::with_capacity(1 << 20, f))
+            .map_err(StoreError::io("hashing", &self.path))?;
         Ok(d == self.digest && n == self.size)
     }
 }
 
 fn safe_target(target: &str) -> bool {
-    !target.is_empty() && target.len() <= 32 && target.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    !target.is_empty()
+        && target.len() <= 32
+        && target
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 impl Layout {
@@ -108,12 +139,22 @@ impl Layout {
 
     /// The cached conversion in `dir`, if its digest file is valid for
     /// this key.
-    fn valid_conversion(&self, dir: &Path, source: &Digest, target: &str, converter: &ConverterId) -> Option<ConvertedImage> {
+    fn valid_conversion(
+        &self,
+        dir: &Path,
+        source: &Digest,
+        target: &str,
+        converter: &ConverterId,
+    ) -> Option<ConvertedImage> {
         let image = dir.join("image");
         let text = fs::read(dir.join("image.digest")).ok()?;
         let df: DigestFile = serde_json::from_slice(&text).ok()?;
         let size = fs::metadata(&image).ok()?.len();
-        (df.source == *source && df.target == target && df.converter == *converter && df.size == size).then(|| ConvertedImage {
+        let valid = df.source == *source
+            && df.target == target
+            && df.converter == *converter
+            && df.size == size;
+        valid.then_some(ConvertedImage {
             path: image,
             digest: df.digest,
             size,
@@ -127,9 +168,17 @@ impl Layout {
 
 impl Store {
     /// The `target` conversion of `source`, from the cache or made now.
-    pub fn converted(&self, source: &Digest, target: &str, backend: &dyn ConvertBackend) -> Result<ConvertedImage, StoreError> {
+    pub fn converted(
+        &self,
+        source: &Digest,
+        target: &str,
+        backend: &dyn ConvertBackend,
+    ) -> Result<ConvertedImage, StoreError> {
         if !safe_target(target) {
-            return Err(StoreError::BadReference { reference: target.into(), reason: "not a format name".into() });
+            return Err(StoreError::BadReference {
+                reference: target.into(),
+                reason: "not a format name".into(),
+            });
         }
         let layout = self.layout();
         let _writer = layout.writer_lock()?;
@@ -151,20 +200,23 @@ impl Store {
         // Leftovers of a conversion that was killed.
         if let Ok(rd) = fs::read_dir(&base) {
             for e in rd.flatten() {
-                if e.file_name().to_string_lossy().starts_with(".work-") {
+                // Ours (`.work-PID`) and the engine's own temp files.
+                if e.file_name().to_string_lossy().starts_with('.') {
                     let _ = fs::remove_file(e.path());
                 }
             }
         }
         let work = base.join(format!(".work-{}", std::process::id()));
         let converter = backend.convert(&blob, &work, target)?;
-        if !converter.sha256.bytes().all(|b| b.is_ascii_hexdigit()) || converter.sha256.len() != 64 {
+        if !converter.sha256.bytes().all(|b| b.is_ascii_hexdigit()) || converter.sha256.len() != 64
+        {
             let _ = fs::remove_file(&work);
             return Err(StoreError::NoConverter);
         }
         let f = fs::File::open(&work).map_err(StoreError::io("opening", &work))?;
         f.sync_all().map_err(StoreError::io("syncing", &work))?;
-        let (digest, size) = hash_reader(io::BufReader::with_capacity(1 << 20, f)).map_err(StoreError::io("hashing", &work))?;
+        let (digest, size) = hash_reader(io::BufReader::with_capacity(1 << 20, f))
+            .map_err(StoreError::io("hashing", &work))?;
         let dir = base.join(&converter.sha256);
         fs::create_dir_all(&dir).map_err(StoreError::io("creating", &dir))?;
         let digest_path = dir.join("image.digest");
@@ -180,9 +232,27 @@ impl Store {
         fsutil::sync_dir(&dir).map_err(StoreError::io("syncing", &dir))?;
         fsutil::sync_dir(&base).map_err(StoreError::io("syncing", &base))?;
         super::crash_point("before-digest-file");
-        let df = DigestFile { digest: digest.clone(), size, source: source.clone(), target: target.into(), converter: converter.clone() };
-        fsutil::write_atomic(&digest_path, &serde_json::to_vec_pretty(&df).expect("plain struct"), 0o644)
-            .map_err(StoreError::io("writing", &digest_path))?;
-        Ok(ConvertedImage { path: image, digest, size, source: source.clone(), target: target.into(), converter, converted_now: true })
+        let df = DigestFile {
+            digest: digest.clone(),
+            size,
+            source: source.clone(),
+            target: target.into(),
+            converter: converter.clone(),
+        };
+        fsutil::write_atomic(
+            &digest_path,
+            &serde_json::to_vec_pretty(&df).expect("plain struct"),
+            0o644,
+        )
+        .map_err(StoreError::io("writing", &digest_path))?;
+        Ok(ConvertedImage {
+            path: image,
+            digest,
+            size,
+            source: source.clone(),
+            target: target.into(),
+            converter,
+            converted_now: true,
+        })
     }
 }

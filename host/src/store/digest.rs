@@ -10,7 +10,9 @@ use sha2::{Digest as _, Sha256};
 /// A well-formed sha256 digest: `sha256:` and 64 lower-case hex digits.
 /// Holding one says nothing about any file; [`super::blob::VerifiedBlob`]
 /// is what says "these bytes hash to this".
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(try_from = "String", into = "String")]
 pub struct Digest(String);
 
@@ -37,7 +39,9 @@ impl FromStr for Digest {
     type Err = BadDigest;
     fn from_str(s: &str) -> Result<Self, BadDigest> {
         let ok = s.strip_prefix("sha256:").is_some_and(|h| {
-            h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            h.len() == 64
+                && h.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
         });
         if ok {
             Ok(Digest(s.to_string()))
@@ -75,7 +79,11 @@ pub struct HashingWriter<W> {
 
 impl<W> HashingWriter<W> {
     pub fn new(inner: W) -> Self {
-        HashingWriter { inner, hash: Sha256::new(), written: 0 }
+        HashingWriter {
+            inner,
+            hash: Sha256::new(),
+            written: 0,
+        }
     }
 
     /// Hashes bytes already in the file (a resumed download) without
@@ -139,9 +147,17 @@ mod tests {
     #[test]
     fn parse_and_hash() {
         let d = Digest::of(b"abc");
-        assert_eq!(d.hex(), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            d.hex(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
         assert_eq!(d.to_string().parse::<Digest>().unwrap(), d);
-        for bad in ["", "sha256:abc", "sha512:ba78", &format!("sha256:{}", "A".repeat(64))] {
+        for bad in [
+            "",
+            "sha256:abc",
+            "sha512:ba78",
+            &format!("sha256:{}", "A".repeat(64)),
+        ] {
             assert!(bad.parse::<Digest>().is_err(), "{bad}");
         }
         let mut w = HashingWriter::new(Vec::new());

@@ -50,6 +50,13 @@ impl Validators {
     fn is_empty(&self) -> bool {
         self.etag.is_none() && self.last_modified.is_none()
     }
+
+    /// What `If-Range` may carry: a strong ETag or a date, never a weak
+    /// ETag.
+    fn if_range(&self) -> Option<&str> {
+        let strong = self.etag.as_deref().filter(|e| !e.starts_with("W/"));
+        strong.or(self.last_modified.as_deref())
+    }
 }
 
 /// A resumable partial download's record: what it is a part of.
@@ -71,7 +78,10 @@ pub struct Request<'a> {
 
 pub enum Outcome {
     NotModified,
-    Fetched { blob: VerifiedBlob, validators: Validators },
+    Fetched {
+        blob: VerifiedBlob,
+        validators: Validators,
+    },
 }
 
 /// One HTTP agent per process; connections are reused across blobs.
@@ -86,7 +96,10 @@ impl Default for Downloader {
 }
 
 fn header(resp: &ureq::http::Response<ureq::Body>, name: &str) -> Option<String> {
-    resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
+    resp.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
 }
 
 enum Attempt {
@@ -123,22 +136,40 @@ impl Downloader {
     }
 
     /// Downloads `req.url` into the store.
-    pub fn download(&self, layout: &Layout, req: &Request<'_>, progress: &dyn Progress) -> Result<Outcome, StoreError> {
+    pub fn download(
+        &self,
+        layout: &Layout,
+        req: &Request<'_>,
+        progress: &dyn Progress,
+    ) -> Result<Outcome, StoreError> {
         let key = match req.expected {
             Some(d) => format!("d-{}", d.hex()),
             None => format!("u-{}", super::index::key(req.url)),
         };
+        // Two references may lead to one URL: the staged file is theirs to
+        // share only one at a time, or one's hash would describe a file
+        // the other also wrote to.
+        let _stage_lock = layout.lock(&format!("1-stage-{key}"))?;
         let meta_path = layout.tmp_dir().join(format!("{key}.partial.json"));
-        let earlier: Option<PartialMeta> = fs::read(&meta_path).ok().and_then(|t| serde_json::from_slice(&t).ok());
-        let resumable = earlier.as_ref().is_some_and(|m| m.url == req.url && (!m.validators.is_empty() || req.expected.is_some()));
-        let mut validators = earlier.filter(|_| resumable).map(|m| m.validators).unwrap_or_default();
+        let earlier: Option<PartialMeta> = fs::read(&meta_path)
+            .ok()
+            .and_then(|t| serde_json::from_slice(&t).ok());
+        let resumable = earlier.as_ref().is_some_and(|m| {
+            m.url == req.url && (m.validators.if_range().is_some() || req.expected.is_some())
+        });
+        let mut validators = earlier
+            .filter(|_| resumable)
+            .map(|m| m.validators)
+            .unwrap_or_default();
         let mut staged = Staged::open(layout, &key, resumable)?;
         let mut from_scratch_once = false;
         let mut last_err = None;
         let mut attempt = 0;
         while attempt < ATTEMPTS {
             if attempt > 0 {
-                let pause = FIRST_BACKOFF.saturating_mul(1 << (attempt - 1)).min(MAX_BACKOFF);
+                let pause = FIRST_BACKOFF
+                    .saturating_mul(1 << (attempt - 1))
+                    .min(MAX_BACKOFF);
                 std::thread::sleep(pause);
             }
             attempt += 1;
@@ -148,20 +179,25 @@ impl Downloader {
                     staged.discard();
                     return Ok(Outcome::NotModified);
                 }
-                Attempt::Complete => match layout.commit(staged, req.url, req.expected, req.expected_size) {
-                    Ok(blob) => return Ok(Outcome::Fetched { blob, validators }),
-                    Err(StoreError::DigestMismatch { .. }) if resumed && !from_scratch_once => {
-                        // The part kept from before may be what was wrong
-                        // (a server without validators changed the file):
-                        // once more from the start.
-                        tracing::warn!(url = req.url, "digest mismatch after a resumed download; retrying from the start");
-                        from_scratch_once = true;
-                        validators = Validators::default();
-                        staged = Staged::open(layout, &key, false)?;
-                        attempt = 0;
+                Attempt::Complete => {
+                    match layout.commit(staged, req.url, req.expected, req.expected_size) {
+                        Ok(blob) => return Ok(Outcome::Fetched { blob, validators }),
+                        Err(StoreError::DigestMismatch { .. }) if resumed && !from_scratch_once => {
+                            // The part kept from before may be what was wrong
+                            // (a server without validators changed the file):
+                            // once more from the start.
+                            tracing::warn!(
+                                url = req.url,
+                                "digest mismatch after a resumed download; retrying from the start"
+                            );
+                            from_scratch_once = true;
+                            validators = Validators::default();
+                            staged = Staged::open(layout, &key, false)?;
+                            attempt = 0;
+                        }
+                        Err(e) => return Err(e),
                     }
-                    Err(e) => return Err(e),
-                },
+                }
                 Attempt::Retry(e) if transient(&e) => {
                     tracing::info!(url = req.url, attempt, error = %e, "transient download failure; retrying");
                     last_err = Some(e);
@@ -189,11 +225,17 @@ impl Downloader {
         for (k, v) in req.headers {
             builder = builder.header(k.as_str(), v.as_str());
         }
+        let if_range = validators.if_range().map(str::to_string);
+        if !staged.is_empty() && if_range.is_none() && req.expected.is_none() {
+            // Without a validator a resumed body could belong to a newer
+            // version of the file, and nothing would catch the splice.
+            staged.restart()?;
+        }
         let resuming = !staged.is_empty();
         let mut conditional = false;
         if resuming {
             builder = builder.header("Range", format!("bytes={}-", staged.len()));
-            if let Some(v) = validators.etag.as_ref().or(validators.last_modified.as_ref()) {
+            if let Some(v) = &if_range {
                 builder = builder.header("If-Range", v.as_str());
             }
         } else if let Some(c) = req.conditional {
@@ -206,7 +248,10 @@ impl Downloader {
                 conditional = true;
             }
         }
-        let transport = |e: ureq::Error| StoreError::Transport { url: req.url.to_string(), detail: e.to_string() };
+        let transport = |e: ureq::Error| StoreError::Transport {
+            url: req.url.to_string(),
+            detail: e.to_string(),
+        };
         let mut resp = match builder.call() {
             Ok(r) => r,
             Err(e) => return Ok(Attempt::Retry(transport(e))),
@@ -220,8 +265,13 @@ impl Downloader {
                 }
             }
             206 if resuming => {
-                let start = header(&resp, "content-range")
-                    .and_then(|r| r.strip_prefix("bytes ")?.split('-').next()?.parse::<u64>().ok());
+                let start = header(&resp, "content-range").and_then(|r| {
+                    r.strip_prefix("bytes ")?
+                        .split('-')
+                        .next()?
+                        .parse::<u64>()
+                        .ok()
+                });
                 if start != Some(staged.len()) {
                     staged.restart()?;
                     return Ok(Attempt::Retry(StoreError::Transport {
@@ -232,20 +282,38 @@ impl Downloader {
             }
             416 => {
                 staged.restart()?;
-                return Ok(Attempt::Retry(StoreError::Transport { url: req.url.to_string(), detail: "range not satisfiable; restarting".into() }));
+                return Ok(Attempt::Retry(StoreError::Transport {
+                    url: req.url.to_string(),
+                    detail: "range not satisfiable; restarting".into(),
+                }));
             }
-            _ => return Ok(Attempt::Retry(StoreError::Http { url: req.url.to_string(), status })),
+            _ => {
+                return Ok(Attempt::Retry(StoreError::Http {
+                    url: req.url.to_string(),
+                    status,
+                }))
+            }
         }
-        let fresh = Validators { etag: header(&resp, "etag"), last_modified: header(&resp, "last-modified") };
+        let fresh = Validators {
+            etag: header(&resp, "etag"),
+            last_modified: header(&resp, "last-modified"),
+        };
         if status == 200 || !fresh.is_empty() {
             *validators = fresh;
         }
         // The validators go to disk before the first byte, so that a crash
         // mid-body leaves a partial file a later run can resume safely.
-        let meta = PartialMeta { url: req.url.to_string(), validators: validators.clone() };
+        let meta = PartialMeta {
+            url: req.url.to_string(),
+            validators: validators.clone(),
+        };
         let meta_path = staged.meta_path();
-        fsutil::write_atomic(&meta_path, &serde_json::to_vec(&meta).expect("plain struct"), 0o600)
-            .map_err(StoreError::io("writing", &meta_path))?;
+        fsutil::write_atomic(
+            &meta_path,
+            &serde_json::to_vec(&meta).expect("plain struct"),
+            0o600,
+        )
+        .map_err(StoreError::io("writing", &meta_path))?;
         let remaining = header(&resp, "content-length").and_then(|l| l.parse::<u64>().ok());
         let total = remaining.map(|r| r + staged.len()).or(req.expected_size);
         progress.start(req.url, total, staged.len());
@@ -258,7 +326,10 @@ impl Downloader {
                 Err(e) => {
                     staged.flush()?;
                     progress.finish();
-                    return Ok(Attempt::Retry(StoreError::Transport { url: req.url.to_string(), detail: format!("reading the body: {e}") }));
+                    return Ok(Attempt::Retry(StoreError::Transport {
+                        url: req.url.to_string(),
+                        detail: format!("reading the body: {e}"),
+                    }));
                 }
             };
             staged.write_all(&buf[..n])?;
@@ -267,7 +338,10 @@ impl Downloader {
                 if staged.len() > max {
                     progress.finish();
                     staged.restart()?;
-                    return Err(StoreError::TooLong { url: req.url.to_string(), expected: max });
+                    return Err(StoreError::TooLong {
+                        url: req.url.to_string(),
+                        expected: max,
+                    });
                 }
             }
         }
@@ -278,25 +352,42 @@ impl Downloader {
 
 /// The validator of a local file: it changed if any of these did.
 pub fn local_validator(meta: &fs::Metadata) -> String {
-    format!("local:{}:{}.{}:{}", meta.len(), meta.mtime(), meta.mtime_nsec(), meta.ino())
+    format!(
+        "local:{}:{}.{}:{}",
+        meta.len(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.ino()
+    )
 }
 
 /// Copies a local file into the store, hashing it on the way. `known` is
 /// the validator of the copy we hold: when the file still matches it,
 /// nothing is read.
-pub fn copy_local(layout: &Layout, path: &Path, expected: Option<&Digest>, known: Option<&str>, progress: &dyn Progress) -> Result<(Outcome, String), StoreError> {
+pub fn copy_local(
+    layout: &Layout,
+    path: &Path,
+    expected: Option<&Digest>,
+    known: Option<&str>,
+    progress: &dyn Progress,
+) -> Result<(Outcome, String), StoreError> {
     let mut file = fs::File::open(path).map_err(StoreError::io("opening", path))?;
-    let meta = file.metadata().map_err(StoreError::io("reading metadata of", path))?;
+    let meta = file
+        .metadata()
+        .map_err(StoreError::io("reading metadata of", path))?;
     let validator = local_validator(&meta);
     if known == Some(validator.as_str()) {
         return Ok((Outcome::NotModified, validator));
     }
     let key = format!("l-{}", super::index::key(&path.to_string_lossy()));
+    let _stage_lock = layout.lock(&format!("1-stage-{key}"))?;
     let mut staged = Staged::open(layout, &key, false)?;
     progress.start(&path.display().to_string(), Some(meta.len()), 0);
     let mut buf = vec![0u8; CHUNK];
     loop {
-        let n = file.read(&mut buf).map_err(StoreError::io("reading", path))?;
+        let n = file
+            .read(&mut buf)
+            .map_err(StoreError::io("reading", path))?;
         if n == 0 {
             break;
         }
@@ -305,6 +396,9 @@ pub fn copy_local(layout: &Layout, path: &Path, expected: Option<&Digest>, known
     }
     progress.finish();
     let blob = layout.commit(staged, &path.display().to_string(), expected, None)?;
-    let validators = Validators { etag: Some(validator.clone()), last_modified: None };
+    let validators = Validators {
+        etag: Some(validator.clone()),
+        last_modified: None,
+    };
     Ok((Outcome::Fetched { blob, validators }, validator))
 }

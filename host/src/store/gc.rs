@@ -51,16 +51,24 @@ pub struct GcReport {
 impl Store {
     pub fn gc(&self, roots: &dyn RootSet, dry_run: bool) -> Result<GcReport, StoreError> {
         let layout = self.layout();
-        let _all = layout.lock("gc")?;
+        let _all = layout.lock("0-gc")?;
         let mut live: BTreeSet<Digest> = roots.roots()?.into_iter().collect();
         for r in layout.list_refs()? {
             live.extend(r.artifacts.into_iter().map(|a| a.digest));
         }
-        let mut report = GcReport { dry_run, ..Default::default() };
+        let mut report = GcReport {
+            dry_run,
+            ..Default::default()
+        };
         let dir = layout.blobs_dir();
-        for e in fs::read_dir(&dir).map_err(StoreError::io("listing", &dir))?.flatten() {
+        for e in fs::read_dir(&dir)
+            .map_err(StoreError::io("listing", &dir))?
+            .flatten()
+        {
             let name = e.file_name().to_string_lossy().into_owned();
-            let Ok(d) = format!("sha256:{name}").parse::<Digest>() else { continue };
+            let Ok(d) = format!("sha256:{name}").parse::<Digest>() else {
+                continue;
+            };
             if live.contains(&d) {
                 report.kept_blobs += 1;
                 continue;
@@ -74,19 +82,34 @@ impl Store {
         // A conversion lives while its source does, or while something
         // names the converted image itself.
         let conv = layout.converted_dir();
-        for src in fs::read_dir(&conv).map_err(StoreError::io("listing", &conv))?.flatten() {
+        for src in fs::read_dir(&conv)
+            .map_err(StoreError::io("listing", &conv))?
+            .flatten()
+        {
             let src_name = src.file_name().to_string_lossy().into_owned();
-            let src_live = format!("sha256:{src_name}").parse::<Digest>().is_ok_and(|d| live.contains(&d));
+            let src_live = format!("sha256:{src_name}")
+                .parse::<Digest>()
+                .is_ok_and(|d| live.contains(&d));
             for target in fs::read_dir(src.path()).into_iter().flatten().flatten() {
                 for conv in fs::read_dir(target.path()).into_iter().flatten().flatten() {
                     let image_digest = fs::read(conv.path().join("image.digest"))
                         .ok()
-                        .and_then(|t| serde_json::from_slice::<super::convert_cache::DigestFile>(&t).ok())
+                        .and_then(|t| {
+                            serde_json::from_slice::<super::convert_cache::DigestFile>(&t).ok()
+                        })
                         .map(|d| d.digest);
-                    if src_live && image_digest.is_some() || image_digest.is_some_and(|d| live.contains(&d)) {
+                    if src_live && image_digest.is_some()
+                        || image_digest.is_some_and(|d| live.contains(&d))
+                    {
                         continue;
                     }
-                    let size: u64 = fs::read_dir(conv.path()).into_iter().flatten().flatten().filter_map(|f| f.metadata().ok()).map(|m| m.len()).sum();
+                    let size: u64 = fs::read_dir(conv.path())
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                        .filter_map(|f| f.metadata().ok())
+                        .map(|m| m.len())
+                        .sum();
                     report.freed_bytes += size;
                     if !dry_run {
                         let p = conv.path();
@@ -96,7 +119,11 @@ impl Store {
                             fs::remove_file(&p).map_err(StoreError::io("removing", &p))?;
                         }
                     }
-                    report.removed_conversions.push(format!("{src_name}/{}/{}", target.file_name().to_string_lossy(), conv.file_name().to_string_lossy()));
+                    report.removed_conversions.push(format!(
+                        "{src_name}/{}/{}",
+                        target.file_name().to_string_lossy(),
+                        conv.file_name().to_string_lossy()
+                    ));
                 }
                 if !dry_run {
                     let _ = fs::remove_dir(target.path());
@@ -109,7 +136,10 @@ impl Store {
         // No writer holds the gc lock now, so partial downloads are
         // abandoned ones.
         let tmp = layout.tmp_dir();
-        for e in fs::read_dir(&tmp).map_err(StoreError::io("listing", &tmp))?.flatten() {
+        for e in fs::read_dir(&tmp)
+            .map_err(StoreError::io("listing", &tmp))?
+            .flatten()
+        {
             report.freed_bytes += e.metadata().map(|m| m.len()).unwrap_or(0);
             report.removed_partials += 1;
             if !dry_run {

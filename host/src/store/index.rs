@@ -71,7 +71,11 @@ impl Layout {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(StoreError::io("reading", &path)(e)),
         };
-        let record: RefRecord = serde_json::from_slice(&text).map_err(|source| StoreError::Index { path: path.clone(), source })?;
+        let record: RefRecord =
+            serde_json::from_slice(&text).map_err(|source| StoreError::Index {
+                path: path.clone(),
+                source,
+            })?;
         if record.reference != reference || record.artifacts.is_empty() {
             // A hash collision is not plausible; a hand-edited or
             // truncated-by-hand file is. Treat it as absent.
@@ -82,7 +86,10 @@ impl Layout {
 
     pub fn write_ref(&self, record: &RefRecord) -> Result<(), StoreError> {
         let path = self.ref_path(&record.reference);
-        let text = serde_json::to_vec_pretty(record).map_err(|source| StoreError::Index { path: path.clone(), source })?;
+        let text = serde_json::to_vec_pretty(record).map_err(|source| StoreError::Index {
+            path: path.clone(),
+            source,
+        })?;
         fsutil::write_atomic(&path, &text, 0o644).map_err(StoreError::io("writing", &path))
     }
 
@@ -91,7 +98,8 @@ impl Layout {
         let path = self.ref_path(reference);
         match fs::remove_file(&path) {
             Ok(()) => {
-                fsutil::sync_dir(&self.refs_dir()).map_err(StoreError::io("syncing", self.refs_dir()))?;
+                fsutil::sync_dir(&self.refs_dir())
+                    .map_err(StoreError::io("syncing", self.refs_dir()))?;
                 Ok(true)
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),

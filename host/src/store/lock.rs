@@ -2,10 +2,12 @@
 //! (deleting a lock file someone waits on would split the lock in two).
 //!
 //! Lock names are chosen so that the order in which a pull takes them
-//! (reference, then blobs, then conversions) is also their sorted path
-//! order: `0-ref-…` < `1-blob-…` < `2-conv-…`. No process ever takes a
+//! (reference, then blob, then staged file, then conversions) is also
+//! their sorted path order: `0-ref-…` < `1-blob-…` < `1-stage-…` <
+//! `2-conv-…`. No process ever takes a
 //! lower-ordered lock while holding a higher one, so no two processes can
-//! deadlock. `gc` holds `gc` exclusively; every writer holds it shared.
+//! deadlock. `gc` holds `0-gc` exclusively; every writer holds it shared,
+//! first (it sorts before every other lock).
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -22,21 +24,32 @@ pub struct Held {
 }
 
 fn open(path: &Path) -> io::Result<File> {
-    OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(path)
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(path)
 }
 
 /// Blocks until `path` is locked exclusively.
 pub fn exclusive(path: &Path) -> io::Result<Held> {
     let file = open(path)?;
     flock(&file, FlockOperation::LockExclusive)?;
-    Ok(Held { _file: file, path: path.to_path_buf() })
+    Ok(Held {
+        _file: file,
+        path: path.to_path_buf(),
+    })
 }
 
 /// Blocks until `path` is locked shared.
 pub fn shared(path: &Path) -> io::Result<Held> {
     let file = open(path)?;
     flock(&file, FlockOperation::LockShared)?;
-    Ok(Held { _file: file, path: path.to_path_buf() })
+    Ok(Held {
+        _file: file,
+        path: path.to_path_buf(),
+    })
 }
 
 /// Locks several paths exclusively, in sorted order.

@@ -60,7 +60,11 @@ pub enum StoreError {
         actual: Digest,
     },
     #[error("{url}: size mismatch: expected {expected} bytes, got {actual}; nothing was kept")]
-    SizeMismatch { url: String, expected: u64, actual: u64 },
+    SizeMismatch {
+        url: String,
+        expected: u64,
+        actual: u64,
+    },
     #[error("{url}: HTTP {status}")]
     Http { url: String, status: u16 },
     #[error("{url}: {detail}")]
@@ -83,7 +87,7 @@ pub enum StoreError {
     Resolve {
         reference: String,
         #[source]
-        source: crate::plugin::PluginError,
+        source: Box<crate::plugin::PluginError>,
     },
     #[error("{reference}: the source returned no artifacts")]
     NoArtifacts { reference: String },
@@ -98,7 +102,7 @@ pub enum StoreError {
         source_digest: Digest,
         target: String,
         #[source]
-        source: crate::convert::ConvertError,
+        source: Box<crate::convert::ConvertError>,
     },
     #[error("{0}")]
     BadDigest(#[from] digest::BadDigest),
@@ -107,7 +111,10 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> StoreError {
+    pub(crate) fn io(
+        op: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> StoreError {
         let path = path.into();
         move |source| StoreError::Io { op, path, source }
     }
@@ -120,7 +127,7 @@ impl StoreError {
             StoreError::Transport { .. } => true,
             StoreError::Http { status, .. } => *status >= 500,
             StoreError::Resolve { source, .. } => {
-                matches!(source, crate::plugin::PluginError::Returned { kind, .. } if kind == "io")
+                matches!(&**source, crate::plugin::PluginError::Returned { kind, .. } if kind == "io")
             }
             _ => false,
         }
@@ -139,7 +146,9 @@ impl Store {
     }
 
     pub fn at(root: PathBuf) -> Result<Store, StoreError> {
-        Ok(Store { layout: Layout::create(root)? })
+        Ok(Store {
+            layout: Layout::create(root)?,
+        })
     }
 
     pub fn layout(&self) -> &Layout {
@@ -176,7 +185,10 @@ impl Store {
 /// writes. Costs one environment lookup per point otherwise.
 pub(crate) fn crash_point(point: &str) {
     if std::env::var_os("COCOON_CRASH_AT").is_some_and(|v| v == point) {
-        let _ = std::process::Command::new("kill").arg("-KILL").arg(std::process::id().to_string()).status();
+        let _ = std::process::Command::new("kill")
+            .arg("-KILL")
+            .arg(std::process::id().to_string())
+            .status();
         std::thread::sleep(std::time::Duration::from_secs(60));
     }
 }

@@ -64,10 +64,15 @@ pub struct PullReport {
 pub fn suffix_pin(reference: &str) -> Result<Option<Digest>, StoreError> {
     match reference.rsplit_once("@sha256:") {
         None => Ok(None),
-        Some((_, hex)) => format!("sha256:{hex}").parse().map(Some).map_err(|_| StoreError::BadReference {
-            reference: reference.into(),
-            reason: "the @sha256: suffix is not 64 lower-case hex digits".into(),
-        }),
+        Some((_, hex)) => {
+            format!("sha256:{hex}")
+                .parse()
+                .map(Some)
+                .map_err(|_| StoreError::BadReference {
+                    reference: reference.into(),
+                    reason: "the @sha256: suffix is not 64 lower-case hex digits".into(),
+                })
+        }
     }
 }
 
@@ -87,15 +92,29 @@ pub fn local_path(reference: &str) -> Option<PathBuf> {
 }
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl Store {
     /// Pulls `req.reference` into the store.
-    pub fn pull(&self, sources: &dyn Sources, req: &PullRequest, progress: &dyn PullProgress) -> Result<PullReport, StoreError> {
+    pub fn pull(
+        &self,
+        sources: &dyn Sources,
+        req: &PullRequest,
+        progress: &dyn PullProgress,
+    ) -> Result<PullReport, StoreError> {
         let reference = req.reference.as_str();
         let pin = match (req.digest.clone(), suffix_pin(reference)?) {
-            (Some(a), Some(b)) if a != b => return Err(StoreError::PinConflict { reference: reference.into(), pinned: a, resolved: b }),
+            (Some(a), Some(b)) if a != b => {
+                return Err(StoreError::PinConflict {
+                    reference: reference.into(),
+                    pinned: a,
+                    resolved: b,
+                })
+            }
             (a, b) => a.or(b),
         };
         let layout = self.layout();
@@ -126,10 +145,14 @@ impl Store {
                 }
             }
             if req.policy == PullPolicy::Never {
-                return Err(StoreError::NotPresent { reference: reference.into() });
+                return Err(StoreError::NotPresent {
+                    reference: reference.into(),
+                });
             }
         } else if req.policy == PullPolicy::Never {
-            return Err(StoreError::NotPresent { reference: reference.into() });
+            return Err(StoreError::NotPresent {
+                reference: reference.into(),
+            });
         }
 
         let mut warnings = Vec::new();
@@ -145,12 +168,15 @@ impl Store {
                     headers: Vec::new(),
                 }],
             },
-            None => match sources.resolve(reference) {
+            None => match resolve_with_retries(sources, reference) {
                 Ok(r) => r,
                 Err(e) if e.is_unreachable() => {
                     // The registry is down: what we hold is better than
                     // nothing, as long as it satisfies the pin.
-                    if let Some(prev) = previous.as_ref().filter(|p| pin.as_ref().is_none_or(|d| p.digest() == d)) {
+                    if let Some(prev) = previous
+                        .as_ref()
+                        .filter(|p| pin.as_ref().is_none_or(|d| p.digest() == d))
+                    {
                         if let Some(blobs) = self.complete(prev, pin.is_some())? {
                             let w = format!("{reference}: source unreachable ({}); using the copy in the store ({})", super::chain(&e), prev.digest());
                             progress.warn(&w);
@@ -163,13 +189,35 @@ impl Store {
             },
         };
         let mut artifacts = resolved.artifacts;
+        if local.is_none() {
+            // A source says where to download from, never what the host
+            // reads locally: only http(s) URLs are downloaded.
+            if let Some(a) = artifacts
+                .iter()
+                .find(|a| !(a.url.starts_with("https://") || a.url.starts_with("http://")))
+            {
+                return Err(StoreError::BadReference {
+                    reference: reference.into(),
+                    reason: format!(
+                        "source {} returned artifact URL {:?}; only http(s) is downloaded",
+                        resolved.source, a.url
+                    ),
+                });
+            }
+        }
         let Some(first) = artifacts.first_mut() else {
-            return Err(StoreError::NoArtifacts { reference: reference.into() });
+            return Err(StoreError::NoArtifacts {
+                reference: reference.into(),
+            });
         };
         if let Some(pin) = &pin {
             match &first.digest {
                 Some(d) if d != pin => {
-                    return Err(StoreError::PinConflict { reference: reference.into(), pinned: pin.clone(), resolved: d.clone() })
+                    return Err(StoreError::PinConflict {
+                        reference: reference.into(),
+                        pinned: pin.clone(),
+                        resolved: d.clone(),
+                    })
                 }
                 _ => first.digest = Some(pin.clone()),
             }
@@ -181,32 +229,55 @@ impl Store {
         let mut downloaded = 0;
         let mut network = false;
         for a in &artifacts {
-            let prev = previous.as_ref().and_then(|p| p.artifacts.iter().find(|r| r.url == a.url));
+            let prev = previous
+                .as_ref()
+                .and_then(|p| p.artifacts.iter().find(|r| r.url == a.url));
             let (blob, validators) = match &a.digest {
                 Some(d) => {
                     let _blob_lock = layout.lock(&format!("1-blob-{}", d.hex()))?;
                     let have = if req.force { None } else { layout.verified(d)? };
                     match have {
-                        Some(b) => (b, prev.map(|p| Validators { etag: p.etag.clone(), last_modified: p.last_modified.clone() }).unwrap_or_default()),
+                        Some(b) => (
+                            b,
+                            prev.map(|p| Validators {
+                                etag: p.etag.clone(),
+                                last_modified: p.last_modified.clone(),
+                            })
+                            .unwrap_or_default(),
+                        ),
                         None => {
                             network |= local.is_none();
-                            let (outcome, _) = self.fetch(&downloader, a, local.as_deref(), None, progress)?;
+                            let (outcome, _) =
+                                self.fetch(&downloader, a, local.as_deref(), None, progress)?;
                             match outcome {
                                 Outcome::Fetched { blob, validators } => {
                                     downloaded += 1;
                                     (blob, validators)
                                 }
-                                Outcome::NotModified => unreachable!("no conditional request was made"),
+                                Outcome::NotModified => {
+                                    unreachable!("no conditional request was made")
+                                }
                             }
                         }
                     }
                 }
                 None => {
                     // What we hold for this URL, if its blob is still here.
-                    let held = prev.filter(|_| !req.force).and_then(|p| layout.present(&p.digest, Some(p.size)).map(|b| (p, b)));
-                    let conditional = held.as_ref().map(|(p, _)| Validators { etag: p.etag.clone(), last_modified: p.last_modified.clone() });
+                    let held = prev
+                        .filter(|_| !req.force)
+                        .and_then(|p| layout.present(&p.digest, Some(p.size)).map(|b| (p, b)));
+                    let conditional = held.as_ref().map(|(p, _)| Validators {
+                        etag: p.etag.clone(),
+                        last_modified: p.last_modified.clone(),
+                    });
                     network |= local.is_none();
-                    match self.fetch(&downloader, a, local.as_deref(), conditional.as_ref(), progress) {
+                    match self.fetch(
+                        &downloader,
+                        a,
+                        local.as_deref(),
+                        conditional.as_ref(),
+                        progress,
+                    ) {
                         Ok((Outcome::Fetched { blob, validators }, _)) => {
                             downloaded += 1;
                             (blob, validators)
@@ -214,14 +285,31 @@ impl Store {
                         Ok((Outcome::NotModified, _)) => {
                             let (p, b) = held.expect("conditional only with a held copy");
                             progress.note(&format!("{}: not modified", a.url));
-                            (b, Validators { etag: p.etag.clone(), last_modified: p.last_modified.clone() })
+                            (
+                                b,
+                                Validators {
+                                    etag: p.etag.clone(),
+                                    last_modified: p.last_modified.clone(),
+                                },
+                            )
                         }
                         Err(e) if e.is_unreachable() && held.is_some() => {
                             let (p, b) = held.expect("checked");
-                            let w = format!("{}: server unreachable ({}); using the copy in the store ({})", a.url, super::chain(&e), p.digest);
+                            let w = format!(
+                                "{}: server unreachable ({}); using the copy in the store ({})",
+                                a.url,
+                                super::chain(&e),
+                                p.digest
+                            );
                             progress.warn(&w);
                             warnings.push(w);
-                            (b, Validators { etag: p.etag.clone(), last_modified: p.last_modified.clone() })
+                            (
+                                b,
+                                Validators {
+                                    etag: p.etag.clone(),
+                                    last_modified: p.last_modified.clone(),
+                                },
+                            )
                         }
                         Err(e) => return Err(e),
                     }
@@ -229,7 +317,11 @@ impl Store {
             };
             if let Some(size) = a.size {
                 if size != blob.size() {
-                    return Err(StoreError::SizeMismatch { url: a.url.clone(), expected: size, actual: blob.size() });
+                    return Err(StoreError::SizeMismatch {
+                        url: a.url.clone(),
+                        expected: size,
+                        actual: blob.size(),
+                    });
                 }
             }
             records.push(ArtifactRecord {
@@ -244,12 +336,19 @@ impl Store {
             });
             blobs.push(blob);
         }
-        let record = RefRecord { reference: reference.into(), source: resolved.source, pulled_at: now(), artifacts: records };
+        let record = RefRecord {
+            reference: reference.into(),
+            source: resolved.source,
+            pulled_at: now(),
+            artifacts: records,
+        };
         // After the data it describes: a crash before this line leaves
         // blobs without a record (gc reclaims them), never the reverse.
         super::crash_point("before-record");
         layout.write_ref(&record)?;
-        Ok(report(reference, record, blobs, downloaded, network, warnings))
+        Ok(report(
+            reference, record, blobs, downloaded, network, warnings,
+        ))
     }
 
     fn fetch(
@@ -267,7 +366,13 @@ impl Store {
                 Ok((o, Some(v)))
             }
             None => {
-                let req = Request { url: &a.url, headers: &a.headers, expected: a.digest.as_ref(), expected_size: a.size, conditional };
+                let req = Request {
+                    url: &a.url,
+                    headers: &a.headers,
+                    expected: a.digest.as_ref(),
+                    expected_size: a.size,
+                    conditional,
+                };
                 Ok((downloader.download(self.layout(), &req, progress)?, None))
             }
         }
@@ -275,10 +380,18 @@ impl Store {
 
     /// The blobs of every artifact of `record`, if all are present;
     /// re-hashed when `rehash` (a pinned pull promises verified data).
-    fn complete(&self, record: &RefRecord, rehash: bool) -> Result<Option<Vec<VerifiedBlob>>, StoreError> {
+    fn complete(
+        &self,
+        record: &RefRecord,
+        rehash: bool,
+    ) -> Result<Option<Vec<VerifiedBlob>>, StoreError> {
         let mut out = Vec::new();
         for a in &record.artifacts {
-            let blob = if rehash { self.layout().verified(&a.digest)? } else { self.layout().present(&a.digest, Some(a.size)) };
+            let blob = if rehash {
+                self.layout().verified(&a.digest)?
+            } else {
+                self.layout().present(&a.digest, Some(a.size))
+            };
             match blob {
                 Some(b) => out.push(b),
                 None => return Ok(None),
@@ -288,7 +401,31 @@ impl Store {
     }
 }
 
-fn report(reference: &str, record: RefRecord, blobs: Vec<VerifiedBlob>, downloaded: usize, network: bool, warnings: Vec<String>) -> PullReport {
+/// Resolves, retrying a source that could not reach its server: a
+/// registry blip should not fail a pull, nor fall back to an old copy.
+fn resolve_with_retries(sources: &dyn Sources, reference: &str) -> Result<Resolved, StoreError> {
+    let mut pause = std::time::Duration::from_millis(250);
+    for _ in 0..2 {
+        match sources.resolve(reference) {
+            Err(e) if e.is_unreachable() => {
+                tracing::info!(reference, error = %e, "source unreachable; retrying");
+                std::thread::sleep(pause);
+                pause *= 2;
+            }
+            other => return other,
+        }
+    }
+    sources.resolve(reference)
+}
+
+fn report(
+    reference: &str,
+    record: RefRecord,
+    blobs: Vec<VerifiedBlob>,
+    downloaded: usize,
+    network: bool,
+    warnings: Vec<String>,
+) -> PullReport {
     PullReport {
         reference: reference.into(),
         digest: record.digest().clone(),
@@ -308,7 +445,13 @@ mod tests {
     #[test]
     fn pins_and_local_paths() {
         let hex = "a".repeat(64);
-        assert_eq!(suffix_pin(&format!("https://x/y@sha256:{hex}")).unwrap().unwrap().hex(), hex);
+        assert_eq!(
+            suffix_pin(&format!("https://x/y@sha256:{hex}"))
+                .unwrap()
+                .unwrap()
+                .hex(),
+            hex
+        );
         assert!(suffix_pin("https://x/y").unwrap().is_none());
         assert!(suffix_pin("https://x/y@sha256:zz").is_err());
         assert_eq!(local_path("file:///a/b"), Some(PathBuf::from("/a/b")));

@@ -60,8 +60,14 @@ impl Sources for PluginSources<'_> {
         let scheme = reference
             .split_once("://")
             .map(|(s, _)| s.to_ascii_lowercase())
-            .ok_or_else(|| StoreError::BadReference { reference: reference.into(), reason: "no scheme (and not a local file)".into() })?;
-        let wrap = |source| StoreError::Resolve { reference: reference.to_string(), source };
+            .ok_or_else(|| StoreError::BadReference {
+                reference: reference.into(),
+                reason: "no scheme (and not a local file)".into(),
+            })?;
+        let wrap = |source| StoreError::Resolve {
+            reference: reference.to_string(),
+            source: Box::new(source),
+        };
         for info in self.registry.list() {
             if info.manifest.kind != PluginKind::ImageSource || info.disabled {
                 continue;
@@ -73,7 +79,7 @@ impl Sources for PluginSources<'_> {
                     continue;
                 }
             };
-            if !plugin.schemes().map_err(wrap)?.iter().any(|s| *s == scheme) {
+            if !plugin.schemes().map_err(wrap)?.contains(&scheme) {
                 continue;
             }
             let plugin = match (reference_host(&scheme, reference), &info.origin) {
@@ -94,9 +100,15 @@ impl Sources for PluginSources<'_> {
                     })
                 })
                 .collect::<Result<Vec<_>, StoreError>>()?;
-            return Ok(Resolved { source: info.name().to_string(), artifacts });
+            return Ok(Resolved {
+                source: info.name().to_string(),
+                artifacts,
+            });
         }
-        Err(StoreError::NoSource { reference: reference.into(), scheme })
+        Err(StoreError::NoSource {
+            reference: reference.into(),
+            scheme,
+        })
     }
 }
 
@@ -107,8 +119,14 @@ mod tests {
     #[test]
     fn reference_hosts() {
         let h = |r: &str| reference_host("oci", r).map(|h| h.to_string());
-        assert_eq!(h("oci://127.0.0.1:5000/a/b:latest").as_deref(), Some("127.0.0.1:5000"));
-        assert_eq!(h("oci://registry.example.com/a@sha256:00").as_deref(), Some("registry.example.com"));
+        assert_eq!(
+            h("oci://127.0.0.1:5000/a/b:latest").as_deref(),
+            Some("127.0.0.1:5000")
+        );
+        assert_eq!(
+            h("oci://registry.example.com/a@sha256:00").as_deref(),
+            Some("registry.example.com")
+        );
         assert_eq!(h("oci://user@evil/a"), None);
         assert_eq!(reference_host("https", "https://a.com/x"), None);
     }

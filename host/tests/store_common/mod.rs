@@ -45,7 +45,15 @@ pub struct Resource {
 
 impl Resource {
     pub fn new(body: impl Into<Vec<u8>>) -> Self {
-        Resource { body: Arc::new(body.into()), etag: None, last_modified: None, ranges: true, fault: Fault::None, headers: Vec::new(), require: None }
+        Resource {
+            body: Arc::new(body.into()),
+            etag: None,
+            last_modified: None,
+            ranges: true,
+            fault: Fault::None,
+            headers: Vec::new(),
+            require: None,
+        }
     }
     pub fn etag(mut self, e: &str) -> Self {
         self.etag = Some(e.to_string());
@@ -79,7 +87,10 @@ pub struct Seen {
 
 impl Seen {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -126,7 +137,11 @@ impl Server {
     }
 
     pub fn set(&self, path: &str, r: Resource) {
-        self.state.lock().unwrap().routes.insert(path.to_string(), r);
+        self.state
+            .lock()
+            .unwrap()
+            .routes
+            .insert(path.to_string(), r);
     }
 
     pub fn remove(&self, path: &str) {
@@ -139,7 +154,14 @@ impl Server {
 
     /// Requests seen for `path`.
     pub fn seen(&self, path: &str) -> Vec<Seen> {
-        self.state.lock().unwrap().log.iter().filter(|s| s.path == path).cloned().collect()
+        self.state
+            .lock()
+            .unwrap()
+            .log
+            .iter()
+            .filter(|s| s.path == path)
+            .cloned()
+            .collect()
     }
 
     /// Full (200) bodies sent for `path`: the number of downloads.
@@ -175,19 +197,34 @@ fn serve(stream: TcpStream, state: &Mutex<State>) {
                 headers.push((k.trim().to_string(), v.trim().to_string()));
             }
         }
-        let get = |name: &str| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone());
-        let content_length: usize = get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+        let get = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.clone())
+        };
+        let content_length: usize = get("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
         if content_length > 0 {
             let mut sink = vec![0u8; content_length];
             let _ = reader.read_exact(&mut sink);
         }
         let (resource, fault) = {
             let mut st = state.lock().unwrap();
-            let fault = st.routes.get_mut(&path).map(|r| take_fault(&mut r.fault)).unwrap_or_default();
+            let fault = st
+                .routes
+                .get_mut(&path)
+                .map(|r| take_fault(&mut r.fault))
+                .unwrap_or_default();
             (st.routes.get(&path).cloned(), fault)
         };
         let record = |status: u16| {
-            state.lock().unwrap().log.push(Seen { path: path.clone(), headers: headers.clone(), status });
+            state.lock().unwrap().log.push(Seen {
+                path: path.clone(),
+                headers: headers.clone(),
+                status,
+            });
         };
         let Some(r) = resource else {
             record(404);
@@ -203,7 +240,8 @@ fn serve(stream: TcpStream, state: &Mutex<State>) {
         }
         if let Fault::Status { status, .. } = fault {
             record(status);
-            let _ = stream.write_all(format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\n\r\n").as_bytes());
+            let _ = stream
+                .write_all(format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\n\r\n").as_bytes());
             continue;
         }
         let mut validators = String::new();
@@ -223,7 +261,8 @@ fn serve(stream: TcpStream, state: &Mutex<State>) {
         };
         if not_modified {
             record(304);
-            let _ = stream.write_all(format!("HTTP/1.1 304 Not Modified\r\n{validators}\r\n").as_bytes());
+            let _ = stream
+                .write_all(format!("HTTP/1.1 304 Not Modified\r\n{validators}\r\n").as_bytes());
             continue;
         }
         let body = r.body.clone();
@@ -232,9 +271,15 @@ fn serve(stream: TcpStream, state: &Mutex<State>) {
         if let (true, Some(range)) = (r.ranges, get("range")) {
             let if_range_ok = match get("if-range") {
                 None => true,
-                Some(v) => r.etag.as_deref() == Some(v.as_str()) || r.last_modified.as_deref() == Some(v.as_str()),
+                Some(v) => {
+                    r.etag.as_deref() == Some(v.as_str())
+                        || r.last_modified.as_deref() == Some(v.as_str())
+                }
             };
-            let from = range.strip_prefix("bytes=").and_then(|s| s.strip_suffix('-')).and_then(|s| s.parse::<usize>().ok());
+            let from = range
+                .strip_prefix("bytes=")
+                .and_then(|s| s.strip_suffix('-'))
+                .and_then(|s| s.parse::<usize>().ok());
             if let (true, Some(from)) = (if_range_ok, from) {
                 if from < body.len() {
                     start = from;
@@ -245,7 +290,11 @@ fn serve(stream: TcpStream, state: &Mutex<State>) {
         record(status);
         let len = body.len() - start;
         let mut head = if status == 206 {
-            format!("HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {start}-{}/{}\r\n", body.len() - 1, body.len())
+            format!(
+                "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {start}-{}/{}\r\n",
+                body.len() - 1,
+                body.len()
+            )
         } else {
             "HTTP/1.1 200 OK\r\n".to_string()
         };
@@ -297,7 +346,9 @@ fn serve(stream: TcpStream, state: &Mutex<State>) {
 /// The fault to apply to this request; counted faults are used up.
 fn take_fault(f: &mut Fault) -> Fault {
     match f {
-        Fault::DisconnectAfter { times, .. } | Fault::ShortBody { times, .. } | Fault::Status { times, .. } => {
+        Fault::DisconnectAfter { times, .. }
+        | Fault::ShortBody { times, .. }
+        | Fault::Status { times, .. } => {
             if *times == 0 {
                 return Fault::None;
             }
@@ -334,7 +385,10 @@ pub struct Cli {
 
 impl Cli {
     pub fn new(state: &Path) -> Self {
-        Cli { state: state.to_path_buf(), config: None }
+        Cli {
+            state: state.to_path_buf(),
+            config: None,
+        }
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
@@ -358,15 +412,24 @@ impl Cli {
         let mut a = args.to_vec();
         a.extend(["-o", "json"]);
         let out = self.run(&a);
-        assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+        assert!(
+            out.status.success(),
+            "{args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
     }
 }
 
 /// Whether a test needing an external tool runs: in CI (`CI` set) a
 /// missing tool is a failure; elsewhere the test is skipped with a reason.
 pub fn require_tool(tool: &str) -> bool {
-    let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().is_ok_and(|o| o.status.success());
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .is_ok_and(|o| o.status.success());
     if found {
         return true;
     }

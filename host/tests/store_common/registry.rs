@@ -24,7 +24,11 @@ impl Drop for Registry {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A descriptor as it goes into a manifest.
@@ -66,16 +70,32 @@ impl Registry {
             .stderr(Stdio::null())
             .spawn()
             .expect("starting docker-registry");
-        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).proxy(None).build().into();
-        let reg = Registry { port, child, _dir: dir, agent };
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .proxy(None)
+            .build()
+            .into();
+        let reg = Registry {
+            port,
+            child,
+            _dir: dir,
+            agent,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(r) = reg.agent.get(&format!("http://127.0.0.1:{port}/v2/")).call() {
+            if let Ok(r) = reg
+                .agent
+                .get(&format!("http://127.0.0.1:{port}/v2/"))
+                .call()
+            {
                 if r.status() == 200 {
                     break;
                 }
             }
-            assert!(Instant::now() < deadline, "docker-registry did not come up on port {port}");
+            assert!(
+                Instant::now() < deadline,
+                "docker-registry did not come up on port {port}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         Some(reg)
@@ -87,10 +107,24 @@ impl Registry {
 
     pub fn push_blob(&self, repo: &str, media_type: &str, data: &[u8]) -> Desc {
         let digest = sha256(data);
-        let r = self.agent.post(&format!("{}/v2/{repo}/blobs/uploads/", self.base())).send_empty().unwrap();
+        let r = self
+            .agent
+            .post(&format!("{}/v2/{repo}/blobs/uploads/", self.base()))
+            .send_empty()
+            .unwrap();
         assert_eq!(r.status(), 202, "starting an upload");
-        let location = r.headers().get("location").unwrap().to_str().unwrap().to_string();
-        let location = if location.starts_with('/') { format!("{}{location}", self.base()) } else { location };
+        let location = r
+            .headers()
+            .get("location")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
+        let location = if location.starts_with('/') {
+            format!("{}{location}", self.base())
+        } else {
+            location
+        };
         let sep = if location.contains('?') { '&' } else { '?' };
         let r = self
             .agent
@@ -99,10 +133,20 @@ impl Registry {
             .send(data)
             .unwrap();
         assert_eq!(r.status(), 201, "finishing the upload of {digest}");
-        Desc { media_type: media_type.into(), digest, size: data.len() }
+        Desc {
+            media_type: media_type.into(),
+            digest,
+            size: data.len(),
+        }
     }
 
-    pub fn push_manifest(&self, repo: &str, reference: &str, media_type: &str, body: &[u8]) -> Desc {
+    pub fn push_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        media_type: &str,
+        body: &[u8],
+    ) -> Desc {
         let r = self
             .agent
             .put(&format!("{}/v2/{repo}/manifests/{reference}", self.base()))
@@ -112,26 +156,44 @@ impl Registry {
         let status = r.status();
         let text = r.into_body().read_to_string().unwrap_or_default();
         assert_eq!(status, 201, "pushing manifest {repo}:{reference}: {text}");
-        Desc { media_type: media_type.into(), digest: sha256(body), size: body.len() }
+        Desc {
+            media_type: media_type.into(),
+            digest: sha256(body),
+            size: body.len(),
+        }
     }
 
     /// Pushes a one-layer image (config + layer); returns (manifest,
     /// config, layer).
-    pub fn push_image(&self, repo: &str, tag: &str, arch: &str, layer: &[u8]) -> (Desc, Desc, Desc) {
+    pub fn push_image(
+        &self,
+        repo: &str,
+        tag: &str,
+        arch: &str,
+        layer: &[u8],
+    ) -> (Desc, Desc, Desc) {
         let layer = self.push_blob(repo, "application/vnd.oci.image.layer.v1.tar", layer);
         let config = serde_json::json!({
             "architecture": arch, "os": "linux",
             "rootfs": {"type": "layers", "diff_ids": [layer.digest]},
         });
-        let config = self.push_blob(repo, "application/vnd.oci.image.config.v1+json", &serde_json::to_vec(&config).unwrap());
+        let config = self.push_blob(
+            repo,
+            "application/vnd.oci.image.config.v1+json",
+            &serde_json::to_vec(&config).unwrap(),
+        );
         let manifest = serde_json::json!({
             "schemaVersion": 2,
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
             "config": config.json(),
             "layers": [layer.json()],
         });
-        let m = self.push_manifest(repo, tag, "application/vnd.oci.image.manifest.v1+json", &serde_json::to_vec(&manifest).unwrap());
+        let m = self.push_manifest(
+            repo,
+            tag,
+            "application/vnd.oci.image.manifest.v1+json",
+            &serde_json::to_vec(&manifest).unwrap(),
+        );
         (m, config, layer)
     }
 }
-

@@ -11,7 +11,9 @@ use clap::{Args, ValueEnum};
 
 use crate::cli::output::{emit, Format};
 use cocoon_host::config::HostConfig;
-use cocoon_host::convert::{self, BackingResolver, ConvertRequest, DirResolver, NoBacking, Progress};
+use cocoon_host::convert::{
+    self, BackingResolver, ConvertRequest, DirResolver, NoBacking, Progress,
+};
 use cocoon_host::plugin::{Registry, Runtime};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -59,12 +61,20 @@ pub fn run(args: ConvertArgs, config: &HostConfig) -> anyhow::Result<i32> {
     let runtime = Runtime::new(Some(config.state_dir.join("plugin-cache")))?;
     let registry = Registry::discover(config);
     let resolver: Box<dyn BackingResolver> = match &args.backing_dir {
-        Some(dir) => Box::new(DirResolver::new(dir).with_context(|| format!("backing directory {}", dir.display()))?),
+        Some(dir) => Box::new(
+            DirResolver::new(dir)
+                .with_context(|| format!("backing directory {}", dir.display()))?,
+        ),
         None => Box::new(NoBacking),
     };
     let format = match args.format {
         SourceFormat::Auto => None,
-        f => Some(f.to_possible_value().expect("no skipped variants").get_name().to_string()),
+        f => Some(
+            f.to_possible_value()
+                .expect("no skipped variants")
+                .get_name()
+                .to_string(),
+        ),
     };
     let req = ConvertRequest {
         source: &args.src,
@@ -121,8 +131,10 @@ impl Bar {
         let bar = (enabled && tty).then(|| {
             let b = indicatif::ProgressBar::hidden();
             b.set_style(
-                indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-                    .expect("a valid template"),
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                )
+                .expect("a valid template"),
             );
             b.set_draw_target(indicatif::ProgressDrawTarget::stderr());
             b
@@ -154,7 +166,12 @@ impl Progress for Bar {
             if last.elapsed() >= Duration::from_secs(5) {
                 *last = Instant::now();
                 let total = self.total.load(Ordering::Relaxed).max(1);
-                eprintln!("converted {} of {} ({}%)", human(done), human(total), done * 100 / total);
+                eprintln!(
+                    "converted {} of {} ({}%)",
+                    human(done),
+                    human(total),
+                    done * 100 / total
+                );
             }
         }
     }

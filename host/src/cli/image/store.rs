@@ -81,13 +81,20 @@ struct Bars {
 
 impl Bars {
     fn new() -> Self {
-        Bars { tty: std::io::stderr().is_terminal(), bar: Mutex::new(None) }
+        Bars {
+            tty: std::io::stderr().is_terminal(),
+            bar: Mutex::new(None),
+        }
     }
 }
 
 impl PullProgress for Bars {
     fn start(&self, what: &str, total: Option<u64>, already: u64) {
-        let resumed = if already > 0 { format!(" (resuming at {already} bytes)") } else { String::new() };
+        let resumed = if already > 0 {
+            format!(" (resuming at {already} bytes)")
+        } else {
+            String::new()
+        };
         if !self.tty {
             match total {
                 Some(t) => eprintln!("downloading {what}: {t} bytes{resumed}"),
@@ -97,12 +104,15 @@ impl PullProgress for Bars {
         }
         let bar = match total {
             Some(t) => ProgressBar::new(t).with_style(
-                ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-                    .expect("static template")
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                )
+                .expect("static template")
+                .progress_chars("=> "),
             ),
             None => ProgressBar::new_spinner().with_style(
-                ProgressStyle::with_template("{spinner} {msg} {bytes} {bytes_per_sec}").expect("static template"),
+                ProgressStyle::with_template("{spinner} {msg} {bytes} {bytes_per_sec}")
+                    .expect("static template"),
             ),
         };
         let name = what.rsplit('/').next().unwrap_or(what);
@@ -142,20 +152,34 @@ pub fn pull(a: PullArgs, config: &HostConfig) -> anyhow::Result<i32> {
     let store = Store::open(config)?;
     let runtime = Runtime::new(Some(config.state_dir.join("plugin-cache")))?;
     let registry = Registry::discover(config);
-    let sources = PluginSources { runtime: &runtime, registry: &registry };
-    let req = PullRequest { reference: a.reference, digest: a.digest, policy: a.policy, force: a.force };
+    let sources = PluginSources {
+        runtime: &runtime,
+        registry: &registry,
+    };
+    let req = PullRequest {
+        reference: a.reference,
+        digest: a.digest,
+        policy: a.policy,
+        force: a.force,
+    };
     let progress = Bars::new();
     let report = store.pull(&sources, &req, &progress)?;
     let converted = match &a.convert {
         Some(target) => {
-            let backend = cocoon_host::store::EngineBackend { runtime: &runtime, registry: &registry };
+            let backend = cocoon_host::store::EngineBackend {
+                runtime: &runtime,
+                registry: &registry,
+            };
             Some(store.converted(&report.digest, target, &backend)?)
         }
         None => None,
     };
     emit(a.output, &PullOutput { report, converted }, |o| {
         let r = &o.report;
-        println!("{} {} ({} bytes, {} downloaded)", r.reference, r.digest, r.size, r.downloaded);
+        println!(
+            "{} {} ({} bytes, {} downloaded)",
+            r.reference, r.digest, r.size, r.downloaded
+        );
         if let Some(c) = &o.converted {
             println!("{} {} {}", c.target, c.digest, c.path.display());
         }
@@ -167,9 +191,15 @@ pub fn list(a: ListArgs, config: &HostConfig) -> anyhow::Result<i32> {
     let store = Store::open(config)?;
     let refs = store.layout().list_refs()?;
     emit(a.output, &refs, |refs| {
-        println!("{:<60} {:<20} {:>12} {}", "REFERENCE", "DIGEST", "SIZE", "SOURCE");
+        println!("{:<60} {:<20} {:>12} SOURCE", "REFERENCE", "DIGEST", "SIZE");
         for r in refs {
-            println!("{:<60} {:<20} {:>12} {}", r.reference, &r.digest().to_string()[..19], r.size(), r.source);
+            println!(
+                "{:<60} {:<20} {:>12} {}",
+                r.reference,
+                &r.digest().to_string()[..19],
+                r.size(),
+                r.source
+            );
         }
     })?;
     Ok(0)
@@ -199,8 +229,16 @@ pub fn inspect(a: InspectArgs, config: &HostConfig) -> anyhow::Result<i32> {
     let mut blobs = Vec::new();
     for art in &record.artifacts {
         let present = layout.present(&art.digest, Some(art.size)).is_some();
-        let verified = if a.verify { Some(layout.verified(&art.digest)?.is_some()) } else { None };
-        blobs.push(BlobState { digest: art.digest.clone(), present, verified });
+        let verified = if a.verify {
+            Some(layout.verified(&art.digest)?.is_some())
+        } else {
+            None
+        };
+        blobs.push(BlobState {
+            digest: art.digest.clone(),
+            present,
+            verified,
+        });
     }
     let ok = blobs.iter().all(|b| b.present && b.verified != Some(false));
     emit(a.output, &Inspected { record, blobs }, |i| {
@@ -215,7 +253,10 @@ pub fn inspect(a: InspectArgs, config: &HostConfig) -> anyhow::Result<i32> {
                 (true, Some(true)) => "verified",
                 (true, None) => "present",
             };
-            println!("  {} {:>12} {} {}", art.digest, art.size, art.media_type, state);
+            println!(
+                "  {} {:>12} {} {}",
+                art.digest, art.size, art.media_type, state
+            );
             println!("    url {}", art.url);
             if let Some(e) = &art.etag {
                 println!("    etag {e}");
@@ -244,14 +285,21 @@ pub fn rm(a: RmArgs, config: &HostConfig) -> anyhow::Result<i32> {
         removed: Vec<String>,
         not_found: Vec<String>,
     }
-    emit(a.output, &Out { removed, not_found: missing.clone() }, |o| {
-        for r in &o.removed {
-            println!("removed {r}");
-        }
-        for r in &o.not_found {
-            eprintln!("not in the store: {r}");
-        }
-    })?;
+    emit(
+        a.output,
+        &Out {
+            removed,
+            not_found: missing.clone(),
+        },
+        |o| {
+            for r in &o.removed {
+                println!("removed {r}");
+            }
+            for r in &o.not_found {
+                eprintln!("not in the store: {r}");
+            }
+        },
+    )?;
     Ok(if missing.is_empty() { 0 } else { 1 })
 }
 

@@ -51,9 +51,13 @@ impl FormatConverter for Converter {
 
     fn open(src: Source, format: &str) -> Result<Image, Error> {
         if format != "qcow2" {
-            return Err(Error::unsupported(format!("the qcow2 converter does not read {format}")));
+            return Err(Error::unsupported(format!(
+                "the qcow2 converter does not read {format}"
+            )));
         }
-        Qcow2::open(HostSource(SourceReader::new(src))).map(Image).map_err(wit_error)
+        Qcow2::open(HostSource(SourceReader::new(src)))
+            .map(Image)
+            .map_err(wit_error)
     }
 
     fn decode(extent: Compressed, input: Vec<u8>, length: u32) -> Result<Vec<u8>, Error> {
@@ -81,9 +85,15 @@ impl ConverterImage for Image {
                     Run::Zero => ExtentKind::Zero,
                     Run::Data(at) => ExtentKind::Data(at),
                     Run::Backing => ExtentKind::Backing,
-                    Run::Compressed { source_offset, source_length, codec } => {
-                        ExtentKind::Compressed(Compressed { source_offset, source_length, codec })
-                    }
+                    Run::Compressed {
+                        source_offset,
+                        source_length,
+                        codec,
+                    } => ExtentKind::Compressed(Compressed {
+                        source_offset,
+                        source_length,
+                        codec,
+                    }),
                 },
             })
             .collect())

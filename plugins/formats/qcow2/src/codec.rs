@@ -17,7 +17,9 @@ pub fn decode(codec: u32, input: &[u8], length: usize) -> Result<Vec<u8>, Format
     match codec {
         CODEC_DEFLATE => inflate(input, length),
         CODEC_ZSTD => unzstd(input, length),
-        other => Err(FormatError::unsupported(format!("codec tag {other} is not a qcow2 codec"))),
+        other => Err(FormatError::unsupported(format!(
+            "codec tag {other} is not a qcow2 codec"
+        ))),
     }
 }
 
@@ -26,13 +28,30 @@ fn inflate(input: &[u8], length: usize) -> Result<Vec<u8>, FormatError> {
     if length == 0 {
         return Ok(out);
     }
-    let mut state = Box::<DecompressorOxide>::default();
+    // Decoder state is reused across calls: a plugin instance decodes many
+    // clusters, and setting up the tables is a visible share of one.
+    thread_local! {
+        static STATE: std::cell::RefCell<Box<DecompressorOxide>> = Default::default();
+    }
+    STATE.with_borrow_mut(|state| {
+        state.init();
+        inflate_with(state, input, &mut out)
+    })?;
+    Ok(out)
+}
+
+fn inflate_with(
+    state: &mut DecompressorOxide,
+    input: &[u8],
+    out: &mut [u8],
+) -> Result<(), FormatError> {
+    let length = out.len();
     // The whole input is given at once and the output buffer is the whole
     // cluster, so one call either fills it or fails.
     let flags = inflate_flags::TINFL_FLAG_USING_NON_WRAPPING_OUTPUT_BUF;
-    let (status, _read, written) = decompress(&mut state, input, &mut out, 0, flags);
+    let (status, _read, written) = decompress(state, input, out, 0, flags);
     match status {
-        TINFLStatus::Done | TINFLStatus::HasMoreOutput if written == length => Ok(out),
+        TINFLStatus::Done | TINFLStatus::HasMoreOutput if written == length => Ok(()),
         TINFLStatus::Done | TINFLStatus::NeedsMoreInput | TINFLStatus::FailedCannotMakeProgress => {
             Err(FormatError::invalid(format!(
                 "deflate cluster of {} bytes decodes to {written} bytes, {length} expected",
@@ -47,6 +66,19 @@ fn inflate(input: &[u8], length: usize) -> Result<Vec<u8>, FormatError> {
 }
 
 fn unzstd(input: &[u8], length: usize) -> Result<Vec<u8>, FormatError> {
+    // As for deflate: the frame decoder's buffers are reused across calls.
+    thread_local! {
+        static DECODER: std::cell::RefCell<ruzstd::decoding::FrameDecoder> =
+            std::cell::RefCell::new(ruzstd::decoding::FrameDecoder::new());
+    }
+    DECODER.with_borrow_mut(|decoder| unzstd_with(decoder, input, length))
+}
+
+fn unzstd_with(
+    decoder: &mut ruzstd::decoding::FrameDecoder,
+    input: &[u8],
+    length: usize,
+) -> Result<Vec<u8>, FormatError> {
     use std::io::Read;
     let mut out = vec![0u8; length];
     let mut filled = 0;
@@ -60,8 +92,11 @@ fn unzstd(input: &[u8], length: usize) -> Result<Vec<u8>, FormatError> {
                 input.len()
             )));
         }
-        let mut frame = ruzstd::decoding::StreamingDecoder::new(&mut rest)
-            .map_err(|e| FormatError::invalid(format!("zstd cluster: bad frame header: {e}")))?;
+        let mut frame =
+            ruzstd::decoding::StreamingDecoder::new_with_decoder(&mut rest, &mut *decoder)
+                .map_err(|e| {
+                    FormatError::invalid(format!("zstd cluster: bad frame header: {e}"))
+                })?;
         loop {
             let n = frame
                 .read(&mut out[filled..])
@@ -97,6 +132,23 @@ mod tests {
         assert!(short.message.contains("expected"), "{short}");
         assert!(decode(CODEC_DEFLATE, &[0xff; 64], 4096).is_err());
         assert!(decode(CODEC_DEFLATE, &packed[..packed.len() / 2], data.len()).is_err());
+    }
+
+    #[test]
+    fn zstd_round_trip_over_several_frames_with_a_reused_decoder() {
+        use ruzstd::encoding::{compress_to_vec, CompressionLevel};
+        let a: Vec<u8> = (0..40_000u32).map(|i| (i % 97) as u8).collect();
+        let b: Vec<u8> = (0..25_536u32).map(|i| (i % 13) as u8).collect();
+        let mut packed = compress_to_vec(&a[..], CompressionLevel::Fastest);
+        packed.extend(compress_to_vec(&b[..], CompressionLevel::Fastest));
+        let whole: Vec<u8> = a.iter().chain(&b).copied().collect();
+        for _ in 0..3 {
+            assert_eq!(decode(CODEC_ZSTD, &packed, whole.len()).unwrap(), whole);
+            assert_eq!(decode(CODEC_ZSTD, &packed, 1000).unwrap(), whole[..1000]);
+        }
+        assert!(decode(CODEC_ZSTD, &packed, whole.len() + 1).is_err());
+        // A failed decode leaves nothing behind for the next one.
+        assert_eq!(decode(CODEC_ZSTD, &packed, whole.len()).unwrap(), whole);
     }
 
     #[test]

@@ -183,7 +183,11 @@ impl Header {
                 "extended L2 entries need clusters of at least 16 KiB; cluster_bits is {cluster_bits}"
             )));
         }
-        let compression_type = if h.header_length > V3_MIN_HEADER { b[104] } else { 0 };
+        let compression_type = if h.header_length > V3_MIN_HEADER {
+            b[104]
+        } else {
+            0
+        };
         if incompat & INCOMPAT_COMPRESSION == 0 && compression_type != 0 {
             return Err(FormatError::invalid(format!(
                 "header field compression_type is {compression_type} but incompatible feature bit 3 is clear"
@@ -203,7 +207,10 @@ impl Header {
 
     /// The backing file name, checked to lie inside the file and to be
     /// UTF-8. Whether the name is acceptable is the host's decision.
-    pub fn read_backing_name<R: ReadAt + ?Sized>(&self, src: &R) -> Result<Option<String>, FormatError> {
+    pub fn read_backing_name<R: ReadAt + ?Sized>(
+        &self,
+        src: &R,
+    ) -> Result<Option<String>, FormatError> {
         if self.backing_file_offset == 0 {
             return Ok(None);
         }
@@ -214,15 +221,19 @@ impl Header {
             )));
         }
         let file = src.size();
-        if off < self.header_length as u64 || off.checked_add(len as u64).is_none_or(|e| e > file.min(self.cluster_size())) {
+        if off < self.header_length as u64
+            || off
+                .checked_add(len as u64)
+                .is_none_or(|e| e > file.min(self.cluster_size()))
+        {
             return Err(FormatError::invalid(format!(
                 "backing file name at {off}+{len} is outside the header cluster of this {file}-byte file"
             )));
         }
         let mut buf = vec![0u8; len as usize];
         src.read_exact_at(off, &mut buf)?;
-        String::from_utf8(buf)
-            .map(Some)
-            .map_err(|_| FormatError::invalid(format!("backing file name at {off}+{len} is not UTF-8")))
+        String::from_utf8(buf).map(Some).map_err(|_| {
+            FormatError::invalid(format!("backing file name at {off}+{len} is not UTF-8"))
+        })
     }
 }

@@ -39,7 +39,12 @@ const L1_RESERVED: u64 = 0x7f00_0000_0000_01ff;
 
 /// Whether `head` starts with the qcow2 magic and a version we read.
 pub fn probe(head: &[u8]) -> bool {
-    head.len() >= 8 && head[..4] == MAGIC && matches!(u32::from_be_bytes([head[4], head[5], head[6], head[7]]), 2 | 3)
+    head.len() >= 8
+        && head[..4] == MAGIC
+        && matches!(
+            u32::from_be_bytes([head[4], head[5], head[6], head[7]]),
+            2 | 3
+        )
 }
 
 /// A cached L2 table: its file offset and its raw entries (pairs of words
@@ -132,7 +137,11 @@ impl<R: ReadAt> Qcow2<R> {
                 pos = span_end;
                 continue;
             }
-            let cached = self.l2.borrow().as_ref().is_some_and(|c| c.offset == l2_offset);
+            let cached = self
+                .l2
+                .borrow()
+                .as_ref()
+                .is_some_and(|c| c.offset == l2_offset);
             if !cached {
                 if l2_reads == MAX_L2_READS_PER_CALL && !out.is_empty() {
                     break;
@@ -173,7 +182,7 @@ impl<R: ReadAt> Qcow2<R> {
 
     fn read_l2(&self, l1_index: u64, l2_offset: u64) -> Result<Vec<u64>, FormatError> {
         let cluster = self.header.cluster_size();
-        if l2_offset % cluster != 0 {
+        if !l2_offset.is_multiple_of(cluster) {
             return Err(FormatError::invalid(format!(
                 "L1 entry {l1_index}: L2 table offset {l2_offset:#x} is not aligned to the {cluster}-byte cluster"
             )));
@@ -215,7 +224,9 @@ impl<R: ReadAt> Qcow2<R> {
             (words[index], 0)
         };
         let at = |msg: String| {
-            FormatError::invalid(format!("L2 entry for virtual offset {cluster_start:#x}: {msg}"))
+            FormatError::invalid(format!(
+                "L2 entry for virtual offset {cluster_start:#x}: {msg}"
+            ))
         };
         if entry & L2_COMPRESSED != 0 {
             if pos != cluster_start {
@@ -227,7 +238,9 @@ impl<R: ReadAt> Qcow2<R> {
             let host = entry & ((1u64 << shift) - 1);
             let sectors = ((entry >> shift) & ((1u64 << (h.cluster_bits - 8)) - 1)) + 1;
             if host < cluster {
-                return Err(at(format!("compressed data at {host:#x} is inside the header cluster")));
+                return Err(at(format!(
+                    "compressed data at {host:#x} is inside the header cluster"
+                )));
             }
             if host >= file {
                 return Err(at(format!(
@@ -253,11 +266,13 @@ impl<R: ReadAt> Qcow2<R> {
         }
         let host = entry & OFFSET_MASK;
         if host != 0 {
-            if host % cluster != 0 {
+            if !host.is_multiple_of(cluster) {
                 return Err(at(format!("data offset {host:#x} is not cluster-aligned")));
             }
             if host < cluster {
-                return Err(at(format!("data offset {host:#x} points into the header cluster")));
+                return Err(at(format!(
+                    "data offset {host:#x} points into the header cluster"
+                )));
             }
             // A cluster may extend past the end of the file only in the
             // part beyond the virtual size; the host checks each data run.
@@ -363,14 +378,17 @@ fn read_l1<R: ReadAt>(src: &R, h: &Header) -> Result<Vec<u64>, FormatError> {
         return Ok(Vec::new());
     }
     let cluster = h.cluster_size();
-    if h.l1_table_offset % cluster != 0 || h.l1_table_offset < cluster {
+    if !h.l1_table_offset.is_multiple_of(cluster) || h.l1_table_offset < cluster {
         return Err(FormatError::invalid(format!(
             "header field l1_table_offset {:#x} is not a cluster-aligned offset past the header",
             h.l1_table_offset
         )));
     }
     let file = src.size();
-    if h.l1_table_offset.checked_add(bytes).is_none_or(|end| end > file) {
+    if h.l1_table_offset
+        .checked_add(bytes)
+        .is_none_or(|end| end > file)
+    {
         return Err(FormatError::invalid(format!(
             "L1 table at {:#x} (+{bytes}) is past the end of the {file}-byte file",
             h.l1_table_offset

@@ -49,7 +49,7 @@ impl Builder {
         self
     }
     fn with_l2(mut self) -> Self {
-        self.l1(0, 2 * CLUSTER | 1 << 63);
+        self.l1(0, (2 * CLUSTER) | (1 << 63));
         self
     }
     fn open(&self) -> Result<Qcow2<Vec<u8>>, FormatError> {
@@ -67,7 +67,9 @@ fn full_map<R: ReadAt>(img: &Qcow2<R>, max: u32) -> Result<Vec<Extent>, FormatEr
     let mut pos = 0;
     for _ in 0..100_000 {
         let page = img.map(pos, max)?;
-        let Some(last) = page.last() else { return Ok(out) };
+        let Some(last) = page.last() else {
+            return Ok(out);
+        };
         assert_eq!(page[0].offset, pos, "pages are contiguous");
         pos = last.offset + last.length;
         out.extend(page);
@@ -97,16 +99,36 @@ fn maps_data_zero_unallocated_and_compressed() {
     assert_eq!(img.virtual_size(), 10 * CLUSTER + 1000);
     let map = full_map(&img, 100).unwrap();
     let want = vec![
-        Extent { offset: 0, length: 2 * CLUSTER, run: Run::Data(data_cluster(0)) },
-        Extent { offset: 2 * CLUSTER, length: 3 * CLUSTER, run: Run::Zero },
+        Extent {
+            offset: 0,
+            length: 2 * CLUSTER,
+            run: Run::Data(data_cluster(0)),
+        },
+        Extent {
+            offset: 2 * CLUSTER,
+            length: 3 * CLUSTER,
+            run: Run::Zero,
+        },
         Extent {
             offset: 5 * CLUSTER,
             length: CLUSTER,
-            run: Run::Compressed { source_offset: data_cluster(2) + 100, source_length: 3 * 512 - 100, codec: CODEC_DEFLATE },
+            run: Run::Compressed {
+                source_offset: data_cluster(2) + 100,
+                source_length: 3 * 512 - 100,
+                codec: CODEC_DEFLATE,
+            },
         },
-        Extent { offset: 6 * CLUSTER, length: 4 * CLUSTER, run: Run::Zero },
+        Extent {
+            offset: 6 * CLUSTER,
+            length: 4 * CLUSTER,
+            run: Run::Zero,
+        },
         // The last cluster is cut at the virtual size.
-        Extent { offset: 10 * CLUSTER, length: 1000, run: Run::Data(data_cluster(2)) },
+        Extent {
+            offset: 10 * CLUSTER,
+            length: 1000,
+            run: Run::Data(data_cluster(2)),
+        },
     ];
     assert_eq!(map, want);
     // Small pages give the same map, cut differently.
@@ -118,7 +140,14 @@ fn maps_data_zero_unallocated_and_compressed() {
     assert_eq!(merged, want);
     // A start inside a data cluster.
     let page = img.map(CLUSTER + 10, 1).unwrap();
-    assert_eq!(page, vec![Extent { offset: CLUSTER + 10, length: CLUSTER - 10, run: Run::Data(data_cluster(1) + 10) }]);
+    assert_eq!(
+        page,
+        vec![Extent {
+            offset: CLUSTER + 10,
+            length: CLUSTER - 10,
+            run: Run::Data(data_cluster(1) + 10)
+        }]
+    );
 }
 
 #[test]
@@ -129,7 +158,10 @@ fn dirty_and_lazy_refcounts_are_readable() {
     b.set64(80, 1); // lazy refcounts
     let img = b.open().unwrap();
     assert!(img.header().dirty && img.header().lazy_refcounts);
-    assert_eq!(full_map(&img, 10).unwrap()[0].run, Run::Data(data_cluster(0)));
+    assert_eq!(
+        full_map(&img, 10).unwrap()[0].run,
+        Run::Data(data_cluster(0))
+    );
 }
 
 #[test]
@@ -137,7 +169,12 @@ fn refused_features_say_what_they_are() {
     let cases: &[(usize, u64, &str, ErrorKind)] = &[
         (72, 1 << 2, "external data file", ErrorKind::Unsupported),
         (72, 1 << 1, "corrupt", ErrorKind::InvalidInput),
-        (72, 1 << 9, "unknown incompatible feature bits 0x200", ErrorKind::Unsupported),
+        (
+            72,
+            1 << 9,
+            "unknown incompatible feature bits 0x200",
+            ErrorKind::Unsupported,
+        ),
     ];
     for (at, v, want, kind) in cases {
         let mut b = Builder::new(CLUSTER, 0);
@@ -149,7 +186,10 @@ fn refused_features_say_what_they_are() {
     let mut b = Builder::new(CLUSTER, 0);
     b.set32(32, 2);
     let e = err_of(b.open());
-    assert!(e.message.contains("encrypted") && e.kind == ErrorKind::Unsupported, "{e}");
+    assert!(
+        e.message.contains("encrypted") && e.kind == ErrorKind::Unsupported,
+        "{e}"
+    );
 }
 
 #[test]
@@ -158,7 +198,10 @@ fn cluster_bits_out_of_range() {
         let mut b = Builder::new(CLUSTER, 0);
         b.set32(20, bits);
         let e = err_of(b.open());
-        assert!(e.message.contains(&format!("cluster_bits is {bits}")), "{e}");
+        assert!(
+            e.message.contains(&format!("cluster_bits is {bits}")),
+            "{e}"
+        );
     }
 }
 
@@ -167,8 +210,11 @@ fn l1_table_past_eof() {
     let mut b = Builder::new(CLUSTER, 0);
     b.set64(40, 1 << 40);
     let e = err_of(b.open());
-    assert!(e.message.contains("L1 table") && e.message.contains("past the end"), "{e}");
-    b.set64(40, u64::MAX & !(CLUSTER - 1));
+    assert!(
+        e.message.contains("L1 table") && e.message.contains("past the end"),
+        "{e}"
+    );
+    b.set64(40, !(CLUSTER - 1));
     assert!(err_of(b.open()).message.contains("past the end"));
 }
 
@@ -178,7 +224,10 @@ fn l2_offset_past_eof() {
     b.l1(0, 1 << 40);
     let img = b.open().unwrap();
     let e = img.map(0, 10).unwrap_err();
-    assert!(e.message.contains("L2 table") && e.message.contains("past the end"), "{e}");
+    assert!(
+        e.message.contains("L2 table") && e.message.contains("past the end"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -187,7 +236,10 @@ fn compressed_cluster_past_eof() {
     let shift = 62 - (CB - 8);
     b.l2(0, L2_COMPRESSED | (1 << shift) | (1 << 30));
     let e = b.open().unwrap().map(0, 10).unwrap_err();
-    assert!(e.message.contains("compressed data") && e.message.contains("past the end"), "{e}");
+    assert!(
+        e.message.contains("compressed data") && e.message.contains("past the end"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -215,12 +267,17 @@ fn huge_virtual_size_on_a_tiny_file() {
         let mut b = Builder::new(CLUSTER, 0);
         b.set64(24, size);
         let e = err_of(b.open());
-        assert!(e.message.contains("l1_size") || e.message.contains("limit"), "{size}: {e}");
+        assert!(
+            e.message.contains("l1_size") || e.message.contains("limit"),
+            "{size}: {e}"
+        );
         // Even with l1_size matching, the table is not in the file.
         b.set32(36, u32::MAX);
         let e = err_of(b.open());
         assert!(
-            e.message.contains("l1_size") || e.message.contains("limit") || e.message.contains("past the end"),
+            e.message.contains("l1_size")
+                || e.message.contains("limit")
+                || e.message.contains("past the end"),
             "{size}: {e}"
         );
     }
@@ -232,7 +289,14 @@ fn a_large_empty_image_maps_in_one_extent() {
     let mut b = Builder::new(1 << 40, 0);
     b.set32(36, 2048);
     let img = b.open().unwrap();
-    assert_eq!(full_map(&img, 4096).unwrap(), vec![Extent { offset: 0, length: 1 << 40, run: Run::Zero }]);
+    assert_eq!(
+        full_map(&img, 4096).unwrap(),
+        vec![Extent {
+            offset: 0,
+            length: 1 << 40,
+            run: Run::Zero
+        }]
+    );
 }
 
 #[test]
@@ -240,7 +304,10 @@ fn truncated_headers() {
     let b = Builder::new(CLUSTER, 0);
     for len in [0, 4, 8, 71, 72, 100, 103] {
         let e = err_of(Qcow2::open(b.bytes[..len].to_vec()));
-        assert!(e.message.contains("truncated header") || e.message.contains("magic"), "{len}: {e}");
+        assert!(
+            e.message.contains("truncated header") || e.message.contains("magic"),
+            "{len}: {e}"
+        );
     }
 }
 
@@ -276,12 +343,26 @@ fn extended_l2_subclusters() {
     assert_eq!(
         map,
         vec![
-            Extent { offset: 0, length: 4096, run: Run::Data(data_cluster(0)) },
-            Extent { offset: 4096, length: CLUSTER - 4096, run: Run::Zero },
+            Extent {
+                offset: 0,
+                length: 4096,
+                run: Run::Data(data_cluster(0))
+            },
+            Extent {
+                offset: 4096,
+                length: CLUSTER - 4096,
+                run: Run::Zero
+            },
         ]
     );
     b.l2(1, 1 | 1 << 32);
-    assert!(b.open().unwrap().map(0, 10).unwrap_err().message.contains("both allocated and zero"));
+    assert!(b
+        .open()
+        .unwrap()
+        .map(0, 10)
+        .unwrap_err()
+        .message
+        .contains("both allocated and zero"));
 }
 
 #[test]

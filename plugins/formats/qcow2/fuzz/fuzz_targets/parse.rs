@@ -37,17 +37,26 @@ fuzz_target!(|data: &[u8]| {
         for e in page {
             assert_eq!(e.offset, pos, "extents must be contiguous");
             assert!(e.length > 0);
-            let end = e.offset.checked_add(e.length).expect("extent end overflows");
+            let end = e
+                .offset
+                .checked_add(e.length)
+                .expect("extent end overflows");
             assert!(end <= virtual_size, "extent {e:?} past the virtual size");
             match e.run {
                 Run::Data(at) => assert!(at < size, "data extent {e:?} starts past the file"),
-                Run::Compressed { source_offset, source_length, codec } => {
+                Run::Compressed {
+                    source_offset,
+                    source_length,
+                    codec,
+                } => {
                     let end = source_offset + source_length as u64;
                     assert!(end <= size, "compressed extent {e:?} past the file");
                     if decodes < MAX_DECODES {
                         decodes += 1;
                         let input = &data[source_offset as usize..end as usize];
-                        if let Ok(out) = cocoon_format_qcow2::decode(codec, input, e.length as usize) {
+                        if let Ok(out) =
+                            cocoon_format_qcow2::decode(codec, input, e.length as usize)
+                        {
                             assert_eq!(out.len() as u64, e.length);
                         }
                     }
