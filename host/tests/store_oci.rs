@@ -339,3 +339,43 @@ fn a_docker_manifest_list_selects_linux_amd64() {
         layers[1].1
     );
 }
+
+#[test]
+fn a_disk_layer_is_what_gets_converted() {
+    let dir = tempfile::tempdir().unwrap();
+    let cli = Cli::new(dir.path());
+    let s = Server::start();
+    let disk = bytes(20, 1 << 20);
+    let config = br#"{"architecture":"amd64","os":"linux"}"#.to_vec();
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha256(&config), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.cocoon.disk.raw", "digest": sha256(&disk), "size": disk.len()}],
+    }))
+    .unwrap();
+    for at in ["1".to_string(), sha256(&manifest)] {
+        s.set(
+            &format!("/v2/vm/disk/manifests/{at}"),
+            Resource::new(manifest.clone()),
+        );
+    }
+    s.set(
+        &format!("/v2/vm/disk/blobs/{}", sha256(&config)),
+        Resource::new(config),
+    );
+    s.set(
+        &format!("/v2/vm/disk/blobs/{}", sha256(&disk)),
+        Resource::new(disk.clone()),
+    );
+    let reference = format!("oci://127.0.0.1:{}/vm/disk:1", s.port);
+    let v = cli.json(&["image", "pull", "--convert", "raw", &reference]);
+    assert_eq!(v["digest"], sha256(&manifest));
+    assert_eq!(v["record"]["artifacts"][2]["format_hint"], "raw");
+    assert_eq!(
+        v["converted"]["source"],
+        sha256(&disk),
+        "the disk layer, not the manifest"
+    );
+    assert_eq!(v["converted"]["digest"], sha256(&disk));
+}

@@ -49,6 +49,22 @@ impl RefRecord {
         &self.artifacts[0].digest
     }
 
+    /// The artifact that is a disk image: the one with a format hint
+    /// (the last, for layered images), or the only artifact there is. An
+    /// OCI manifest or config is never a disk.
+    pub fn disk(&self) -> Option<&ArtifactRecord> {
+        match self
+            .artifacts
+            .iter()
+            .rev()
+            .find(|a| a.format_hint.is_some())
+        {
+            Some(a) => Some(a),
+            None if self.artifacts.len() == 1 => self.artifacts.first(),
+            None => None,
+        }
+    }
+
     pub fn size(&self) -> u64 {
         self.artifacts.iter().map(|a| a.size).sum()
     }
@@ -124,5 +140,42 @@ impl Layout {
         }
         out.sort_by(|a, b| a.reference.cmp(&b.reference));
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn art(n: u8, hint: Option<&str>) -> ArtifactRecord {
+        ArtifactRecord {
+            url: format!("https://r/{n}"),
+            digest: Digest::of(&[n]),
+            size: 1,
+            media_type: "x".into(),
+            format_hint: hint.map(str::to_string),
+            pinned: true,
+            etag: None,
+            last_modified: None,
+        }
+    }
+
+    #[test]
+    fn the_disk_artifact() {
+        let rec = |arts: Vec<ArtifactRecord>| RefRecord {
+            reference: "r".into(),
+            source: "s".into(),
+            pulled_at: 0,
+            artifacts: arts,
+        };
+        assert_eq!(rec(vec![art(1, None)]).disk().unwrap().url, "https://r/1");
+        assert!(rec(vec![art(1, None), art(2, None)]).disk().is_none());
+        let r = rec(vec![
+            art(1, None),
+            art(2, Some("qcow2")),
+            art(3, Some("raw")),
+            art(4, None),
+        ]);
+        assert_eq!(r.disk().unwrap().url, "https://r/3");
     }
 }

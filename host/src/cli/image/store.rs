@@ -170,7 +170,13 @@ pub fn pull(a: PullArgs, config: &HostConfig) -> anyhow::Result<i32> {
                 runtime: &runtime,
                 registry: &registry,
             };
-            Some(store.converted(&report.digest, target, &backend)?)
+            let Some(disk) = report.record.disk() else {
+                anyhow::bail!(
+                    "{}: no artifact is a disk image (none has a format hint); nothing to convert",
+                    report.reference
+                );
+            };
+            Some(store.converted(&disk.digest, target, &backend)?)
         }
         None => None,
     };
