@@ -4,7 +4,7 @@
 //! plugins ([`plugin`]) run sandboxed behind the WIT contract in `wit/`.
 
 pub mod config;
+pub mod convert;
 pub mod fsutil;
 pub mod plugin;
-pub mod convert;
 pub mod store;

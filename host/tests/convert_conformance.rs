@@ -27,25 +27,22 @@ const SOURCE_SIZE: u64 = 24 * MIB;
 struct Env {
     converters: Converters,
     source: PathBuf,
-    _dir: tempfile::TempDir,
 }
 
+/// Shared by every test of this binary: the converters and the source
+/// data. They live in Cargo's per-target temp dir, not in a TempDir: a
+/// static is never dropped, so a TempDir here would leak at every run.
 fn env() -> &'static Env {
     static ENV: OnceLock<Env> = OnceLock::new();
     ENV.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let runtime = Box::leak(Box::new(
-            Runtime::new(Some(dir.path().join("cache"))).unwrap(),
-        ));
-        let registry = Registry::discover(&HostConfig::at(&dir.path().join("state")));
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("convert_conformance");
+        std::fs::create_dir_all(&dir).unwrap();
+        let runtime = Box::leak(Box::new(Runtime::new(None).unwrap()));
+        let registry = Registry::discover(&HostConfig::at(&dir.join("state")));
         let converters = Converters::load(runtime, &registry).unwrap();
-        let source = dir.path().join("source.raw");
+        let source = dir.join("source.raw");
         write_source(&source, SOURCE_SIZE);
-        Env {
-            converters,
-            source,
-            _dir: dir,
-        }
+        Env { converters, source }
     })
 }
 

@@ -20,11 +20,11 @@ use cocoon_host::plugin::{PluginError, Registry, Runtime};
 fn converters() -> &'static Converters {
     static C: OnceLock<Converters> = OnceLock::new();
     C.get_or_init(|| {
-        let dir = Box::leak(Box::new(tempfile::tempdir().unwrap()));
-        let runtime = Box::leak(Box::new(
-            Runtime::new(Some(dir.path().join("cache"))).unwrap(),
-        ));
-        let registry = Registry::discover(&HostConfig::at(&dir.path().join("state")));
+        // No compiled-component cache and no plugin directory: nothing is
+        // left behind by a static that is never dropped.
+        let runtime = Box::leak(Box::new(Runtime::new(None).unwrap()));
+        let state = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("convert_engine-state");
+        let registry = Registry::discover(&HostConfig::at(&state));
         Converters::load(runtime, &registry).unwrap()
     })
 }

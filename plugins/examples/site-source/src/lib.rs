@@ -39,8 +39,9 @@ impl ImageSource for SiteSource {
         let name = reference
             .strip_prefix("site://")
             .ok_or_else(|| Error::unsupported(format!("{reference:?} is not site://NAME")))?;
-        let catalog_url = config_get("catalog")
-            .ok_or_else(|| Error::invalid_input("setting `catalog` (the catalog URL) is not set"))?;
+        let catalog_url = config_get("catalog").ok_or_else(|| {
+            Error::invalid_input("setting `catalog` (the catalog URL) is not set")
+        })?;
         let response = get(&catalog_url, &[("accept", "application/json")], MAX_CATALOG)?;
         if response.status != 200 {
             return Err(Error::io(format!(

@@ -148,13 +148,55 @@ mod tests {
     #[test]
     fn merging() {
         let mut v = Vec::new();
-        push_merged(&mut v, Extent { offset: 0, length: 10, run: Run::Data(100) });
-        push_merged(&mut v, Extent { offset: 10, length: 10, run: Run::Data(110) });
-        push_merged(&mut v, Extent { offset: 20, length: 10, run: Run::Data(500) });
-        push_merged(&mut v, Extent { offset: 30, length: 5, run: Run::Zero });
-        push_merged(&mut v, Extent { offset: 35, length: 5, run: Run::Zero });
+        push_merged(
+            &mut v,
+            Extent {
+                offset: 0,
+                length: 10,
+                run: Run::Data(100),
+            },
+        );
+        push_merged(
+            &mut v,
+            Extent {
+                offset: 10,
+                length: 10,
+                run: Run::Data(110),
+            },
+        );
+        push_merged(
+            &mut v,
+            Extent {
+                offset: 20,
+                length: 10,
+                run: Run::Data(500),
+            },
+        );
+        push_merged(
+            &mut v,
+            Extent {
+                offset: 30,
+                length: 5,
+                run: Run::Zero,
+            },
+        );
+        push_merged(
+            &mut v,
+            Extent {
+                offset: 35,
+                length: 5,
+                run: Run::Zero,
+            },
+        );
         assert_eq!(v.len(), 3);
         assert_eq!(v[0].length, 20);
-        assert_eq!(v[2], Extent { offset: 30, length: 10, run: Run::Zero });
+        assert_eq!(
+            v[2],
+            Extent {
+                offset: 30,
+                length: 10,
+                run: Run::Zero
+            }
+        );
     }
 }

@@ -290,11 +290,12 @@ impl<R: ReadAt> Qcow2<R> {
             } else {
                 self.unallocated()
             };
-            return Ok(vec![Extent {
+            let runs = vec![Extent {
                 offset: pos,
                 length: cluster_end - pos,
                 run,
-            }]);
+            }];
+            return check_data_in_file(runs, file, cluster_start);
         }
         // Extended L2: 32 subclusters, an allocation bit (low word half)
         // and a zero bit (high half) each.
@@ -335,8 +336,28 @@ impl<R: ReadAt> Qcow2<R> {
                 },
             );
         }
-        Ok(runs)
+        check_data_in_file(runs, file, cluster_start)
     }
+}
+
+/// Every data run of a cluster must lie wholly inside the file: its start
+/// being inside is not enough (a subcluster or the cluster's tail may not).
+fn check_data_in_file(
+    runs: Vec<Extent>,
+    file: u64,
+    cluster_start: u64,
+) -> Result<Vec<Extent>, FormatError> {
+    for e in &runs {
+        if let Run::Data(at) = e.run {
+            if at.checked_add(e.length).is_none_or(|end| end > file) {
+                return Err(FormatError::invalid(format!(
+                    "L2 entry for virtual offset {cluster_start:#x}: data at {at:#x}+{} is past the end of the {file}-byte file",
+                    e.length
+                )));
+            }
+        }
+    }
+    Ok(runs)
 }
 
 /// Pushes `e` (merged when possible); false when the page already holds

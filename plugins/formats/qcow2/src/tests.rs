@@ -366,6 +366,25 @@ fn extended_l2_subclusters() {
 }
 
 #[test]
+fn data_runs_must_end_inside_the_file() {
+    // The file stops 4 KiB into the only data cluster.
+    let mut b = Builder::new(CLUSTER, 1).with_l2();
+    b.l2(0, data_cluster(0));
+    b.bytes.truncate((data_cluster(0) + 4096) as usize);
+    let e = b.open().unwrap().map(0, 10).unwrap_err();
+    assert!(e.message.contains("past the end"), "{e}");
+    // With extended L2, a subcluster past the end (found by the fuzzer).
+    let mut b = Builder::new(CLUSTER, 1).with_l2();
+    b.set64(72, 1 << 4);
+    b.l2(0, data_cluster(0));
+    b.l2(1, 1 | 1 << 31);
+    b.bytes.truncate((data_cluster(0) + 4096) as usize);
+    let img = b.open().unwrap();
+    let e = img.map(0, 10).unwrap_err();
+    assert!(e.message.contains("past the end"), "{e}");
+}
+
+#[test]
 fn random_bytes_after_a_valid_magic() {
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = || {
