@@ -184,6 +184,8 @@ pub mod format_converter {
 
     common_api!();
 
+    #[cfg(feature = "native-format")]
+    pub mod native;
     pub use crate::reader::SourceReader;
     pub use bindings::cocoon::plugin::source::{max_read, Source};
     pub use bindings::exports::cocoon::plugin::converter::{

@@ -1,41 +1,15 @@
 //! The qcow2 converter: a thin wrapper that runs the cocoon-format-qcow2
-//! parser over the host's read-at source.
+//! parser over the host's read-at source. The parser owns its source (it
+//! keeps L1 and refcount state alongside), so it uses the SDK's
+//! native-format helpers rather than the generic `Native` adapter.
 
-use cocoon_format_common::{ErrorKind as FmtKind, FormatError, ReadAt, Run};
 use cocoon_format_qcow2::Qcow2;
+use cocoon_plugin_sdk::format_converter::native::{wit_error, wit_extent, HostSource};
 use cocoon_plugin_sdk::format_converter::*;
 
+const FORMAT: &str = "qcow2";
+
 struct Converter;
-
-/// The host's source as the parser's [`ReadAt`].
-struct HostSource(SourceReader);
-
-impl ReadAt for HostSource {
-    fn size(&self) -> u64 {
-        self.0.len()
-    }
-    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), FormatError> {
-        self.0.read_exact_at(offset, buf).map_err(|e| {
-            let kind = match e.kind {
-                ErrorKind::Io => FmtKind::Io,
-                ErrorKind::LimitExceeded => FmtKind::LimitExceeded,
-                _ => FmtKind::InvalidInput,
-            };
-            FormatError::new(kind, e.message)
-        })
-    }
-}
-
-fn wit_error(e: FormatError) -> Error {
-    let kind = match e.kind {
-        FmtKind::InvalidInput => ErrorKind::InvalidInput,
-        FmtKind::Unsupported => ErrorKind::Unsupported,
-        FmtKind::LimitExceeded => ErrorKind::LimitExceeded,
-        FmtKind::Io => ErrorKind::Io,
-        FmtKind::Internal => ErrorKind::Internal,
-    };
-    Error::new(kind, format!("qcow2: {}", e.message))
-}
 
 struct Image(Qcow2<HostSource>);
 
@@ -44,24 +18,25 @@ impl FormatConverter for Converter {
 
     fn probe(head: &[u8], _tail: &[u8], _file_size: u64) -> Option<ProbeResult> {
         cocoon_format_qcow2::probe(head).then(|| ProbeResult {
-            format: "qcow2".into(),
+            format: FORMAT.into(),
             confidence: 100,
         })
     }
 
     fn open(src: Source, format: &str) -> Result<Image, Error> {
-        if format != "qcow2" {
+        if format != FORMAT {
             return Err(Error::unsupported(format!(
-                "the qcow2 converter does not read {format}"
+                "the {FORMAT} converter does not read {format}"
             )));
         }
-        Qcow2::open(HostSource(SourceReader::new(src)))
+        Qcow2::open(HostSource::new(src))
             .map(Image)
-            .map_err(wit_error)
+            .map_err(|e| wit_error(FORMAT, e))
     }
 
     fn decode(extent: Compressed, input: Vec<u8>, length: u32) -> Result<Vec<u8>, Error> {
-        cocoon_format_qcow2::decode(extent.codec, &input, length as usize).map_err(wit_error)
+        cocoon_format_qcow2::decode(extent.codec, &input, length as usize)
+            .map_err(|e| wit_error(FORMAT, e))
     }
 }
 
@@ -75,28 +50,8 @@ impl ConverterImage for Image {
     }
 
     fn map(&self, offset: u64, max: u32) -> Result<Vec<Extent>, Error> {
-        let extents = self.0.map(offset, max).map_err(wit_error)?;
-        Ok(extents
-            .into_iter()
-            .map(|e| Extent {
-                offset: e.offset,
-                length: e.length,
-                kind: match e.run {
-                    Run::Zero => ExtentKind::Zero,
-                    Run::Data(at) => ExtentKind::Data(at),
-                    Run::Backing => ExtentKind::Backing,
-                    Run::Compressed {
-                        source_offset,
-                        source_length,
-                        codec,
-                    } => ExtentKind::Compressed(Compressed {
-                        source_offset,
-                        source_length,
-                        codec,
-                    }),
-                },
-            })
-            .collect())
+        let extents = self.0.map(offset, max).map_err(|e| wit_error(FORMAT, e))?;
+        Ok(extents.into_iter().map(wit_extent).collect())
     }
 }
 

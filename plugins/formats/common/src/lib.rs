@@ -34,6 +34,15 @@ impl ReadAt for [u8] {
     }
 }
 
+impl<T: ReadAt + ?Sized> ReadAt for &T {
+    fn size(&self) -> u64 {
+        (**self).size()
+    }
+    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), FormatError> {
+        (**self).read_exact_at(offset, buf)
+    }
+}
+
 impl ReadAt for Vec<u8> {
     fn size(&self) -> u64 {
         self.as_slice().size()
@@ -110,6 +119,100 @@ impl fmt::Display for FormatError {
 }
 
 impl std::error::Error for FormatError {}
+
+/// A disk format implemented natively. Each parser crate implements it for
+/// its image type; the SDK turns any implementation into a converter
+/// plugin, and [`check_walk`] fuzzes it.
+pub trait Format: Sized + 'static {
+    /// The format name probes answer and `open` expects, e.g. "vhdx".
+    const NAME: &'static str;
+    /// How sure the parser is that a file with this head and tail (up to
+    /// 64 KiB each) is in its format, 0-100; None when it is not.
+    fn probe(head: &[u8], tail: &[u8], file_size: u64) -> Option<u8>;
+    /// Reads and checks the headers and tables.
+    fn open(src: &dyn ReadAt) -> Result<Self, FormatError>;
+    /// The virtual disk's size in bytes.
+    fn virtual_size(&self) -> u64;
+    /// The backing file name the image stores, if any.
+    fn backing(&self) -> Option<&str> {
+        None
+    }
+    /// Up to `max` extents covering the virtual disk from `offset`.
+    fn map(&self, src: &dyn ReadAt, offset: u64, max: usize) -> Result<Vec<Extent>, FormatError>;
+    /// Decodes one compressed run into exactly `length` bytes.
+    fn decode(codec: u32, input: &[u8], length: u32) -> Result<Vec<u8>, FormatError> {
+        let _ = input;
+        Err(FormatError::invalid(format!(
+            "{} images have no compressed extents (codec {codec}, {length} bytes)",
+            Self::NAME
+        )))
+    }
+}
+
+/// Opens `data` as `F` and walks the whole map in bounded pages, asserting
+/// the invariants the host relies on: extents contiguous, inside the
+/// virtual disk, data and compressed runs inside the file, decodes of the
+/// announced length. Panics on a violation; for fuzz targets and tests.
+pub fn check_walk<F: Format>(data: &[u8]) {
+    // Pages per input: enough for any image a fuzzer builds, and a bound
+    // on the time one input may take.
+    const MAX_PAGES: usize = 4096;
+    const PAGE: usize = 64;
+    let _ = F::probe(data, data, data.len() as u64);
+    let size = data.len() as u64;
+    let src = &data;
+    let Ok(image) = F::open(src) else {
+        return;
+    };
+    let virtual_size = image.virtual_size();
+    let mut pos = 0u64;
+    for _ in 0..MAX_PAGES {
+        let Ok(page) = image.map(src, pos, PAGE) else {
+            return;
+        };
+        if page.is_empty() {
+            assert!(pos >= virtual_size, "map ended early at {pos}");
+            return;
+        }
+        assert!(page.len() <= PAGE);
+        for e in page {
+            assert_eq!(e.offset, pos, "extents must be contiguous");
+            assert!(e.length > 0);
+            let end = e
+                .offset
+                .checked_add(e.length)
+                .expect("extent end overflows");
+            assert!(end <= virtual_size, "extent {e:?} past the virtual size");
+            match e.run {
+                Run::Data(at) => {
+                    let data_end = at.checked_add(e.length);
+                    assert!(
+                        data_end.is_some_and(|x| x <= size),
+                        "data run {e:?} past the end of the file"
+                    );
+                }
+                Run::Compressed {
+                    source_offset,
+                    source_length,
+                    codec,
+                } => {
+                    let data_end = source_offset.checked_add(u64::from(source_length));
+                    assert!(
+                        data_end.is_some_and(|x| x <= size),
+                        "compressed run {e:?} past the end of the file"
+                    );
+                    let input = &data
+                        [source_offset as usize..source_offset as usize + source_length as usize];
+                    if let Ok(out) = F::decode(codec, input, e.length as u32) {
+                        assert_eq!(out.len() as u64, e.length, "decode of {e:?}");
+                    }
+                }
+                Run::Zero | Run::Backing => {}
+            }
+            pos = end;
+        }
+    }
+}
 
 /// Appends `e` to `out`, merging it into the previous extent when both are
 /// zero runs, both backing runs, or contiguous data runs. Keeps maps short

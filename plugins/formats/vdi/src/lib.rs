@@ -242,6 +242,26 @@ impl Vdi {
     }
 }
 
+impl cocoon_format_common::Format for Vdi {
+    const NAME: &'static str = FORMAT;
+
+    fn probe(head: &[u8], _tail: &[u8], _file_size: u64) -> Option<u8> {
+        probe(head)
+    }
+
+    fn open(src: &dyn ReadAt) -> Result<Self, FormatError> {
+        Vdi::open(src)
+    }
+
+    fn virtual_size(&self) -> u64 {
+        Vdi::virtual_size(self)
+    }
+
+    fn map(&self, src: &dyn ReadAt, offset: u64, max: usize) -> Result<Vec<Extent>, FormatError> {
+        Vdi::map(self, src, offset, max)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -621,6 +621,26 @@ impl Metadata {
     }
 }
 
+impl cocoon_format_common::Format for Vhdx {
+    const NAME: &'static str = FORMAT;
+
+    fn probe(head: &[u8], _tail: &[u8], _file_size: u64) -> Option<u8> {
+        probe(head)
+    }
+
+    fn open(src: &dyn ReadAt) -> Result<Self, FormatError> {
+        Vhdx::open(src)
+    }
+
+    fn virtual_size(&self) -> u64 {
+        Vhdx::virtual_size(self)
+    }
+
+    fn map(&self, src: &dyn ReadAt, offset: u64, max: usize) -> Result<Vec<Extent>, FormatError> {
+        Vhdx::map(self, src, offset, max)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -686,6 +686,34 @@ pub fn decode(codec: u32, input: &[u8], length: u32) -> Result<Vec<u8>, FormatEr
     Ok(out)
 }
 
+impl cocoon_format_common::Format for Vmdk {
+    const NAME: &'static str = FORMAT;
+
+    fn probe(head: &[u8], _tail: &[u8], _file_size: u64) -> Option<u8> {
+        probe(head)
+    }
+
+    fn open(src: &dyn ReadAt) -> Result<Self, FormatError> {
+        Vmdk::open(src)
+    }
+
+    fn virtual_size(&self) -> u64 {
+        Vmdk::virtual_size(self)
+    }
+
+    fn backing(&self) -> Option<&str> {
+        Vmdk::backing(self)
+    }
+
+    fn decode(codec: u32, input: &[u8], length: u32) -> Result<Vec<u8>, FormatError> {
+        decode(codec, input, length)
+    }
+
+    fn map(&self, src: &dyn ReadAt, offset: u64, max: usize) -> Result<Vec<Extent>, FormatError> {
+        Vmdk::map(self, src, offset, max)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

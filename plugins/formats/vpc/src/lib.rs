@@ -350,6 +350,26 @@ impl Vpc {
     }
 }
 
+impl cocoon_format_common::Format for Vpc {
+    const NAME: &'static str = FORMAT;
+
+    fn probe(head: &[u8], tail: &[u8], _file_size: u64) -> Option<u8> {
+        probe(head, tail)
+    }
+
+    fn open(src: &dyn ReadAt) -> Result<Self, FormatError> {
+        Vpc::open(src)
+    }
+
+    fn virtual_size(&self) -> u64 {
+        Vpc::virtual_size(self)
+    }
+
+    fn map(&self, src: &dyn ReadAt, offset: u64, max: usize) -> Result<Vec<Extent>, FormatError> {
+        Vpc::map(self, src, offset, max)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
