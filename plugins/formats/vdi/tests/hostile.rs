@@ -8,27 +8,16 @@ use cocoon_format_common::{ErrorKind, FormatError};
 use cocoon_format_vdi::Vdi;
 use support::*;
 
-const SIZE: usize = 6 * (1 << 20) + 512;
-
 fn fixture(name: &str) -> Vec<u8> {
-    let dir = Scratch::new(name);
-    let img = qemu_image(&dir, name, &source_data(SIZE), "vdi", "");
-    std::fs::read(img).unwrap()
+    hostile_fixture("vdi", name, "")
 }
 
 fn outcome(file: &[u8]) -> Result<(), FormatError> {
-    let src = file.to_vec();
-    let vdi = Vdi::open(&src)?;
-    walk(vdi.virtual_size(), &|off, max| vdi.map(&src, off, max))
+    support::outcome::<Vdi>(file)
 }
 
 fn refused(file: &[u8], needle: &str) -> FormatError {
-    let err = outcome(file).expect_err("hostile input must be refused");
-    assert!(
-        err.message.contains(needle),
-        "error {err} should mention {needle:?}"
-    );
-    err
+    refused_as::<Vdi>(file, needle)
 }
 
 fn put32(file: &mut [u8], at: usize, v: u32) {

@@ -8,28 +8,18 @@ use cocoon_format_common::{ErrorKind, FormatError};
 use cocoon_format_vhdx::{crc32c, Vhdx};
 use support::*;
 
-const SIZE: usize = 6 * (1 << 20) + 512;
 const KIB: usize = 1024;
 
 fn fixture(name: &str) -> Vec<u8> {
-    let dir = Scratch::new(name);
-    let img = qemu_image(&dir, name, &source_data(SIZE), "vhdx", "block_size=1M");
-    std::fs::read(img).unwrap()
+    hostile_fixture("vhdx", name, "block_size=1M")
 }
 
 fn outcome(file: &[u8]) -> Result<(), FormatError> {
-    let src = file.to_vec();
-    let vhdx = Vhdx::open(&src)?;
-    walk(vhdx.virtual_size(), &|off, max| vhdx.map(&src, off, max))
+    support::outcome::<Vhdx>(file)
 }
 
 fn refused(file: &[u8], needle: &str) -> FormatError {
-    let err = outcome(file).expect_err("hostile input must be refused");
-    assert!(
-        err.message.contains(needle),
-        "error {err} should mention {needle:?}"
-    );
-    err
+    refused_as::<Vhdx>(file, needle)
 }
 
 /// (offset, length) of the region whose GUID starts with `first` (the

@@ -7,28 +7,16 @@ use cocoon_format_common::{ErrorKind, FormatError};
 use cocoon_format_vmdk::{decode, zlib_codec, Vmdk};
 use support::*;
 
-const SIZE: usize = 6 * (1 << 20) + 512;
-
 fn fixture(name: &str, opts: &str) -> Vec<u8> {
-    let dir = Scratch::new(name);
-    let img = qemu_image(&dir, name, &source_data(SIZE), "vmdk", opts);
-    std::fs::read(img).unwrap()
+    hostile_fixture("vmdk", name, opts)
 }
 
-/// Opens `file` and walks its whole map.
 fn outcome(file: &[u8]) -> Result<(), FormatError> {
-    let src = file.to_vec();
-    let vmdk = Vmdk::open(&src)?;
-    walk(vmdk.virtual_size(), &|off, max| vmdk.map(&src, off, max))
+    support::outcome::<Vmdk>(file)
 }
 
 fn refused(file: &[u8], needle: &str) -> FormatError {
-    let err = outcome(file).expect_err("hostile input must be refused");
-    assert!(
-        err.message.contains(needle),
-        "error {err} should mention {needle:?}"
-    );
-    err
+    refused_as::<Vmdk>(file, needle)
 }
 
 /// Offset of the first grain table and of its first non-zero entry.

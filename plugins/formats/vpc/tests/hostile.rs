@@ -8,27 +8,16 @@ use cocoon_format_common::{ErrorKind, FormatError};
 use cocoon_format_vpc::Vpc;
 use support::*;
 
-const SIZE: usize = 6 * (1 << 20) + 512;
-
 fn fixture(name: &str, opts: &str) -> Vec<u8> {
-    let dir = Scratch::new(name);
-    let img = qemu_image(&dir, name, &source_data(SIZE), "vpc", opts);
-    std::fs::read(img).unwrap()
+    hostile_fixture("vpc", name, opts)
 }
 
 fn outcome(file: &[u8]) -> Result<(), FormatError> {
-    let src = file.to_vec();
-    let vpc = Vpc::open(&src)?;
-    walk(vpc.virtual_size(), &|off, max| vpc.map(&src, off, max))
+    support::outcome::<Vpc>(file)
 }
 
 fn refused(file: &[u8], needle: &str) -> FormatError {
-    let err = outcome(file).expect_err("hostile input must be refused");
-    assert!(
-        err.message.contains(needle),
-        "error {err} should mention {needle:?}"
-    );
-    err
+    refused_as::<Vpc>(file, needle)
 }
 
 /// Rewrites the checksum of the 512-byte footer at `at`.

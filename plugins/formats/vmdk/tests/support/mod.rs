@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use cocoon_format_common::{Extent, FormatError, Run};
+use cocoon_format_common::{Extent, Format, FormatError, Run};
 use sha2::{Digest, Sha256};
 
 /// A scratch directory removed on drop.
@@ -281,4 +281,31 @@ pub fn zero_walk(virtual_size: u64, map: &MapFn) -> usize {
     }
     assert_eq!(pos, virtual_size);
     pages
+}
+
+/// The size of the images the hostile tests start from.
+pub const HOSTILE_SIZE: usize = 6 * (1 << 20) + 512;
+
+/// A qemu-img image of `fmt` (with `opts`) made from mixed source data.
+pub fn hostile_fixture(fmt: &str, name: &str, opts: &str) -> Vec<u8> {
+    let dir = Scratch::new(name);
+    let img = qemu_image(&dir, name, &source_data(HOSTILE_SIZE), fmt, opts);
+    std::fs::read(img).unwrap()
+}
+
+/// Opens `file` as `F` and walks its whole map.
+pub fn outcome<F: Format>(file: &[u8]) -> Result<(), FormatError> {
+    let src = file.to_vec();
+    let image = F::open(&src)?;
+    walk(image.virtual_size(), &|off, max| image.map(&src, off, max))
+}
+
+/// Asserts that `F` refuses `file` with an error that mentions `needle`.
+pub fn refused_as<F: Format>(file: &[u8], needle: &str) -> FormatError {
+    let err = outcome::<F>(file).expect_err("hostile input must be refused");
+    assert!(
+        err.message.contains(needle),
+        "error {err} should mention {needle:?}"
+    );
+    err
 }
