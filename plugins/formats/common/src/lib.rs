@@ -120,6 +120,46 @@ impl fmt::Display for FormatError {
 
 impl std::error::Error for FormatError {}
 
+/// Reads `len` bytes at `offset`, naming `what` when the range is not in
+/// the file, so a table that points past the end is a clear error rather
+/// than a short read.
+pub fn read_range(
+    src: &dyn ReadAt,
+    offset: u64,
+    len: u64,
+    what: &str,
+) -> Result<Vec<u8>, FormatError> {
+    if offset.checked_add(len).is_none_or(|e| e > src.size()) {
+        return Err(FormatError::invalid(format!(
+            "{what}: {len} bytes at offset {offset} are past the end of the {}-byte file",
+            src.size()
+        )));
+    }
+    let mut buf = vec![0u8; len as usize];
+    src.read_exact_at(offset, &mut buf)?;
+    Ok(buf)
+}
+
+/// Fixed-width integers at a byte offset of a header the caller has
+/// already read in full (the slice bounds are the caller's check).
+pub mod bytes {
+    pub fn le16(b: &[u8], at: usize) -> u16 {
+        u16::from_le_bytes([b[at], b[at + 1]])
+    }
+    pub fn le32(b: &[u8], at: usize) -> u32 {
+        u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+    }
+    pub fn le64(b: &[u8], at: usize) -> u64 {
+        u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+    }
+    pub fn be32(b: &[u8], at: usize) -> u32 {
+        u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+    }
+    pub fn be64(b: &[u8], at: usize) -> u64 {
+        u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+    }
+}
+
 /// A disk format implemented natively. Each parser crate implements it for
 /// its image type; the SDK turns any implementation into a converter
 /// plugin, and [`check_walk`] fuzzes it.

@@ -1,6 +1,7 @@
 //! The qcow2 header: fixed fields of versions 2 and 3, checked before any
 //! table is read.
 
+use cocoon_format_common::bytes::{be32, be64};
 use cocoon_format_common::{FormatError, ReadAt};
 
 pub const MAGIC: [u8; 4] = *b"QFI\xfb";
@@ -51,14 +52,6 @@ pub struct Header {
     /// refcounts may be wrong, the mapping is not, so it is readable.
     pub dirty: bool,
     pub lazy_refcounts: bool,
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
 impl Header {

@@ -7,7 +7,8 @@
 //! 0xffffffff (never written) / 0xfffffffe (discarded), both read as zeros.
 //! Differencing images (a parent UUID) are refused.
 
-use cocoon_format_common::{push_merged, Extent, FormatError, ReadAt, Run};
+use cocoon_format_common::bytes::{le32, le64};
+use cocoon_format_common::{push_merged, read_range, Extent, FormatError, ReadAt, Run};
 
 pub const FORMAT: &str = "vdi";
 
@@ -37,29 +38,6 @@ pub fn probe(head: &[u8]) -> Option<u8> {
     Some(if head.starts_with(b"<<< ") { 100 } else { 60 })
 }
 
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-fn le64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
-
-/// Reads `len` bytes at `offset`, naming `what` when the range is not in
-/// the file.
-fn read(src: &dyn ReadAt, offset: u64, len: u64, what: &str) -> Result<Vec<u8>, FormatError> {
-    if offset.checked_add(len).is_none_or(|e| e > src.size()) {
-        return Err(FormatError::invalid(format!(
-            "{what}: {len} bytes at offset {offset} are past the end of the {}-byte file",
-            src.size()
-        )));
-    }
-    let mut buf = vec![0u8; len as usize];
-    src.read_exact_at(offset, &mut buf)?;
-    Ok(buf)
-}
-
 /// An opened VDI image.
 #[derive(Debug, Clone)]
 pub struct Vdi {
@@ -82,7 +60,7 @@ impl Vdi {
                 "VDI truncated: the file has {file_size} bytes, the header needs {HEADER_LEN}"
             )));
         }
-        let h = read(src, 0, HEADER_LEN, "VDI header")?;
+        let h = read_range(src, 0, HEADER_LEN, "VDI header")?;
         let signature = le32(&h, SIGNATURE_OFFSET);
         if signature != SIGNATURE {
             return Err(FormatError::invalid(format!(
@@ -198,7 +176,7 @@ impl Vdi {
             let block = pos / self.block_size;
             if block < window.0 || block >= window.0 + window.1.len() as u64 {
                 let count = BMAP_WINDOW.min(self.blocks - block);
-                let raw = read(
+                let raw = read_range(
                     src,
                     self.bmap_offset + block * 4,
                     count * 4,

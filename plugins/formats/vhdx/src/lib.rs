@@ -15,7 +15,8 @@
 //! the file and crashed before logging anything) has nothing to replay and
 //! is read, as qemu does.
 
-use cocoon_format_common::{push_merged, Extent, FormatError, ReadAt, Run};
+use cocoon_format_common::bytes::{le16, le32, le64};
+use cocoon_format_common::{push_merged, read_range, Extent, FormatError, ReadAt, Run};
 
 pub const FORMAT: &str = "vhdx";
 
@@ -167,32 +168,6 @@ fn checksum_ok(buf: &[u8]) -> bool {
     crc32c(&copy) == stored
 }
 
-fn le16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-fn le64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
-
-/// Reads `len` bytes at `offset`, naming `what` when the range is not in
-/// the file.
-fn read(src: &dyn ReadAt, offset: u64, len: u64, what: &str) -> Result<Vec<u8>, FormatError> {
-    if offset.checked_add(len).is_none_or(|e| e > src.size()) {
-        return Err(FormatError::invalid(format!(
-            "{what}: {len} bytes at offset {offset} are past the end of the {}-byte file",
-            src.size()
-        )));
-    }
-    let mut buf = vec![0u8; len as usize];
-    src.read_exact_at(offset, &mut buf)?;
-    Ok(buf)
-}
-
 /// A region of the file: [offset, offset + length).
 #[derive(Debug, Clone, Copy)]
 struct Region {
@@ -224,7 +199,7 @@ impl Vhdx {
     /// Reads and checks the headers, the region table and the metadata.
     pub fn open(src: &dyn ReadAt) -> Result<Vhdx, FormatError> {
         let file_size = src.size();
-        let ident = read(src, 0, SIGNATURE.len() as u64, "VHDX file identifier")?;
+        let ident = read_range(src, 0, SIGNATURE.len() as u64, "VHDX file identifier")?;
         if ident != SIGNATURE {
             return Err(FormatError::invalid(
                 "not a VHDX: no vhdxfile signature at offset 0",
@@ -234,7 +209,7 @@ impl Vhdx {
         // The current header: valid signature and checksum, highest sequence.
         let mut current: Option<Vec<u8>> = None;
         for off in HEADER_OFFSETS {
-            let Ok(h) = read(src, off, HEADER_LEN, "VHDX header") else {
+            let Ok(h) = read_range(src, off, HEADER_LEN, "VHDX header") else {
                 continue;
             };
             if &h[..4] != b"head" || !checksum_ok(&h) {
@@ -271,7 +246,7 @@ impl Vhdx {
         // The region table: the first copy with a valid checksum.
         let mut table = None;
         for off in REGION_TABLE_OFFSETS {
-            let Ok(t) = read(src, off, REGION_TABLE_LEN, "VHDX region table") else {
+            let Ok(t) = read_range(src, off, REGION_TABLE_LEN, "VHDX region table") else {
                 continue;
             };
             if &t[..4] == b"regi" && checksum_ok(&t) {
@@ -410,7 +385,7 @@ impl Vhdx {
         first: u64,
         count: u64,
     ) -> Result<Vec<u64>, FormatError> {
-        let raw = read(src, self.bat.offset + first * 8, count * 8, "VHDX BAT")?;
+        let raw = read_range(src, self.bat.offset + first * 8, count * 8, "VHDX BAT")?;
         Ok(raw.chunks_exact(8).map(|c| le64(c, 0)).collect())
     }
 
@@ -521,7 +496,7 @@ fn log_has_entries(src: &dyn ReadAt, log: Region, guid: &[u8]) -> Result<bool, F
         )));
     }
     for at in (0..log.length / LOG_SECTOR).map(|i| log.offset + i * LOG_SECTOR) {
-        let h = read(src, at, LOG_ENTRY_HEADER_LEN, "VHDX log entry")?;
+        let h = read_range(src, at, LOG_ENTRY_HEADER_LEN, "VHDX log entry")?;
         if &h[..4] == b"loge" && &h[32..48] == guid {
             return Ok(true);
         }
@@ -545,7 +520,7 @@ impl Metadata {
                 region.length
             )));
         }
-        let t = read(
+        let t = read_range(
             src,
             region.offset,
             METADATA_TABLE_LEN,
@@ -600,7 +575,7 @@ impl Metadata {
                     region.length
                 )));
             }
-            *slot = Some(read(
+            *slot = Some(read_range(
                 src,
                 region.offset + offset,
                 len,

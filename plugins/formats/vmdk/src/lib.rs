@@ -11,7 +11,8 @@
 //! the host hands it, and a descriptor must never steer the host towards
 //! another path such as `/etc/shadow`.
 
-use cocoon_format_common::{push_merged, ErrorKind, Extent, FormatError, ReadAt, Run};
+use cocoon_format_common::bytes::{le16, le32, le64};
+use cocoon_format_common::{push_merged, read_range, ErrorKind, Extent, FormatError, ReadAt, Run};
 
 pub const FORMAT: &str = "vmdk";
 
@@ -108,35 +109,8 @@ pub struct Vmdk {
     backing: Option<String>,
 }
 
-fn le16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-fn le64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
-
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
-}
-
-/// Reads `len` bytes at `offset`, naming `what` when the range is not in
-/// the file.
-fn read(src: &dyn ReadAt, offset: u64, len: u64, what: &str) -> Result<Vec<u8>, FormatError> {
-    let end = offset.checked_add(len);
-    if end.is_none_or(|e| e > src.size()) {
-        return Err(FormatError::invalid(format!(
-            "{what}: {len} bytes at offset {offset} are past the end of the {}-byte file",
-            src.size()
-        )));
-    }
-    let mut buf = vec![0u8; len as usize];
-    src.read_exact_at(offset, &mut buf)?;
-    Ok(buf)
 }
 
 /// What the header of a sparse extent says.
@@ -255,7 +229,7 @@ impl Vmdk {
     /// directory.
     pub fn open(src: &dyn ReadAt) -> Result<Vmdk, FormatError> {
         let file_size = src.size();
-        let head = read(src, 0, SECTOR.min(file_size), "VMDK header")?;
+        let head = read_range(src, 0, SECTOR.min(file_size), "VMDK header")?;
         if head.starts_with(MAGIC_COWD) {
             return Err(FormatError::unsupported(
                 "VMDK version 3 (COWD, ESX vmfsSparse) extents are not supported",
@@ -265,7 +239,7 @@ impl Vmdk {
             if probe(&head).is_some() {
                 // A text descriptor: everything it describes lives in other
                 // files.
-                let text = read(
+                let text = read_range(
                     src,
                     0,
                     file_size.min(MAX_DESCRIPTOR_BYTES),
@@ -304,7 +278,7 @@ impl Vmdk {
                 )));
             }
             descriptor_end = descriptor_end.max(end);
-            Some(parse_descriptor(&read(
+            Some(parse_descriptor(&read_range(
                 src,
                 off,
                 len,
@@ -441,7 +415,7 @@ impl Vmdk {
                 "VMDK gdOffset is GD_AT_END but the {size}-byte file has no room for a footer"
             )));
         };
-        let b = read(src, at, 3 * SECTOR, "VMDK footer")?;
+        let b = read_range(src, at, 3 * SECTOR, "VMDK footer")?;
         let marker_size = le32(&b, 8);
         let marker_type = le32(&b, 12);
         let footer = &b[512..1024];
@@ -500,7 +474,7 @@ impl Vmdk {
                 "VMDK grain directory entry {gd_index} (sector {sector}) points into the header"
             )));
         }
-        let raw = read(
+        let raw = read_range(
             src,
             off,
             self.gtes_per_gt * 4,
@@ -541,7 +515,7 @@ impl Vmdk {
                      {start}); compressed grains map from their start"
                 )));
             }
-            let marker = read(
+            let marker = read_range(
                 src,
                 off,
                 GRAIN_MARKER_LEN,
@@ -602,7 +576,7 @@ impl Vmdk {
             let gd_index = grain_index / self.gtes_per_gt;
             if gd_index < gd_window.0 || gd_index >= gd_window.0 + gd_window.1.len() as u64 {
                 let count = GD_WINDOW.min(self.gd_entries - gd_index);
-                let raw = read(
+                let raw = read_range(
                     src,
                     self.gd_offset + gd_index * 4,
                     count * 4,

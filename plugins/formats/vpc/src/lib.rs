@@ -14,7 +14,8 @@
 //! qemu-img itself writes a current size equal to the CHS size there.
 //! Differencing disks are refused.
 
-use cocoon_format_common::{push_merged, Extent, FormatError, ReadAt, Run};
+use cocoon_format_common::bytes::{be32, be64};
+use cocoon_format_common::{push_merged, read_range, Extent, FormatError, ReadAt, Run};
 
 pub const FORMAT: &str = "vpc";
 
@@ -43,29 +44,6 @@ pub fn probe(head: &[u8], tail: &[u8]) -> Option<u8> {
     (at_end || head.starts_with(COOKIE)).then_some(100)
 }
 
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-fn be64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_be_bytes(a)
-}
-
-/// Reads `len` bytes at `offset`, naming `what` when the range is not in
-/// the file.
-fn read(src: &dyn ReadAt, offset: u64, len: u64, what: &str) -> Result<Vec<u8>, FormatError> {
-    if offset.checked_add(len).is_none_or(|e| e > src.size()) {
-        return Err(FormatError::invalid(format!(
-            "{what}: {len} bytes at offset {offset} are past the end of the {}-byte file",
-            src.size()
-        )));
-    }
-    let mut buf = vec![0u8; len as usize];
-    src.read_exact_at(offset, &mut buf)?;
-    Ok(buf)
-}
-
 /// The VHD checksum: the ones' complement of the byte sum, with the
 /// checksum field (at `field`) counted as zero.
 fn checksum(buf: &[u8], field: usize) -> u32 {
@@ -79,7 +57,7 @@ fn checksum(buf: &[u8], field: usize) -> u32 {
 
 /// A valid footer at `offset`, or why not.
 fn footer_at(src: &dyn ReadAt, offset: u64) -> Result<Vec<u8>, String> {
-    let f = read(src, offset, FOOTER_LEN, "VHD footer").map_err(|e| e.message)?;
+    let f = read_range(src, offset, FOOTER_LEN, "VHD footer").map_err(|e| e.message)?;
     if &f[..8] != COOKIE {
         return Err(format!("no conectix cookie at offset {offset}"));
     }
@@ -181,7 +159,7 @@ impl Vpc {
                 "VHD data offset {header_offset} points into the footer copy"
             )));
         }
-        let h = read(src, header_offset, DYNAMIC_HEADER_LEN, "VHD dynamic header")?;
+        let h = read_range(src, header_offset, DYNAMIC_HEADER_LEN, "VHD dynamic header")?;
         if &h[..8] != DYNAMIC_COOKIE {
             return Err(FormatError::invalid(format!(
                 "VHD dynamic header at offset {header_offset} has no cxsparse cookie"
@@ -279,7 +257,7 @@ impl Vpc {
             let block = pos / block_size;
             if block < window.0 || block >= window.0 + window.1.len() as u64 {
                 let count = BAT_WINDOW.min(blocks - block);
-                let raw = read(src, bat_offset + block * 4, count * 4, "VHD BAT")?;
+                let raw = read_range(src, bat_offset + block * 4, count * 4, "VHD BAT")?;
                 window = (block, raw.chunks_exact(4).map(|c| be32(c, 0)).collect());
             }
             let entry = window.1[(block - window.0) as usize];
@@ -319,7 +297,7 @@ impl Vpc {
                     self.file_size
                 )));
             }
-            let bitmap = read(src, block_offset, bitmap_len, "VHD sector bitmap")?;
+            let bitmap = read_range(src, block_offset, bitmap_len, "VHD sector bitmap")?;
             // Sector by sector (bit 7 of byte 0 is the block's first
             // sector); push_merged joins neighbours into long runs.
             while pos < end {
