@@ -275,7 +275,9 @@ fn valid_digest(d: &str) -> bool {
 }
 
 /// An opened image: one store kept across the map calls of a conversion.
-/// After any failed call the session is spent and must be dropped.
+/// After any failed call the session is spent and must be dropped. The
+/// image resource belongs to the store, so dropping the session frees it
+/// without calling back into a possibly trapped instance.
 pub struct ImageSession<'p> {
     plugin: &'p LoadedPlugin,
     store: Store<State>,
@@ -314,15 +316,6 @@ impl ImageSession<'_> {
         check_page(&extents, offset, max, self.virtual_size, self.source_size)
             .map_err(|detail| self.plugin.invalid("map", detail))?;
         Ok(extents)
-    }
-}
-
-impl Drop for ImageSession<'_> {
-    fn drop(&mut self) {
-        // The image resource belongs to this store; dropping the store
-        // frees it. Calling the destructor after a trap would re-enter a
-        // poisoned instance, so it is left to the store.
-        let _ = &self.image;
     }
 }
 
