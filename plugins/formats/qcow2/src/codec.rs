@@ -66,51 +66,50 @@ fn inflate_with(
 }
 
 fn unzstd(input: &[u8], length: usize) -> Result<Vec<u8>, FormatError> {
-    // As for deflate: the frame decoder's buffers are reused across calls.
+    // As for deflate: one decompression context per instance, reused.
     thread_local! {
-        static DECODER: std::cell::RefCell<ruzstd::decoding::FrameDecoder> =
-            std::cell::RefCell::new(ruzstd::decoding::FrameDecoder::new());
+        static DCTX: std::cell::RefCell<zstd_safe::DCtx<'static>> =
+            std::cell::RefCell::new(zstd_safe::DCtx::create());
     }
-    DECODER.with_borrow_mut(|decoder| unzstd_with(decoder, input, length))
+    DCTX.with_borrow_mut(|dctx| unzstd_with(dctx, input, length))
 }
 
 fn unzstd_with(
-    decoder: &mut ruzstd::decoding::FrameDecoder,
+    dctx: &mut zstd_safe::DCtx<'_>,
     input: &[u8],
     length: usize,
 ) -> Result<Vec<u8>, FormatError> {
-    use std::io::Read;
+    // A context left mid-frame by a failed cluster must not leak into this one.
+    dctx.reset(zstd_safe::ResetDirective::SessionOnly)
+        .map_err(|code| zstd_error(input, code))?;
     let mut out = vec![0u8; length];
-    let mut filled = 0;
-    let mut rest = input;
-    // qemu may write a cluster as several frames; read frames until the
-    // cluster is full.
-    while filled < length {
-        if rest.is_empty() {
+    let mut src = zstd_safe::InBuffer::around(input);
+    let mut dst = zstd_safe::OutBuffer::around(&mut out[..]);
+    // qemu may write a cluster as several frames and pads the run to whole
+    // sectors: decode frame after frame (the streaming API moves on to the
+    // next frame by itself) and stop as soon as the cluster is full, so
+    // the padding is never read as a frame.
+    while dst.pos() < length {
+        let before = (src.pos(), dst.pos());
+        dctx.decompress_stream(&mut dst, &mut src)
+            .map_err(|code| zstd_error(input, code))?;
+        if (src.pos(), dst.pos()) == before {
             return Err(FormatError::invalid(format!(
-                "zstd cluster of {} bytes decodes to {filled} bytes, {length} expected",
-                input.len()
+                "zstd cluster of {} bytes decodes to {} bytes, {length} expected",
+                input.len(),
+                dst.pos()
             )));
-        }
-        let mut frame =
-            ruzstd::decoding::StreamingDecoder::new_with_decoder(&mut rest, &mut *decoder)
-                .map_err(|e| {
-                    FormatError::invalid(format!("zstd cluster: bad frame header: {e}"))
-                })?;
-        loop {
-            let n = frame
-                .read(&mut out[filled..])
-                .map_err(|e| FormatError::invalid(format!("zstd cluster is corrupt: {e}")))?;
-            if n == 0 {
-                break;
-            }
-            filled += n;
-            if filled == length {
-                break;
-            }
         }
     }
     Ok(out)
+}
+
+fn zstd_error(input: &[u8], code: zstd_safe::ErrorCode) -> FormatError {
+    FormatError::invalid(format!(
+        "zstd cluster of {} bytes is corrupt: {}",
+        input.len(),
+        zstd_safe::get_error_name(code)
+    ))
 }
 
 #[cfg(test)]
@@ -136,11 +135,16 @@ mod tests {
 
     #[test]
     fn zstd_round_trip_over_several_frames_with_a_reused_decoder() {
-        use ruzstd::encoding::{compress_to_vec, CompressionLevel};
+        let compress_to_vec = |data: &[u8]| {
+            let mut out = vec![0u8; zstd_safe::compress_bound(data.len())];
+            let n = zstd_safe::compress(&mut out[..], data, 1).unwrap();
+            out.truncate(n);
+            out
+        };
         let a: Vec<u8> = (0..40_000u32).map(|i| (i % 97) as u8).collect();
         let b: Vec<u8> = (0..25_536u32).map(|i| (i % 13) as u8).collect();
-        let mut packed = compress_to_vec(&a[..], CompressionLevel::Fastest);
-        packed.extend(compress_to_vec(&b[..], CompressionLevel::Fastest));
+        let mut packed = compress_to_vec(&a);
+        packed.extend(compress_to_vec(&b));
         let whole: Vec<u8> = a.iter().chain(&b).copied().collect();
         for _ in 0..3 {
             assert_eq!(decode(CODEC_ZSTD, &packed, whole.len()).unwrap(), whole);
