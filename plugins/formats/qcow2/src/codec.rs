@@ -65,11 +65,22 @@ fn inflate_with(
     }
 }
 
+/// Largest zstd window accepted, as a power of two: 8 MiB. A cluster is at
+/// most 2 MiB, and qemu's frames declare their size, so their windows are
+/// no larger; 8 MiB also covers an encoder at its highest levels that did
+/// not know the size. A frame asking for more (libzstd would allocate up
+/// to 128 MiB) is refused before anything is allocated.
+const ZSTD_WINDOW_LOG_MAX: u32 = 23;
+
 fn unzstd(input: &[u8], length: usize) -> Result<Vec<u8>, FormatError> {
     // As for deflate: one decompression context per instance, reused.
     thread_local! {
-        static DCTX: std::cell::RefCell<zstd_safe::DCtx<'static>> =
-            std::cell::RefCell::new(zstd_safe::DCtx::create());
+        static DCTX: std::cell::RefCell<zstd_safe::DCtx<'static>> = {
+            let mut dctx = zstd_safe::DCtx::create();
+            dctx.set_parameter(zstd_safe::DParameter::WindowLogMax(ZSTD_WINDOW_LOG_MAX))
+                .expect("a window limit within libzstd's range");
+            std::cell::RefCell::new(dctx)
+        };
     }
     DCTX.with_borrow_mut(|dctx| unzstd_with(dctx, input, length))
 }
@@ -153,6 +164,20 @@ mod tests {
         assert!(decode(CODEC_ZSTD, &packed, whole.len() + 1).is_err());
         // A failed decode leaves nothing behind for the next one.
         assert_eq!(decode(CODEC_ZSTD, &packed, whole.len()).unwrap(), whole);
+    }
+
+    #[test]
+    fn zstd_frames_asking_for_a_huge_window_are_refused() {
+        // Magic, a descriptor with no content size, a window of 2^27
+        // bytes, then one raw last block of 4 bytes.
+        let mut frame = vec![0x28, 0xb5, 0x2f, 0xfd, 0x00, (27 - 10) << 3];
+        frame.extend_from_slice(&[0x01 | (4 << 3), 0, 0]);
+        frame.extend_from_slice(b"abcd");
+        let err = decode(CODEC_ZSTD, &frame, 4).unwrap_err();
+        assert!(err.message.contains("too much memory"), "{err}");
+        // The same frame with a window of 2^20 decodes.
+        frame[5] = (20 - 10) << 3;
+        assert_eq!(decode(CODEC_ZSTD, &frame, 4).unwrap(), b"abcd");
     }
 
     #[test]
