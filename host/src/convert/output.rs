@@ -256,8 +256,9 @@ impl Output {
 /// Without it, ext4 reserves each page's block as it is written (delayed
 /// allocation) and allocates at writeback; allocating a whole chunk at once
 /// takes that work off both paths (docs/benchmarks.md images, fresh
-/// output, medians of 10: qcow2 0.29 s against 0.31 s, vhdx 0.34 s
-/// against 0.42 s). A filesystem that cannot preallocate allocates
+/// output, medians of 10 in two runs: qcow2 0.29 to 0.32 s against 0.31
+/// to 0.34 s, vhdx 0.34 to 0.37 s against 0.41 to 0.42 s, and fewer slow
+/// outliers). A filesystem that cannot preallocate allocates
 /// as it writes, as before; running out of space still fails the write.
 fn allocate(file: &File, offset: u64, length: u64) {
     let _ = rustix::fs::fallocate(file, rustix::fs::FallocateFlags::KEEP_SIZE, offset, length);
