@@ -206,8 +206,13 @@ impl Output {
                 }
                 Err(rustix::io::Errno::INTR) => {}
                 // Cross-device copies on old kernels, filesystems without
-                // support, special files: copy through a buffer.
-                Err(_) => return self.copy_buffered(src, src_path, from, to, length),
+                // support, special files: copy through a buffer. That path
+                // leaves zero buffers as holes, so the chunk preallocated
+                // for this step is given back first.
+                Err(_) => {
+                    deallocate(self.file(), to, step as u64);
+                    return self.copy_buffered(src, src_path, from, to, length);
+                }
             }
         }
         Ok(())
@@ -262,6 +267,13 @@ impl Output {
 /// as it writes, as before; running out of space still fails the write.
 fn allocate(file: &File, offset: u64, length: u64) {
     let _ = rustix::fs::fallocate(file, rustix::fs::FallocateFlags::KEEP_SIZE, offset, length);
+}
+
+/// Undoes [`allocate`]: the range becomes a hole again.
+fn deallocate(file: &File, offset: u64, length: u64) {
+    use rustix::fs::FallocateFlags;
+    let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+    let _ = rustix::fs::fallocate(file, flags, offset, length);
 }
 
 /// Starts writeback of every dirty page of `file` without waiting for it
@@ -330,5 +342,31 @@ mod tests {
         // Two written blocks; the filesystem may round up, but not to the
         // whole file.
         assert!((8192..=(1 << 20)).contains(&allocated), "{allocated}");
+    }
+
+    #[test]
+    fn the_buffered_fallback_leaves_zero_chunks_as_holes() {
+        use std::os::unix::fs::MetadataExt;
+        // tmpfs to ext4 (or any other filesystem): copy_file_range refuses
+        // to cross, and the copy goes through a buffer.
+        let shm = tempfile::tempdir_in("/dev/shm").expect("/dev/shm for a tmpfs source");
+        let src_path = shm.path().join("src");
+        let src = File::create(&src_path).unwrap();
+        // Written zeros, so the source reports them as data.
+        src.write_all_at(&vec![0u8; CHUNK as usize], 0).unwrap();
+        src.write_all_at(&[7u8; 4096], CHUNK).unwrap();
+        let src = File::open(&src_path).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out.raw");
+        let out = Output::create(&dest, 2 * CHUNK).unwrap();
+        out.copy_from(&src, &src_path, 0, 0, CHUNK + 4096).unwrap();
+        out.finish().unwrap();
+        let bytes = std::fs::read(&dest).unwrap();
+        assert_eq!(bytes[CHUNK as usize..CHUNK as usize + 4096], [7u8; 4096]);
+        assert!(bytes[..CHUNK as usize].iter().all(|&b| b == 0));
+        // Blocks really on disk (st_blocks counts preallocated ones too):
+        // the 4 KiB written, not the zero chunk.
+        let on_disk = std::fs::metadata(&dest).unwrap().blocks() * 512;
+        assert!(on_disk < 1 << 20, "{on_disk} bytes allocated");
     }
 }
