@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod convert;
+pub mod disk;
 pub mod fsutil;
 pub mod plugin;
 pub mod store;
