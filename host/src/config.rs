@@ -9,6 +9,9 @@
 //! grant_fetch = ["catalog.example.com"]
 //! config = { catalog = "https://catalog.example.com/images.json" }
 //! limits = { deadline_ms = 5000, memory_mib = 128 }
+//!
+//! [store]   # see crate::store::settings
+//! max_download_bytes = 137438953472
 //! ```
 
 use std::collections::BTreeMap;
@@ -76,6 +79,8 @@ struct ConfigFile {
     plugin_dir: Option<PathBuf>,
     #[serde(default)]
     plugins: BTreeMap<String, PluginSettings>,
+    #[serde(default)]
+    store: crate::store::StoreSettings,
 }
 
 /// The resolved host configuration.
@@ -86,6 +91,8 @@ pub struct HostConfig {
     pub state_dir: PathBuf,
     pub plugin_dir: PathBuf,
     pub plugins: BTreeMap<String, PluginSettings>,
+    /// The `[store]` table: bounds of network work.
+    pub store: crate::store::StoreSettings,
 }
 
 /// Command-line and environment overrides, highest priority first.
@@ -124,6 +131,7 @@ impl HostConfig {
             state_dir,
             plugin_dir,
             plugins: file.plugins,
+            store: file.store,
         };
         config.check()?;
         Ok(config)
@@ -136,6 +144,7 @@ impl HostConfig {
             state_dir: state_dir.to_path_buf(),
             plugin_dir: state_dir.join("plugins"),
             plugins: BTreeMap::new(),
+            store: Default::default(),
         }
     }
 
@@ -146,6 +155,14 @@ impl HostConfig {
 
     fn check(&self) -> Result<(), ConfigError> {
         let path = self.path.clone().unwrap_or_default();
+        if let Err(bad) = self.store.check() {
+            return Err(ConfigError::Invalid {
+                path,
+                field: bad.field.into(),
+                value: bad.value.to_string(),
+                reason: bad.reason,
+            });
+        }
         for (name, settings) in &self.plugins {
             for host in &settings.grant_fetch {
                 if crate::plugin::fetch::HostPattern::parse(host).is_none() {
@@ -238,6 +255,18 @@ mod tests {
         assert_eq!(s.limits.deadline_ms, Some(250));
         assert_eq!(c.plugin("other"), PluginSettings::default());
         assert!(c.plugin_dir.ends_with("state/plugins"));
+        assert_eq!(c.store, crate::store::StoreSettings::default());
+    }
+
+    #[test]
+    fn parses_the_store_table() {
+        let c = load_text("[store]\nmax_download_bytes = 4096\nrate_window_secs = 2\n").unwrap();
+        assert_eq!(c.store.max_download_bytes, 4096);
+        assert_eq!(c.store.rate_window_secs, 2);
+        assert_eq!(
+            c.store.download_deadline_secs,
+            crate::store::StoreSettings::default().download_deadline_secs
+        );
     }
 
     #[test]
@@ -251,6 +280,7 @@ mod tests {
                 "[plugins.x]\nlimits = { deadline_ms = 0 }\n",
                 "plugins.x.limits.deadline_ms",
             ),
+            ("[store]\nrate_window_secs = 0\n", "store.rate_window_secs"),
         ];
         for (text, field) in cases {
             let err = load_text(text).unwrap_err().to_string();

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use url::Url;
 
+use crate::http;
+
 use super::bindings::image_source::cocoon::plugin::fetch::{Method, Request, Response};
 use super::bindings::{ErrorKind, WitError};
 
@@ -154,28 +156,21 @@ fn forbidden_header(name: &str) -> bool {
     FORBIDDEN.iter().any(|f| f.eq_ignore_ascii_case(name))
 }
 
-/// The fetch policy of one store (one plugin invocation).
+/// The fetch policy of one store (one plugin invocation). The transport
+/// is the host's shared client ([`crate::http`]); this type holds only
+/// the policy.
 pub struct Fetcher {
     plugin: String,
     allowed: Vec<HostPattern>,
     deadline: Instant,
-    agent: ureq::Agent,
 }
 
 impl Fetcher {
     pub fn new(plugin: &str, allowed: Vec<HostPattern>, deadline: Instant) -> Self {
-        let agent = ureq::Agent::config_builder()
-            .max_redirects(0)
-            .http_status_as_error(false)
-            .proxy(None)
-            .user_agent(concat!("cocoon-host/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .into();
         Fetcher {
             plugin: plugin.to_string(),
             allowed,
             deadline,
-            agent,
         }
     }
 
@@ -188,38 +183,36 @@ impl Fetcher {
             .into_iter()
             .filter(|(k, _)| !forbidden_header(k))
             .collect();
-        for _hop in 0..=MAX_REDIRECTS {
+        let mut visited = vec![url.clone()];
+        loop {
             let response = self.one(&req.method, &url, &headers, cap)?;
             let location = response
                 .headers
                 .iter()
                 .find(|(k, _)| k == "location")
                 .map(|(_, v)| v.clone());
-            let redirect = matches!(response.status, 301 | 302 | 303 | 307 | 308);
-            match (req.follow_redirects && redirect, location) {
+            match (
+                req.follow_redirects && http::is_redirect(response.status),
+                location,
+            ) {
                 (true, Some(location)) => {
-                    let next = url.join(&location).map_err(|e| {
-                        refuse(
-                            ErrorKind::InvalidInput,
-                            format!("bad redirect {location:?}: {e}"),
-                        )
-                    })?;
+                    let next =
+                        http::next_hop(&url, &location, &visited, MAX_REDIRECTS).map_err(|e| {
+                            let kind = match e {
+                                http::RedirectError::TooMany { .. } => ErrorKind::LimitExceeded,
+                                _ => ErrorKind::InvalidInput,
+                            };
+                            refuse(kind, format!("{}: {e}", http::redact(&req.url)))
+                        })?;
                     let next = check_url(next.as_str(), &self.allowed)?;
-                    if next.origin() != url.origin() {
-                        // Credentials meant for one origin never follow a
-                        // redirect to another.
-                        headers.retain(|(k, _)| !k.eq_ignore_ascii_case("authorization"));
-                    }
+                    headers.retain(|(k, _)| !http::drop_on_hop(k, &url, &next));
                     tracing::debug!(plugin = %self.plugin, from = %url, to = %next, "fetch redirect");
+                    visited.push(next.clone());
                     url = next;
                 }
                 _ => return Ok(response),
             }
         }
-        Err(refuse(
-            ErrorKind::LimitExceeded,
-            format!("{}: more than {MAX_REDIRECTS} redirects", req.url),
-        ))
     }
 
     fn one(
@@ -236,46 +229,77 @@ impl Fetcher {
                 format!("{url}: the call's deadline has passed"),
             ));
         }
-        let mut builder = match method {
-            Method::Get => self.agent.get(url.as_str()),
-            Method::Head => self.agent.head(url.as_str()),
+        let timeout = remaining.min(MAX_TIMEOUT);
+        let method = match method {
+            Method::Get => reqwest::Method::GET,
+            Method::Head => reqwest::Method::HEAD,
         };
+        let is_head = method == reqwest::Method::HEAD;
+        let mut builder = http::client().request(method, url.clone());
         for (k, v) in headers {
             builder = builder.header(k.as_str(), v.as_str());
         }
-        let timeout = remaining.min(MAX_TIMEOUT);
-        let mut response = builder
-            .config()
-            .timeout_global(Some(timeout))
-            .build()
-            .call()
-            .map_err(|e| refuse(ErrorKind::Io, format!("{url}: {e}")))?;
-        let status = response.status().as_u16();
-        let headers = response
-            .headers()
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.as_str().to_ascii_lowercase(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
-            })
-            .collect();
-        let body = match method {
-            Method::Head => Vec::new(),
-            Method::Get => response
-                .body_mut()
-                .with_config()
-                .limit(cap)
-                .read_to_vec()
-                .map_err(|e| match e {
-                    ureq::Error::BodyExceedsLimit(_) => refuse(
-                        ErrorKind::LimitExceeded,
-                        format!("{url}: body is larger than {cap} bytes"),
-                    ),
-                    e => refuse(ErrorKind::Io, format!("{url}: {e}")),
-                })?,
+        let io = |e: reqwest::Error| {
+            let kind = if e.is_timeout() {
+                ErrorKind::LimitExceeded
+            } else {
+                ErrorKind::Io
+            };
+            refuse(
+                kind,
+                format!("{url}: {}", crate::store::chain(&e.without_url())),
+            )
         };
+        let exchange = async {
+            let mut response = builder.send().await.map_err(io)?;
+            let status = response.status().as_u16();
+            let headers: Vec<(String, String)> = response
+                .headers()
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_ascii_lowercase(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect();
+            let too_large = || {
+                refuse(
+                    ErrorKind::LimitExceeded,
+                    format!("{url}: body is larger than {cap} bytes"),
+                )
+            };
+            let mut body = Vec::new();
+            if !is_head {
+                let announced = response
+                    .headers()
+                    .get(reqwest::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+                if announced.is_some_and(|n| n > cap) {
+                    return Err(too_large());
+                }
+                while let Some(chunk) = response.chunk().await.map_err(io)? {
+                    if body.len() as u64 + chunk.len() as u64 > cap {
+                        return Err(too_large());
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+            }
+            Ok((status, headers, body))
+        };
+        let (status, headers, body) = http::block_on(async {
+            tokio::time::timeout(timeout, exchange)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(refuse(
+                        ErrorKind::LimitExceeded,
+                        format!(
+                            "{url}: no complete answer within {} ms",
+                            timeout.as_millis()
+                        ),
+                    ))
+                })
+        })?;
         Ok(Response {
             status,
             headers,

@@ -4,12 +4,14 @@
 //! expected digest, and renames the file into place. There is no other way
 //! to obtain a [`VerifiedBlob`].
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use super::digest::{hash_reader, Digest, HashingWriter};
+use super::files;
+pub use super::files::Access;
 use super::lock;
 use super::StoreError;
 use crate::fsutil;
@@ -45,18 +47,38 @@ impl VerifiedBlob {
 }
 
 impl Layout {
+    /// The store at `root`, its directories created if missing. Every
+    /// one is private to its owner (0700) and a real directory, not a
+    /// symlink to one.
     pub fn create(root: PathBuf) -> Result<Layout, StoreError> {
+        files::private_root(&root)?;
         let layout = Layout { root };
         for dir in [
+            layout.root.join("blobs"),
             layout.blobs_dir(),
             layout.refs_dir(),
             layout.tmp_dir(),
             layout.locks_dir(),
             layout.converted_dir(),
         ] {
-            fs::create_dir_all(&dir).map_err(StoreError::io("creating", &dir))?;
+            files::private_dir(&dir)?;
         }
         Ok(layout)
+    }
+
+    /// Opens `rel` (relative to the root) without following symlinks,
+    /// regular files only; `None` when it does not exist.
+    pub fn open_file(&self, rel: &Path, access: Access) -> Result<Option<File>, StoreError> {
+        files::open(&self.root, rel, access)
+    }
+
+    /// Reads a small file under the root the same way.
+    pub fn read_file(&self, rel: &Path) -> Result<Option<Vec<u8>>, StoreError> {
+        files::read(&self.root, rel)
+    }
+
+    fn blob_rel(digest: &Digest) -> PathBuf {
+        Path::new("blobs/sha256").join(digest.hex())
     }
 
     pub fn root(&self) -> &Path {
@@ -102,15 +124,14 @@ impl Layout {
     /// are only ever renamed into place after verification, so presence
     /// means verified at commit time; [`Layout::verified`] re-hashes.
     pub fn present(&self, digest: &Digest, size: Option<u64>) -> Option<VerifiedBlob> {
-        let path = self.blob_path(digest);
-        let meta = fs::metadata(&path).ok()?;
-        if !meta.is_file() || size.is_some_and(|s| s != meta.len()) {
+        let (kind, len) = files::lstat(&self.root, &Self::blob_rel(digest))?;
+        if kind != rustix::fs::FileType::RegularFile || size.is_some_and(|s| s != len) {
             return None;
         }
         Some(VerifiedBlob {
             digest: digest.clone(),
-            size: meta.len(),
-            path,
+            size: len,
+            path: self.blob_path(digest),
         })
     }
 
@@ -119,11 +140,27 @@ impl Layout {
     /// so the caller downloads it again.
     pub fn verified(&self, digest: &Digest) -> Result<Option<VerifiedBlob>, StoreError> {
         let path = self.blob_path(digest);
-        let file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(StoreError::io("opening", &path)(e)),
+        let file = match self.open_file(&Self::blob_rel(digest), Access::Read) {
+            Ok(Some(f)) => f,
+            Ok(None) => return Ok(None),
+            Err(StoreError::NotRegular { kind, .. }) => {
+                // Not a blob the store wrote (a planted symlink or FIFO):
+                // unlinked (never followed), and fetched again.
+                tracing::warn!(blob = %path.display(), kind, "blob that is not a regular file removed");
+                fs::remove_file(&path).map_err(StoreError::io("removing", &path))?;
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
         };
+        // Blobs of older stores were 0444: private now.
+        use std::os::unix::fs::PermissionsExt;
+        if file
+            .metadata()
+            .is_ok_and(|m| m.permissions().mode() & 0o077 != 0)
+        {
+            file.set_permissions(fs::Permissions::from_mode(0o400))
+                .map_err(StoreError::io("chmod", &path))?;
+        }
         let (actual, size) = hash_reader(io::BufReader::with_capacity(1 << 20, file))
             .map_err(StoreError::io("hashing", &path))?;
         if actual != *digest {
@@ -173,7 +210,9 @@ impl Layout {
             }
         }
         file.sync_all().map_err(StoreError::io("syncing", &path))?;
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o444))
+        // Read-only, and the owner's alone: a pull of a secret file must
+        // not make it readable to others.
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o400))
             .map_err(StoreError::io("chmod", &path))?;
         let dest = self.blob_path(&actual);
         super::crash_point("before-blob-rename");
@@ -198,14 +237,11 @@ pub struct Staged {
 impl Staged {
     /// `tmp/<key>.partial`, resumed if it exists (`resume`) or truncated.
     pub fn open(layout: &Layout, key: &str, resume: bool) -> Result<Staged, StoreError> {
-        let path = layout.tmp_dir().join(format!("{key}.partial"));
-        let mut file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(StoreError::io("opening", &path))?;
+        let rel = Path::new("tmp").join(format!("{key}.partial"));
+        let path = layout.root().join(&rel);
+        let mut file = layout
+            .open_file(&rel, Access::ReadWriteCreate)?
+            .ok_or_else(|| StoreError::io("creating", &path)(io::ErrorKind::NotFound.into()))?;
         let mut staged_len = 0;
         let mut hasher_seed = HashingWriter::new(());
         if resume {

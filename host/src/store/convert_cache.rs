@@ -117,11 +117,26 @@ pub struct ConvertedImage {
 impl ConvertedImage {
     /// Re-hashes the image against its digest file.
     pub fn verify(&self) -> Result<bool, StoreError> {
-        let f = fs::File::open(&self.path).map_err(StoreError::io("opening", &self.path))?;
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&self.path)
+            .map_err(StoreError::io("opening", &self.path))?;
+        if !f.metadata().is_ok_and(|m| m.is_file()) {
+            return Ok(false);
+        }
         let (d, n) = hash_reader(io::BufReader::with_capacity(1 << 20, f))
             .map_err(StoreError::io("hashing", &self.path))?;
         Ok(d == self.digest && n == self.size)
     }
+}
+
+/// Creates `dir` and its missing parents with mode 0700.
+fn private_dirs(dir: &Path) -> Result<(), StoreError> {
+    std::os::unix::fs::DirBuilderExt::mode(fs::DirBuilder::new().recursive(true), 0o700)
+        .create(dir)
+        .map_err(StoreError::io("creating", dir))
 }
 
 fn safe_target(target: &str) -> bool {
@@ -147,9 +162,13 @@ impl Layout {
         converter: &ConverterId,
     ) -> Option<ConvertedImage> {
         let image = dir.join("image");
-        let text = fs::read(dir.join("image.digest")).ok()?;
+        let rel = dir.strip_prefix(self.root()).ok()?;
+        let text = self.read_file(&rel.join("image.digest")).ok()??;
         let df: DigestFile = serde_json::from_slice(&text).ok()?;
-        let size = fs::metadata(&image).ok()?.len();
+        let (kind, size) = super::files::lstat(self.root(), &rel.join("image"))?;
+        if kind != rustix::fs::FileType::RegularFile {
+            return None;
+        }
         let valid = df.source == *source
             && df.target == target
             && df.converter == *converter
@@ -166,7 +185,62 @@ impl Layout {
     }
 }
 
+impl Layout {
+    /// Every cached conversion of `source` with a digest file that parses
+    /// and matches its image's size, sorted by target and converter.
+    pub fn conversions_of(&self, source: &Digest) -> Vec<ConvertedImage> {
+        let mut out = Vec::new();
+        let base = self.converted_dir().join(source.hex());
+        for target in fs::read_dir(&base).into_iter().flatten().flatten() {
+            let target_name = target.file_name().to_string_lossy().into_owned();
+            if !safe_target(&target_name) {
+                continue;
+            }
+            for conv in fs::read_dir(target.path()).into_iter().flatten().flatten() {
+                let rel = conv
+                    .path()
+                    .strip_prefix(self.root())
+                    .map(|r| r.join("image.digest"));
+                let Ok(Ok(Some(text))) = rel.map(|r| self.read_file(&r)) else {
+                    continue;
+                };
+                let Ok(df) = serde_json::from_slice::<DigestFile>(&text) else {
+                    continue;
+                };
+                if let Some(c) =
+                    self.valid_conversion(&conv.path(), source, &target_name, &df.converter)
+                {
+                    out.push(c);
+                }
+            }
+        }
+        out.sort_by(|a, b| (&a.target, &a.converter.sha256).cmp(&(&b.target, &b.converter.sha256)));
+        out
+    }
+}
+
 impl Store {
+    /// Re-hashes a cached conversion; one that no longer matches its
+    /// digest file is removed (the next conversion rebuilds it). True when
+    /// it verified.
+    pub fn verify_conversion(&self, c: &ConvertedImage) -> Result<bool, StoreError> {
+        let layout = self.layout();
+        let _writer = layout.writer_lock()?;
+        let _lock = layout.lock(&format!("2-conv-{}-{}", c.source.hex(), c.target))?;
+        if c.verify()? {
+            return Ok(true);
+        }
+        tracing::warn!(image = %c.path.display(), expected = %c.digest, "corrupt conversion removed");
+        let dir = c.path.parent().unwrap_or(&c.path);
+        // The digest file first: without it the image is incomplete, and
+        // never served, even if the removal of the rest is interrupted.
+        let digest_path = dir.join("image.digest");
+        fs::remove_file(&digest_path).map_err(StoreError::io("removing", &digest_path))?;
+        fsutil::sync_dir(dir).map_err(StoreError::io("syncing", dir))?;
+        fs::remove_dir_all(dir).map_err(StoreError::io("removing", dir))?;
+        Ok(false)
+    }
+
     /// The `target` conversion of `source`, from the cache or made now.
     pub fn converted(
         &self,
@@ -196,7 +270,7 @@ impl Store {
             path: layout.blob_path(source),
             source: io::Error::from(io::ErrorKind::NotFound),
         })?;
-        fs::create_dir_all(&base).map_err(StoreError::io("creating", &base))?;
+        private_dirs(&base)?;
         // Leftovers of a conversion that was killed.
         if let Ok(rd) = fs::read_dir(&base) {
             for e in rd.flatten() {
@@ -218,7 +292,13 @@ impl Store {
         let (digest, size) = hash_reader(io::BufReader::with_capacity(1 << 20, f))
             .map_err(StoreError::io("hashing", &work))?;
         let dir = base.join(&converter.sha256);
-        fs::create_dir_all(&dir).map_err(StoreError::io("creating", &dir))?;
+        private_dirs(&dir)?;
+        // Read-only and private, like the blobs.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&work, fs::Permissions::from_mode(0o400))
+                .map_err(StoreError::io("chmod", &work))?;
+        }
         let digest_path = dir.join("image.digest");
         // An old digest file must not describe the new image for even a
         // moment: remove it before the image is replaced.
@@ -242,7 +322,7 @@ impl Store {
         fsutil::write_atomic(
             &digest_path,
             &serde_json::to_vec_pretty(&df).expect("plain struct"),
-            0o644,
+            0o600,
         )
         .map_err(StoreError::io("writing", &digest_path))?;
         Ok(ConvertedImage {

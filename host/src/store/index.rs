@@ -5,12 +5,13 @@
 
 use std::fs;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::blob::Layout;
 use super::digest::Digest;
 use super::StoreError;
 use crate::fsutil;
+use crate::http::redact;
 
 /// One artifact of a reference, as last pulled.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -75,24 +76,36 @@ pub fn key(reference: &str) -> String {
     Digest::of(reference.as_bytes()).hex().to_string()
 }
 
+/// The lock of one reference's pulls. Like its record, it is named by
+/// the reference without credentials.
+pub fn ref_lock_name(reference: &str) -> String {
+    format!("0-ref-{}", key(&redact(reference)))
+}
+
 impl Layout {
+    /// A reference's record is filed under the reference as it may be
+    /// shown (credentials replaced), so a password never reaches a file
+    /// name or a record, and a reference with credentials finds the
+    /// record it wrote.
     fn ref_path(&self, reference: &str) -> PathBuf {
-        self.refs_dir().join(format!("{}.json", key(reference)))
+        self.root().join(Self::ref_rel(reference))
+    }
+
+    fn ref_rel(reference: &str) -> PathBuf {
+        Path::new("refs").join(format!("{}.json", key(&redact(reference))))
     }
 
     pub fn read_ref(&self, reference: &str) -> Result<Option<RefRecord>, StoreError> {
         let path = self.ref_path(reference);
-        let text = match fs::read(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(StoreError::io("reading", &path)(e)),
+        let Some(text) = self.read_file(&Self::ref_rel(reference))? else {
+            return Ok(None);
         };
         let record: RefRecord =
             serde_json::from_slice(&text).map_err(|source| StoreError::Index {
                 path: path.clone(),
                 source,
             })?;
-        if record.reference != reference || record.artifacts.is_empty() {
+        if record.reference != redact(reference) || record.artifacts.is_empty() {
             // A hash collision is not plausible; a hand-edited or
             // truncated-by-hand file is. Treat it as absent.
             return Ok(None);
@@ -106,7 +119,7 @@ impl Layout {
             path: path.clone(),
             source,
         })?;
-        fsutil::write_atomic(&path, &text, 0o644).map_err(StoreError::io("writing", &path))
+        fsutil::write_atomic(&path, &text, 0o600).map_err(StoreError::io("writing", &path))
     }
 
     /// Removes a reference's record; false when there was none.
@@ -129,12 +142,17 @@ impl Layout {
         let dir = self.refs_dir();
         let mut out = Vec::new();
         for entry in fs::read_dir(&dir).map_err(StoreError::io("listing", &dir))? {
-            let path = entry.map_err(StoreError::io("listing", &dir))?.path();
+            let entry = entry.map_err(StoreError::io("listing", &dir))?;
+            let path = entry.path();
             if path.extension().is_none_or(|e| e != "json") {
                 continue;
             }
-            match fs::read(&path).map(|t| serde_json::from_slice::<RefRecord>(&t)) {
-                Ok(Ok(r)) if !r.artifacts.is_empty() => out.push(r),
+            let rel = Path::new("refs").join(entry.file_name());
+            match self
+                .read_file(&rel)
+                .map(|t| t.map(|t| serde_json::from_slice::<RefRecord>(&t)))
+            {
+                Ok(Some(Ok(r))) if !r.artifacts.is_empty() => out.push(r),
                 _ => tracing::warn!(file = %path.display(), "unreadable reference record skipped"),
             }
         }

@@ -23,13 +23,23 @@ pub struct Held {
     pub path: PathBuf,
 }
 
+/// Opens (creating) a lock file; a symlink is never followed and a FIFO
+/// never waited on: anything but a regular file is refused.
 fn open(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
+    let file = OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .mode(0o600)
-        .open(path)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a lock file that is not a regular file",
+        ));
+    }
+    Ok(file)
 }
 
 /// Blocks until `path` is locked exclusively.
@@ -52,6 +62,20 @@ pub fn shared(path: &Path) -> io::Result<Held> {
     })
 }
 
+/// Locks `path` exclusively if no one holds it; `None` when someone does.
+/// Never waits, so it may be taken in any order.
+pub fn try_exclusive(path: &Path) -> io::Result<Option<Held>> {
+    let file = open(path)?;
+    match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(Some(Held {
+            _file: file,
+            path: path.to_path_buf(),
+        })),
+        Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Locks several paths exclusively, in sorted order.
 pub fn exclusive_all(paths: &[PathBuf]) -> io::Result<Vec<Held>> {
     let mut sorted = paths.to_vec();
@@ -71,7 +95,10 @@ mod tests {
         let held = exclusive(&p).unwrap();
         let other = open(&p).unwrap();
         assert!(flock(&other, FlockOperation::NonBlockingLockExclusive).is_err());
+        assert!(try_exclusive(&p).unwrap().is_none());
         drop(held);
         assert!(flock(&other, FlockOperation::NonBlockingLockExclusive).is_ok());
+        drop(other);
+        assert!(try_exclusive(&p).unwrap().is_some());
     }
 }

@@ -5,7 +5,7 @@
 //!
 //! | path | what |
 //! |---|---|
-//! | `blobs/sha256/<hex>` | verified blobs, mode 0444; only [`blob::Layout::commit`] puts files here |
+//! | `blobs/sha256/<hex>` | verified blobs, mode 0400; only [`blob::Layout::commit`] puts files here |
 //! | `refs/<sha256 of reference>.json` | the reference index: artifacts with digest, size, media type, ETag, Last-Modified |
 //! | `converted/<source hex>/<target>/<converter sha256>/{image,image.digest}` | the conversion cache |
 //! | `tmp/` | partial downloads (resumable) and their validators; never served |
@@ -28,10 +28,14 @@ pub mod blob;
 pub mod convert_cache;
 pub mod digest;
 pub mod download;
+pub mod files;
 pub mod gc;
 pub mod index;
+pub mod local;
 pub mod lock;
+pub mod lookup;
 pub mod pull;
+pub mod settings;
 pub mod sources;
 
 pub use blob::{Layout, VerifiedBlob};
@@ -39,7 +43,9 @@ pub use convert_cache::{ConvertBackend, ConvertedImage, ConverterId, EngineBacke
 pub use digest::Digest;
 pub use gc::{GcReport, NoRoots, RootSet};
 pub use index::{ArtifactRecord, RefRecord};
+pub use lookup::{DigestQuery, Found};
 pub use pull::{PullPolicy, PullProgress, PullReport, PullRequest, Quiet};
+pub use settings::StoreSettings;
 pub use sources::{PluginSources, Resolved, Sources};
 
 use crate::config::HostConfig;
@@ -67,12 +73,42 @@ pub enum StoreError {
     },
     #[error("{url}: HTTP {status}")]
     Http { url: String, status: u16 },
-    #[error("{url}: {detail}")]
-    Transport { url: String, detail: String },
-    #[error("{url}: the server sent more than the expected {expected} bytes")]
-    TooLong { url: String, expected: u64 },
+    #[error("{url}")]
+    Transport {
+        url: String,
+        #[source]
+        failure: download::Failure,
+    },
+    #[error("{url}: more than {limit} bytes{}", match announced { Some(n) => format!(" ({n} announced)"), None => String::new() })]
+    TooLarge {
+        url: String,
+        limit: u64,
+        announced: Option<u64>,
+    },
+    #[error(
+        "{path}: {needed} bytes needed but only {available} are free (and {} are kept in reserve)",
+        download::SPACE_RESERVE
+    )]
+    NoSpace {
+        path: PathBuf,
+        needed: u64,
+        available: u64,
+    },
+    #[error("{path} is {kind}, not a regular file; refused (the store never follows or writes through one; remove it)")]
+    NotRegular { path: PathBuf, kind: &'static str },
+    #[error("{path} is {kind}, not a directory; refused")]
+    NotDirectory { path: PathBuf, kind: &'static str },
     #[error("{reference} is not in the store and the pull policy is `never`")]
     NotPresent { reference: String },
+    #[error("{reference}: blob {digest} is missing or was corrupt (and removed), and the pull policy `never` forbids fetching it again")]
+    LacksBlob { reference: String, digest: Digest },
+    #[error("{query}: no image in the store has this digest (a digest alone does not say where to fetch it)")]
+    UnknownDigest { query: String },
+    #[error("{query} is ambiguous: {}", candidates.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "))]
+    Ambiguous {
+        query: String,
+        candidates: Vec<Digest>,
+    },
     #[error("{reference}: no image-source plugin handles scheme {scheme:?}")]
     NoSource { reference: String, scheme: String },
     #[error("{reference}: {reason}")]
@@ -124,7 +160,7 @@ impl StoreError {
     /// warning.
     pub fn is_unreachable(&self) -> bool {
         match self {
-            StoreError::Transport { .. } => true,
+            StoreError::Transport { failure, .. } => failure.unreachable(),
             StoreError::Http { status, .. } => *status >= 500,
             StoreError::Resolve { source, .. } => {
                 matches!(&**source, crate::plugin::PluginError::Returned { kind, .. } if kind == "io")
@@ -137,22 +173,34 @@ impl StoreError {
 /// The store of one host.
 pub struct Store {
     layout: Layout,
+    settings: StoreSettings,
 }
 
 impl Store {
-    /// The store under `config.state_dir/images`, created if missing.
+    /// The store under `config.state_dir/images`, created if missing,
+    /// with the config file's `[store]` settings.
     pub fn open(config: &HostConfig) -> Result<Store, StoreError> {
-        Store::at(config.state_dir.join("images"))
+        // The state dir holds VMs' disks and the store: the owner's alone.
+        files::private_root(&config.state_dir)?;
+        let mut store = Store::at(config.state_dir.join("images"))?;
+        store.settings = config.store.clone();
+        Ok(store)
     }
 
+    /// The store at `root` with default settings.
     pub fn at(root: PathBuf) -> Result<Store, StoreError> {
         Ok(Store {
             layout: Layout::create(root)?,
+            settings: StoreSettings::default(),
         })
     }
 
     pub fn layout(&self) -> &Layout {
         &self.layout
+    }
+
+    pub fn settings(&self) -> &StoreSettings {
+        &self.settings
     }
 }
 
@@ -174,7 +222,7 @@ impl Store {
     pub fn remove(&self, reference: &str) -> Result<bool, StoreError> {
         let layout = self.layout();
         let _writer = layout.writer_lock()?;
-        let _lock = layout.lock(&format!("0-ref-{}", index::key(reference)))?;
+        let _lock = layout.lock(&index::ref_lock_name(reference))?;
         layout.remove_ref(reference)
     }
 }

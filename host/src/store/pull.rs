@@ -1,4 +1,6 @@
-//! `pull`: the rules of DESIGN.md's image store, in one place.
+//! `pull`: the rules of DESIGN.md's image store, in one place, as named
+//! steps (the pin, the store's answer, resolving, fetching each artifact,
+//! the record; conversion is [`Store::converted`], after the pull).
 //!
 //! - A pinned digest (`--digest`, or an `@sha256:` suffix) applies to the
 //!   reference's first artifact. It is satisfied only by a blob of that
@@ -8,19 +10,26 @@
 //! - An unpinned reference follows the pull policy: `missing` reuses a
 //!   complete record, `never` never touches the network, `always`
 //!   revalidates each URL-addressed artifact with a conditional GET.
+//! - Every blob a pull hands out is re-hashed now, pinned or not; a blob
+//!   that no longer matches its digest is removed and fetched again.
 //! - An unreachable server with a complete record: reuse, with a warning.
 //! - The record is written after every blob it names is in the store.
+//! - Credentials in a reference (`user:password@`) are used for the
+//!   request and never stored or reported.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::blob::VerifiedBlob;
 use super::digest::Digest;
-use super::download::{copy_local, Downloader, Outcome, Request, Validators};
+use super::download::{copy_local, Downloader, Limits, Outcome, Request, Validators};
 pub use super::download::{Progress as PullProgress, Quiet};
 use super::index::{ArtifactRecord, RefRecord};
+pub use super::local::local_path;
+use super::lookup::{DigestQuery, Found};
 use super::sources::{ArtifactSpec, Resolved, Sources};
 use super::{Store, StoreError};
+use crate::http::redact;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -69,26 +78,36 @@ pub fn suffix_pin(reference: &str) -> Result<Option<Digest>, StoreError> {
                 .parse()
                 .map(Some)
                 .map_err(|_| StoreError::BadReference {
-                    reference: reference.into(),
+                    reference: redact(reference).into_owned(),
                     reason: "the @sha256: suffix is not 64 lower-case hex digits".into(),
                 })
         }
     }
 }
 
-/// A local file reference: `file:///abs` or a path (absolute, or starting
-/// with `.`), made absolute.
-pub fn local_path(reference: &str) -> Option<PathBuf> {
-    let p = if let Some(rest) = reference.strip_prefix("file://") {
-        PathBuf::from(rest)
-    } else if reference.contains("://") {
-        return None;
-    } else if reference.starts_with('/') || reference.starts_with('.') {
-        PathBuf::from(reference)
-    } else {
-        return None;
-    };
-    std::path::absolute(p).ok()
+/// The pin of a request: `--digest` and the suffix must agree.
+fn pin_of(req: &PullRequest) -> Result<Option<Digest>, StoreError> {
+    match (req.digest.clone(), suffix_pin(&req.reference)?) {
+        (Some(a), Some(b)) if a != b => Err(StoreError::PinConflict {
+            reference: redact(&req.reference).into_owned(),
+            pinned: a,
+            resolved: b,
+        }),
+        (a, b) => Ok(a.or(b)),
+    }
+}
+
+/// Whether what the store holds may answer without asking anyone: the
+/// pull policy says so, or the content is named by digest. A local file
+/// is always looked at again (a stat is free).
+pub fn offline_ok(policy: PullPolicy, pinned: bool, local: bool) -> bool {
+    match (policy, pinned, local) {
+        (PullPolicy::Never, _, _) => true,
+        (_, true, _) => true,
+        (_, false, true) => false,
+        (PullPolicy::Missing, false, false) => true,
+        (PullPolicy::Always, false, false) => false,
+    }
 }
 
 fn now() -> u64 {
@@ -98,66 +117,201 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
+/// Whether every blob of a record is in the store, re-hashed now.
+enum Held {
+    All(Vec<VerifiedBlob>),
+    /// This blob is missing, or was corrupt and has been removed.
+    Lacks(Digest),
+}
+
+/// One pull in progress: the request and what the store knew before.
+struct Pull<'a> {
+    store: &'a Store,
+    sources: &'a dyn Sources,
+    req: &'a PullRequest,
+    progress: &'a dyn PullProgress,
+    pin: Option<Digest>,
+    /// The reference as it may be stored and shown.
+    shown: String,
+    previous: Option<RefRecord>,
+    local: Option<PathBuf>,
+}
+
+/// One artifact in the store, and how it got there.
+struct Fetched {
+    blob: VerifiedBlob,
+    validators: Validators,
+    downloaded: bool,
+    network: bool,
+    warning: Option<String>,
+}
+
+impl Fetched {
+    fn held(blob: VerifiedBlob, validators: Validators) -> Self {
+        Fetched {
+            blob,
+            validators,
+            downloaded: false,
+            network: false,
+            warning: None,
+        }
+    }
+}
+
 impl Store {
-    /// Pulls `req.reference` into the store.
+    /// Pulls `req.reference` into the store. A digest (`sha256:HEX`, or 12
+    /// or more hex digits of one) pulls the image the store knows by it.
     pub fn pull(
         &self,
         sources: &dyn Sources,
         req: &PullRequest,
         progress: &dyn PullProgress,
     ) -> Result<PullReport, StoreError> {
-        let reference = req.reference.as_str();
-        let pin = match (req.digest.clone(), suffix_pin(reference)?) {
-            (Some(a), Some(b)) if a != b => {
-                return Err(StoreError::PinConflict {
-                    reference: reference.into(),
-                    pinned: a,
-                    resolved: b,
-                })
+        if local_path(&req.reference).is_none() {
+            if let Some(query) = DigestQuery::parse(&req.reference)? {
+                return self.pull_by_digest(sources, req, &query, progress);
             }
-            (a, b) => a.or(b),
-        };
+        }
+        self.pull_reference(sources, req, progress)
+    }
+
+    /// Pulls a reference (not a digest): the steps in order.
+    fn pull_reference(
+        &self,
+        sources: &dyn Sources,
+        req: &PullRequest,
+        progress: &dyn PullProgress,
+    ) -> Result<PullReport, StoreError> {
+        let pin = pin_of(req)?;
         let layout = self.layout();
         let _writer = layout.writer_lock()?;
         // One pull of a reference at a time, across processes: the others
         // wait here and then find the record the first one wrote.
-        let _ref_lock = layout.lock(&format!("0-ref-{}", super::index::key(reference)))?;
-        let previous = layout.read_ref(reference)?;
-        let local = local_path(reference);
+        let _ref_lock = layout.lock(&super::index::ref_lock_name(&req.reference))?;
+        let pull = Pull {
+            store: self,
+            sources,
+            req,
+            progress,
+            pin,
+            shown: redact(&req.reference).into_owned(),
+            previous: layout.read_ref(&req.reference)?,
+            local: local_path(&req.reference),
+        };
+        if let Some(report) = pull.from_store()? {
+            return Ok(report);
+        }
+        let resolved = match pull.resolve()? {
+            Ok(resolved) => resolved,
+            Err(fallback) => return Ok(fallback),
+        };
+        let artifacts = pull.check(resolved.artifacts, &resolved.source)?;
+        let fetched = artifacts
+            .iter()
+            .map(|a| pull.fetch(a))
+            .collect::<Result<Vec<_>, _>>()?;
+        pull.record(resolved.source, &artifacts, fetched)
+    }
 
-        if !req.force {
-            if let Some(prev) = &previous {
-                let matches_pin = pin.as_ref().is_none_or(|p| prev.digest() == p);
-                let offline_ok = match (req.policy, &pin, &local) {
-                    (PullPolicy::Never, _, _) => true,
-                    // Content named by digest cannot go stale.
-                    (_, Some(_), _) => true,
-                    // A local file is revalidated by stat, which is free.
-                    (_, None, Some(_)) => false,
-                    (PullPolicy::Missing, None, None) => true,
-                    (PullPolicy::Always, None, None) => false,
-                };
-                if matches_pin && offline_ok {
-                    if let Some(blobs) = self.complete(prev, pin.is_some())? {
-                        progress.note(&format!("{reference}: in the store ({})", prev.digest()));
-                        return Ok(report(reference, prev.clone(), blobs, 0, false, Vec::new()));
-                    }
-                }
-            }
-            if req.policy == PullPolicy::Never {
-                return Err(StoreError::NotPresent {
-                    reference: reference.into(),
-                });
-            }
-        } else if req.policy == PullPolicy::Never {
-            return Err(StoreError::NotPresent {
-                reference: reference.into(),
+    /// `pull sha256:…`: the image of a record naming that digest, from
+    /// the store; fetched again through its reference when a blob is
+    /// missing or corrupt.
+    fn pull_by_digest(
+        &self,
+        sources: &dyn Sources,
+        req: &PullRequest,
+        query: &DigestQuery,
+        progress: &dyn PullProgress,
+    ) -> Result<PullReport, StoreError> {
+        let found = self.layout().lookup_digest(query)?;
+        let Some(Found::Digest {
+            digest, records, ..
+        }) = found
+        else {
+            return Err(StoreError::UnknownDigest {
+                query: query.to_string(),
+            });
+        };
+        if req.digest.as_ref().is_some_and(|d| *d != digest) {
+            return Err(StoreError::PinConflict {
+                reference: query.to_string(),
+                pinned: req.digest.clone().expect("checked"),
+                resolved: digest,
             });
         }
+        let Some(record) = records.into_iter().next() else {
+            return Err(StoreError::UnknownDigest {
+                query: query.to_string(),
+            });
+        };
+        // Through the record's reference, pinned when the digest is the
+        // one the reference is known by: the usual rules then decide
+        // whether the store's copy serves or a fetch is needed.
+        let again = PullRequest {
+            reference: record.reference.clone(),
+            digest: (record.digest() == &digest).then_some(digest),
+            policy: req.policy,
+            force: req.force,
+        };
+        self.pull_reference(sources, &again, progress)
+    }
 
-        let mut warnings = Vec::new();
-        let resolved = match &local {
-            Some(path) => Resolved {
+    /// Every blob of `record`, each re-hashed now.
+    fn held(&self, record: &RefRecord) -> Result<Held, StoreError> {
+        let mut out = Vec::new();
+        for a in &record.artifacts {
+            match self.layout().verified(&a.digest)? {
+                Some(b) => out.push(b),
+                None => return Ok(Held::Lacks(a.digest.clone())),
+            }
+        }
+        Ok(Held::All(out))
+    }
+}
+
+impl Pull<'_> {
+    /// Step 1: the store's own answer, when the pin and the policy let it
+    /// give one. `Ok(None)`: go on to resolve.
+    fn from_store(&self) -> Result<Option<PullReport>, StoreError> {
+        let never = self.req.policy == PullPolicy::Never;
+        let mut lacks = None;
+        if let Some(prev) = self.previous.as_ref().filter(|_| !self.req.force) {
+            let matches_pin = self.pin.as_ref().is_none_or(|p| prev.digest() == p);
+            let offline = offline_ok(self.req.policy, self.pin.is_some(), self.local.is_some());
+            if matches_pin && offline {
+                match self.store.held(prev)? {
+                    Held::All(blobs) => {
+                        self.progress.note(&format!(
+                            "{}: in the store ({})",
+                            self.shown,
+                            prev.digest()
+                        ));
+                        return Ok(Some(self.report(prev.clone(), blobs, 0, false, Vec::new())));
+                    }
+                    Held::Lacks(d) => lacks = Some(d),
+                }
+            }
+        }
+        if never {
+            return Err(match lacks {
+                Some(digest) => StoreError::LacksBlob {
+                    reference: self.shown.clone(),
+                    digest,
+                },
+                None => StoreError::NotPresent {
+                    reference: self.shown.clone(),
+                },
+            });
+        }
+        Ok(None)
+    }
+
+    /// Step 2: what the reference names now. A local file is its own
+    /// artifact; anything else asks the sources. `Err(report)`: the source
+    /// is unreachable and the store's copy serves instead.
+    fn resolve(&self) -> Result<Result<Resolved, PullReport>, StoreError> {
+        if let Some(path) = &self.local {
+            return Ok(Ok(Resolved {
                 source: "file".into(),
                 artifacts: vec![ArtifactSpec {
                     url: format!("file://{}", path.display()),
@@ -167,54 +321,68 @@ impl Store {
                     format_hint: None,
                     headers: Vec::new(),
                 }],
-            },
-            None => match resolve_with_retries(sources, reference) {
-                Ok(r) => r,
-                Err(e) if e.is_unreachable() => {
-                    // The registry is down: what we hold is better than
-                    // nothing, as long as it satisfies the pin.
-                    if let Some(prev) = previous
-                        .as_ref()
-                        .filter(|p| pin.as_ref().is_none_or(|d| p.digest() == d))
-                    {
-                        if let Some(blobs) = self.complete(prev, pin.is_some())? {
-                            let w = format!("{reference}: source unreachable ({}); using the copy in the store ({})", super::chain(&e), prev.digest());
-                            progress.warn(&w);
-                            return Ok(report(reference, prev.clone(), blobs, 0, true, vec![w]));
-                        }
-                    }
-                    return Err(e);
-                }
-                Err(e) => return Err(e),
-            },
+            }));
+        }
+        let e = match resolve_with_retries(self.sources, &self.req.reference, &self.shown) {
+            Ok(r) => return Ok(Ok(r)),
+            Err(e) if e.is_unreachable() => e,
+            Err(e) => return Err(e),
         };
-        let mut artifacts = resolved.artifacts;
-        if local.is_none() {
+        // The registry is down: what we hold is better than nothing, as
+        // long as it satisfies the pin.
+        let prev = self
+            .previous
+            .as_ref()
+            .filter(|p| self.pin.as_ref().is_none_or(|d| p.digest() == d));
+        if let Some(prev) = prev {
+            if let Held::All(blobs) = self.store.held(prev)? {
+                let w = format!(
+                    "{}: source unreachable ({}); using the copy in the store ({})",
+                    self.shown,
+                    super::chain(&e),
+                    prev.digest()
+                );
+                self.progress.warn(&w);
+                return Ok(Err(self.report(prev.clone(), blobs, 0, true, vec![w])));
+            }
+        }
+        Err(e)
+    }
+
+    /// Step 3: the resolved artifacts, checked: at least one, only http(s)
+    /// from a source, and the pin applied to the first.
+    fn check(
+        &self,
+        mut artifacts: Vec<ArtifactSpec>,
+        source: &str,
+    ) -> Result<Vec<ArtifactSpec>, StoreError> {
+        let bad = |reason: String| StoreError::BadReference {
+            reference: self.shown.clone(),
+            reason,
+        };
+        if self.local.is_none() {
             // A source says where to download from, never what the host
             // reads locally: only http(s) URLs are downloaded.
             if let Some(a) = artifacts
                 .iter()
                 .find(|a| !(a.url.starts_with("https://") || a.url.starts_with("http://")))
             {
-                return Err(StoreError::BadReference {
-                    reference: reference.into(),
-                    reason: format!(
-                        "source {} returned artifact URL {:?}; only http(s) is downloaded",
-                        resolved.source, a.url
-                    ),
-                });
+                return Err(bad(format!(
+                    "source {source} returned artifact URL {:?}; only http(s) is downloaded",
+                    redact(&a.url)
+                )));
             }
         }
         let Some(first) = artifacts.first_mut() else {
             return Err(StoreError::NoArtifacts {
-                reference: reference.into(),
+                reference: self.shown.clone(),
             });
         };
-        if let Some(pin) = &pin {
+        if let Some(pin) = &self.pin {
             match &first.digest {
                 Some(d) if d != pin => {
                     return Err(StoreError::PinConflict {
-                        reference: reference.into(),
+                        reference: self.shown.clone(),
                         pinned: pin.clone(),
                         resolved: d.clone(),
                     })
@@ -222,193 +390,209 @@ impl Store {
                 _ => first.digest = Some(pin.clone()),
             }
         }
+        Ok(artifacts)
+    }
 
-        let downloader = Downloader::new();
+    /// Step 4: one artifact into the store, downloaded and verified or
+    /// found there (re-hashed).
+    fn fetch(&self, a: &ArtifactSpec) -> Result<Fetched, StoreError> {
+        let fetched = match &a.digest {
+            Some(d) => self.fetch_pinned(a, d)?,
+            None => self.revalidate(a)?,
+        };
+        if let Some(size) = a.size.filter(|s| *s != fetched.blob.size()) {
+            return Err(StoreError::SizeMismatch {
+                url: redact(&a.url).into_owned(),
+                expected: size,
+                actual: fetched.blob.size(),
+            });
+        }
+        Ok(fetched)
+    }
+
+    /// What the previous record says about the artifact at `url`.
+    fn previous_artifact(&self, url: &str) -> Option<&ArtifactRecord> {
+        let shown = redact(url);
+        self.previous
+            .as_ref()?
+            .artifacts
+            .iter()
+            .find(|r| r.url == shown)
+    }
+
+    /// An artifact named by digest: the blob of that digest if it is
+    /// present and still hashes to it, else a download.
+    fn fetch_pinned(&self, a: &ArtifactSpec, digest: &Digest) -> Result<Fetched, StoreError> {
+        let layout = self.store.layout();
+        let _blob_lock = layout.lock(&format!("1-blob-{}", digest.hex()))?;
+        let have = if self.req.force {
+            None
+        } else {
+            layout.verified(digest)?
+        };
+        if let Some(blob) = have {
+            let validators = self
+                .previous_artifact(&a.url)
+                .map(validators_of)
+                .unwrap_or_default();
+            return Ok(Fetched::held(blob, validators));
+        }
+        match self.transfer(a, None)? {
+            Outcome::Fetched { blob, validators } => Ok(self.fetched(blob, validators)),
+            Outcome::NotModified => unreachable!("no conditional request was made"),
+        }
+    }
+
+    /// An artifact named by URL only: a conditional request when the
+    /// store holds a verified copy (304 keeps it), else a download.
+    fn revalidate(&self, a: &ArtifactSpec) -> Result<Fetched, StoreError> {
+        let held = match self.previous_artifact(&a.url).filter(|_| !self.req.force) {
+            Some(p) => self.store.layout().verified(&p.digest)?.map(|b| (p, b)),
+            None => None,
+        };
+        let conditional = held.as_ref().map(|(p, _)| validators_of(p));
+        match self.transfer(a, conditional.as_ref()) {
+            Ok(Outcome::Fetched { blob, validators }) => Ok(self.fetched(blob, validators)),
+            Ok(Outcome::NotModified) => {
+                let (p, b) = held.expect("conditional only with a held copy");
+                self.progress
+                    .note(&format!("{}: not modified", redact(&a.url)));
+                Ok(Fetched {
+                    network: self.local.is_none(),
+                    ..Fetched::held(b, validators_of(p))
+                })
+            }
+            Err(e) if e.is_unreachable() && held.is_some() => {
+                let (p, b) = held.expect("checked");
+                let w = format!(
+                    "{}: server unreachable ({}); using the copy in the store ({})",
+                    redact(&a.url),
+                    super::chain(&e),
+                    p.digest
+                );
+                self.progress.warn(&w);
+                Ok(Fetched {
+                    network: true,
+                    warning: Some(w),
+                    ..Fetched::held(b, validators_of(p))
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn fetched(&self, blob: VerifiedBlob, validators: Validators) -> Fetched {
+        Fetched {
+            blob,
+            validators,
+            downloaded: true,
+            network: self.local.is_none(),
+            warning: None,
+        }
+    }
+
+    /// The transfer itself: a local copy or a download.
+    fn transfer(
+        &self,
+        a: &ArtifactSpec,
+        conditional: Option<&Validators>,
+    ) -> Result<Outcome, StoreError> {
+        let layout = self.store.layout();
+        if let Some(path) = &self.local {
+            let known = conditional.and_then(|c| c.etag.as_deref());
+            return copy_local(layout, path, a.digest.as_ref(), known, self.progress)
+                .map(|(o, _)| o);
+        }
+        let req = Request {
+            url: &a.url,
+            headers: &a.headers,
+            expected: a.digest.as_ref(),
+            expected_size: a.size,
+            conditional,
+        };
+        Downloader::new(Limits::from(self.store.settings())).download(layout, &req, self.progress)
+    }
+
+    /// Step 5: the record, written after every blob it names is in the
+    /// store.
+    fn record(
+        &self,
+        source: String,
+        artifacts: &[ArtifactSpec],
+        fetched: Vec<Fetched>,
+    ) -> Result<PullReport, StoreError> {
         let mut records = Vec::new();
         let mut blobs = Vec::new();
-        let mut downloaded = 0;
-        let mut network = false;
-        for a in &artifacts {
-            let prev = previous
-                .as_ref()
-                .and_then(|p| p.artifacts.iter().find(|r| r.url == a.url));
-            let (blob, validators) = match &a.digest {
-                Some(d) => {
-                    let _blob_lock = layout.lock(&format!("1-blob-{}", d.hex()))?;
-                    let have = if req.force { None } else { layout.verified(d)? };
-                    match have {
-                        Some(b) => (
-                            b,
-                            prev.map(|p| Validators {
-                                etag: p.etag.clone(),
-                                last_modified: p.last_modified.clone(),
-                            })
-                            .unwrap_or_default(),
-                        ),
-                        None => {
-                            network |= local.is_none();
-                            let (outcome, _) =
-                                self.fetch(&downloader, a, local.as_deref(), None, progress)?;
-                            match outcome {
-                                Outcome::Fetched { blob, validators } => {
-                                    downloaded += 1;
-                                    (blob, validators)
-                                }
-                                Outcome::NotModified => {
-                                    unreachable!("no conditional request was made")
-                                }
-                            }
-                        }
-                    }
-                }
-                None => {
-                    // What we hold for this URL, if its blob is still here.
-                    let held = prev
-                        .filter(|_| !req.force)
-                        .and_then(|p| layout.present(&p.digest, Some(p.size)).map(|b| (p, b)));
-                    let conditional = held.as_ref().map(|(p, _)| Validators {
-                        etag: p.etag.clone(),
-                        last_modified: p.last_modified.clone(),
-                    });
-                    network |= local.is_none();
-                    match self.fetch(
-                        &downloader,
-                        a,
-                        local.as_deref(),
-                        conditional.as_ref(),
-                        progress,
-                    ) {
-                        Ok((Outcome::Fetched { blob, validators }, _)) => {
-                            downloaded += 1;
-                            (blob, validators)
-                        }
-                        Ok((Outcome::NotModified, _)) => {
-                            let (p, b) = held.expect("conditional only with a held copy");
-                            progress.note(&format!("{}: not modified", a.url));
-                            (
-                                b,
-                                Validators {
-                                    etag: p.etag.clone(),
-                                    last_modified: p.last_modified.clone(),
-                                },
-                            )
-                        }
-                        Err(e) if e.is_unreachable() && held.is_some() => {
-                            let (p, b) = held.expect("checked");
-                            let w = format!(
-                                "{}: server unreachable ({}); using the copy in the store ({})",
-                                a.url,
-                                super::chain(&e),
-                                p.digest
-                            );
-                            progress.warn(&w);
-                            warnings.push(w);
-                            (
-                                b,
-                                Validators {
-                                    etag: p.etag.clone(),
-                                    last_modified: p.last_modified.clone(),
-                                },
-                            )
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
-            };
-            if let Some(size) = a.size {
-                if size != blob.size() {
-                    return Err(StoreError::SizeMismatch {
-                        url: a.url.clone(),
-                        expected: size,
-                        actual: blob.size(),
-                    });
-                }
-            }
+        let (mut downloaded, mut network, mut warnings) = (0, false, Vec::new());
+        for (a, f) in artifacts.iter().zip(fetched) {
+            downloaded += usize::from(f.downloaded);
+            network |= f.network;
+            warnings.extend(f.warning);
             records.push(ArtifactRecord {
-                url: a.url.clone(),
-                digest: blob.digest().clone(),
-                size: blob.size(),
+                url: redact(&a.url).into_owned(),
+                digest: f.blob.digest().clone(),
+                size: f.blob.size(),
                 media_type: a.media_type.clone(),
                 format_hint: a.format_hint.clone(),
                 pinned: a.digest.is_some(),
-                etag: validators.etag,
-                last_modified: validators.last_modified,
+                etag: f.validators.etag,
+                last_modified: f.validators.last_modified,
             });
-            blobs.push(blob);
+            blobs.push(f.blob);
         }
         let record = RefRecord {
-            reference: reference.into(),
-            source: resolved.source,
+            reference: self.shown.clone(),
+            source,
             pulled_at: now(),
             artifacts: records,
         };
         // After the data it describes: a crash before this line leaves
         // blobs without a record (gc reclaims them), never the reverse.
         super::crash_point("before-record");
-        layout.write_ref(&record)?;
-        Ok(report(
-            reference, record, blobs, downloaded, network, warnings,
-        ))
+        self.store.layout().write_ref(&record)?;
+        Ok(self.report(record, blobs, downloaded, network, warnings))
     }
 
-    fn fetch(
+    fn report(
         &self,
-        downloader: &Downloader,
-        a: &ArtifactSpec,
-        local: Option<&Path>,
-        conditional: Option<&Validators>,
-        progress: &dyn PullProgress,
-    ) -> Result<(Outcome, Option<String>), StoreError> {
-        match local {
-            Some(path) => {
-                let known = conditional.and_then(|c| c.etag.as_deref());
-                let (o, v) = copy_local(self.layout(), path, a.digest.as_ref(), known, progress)?;
-                Ok((o, Some(v)))
-            }
-            None => {
-                let req = Request {
-                    url: &a.url,
-                    headers: &a.headers,
-                    expected: a.digest.as_ref(),
-                    expected_size: a.size,
-                    conditional,
-                };
-                Ok((downloader.download(self.layout(), &req, progress)?, None))
-            }
+        record: RefRecord,
+        blobs: Vec<VerifiedBlob>,
+        downloaded: usize,
+        network: bool,
+        warnings: Vec<String>,
+    ) -> PullReport {
+        PullReport {
+            reference: self.shown.clone(),
+            digest: record.digest().clone(),
+            size: record.size(),
+            downloaded,
+            network,
+            record,
+            blobs,
+            warnings,
         }
     }
+}
 
-    /// The blobs of every artifact of `record`, if all are present;
-    /// re-hashed when `rehash` (a pinned pull promises verified data).
-    fn complete(
-        &self,
-        record: &RefRecord,
-        rehash: bool,
-    ) -> Result<Option<Vec<VerifiedBlob>>, StoreError> {
-        let mut out = Vec::new();
-        for a in &record.artifacts {
-            let blob = if rehash {
-                self.layout().verified(&a.digest)?
-            } else {
-                self.layout().present(&a.digest, Some(a.size))
-            };
-            match blob {
-                Some(b) => out.push(b),
-                None => return Ok(None),
-            }
-        }
-        Ok(Some(out))
+fn validators_of(a: &ArtifactRecord) -> Validators {
+    Validators {
+        etag: a.etag.clone(),
+        last_modified: a.last_modified.clone(),
     }
 }
 
 /// Resolves, retrying a source that could not reach its server: a
 /// registry blip should not fail a pull, nor fall back to an old copy.
-fn resolve_with_retries(sources: &dyn Sources, reference: &str) -> Result<Resolved, StoreError> {
+fn resolve_with_retries(
+    sources: &dyn Sources,
+    reference: &str,
+    shown: &str,
+) -> Result<Resolved, StoreError> {
     let mut pause = std::time::Duration::from_millis(250);
     for _ in 0..2 {
         match sources.resolve(reference) {
             Err(e) if e.is_unreachable() => {
-                tracing::info!(reference, error = %e, "source unreachable; retrying");
+                tracing::info!(reference = shown, error = %e, "source unreachable; retrying");
                 std::thread::sleep(pause);
                 pause *= 2;
             }
@@ -418,32 +602,12 @@ fn resolve_with_retries(sources: &dyn Sources, reference: &str) -> Result<Resolv
     sources.resolve(reference)
 }
 
-fn report(
-    reference: &str,
-    record: RefRecord,
-    blobs: Vec<VerifiedBlob>,
-    downloaded: usize,
-    network: bool,
-    warnings: Vec<String>,
-) -> PullReport {
-    PullReport {
-        reference: reference.into(),
-        digest: record.digest().clone(),
-        size: record.size(),
-        downloaded,
-        network,
-        record,
-        blobs,
-        warnings,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn pins_and_local_paths() {
+    fn pins() {
         let hex = "a".repeat(64);
         assert_eq!(
             suffix_pin(&format!("https://x/y@sha256:{hex}"))
@@ -454,9 +618,49 @@ mod tests {
         );
         assert!(suffix_pin("https://x/y").unwrap().is_none());
         assert!(suffix_pin("https://x/y@sha256:zz").is_err());
-        assert_eq!(local_path("file:///a/b"), Some(PathBuf::from("/a/b")));
-        assert_eq!(local_path("/a/b"), Some(PathBuf::from("/a/b")));
-        assert!(local_path("https://a/b").is_none());
-        assert!(local_path("site://x").is_none());
+        let req = |digest: Option<&str>, reference: String| PullRequest {
+            reference,
+            digest: digest.map(|d| d.parse().unwrap()),
+            policy: PullPolicy::Missing,
+            force: false,
+        };
+        let a = format!("sha256:{hex}");
+        let b = format!("sha256:{}", "b".repeat(64));
+        assert_eq!(
+            pin_of(&req(Some(&a), "https://x/y".into())).unwrap(),
+            Some(a.parse().unwrap())
+        );
+        assert_eq!(
+            pin_of(&req(Some(&a), format!("https://x/y@{a}"))).unwrap(),
+            Some(a.parse().unwrap())
+        );
+        assert!(matches!(
+            pin_of(&req(Some(&b), format!("https://u:secret@x/y@{a}"))),
+            Err(StoreError::PinConflict { reference, .. }) if !reference.contains("secret")
+        ));
+    }
+
+    #[test]
+    fn when_the_store_answers_alone() {
+        use PullPolicy::*;
+        let cases = [
+            // (policy, pinned, local) -> offline
+            ((Never, false, false), true),
+            ((Never, false, true), true),
+            ((Missing, true, false), true),
+            ((Always, true, false), true),
+            ((Always, true, true), true),
+            ((Missing, false, true), false),
+            ((Always, false, true), false),
+            ((Missing, false, false), true),
+            ((Always, false, false), false),
+        ];
+        for ((policy, pinned, local), want) in cases {
+            assert_eq!(
+                offline_ok(policy, pinned, local),
+                want,
+                "{policy:?} pinned={pinned} local={local}"
+            );
+        }
     }
 }

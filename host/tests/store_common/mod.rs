@@ -26,6 +26,20 @@ pub enum Fault {
     Slow { chunk: usize, delay: Duration },
     /// Refuse with this status the next `times` requests.
     Status { status: u16, times: usize },
+    /// Send one byte of the body every `every` (Content-Length announces
+    /// all of it).
+    Drip { every: Duration },
+    /// Read the request and never answer; the connection stays open until
+    /// the client leaves (at most a minute).
+    Silent,
+    /// Answer `status` with this `Location`.
+    Redirect { status: u16, location: String },
+    /// Answer with exactly these bytes, then close (a malformed answer).
+    Raw(Vec<u8>),
+    /// Send the body without a Content-Length, ending it by closing.
+    Unannounced,
+    /// Announce this Content-Length, send the body, close.
+    Announce(u64),
 }
 
 #[derive(Clone, Debug)]
@@ -73,6 +87,11 @@ impl Resource {
     }
     pub fn header(mut self, k: &str, v: &str) -> Self {
         self.headers.push((k.into(), v.into()));
+        self
+    }
+    /// Requests without this header value get a 401.
+    pub fn require(mut self, name: &str, value: &str) -> Self {
+        self.require = Some((name.into(), value.into(), "Basic realm=\"test\"".into()));
         self
     }
 }
@@ -125,7 +144,8 @@ impl Server {
                     continue;
                 }
                 let s = s.clone();
-                std::thread::spawn(move || serve(stream, &s));
+                let d = d.clone();
+                std::thread::spawn(move || serve(stream, &s, &d));
             }
         });
         Server { port, state, down }
@@ -174,7 +194,7 @@ impl Server {
     }
 }
 
-fn serve(stream: TcpStream, state: &Mutex<State>) {
+fn serve(stream: TcpStream, state: &Mutex<State>, down: &std::sync::atomic::AtomicBool) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut stream = stream;
@@ -182,6 +202,10 @@ fn serve(stream: TcpStream, state: &Mutex<State>) {
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        if down.load(std::sync::atomic::Ordering::SeqCst) {
+            // A server that went down closes kept-alive connections too.
             return;
         }
         let mut parts = line.split_whitespace();
@@ -243,6 +267,52 @@ fn serve(stream: TcpStream, state: &Mutex<State>) {
             let _ = stream
                 .write_all(format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\n\r\n").as_bytes());
             continue;
+        }
+        match &fault {
+            Fault::Silent => {
+                record(0);
+                // Held open, unanswered, until the client gives up.
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
+                let mut sink = [0u8; 64];
+                while reader.read(&mut sink).is_ok_and(|n| n > 0) {}
+                return;
+            }
+            Fault::Redirect { status, location } => {
+                record(*status);
+                let _ = stream.write_all(
+                    format!("HTTP/1.1 {status} Moved\r\nLocation: {location}\r\nContent-Length: 0\r\n\r\n")
+                        .as_bytes(),
+                );
+                continue;
+            }
+            Fault::Raw(bytes) => {
+                record(0);
+                let _ = stream.write_all(bytes);
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+                return;
+            }
+            Fault::Unannounced => {
+                record(200);
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
+                if method != "HEAD" {
+                    let _ = stream.write_all(&r.body);
+                }
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+                return;
+            }
+            Fault::Announce(n) => {
+                record(200);
+                let _ = stream.write_all(
+                    format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n")
+                        .as_bytes(),
+                );
+                if method != "HEAD" {
+                    let _ = stream.write_all(&r.body);
+                }
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+                return;
+            }
+            _ => {}
         }
         let mut validators = String::new();
         if let Some(e) = &r.etag {
@@ -324,6 +394,18 @@ fn serve(stream: TcpStream, state: &Mutex<State>) {
                 let _ = stream.write_all(payload);
                 let _ = stream.shutdown(std::net::Shutdown::Both);
                 return;
+            }
+            Fault::Drip { every } => {
+                for byte in payload.chunks(1) {
+                    if stream
+                        .write_all(byte)
+                        .and_then(|()| stream.flush())
+                        .is_err()
+                    {
+                        return;
+                    }
+                    std::thread::sleep(every);
+                }
             }
             Fault::Slow { chunk, delay } => {
                 for piece in payload.chunks(chunk) {
@@ -438,4 +520,16 @@ pub fn require_tool(tool: &str) -> bool {
     }
     eprintln!("SKIPPED: {tool} is not installed (scripts/install-deps installs it)");
     false
+}
+
+/// An error and its causes on one line, as the CLI prints them.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }

@@ -13,7 +13,24 @@ pub struct Registry {
     pub port: u16,
     child: Child,
     _dir: tempfile::TempDir,
-    agent: ureq::Agent,
+}
+
+/// One request over the host's own client: (status, Location, body).
+fn call(req: reqwest::RequestBuilder) -> Result<(u16, Option<String>, String), reqwest::Error> {
+    cocoon_host::http::block_on(async {
+        let r = req.send().await?;
+        let status = r.status().as_u16();
+        let location = r
+            .headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        Ok((status, location, r.text().await.unwrap_or_default()))
+    })
+}
+
+fn client() -> &'static reqwest::Client {
+    cocoon_host::http::client()
 }
 
 impl Drop for Registry {
@@ -70,27 +87,15 @@ impl Registry {
             .stderr(Stdio::null())
             .spawn()
             .expect("starting docker-registry");
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .proxy(None)
-            .build()
-            .into();
         let reg = Registry {
             port,
             child,
             _dir: dir,
-            agent,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(r) = reg
-                .agent
-                .get(&format!("http://127.0.0.1:{port}/v2/"))
-                .call()
-            {
-                if r.status() == 200 {
-                    break;
-                }
+            if let Ok((200, _, _)) = call(client().get(format!("http://127.0.0.1:{port}/v2/"))) {
+                break;
             }
             assert!(
                 Instant::now() < deadline,
@@ -107,32 +112,24 @@ impl Registry {
 
     pub fn push_blob(&self, repo: &str, media_type: &str, data: &[u8]) -> Desc {
         let digest = sha256(data);
-        let r = self
-            .agent
-            .post(&format!("{}/v2/{repo}/blobs/uploads/", self.base()))
-            .send_empty()
-            .unwrap();
-        assert_eq!(r.status(), 202, "starting an upload");
-        let location = r
-            .headers()
-            .get("location")
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .to_string();
+        let (status, location, _) =
+            call(client().post(format!("{}/v2/{repo}/blobs/uploads/", self.base()))).unwrap();
+        assert_eq!(status, 202, "starting an upload");
+        let location = location.expect("an upload location");
         let location = if location.starts_with('/') {
             format!("{}{location}", self.base())
         } else {
             location
         };
         let sep = if location.contains('?') { '&' } else { '?' };
-        let r = self
-            .agent
-            .put(&format!("{location}{sep}digest={digest}"))
-            .header("Content-Type", "application/octet-stream")
-            .send(data)
-            .unwrap();
-        assert_eq!(r.status(), 201, "finishing the upload of {digest}");
+        let (status, _, _) = call(
+            client()
+                .put(format!("{location}{sep}digest={digest}"))
+                .header("Content-Type", "application/octet-stream")
+                .body(data.to_vec()),
+        )
+        .unwrap();
+        assert_eq!(status, 201, "finishing the upload of {digest}");
         Desc {
             media_type: media_type.into(),
             digest,
@@ -147,14 +144,13 @@ impl Registry {
         media_type: &str,
         body: &[u8],
     ) -> Desc {
-        let r = self
-            .agent
-            .put(&format!("{}/v2/{repo}/manifests/{reference}", self.base()))
-            .header("Content-Type", media_type)
-            .send(body)
-            .unwrap();
-        let status = r.status();
-        let text = r.into_body().read_to_string().unwrap_or_default();
+        let (status, _, text) = call(
+            client()
+                .put(format!("{}/v2/{repo}/manifests/{reference}", self.base()))
+                .header("Content-Type", media_type)
+                .body(body.to_vec()),
+        )
+        .unwrap();
         assert_eq!(status, 201, "pushing manifest {repo}:{reference}: {text}");
         Desc {
             media_type: media_type.into(),

@@ -9,10 +9,13 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use crate::cli::output::{emit, Format};
+use crate::cli::plugin::error_chain;
 use cocoon_host::config::HostConfig;
+use cocoon_host::http::{redact, redact_text};
 use cocoon_host::plugin::{Registry, Runtime};
 use cocoon_host::store::{
-    Digest, NoRoots, PluginSources, PullPolicy, PullProgress, PullRequest, RefRecord, Store,
+    ConvertedImage, Digest, Found, NoRoots, PluginSources, PullPolicy, PullProgress, PullRequest,
+    RefRecord, Store,
 };
 
 #[derive(Debug, Args)]
@@ -126,18 +129,23 @@ impl PullProgress for Bars {
             b.inc(bytes);
         }
     }
-    fn finish(&self) {
+    fn stop(&self) {
         if let Some(b) = self.bar.lock().unwrap().take() {
             b.finish_and_clear();
-        } else if !self.tty {
-            eprintln!("downloaded");
         }
     }
+    fn stored(&self, what: &str, blob: &cocoon_host::store::VerifiedBlob) {
+        eprintln!(
+            "downloaded {what}: {} bytes, {}",
+            blob.size(),
+            blob.digest()
+        );
+    }
     fn warn(&self, message: &str) {
-        eprintln!("warning: {message}");
+        eprintln!("warning: {}", redact_text(message));
     }
     fn note(&self, message: &str) {
-        eprintln!("{message}");
+        eprintln!("{}", redact_text(message));
     }
 }
 
@@ -163,7 +171,11 @@ pub fn pull(a: PullArgs, config: &HostConfig) -> anyhow::Result<i32> {
         force: a.force,
     };
     let progress = Bars::new();
-    let report = store.pull(&sources, &req, &progress)?;
+    // A source's error may quote the reference, credentials and all.
+    let scrub = |e: &dyn std::error::Error| anyhow::anyhow!("{}", redact_text(&error_chain(e)));
+    let report = store
+        .pull(&sources, &req, &progress)
+        .map_err(|e| scrub(&e))?;
     let converted = match &a.convert {
         Some(target) => {
             let backend = cocoon_host::store::EngineBackend {
@@ -193,17 +205,27 @@ pub fn pull(a: PullArgs, config: &HostConfig) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// A unix time as people read it: RFC 3339 in UTC, to the second.
+fn date(unix: u64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_secs(unix);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
 pub fn list(a: ListArgs, config: &HostConfig) -> anyhow::Result<i32> {
     let store = Store::open(config)?;
     let refs = store.layout().list_refs()?;
     emit(a.output, &refs, |refs| {
-        println!("{:<60} {:<20} {:>12} SOURCE", "REFERENCE", "DIGEST", "SIZE");
+        println!(
+            "{:<60} {:<20} {:>12} {:<20} SOURCE",
+            "REFERENCE", "DIGEST", "SIZE", "PULLED"
+        );
         for r in refs {
             println!(
-                "{:<60} {:<20} {:>12} {}",
+                "{:<60} {:<20} {:>12} {:<20} {}",
                 r.reference,
                 &r.digest().to_string()[..19],
                 r.size(),
+                date(r.pulled_at),
                 r.source
             );
         }
@@ -220,48 +242,129 @@ struct BlobState {
 }
 
 #[derive(Serialize)]
+struct ConversionState {
+    #[serde(flatten)]
+    image: ConvertedImage,
+    /// Only with --verify; false means it was corrupt and is removed.
+    verified: Option<bool>,
+}
+
+#[derive(Serialize)]
 struct Inspected {
     #[serde(flatten)]
     record: RefRecord,
     blobs: Vec<BlobState>,
+    conversions: Vec<ConversionState>,
+}
+
+/// `image inspect sha256:…`: one blob and who names it.
+#[derive(Serialize)]
+struct InspectedBlob {
+    digest: Digest,
+    size: Option<u64>,
+    present: bool,
+    verified: Option<bool>,
+    /// The references whose records name this blob.
+    references: Vec<String>,
+    conversions: Vec<ConversionState>,
+}
+
+fn blob_state(
+    store: &Store,
+    digest: &Digest,
+    size: Option<u64>,
+    verify: bool,
+) -> anyhow::Result<BlobState> {
+    let layout = store.layout();
+    let present = layout.present(digest, size).is_some();
+    let verified = match verify {
+        true => Some(layout.verified(digest)?.is_some()),
+        false => None,
+    };
+    Ok(BlobState {
+        digest: digest.clone(),
+        present,
+        verified,
+    })
+}
+
+fn conversions(
+    store: &Store,
+    source: &Digest,
+    verify: bool,
+) -> anyhow::Result<Vec<ConversionState>> {
+    store
+        .layout()
+        .conversions_of(source)
+        .into_iter()
+        .map(|image| {
+            let verified = match verify {
+                true => Some(store.verify_conversion(&image)?),
+                false => None,
+            };
+            Ok(ConversionState { image, verified })
+        })
+        .collect()
+}
+
+fn state_word(present: bool, verified: Option<bool>) -> &'static str {
+    match (present, verified) {
+        (false, _) => "missing",
+        (true, Some(false)) => "CORRUPT (removed)",
+        (true, Some(true)) => "verified",
+        (true, None) => "present",
+    }
+}
+
+fn print_conversions(list: &[ConversionState]) {
+    for c in list {
+        let state = state_word(true, c.verified);
+        println!(
+            "  converted to {} by {} {}: {} {}",
+            c.image.target,
+            c.image.converter.name,
+            &c.image.converter.sha256[..12],
+            c.image.digest,
+            state
+        );
+        println!("    path {}", c.image.path.display());
+    }
 }
 
 pub fn inspect(a: InspectArgs, config: &HostConfig) -> anyhow::Result<i32> {
     let store = Store::open(config)?;
-    let layout = store.layout();
-    let Some(record) = layout.read_ref(&a.reference)? else {
-        anyhow::bail!("{} is not in the store", a.reference);
+    let Some(found) = store.layout().lookup(&a.reference)? else {
+        anyhow::bail!("{} is not in the store", redact(&a.reference));
+    };
+    let record = match found {
+        Found::Reference(record) => record,
+        Found::Digest { digest, records } => return inspect_blob(&store, &a, digest, records),
     };
     let mut blobs = Vec::new();
+    let mut convs = Vec::new();
     for art in &record.artifacts {
-        let present = layout.present(&art.digest, Some(art.size)).is_some();
-        let verified = if a.verify {
-            Some(layout.verified(&art.digest)?.is_some())
-        } else {
-            None
-        };
-        blobs.push(BlobState {
-            digest: art.digest.clone(),
-            present,
-            verified,
-        });
+        blobs.push(blob_state(&store, &art.digest, Some(art.size), a.verify)?);
+        convs.extend(conversions(&store, &art.digest, a.verify)?);
     }
-    let ok = blobs.iter().all(|b| b.present && b.verified != Some(false));
-    emit(a.output, &Inspected { record, blobs }, |i| {
+    let ok = blobs.iter().all(|b| b.present && b.verified != Some(false))
+        && convs.iter().all(|c| c.verified != Some(false));
+    let out = Inspected {
+        record,
+        blobs,
+        conversions: convs,
+    };
+    emit(a.output, &out, |i| {
         println!("reference  {}", i.record.reference);
         println!("source     {}", i.record.source);
         println!("digest     {}", i.record.digest());
-        println!("pulled at  {} (unix)", i.record.pulled_at);
+        println!("pulled at  {}", date(i.record.pulled_at));
         for (art, b) in i.record.artifacts.iter().zip(&i.blobs) {
-            let state = match (b.present, b.verified) {
-                (false, _) => "missing",
-                (true, Some(false)) => "CORRUPT (removed)",
-                (true, Some(true)) => "verified",
-                (true, None) => "present",
-            };
             println!(
                 "  {} {:>12} {} {}",
-                art.digest, art.size, art.media_type, state
+                art.digest,
+                art.size,
+                art.media_type,
+                state_word(b.present, b.verified)
             );
             println!("    url {}", art.url);
             if let Some(e) = &art.etag {
@@ -271,6 +374,48 @@ pub fn inspect(a: InspectArgs, config: &HostConfig) -> anyhow::Result<i32> {
                 println!("    last-modified {lm}");
             }
         }
+        print_conversions(&i.conversions);
+    })?;
+    Ok(if ok { 0 } else { 1 })
+}
+
+fn inspect_blob(
+    store: &Store,
+    a: &InspectArgs,
+    digest: Digest,
+    records: Vec<RefRecord>,
+) -> anyhow::Result<i32> {
+    let size = records
+        .iter()
+        .flat_map(|r| &r.artifacts)
+        .find(|x| x.digest == digest)
+        .map(|x| x.size);
+    let b = blob_state(store, &digest, size, a.verify)?;
+    let size = size.or_else(|| store.layout().present(&digest, None).map(|p| p.size()));
+    let convs = conversions(store, &digest, a.verify)?;
+    let ok =
+        b.present && b.verified != Some(false) && convs.iter().all(|c| c.verified != Some(false));
+    let out = InspectedBlob {
+        digest,
+        size,
+        present: b.present,
+        verified: b.verified,
+        references: records.into_iter().map(|r| r.reference).collect(),
+        conversions: convs,
+    };
+    emit(a.output, &out, |i| {
+        println!("digest     {}", i.digest);
+        if let Some(s) = i.size {
+            println!("size       {s}");
+        }
+        println!("state      {}", state_word(i.present, i.verified));
+        if i.references.is_empty() {
+            println!("references none (image gc removes it)");
+        }
+        for r in &i.references {
+            println!("reference  {r}");
+        }
+        print_conversions(&i.conversions);
     })?;
     Ok(if ok { 0 } else { 1 })
 }
@@ -279,11 +424,24 @@ pub fn rm(a: RmArgs, config: &HostConfig) -> anyhow::Result<i32> {
     let store = Store::open(config)?;
     let mut removed = Vec::new();
     let mut missing = Vec::new();
-    for r in &a.references {
-        if store.remove(r)? {
-            removed.push(r.clone());
-        } else {
-            missing.push(r.clone());
+    for name in &a.references {
+        // A digest forgets every reference that names it.
+        let references = match store.layout().lookup(name)? {
+            Some(Found::Reference(r)) => vec![r.reference],
+            Some(Found::Digest { records, .. }) => {
+                records.into_iter().map(|r| r.reference).collect()
+            }
+            None => Vec::new(),
+        };
+        let mut any = false;
+        for r in references {
+            if store.remove(&r)? {
+                removed.push(r);
+                any = true;
+            }
+        }
+        if !any {
+            missing.push(redact(name).into_owned());
         }
     }
     #[derive(Serialize)]

@@ -1,0 +1,137 @@
+//! Local files as image references: which references name one, and the
+//! one call that opens it.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{FileType, Mode, OFlags};
+
+use super::StoreError;
+
+/// A local file reference made absolute: `file:///abs`, an absolute path,
+/// or a relative path (`./x`, `../x`, or a bare name like `disk.img`)
+/// that exists. Anything with `://` is not local; a bare name that does
+/// not exist is not either (it may be a digest, or a typo reported by the
+/// caller).
+pub fn local_path(reference: &str) -> Option<PathBuf> {
+    let p = if let Some(rest) = reference.strip_prefix("file://") {
+        PathBuf::from(rest)
+    } else if reference.contains("://") || reference.is_empty() {
+        return None;
+    } else if reference.starts_with('/')
+        || reference.starts_with("./")
+        || reference.starts_with("../")
+    {
+        PathBuf::from(reference)
+    } else if Path::new(reference).symlink_metadata().is_ok() {
+        PathBuf::from(reference)
+    } else {
+        return None;
+    };
+    std::path::absolute(p).ok()
+}
+
+/// An opened local input with its size.
+pub struct LocalInput {
+    pub file: File,
+    pub stat: rustix::fs::Stat,
+    pub size: u64,
+}
+
+/// Opens a user-named local file to copy into the store: a regular file
+/// and nothing else (a FIFO would block, a device would read without
+/// end). Opened non-blocking so that a FIFO is refused rather than waited
+/// on.
+///
+/// This is the one seam for the store's local inputs: the host's common
+/// input opener replaces its body when it exists.
+pub fn open_input(path: &Path) -> Result<LocalInput, StoreError> {
+    let fd = rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY,
+        Mode::empty(),
+    )
+    .map_err(|e| StoreError::io("opening", path)(e.into()))?;
+    let stat = rustix::fs::fstat(&fd)
+        .map_err(|e| StoreError::io("reading metadata of", path)(e.into()))?;
+    let kind = FileType::from_raw_mode(stat.st_mode);
+    if kind != FileType::RegularFile {
+        return Err(StoreError::NotRegular {
+            path: path.to_path_buf(),
+            kind: file_type_name(kind),
+        });
+    }
+    // Reads of a regular file never block; clear the flag all the same.
+    rustix::fs::fcntl_setfl(&fd, OFlags::empty())
+        .map_err(|e| StoreError::io("opening", path)(e.into()))?;
+    let size = u64::try_from(stat.st_size).unwrap_or(0);
+    Ok(LocalInput {
+        file: File::from(fd),
+        stat,
+        size,
+    })
+}
+
+/// How a file type is named in messages.
+pub fn file_type_name(kind: FileType) -> &'static str {
+    match kind {
+        FileType::RegularFile => "a regular file",
+        FileType::Directory => "a directory",
+        FileType::Symlink => "a symbolic link",
+        FileType::Fifo => "a FIFO",
+        FileType::Socket => "a socket",
+        FileType::CharacterDevice => "a character device",
+        FileType::BlockDevice => "a block device",
+        FileType::Unknown => "of an unknown type",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn which_references_are_local() {
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(local_path("file:///a/b"), Some(PathBuf::from("/a/b")));
+        assert_eq!(local_path("/a/b"), Some(PathBuf::from("/a/b")));
+        assert_eq!(local_path("./x"), Some(cwd.join("x")));
+        assert_eq!(local_path("../x"), Some(cwd.join("../x")));
+        assert!(local_path("https://a/b").is_none());
+        assert!(local_path("site://x").is_none());
+        assert!(local_path("").is_none());
+        assert!(local_path("no-such-file-here.img").is_none());
+        // A bare relative name that exists is a file (tests run in the
+        // crate's directory).
+        assert_eq!(local_path("Cargo.toml"), Some(cwd.join("Cargo.toml")));
+        assert_eq!(local_path("src/lib.rs"), Some(cwd.join("src/lib.rs")));
+    }
+
+    #[test]
+    fn only_regular_files_are_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f");
+        std::fs::write(&f, b"abc").unwrap();
+        assert_eq!(open_input(&f).unwrap().size, 3);
+        let fifo = dir.path().join("fifo");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let cases: [(&Path, &str); 3] = [
+            (&fifo, "a FIFO"),
+            (Path::new("/dev/zero"), "a character device"),
+            (dir.path(), "a directory"),
+        ];
+        for (p, kind) in cases {
+            match open_input(p) {
+                Err(StoreError::NotRegular { kind: k, .. }) => assert_eq!(k, kind, "{p:?}"),
+                other => panic!("{p:?}: {:?}", other.map(|i| i.size)),
+            }
+        }
+    }
+}
