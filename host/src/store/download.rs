@@ -494,10 +494,14 @@ impl Downloader {
             if Instant::now() + pause >= deadline {
                 break e;
             }
+            let why = match &e {
+                StoreError::Transport { failure, .. } => super::chain(failure),
+                StoreError::Http { status, .. } => format!("HTTP {status}"),
+                other => super::chain(other),
+            };
             progress.note(&format!(
-                "{}: attempt {attempt} of {ATTEMPTS} failed ({}); retrying in {} ms",
+                "{}: attempt {attempt} of {ATTEMPTS} failed: {why}; retrying in {} ms",
                 req.shown(),
-                super::chain(&e),
                 pause.as_millis()
             ));
             std::thread::sleep(pause);

@@ -62,10 +62,16 @@ impl Sources for PluginSources<'_> {
             .map(|(s, _)| s.to_ascii_lowercase())
             .ok_or_else(|| StoreError::BadReference {
                 reference: reference.into(),
-                reason: "no scheme (and not a local file)".into(),
+                reason: match std::path::absolute(reference) {
+                    Ok(p) => format!(
+                        "no such file ({}), and not a URL (no scheme://) or a digest",
+                        p.display()
+                    ),
+                    Err(_) => "not a file, a URL (no scheme://) or a digest".into(),
+                },
             })?;
         let wrap = |source| StoreError::Resolve {
-            reference: reference.to_string(),
+            reference: crate::http::redact(reference).into_owned(),
             source: Box::new(source),
         };
         for info in self.registry.list() {

@@ -474,7 +474,11 @@ impl Cli {
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_cocoon-host"));
+        // COCOON_HOST_BIN runs the tests against another build (to show
+        // that a test fails without the fix it covers).
+        let bin = std::env::var_os("COCOON_HOST_BIN")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_cocoon-host").into());
+        let mut c = Command::new(bin);
         c.arg("--state-dir").arg(&self.state);
         match &self.config {
             Some(p) => c.arg("--config").arg(p),
