@@ -408,3 +408,93 @@ fn the_real_engine_killed_mid_conversion_and_before_the_digest_file() {
     );
     assert_eq!(v["converted"]["digest"], want.as_str());
 }
+
+/// Bytes allocated to `path` (what removing it gives back).
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::symlink_metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
+}
+
+#[test]
+fn gc_frees_the_partial_conversion_and_the_staged_download_a_kill_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let cli = Cli::new(dir.path());
+    let images = dir.path().join("images");
+    // A local image, converted by a child that is killed mid-way.
+    let file = dir.path().join("src.raw");
+    fs::write(&file, bytes(6, 8 << 20)).unwrap();
+    let v = cli.json(&["image", "pull", file.to_str().unwrap()]);
+    let source: Digest = v["digest"].as_str().unwrap().parse().unwrap();
+    let mut child = spawn_child(&images, &source, &[("SLOW_COPY_DELAY", "1")]);
+    let work_dir = images.join("converted").join(source.hex()).join("raw");
+    let work = |d: &Path| {
+        fs::read_dir(d)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .find(|e| e.file_name().to_string_lossy().starts_with(".work-"))
+            .map(|e| e.path())
+    };
+    let started = Instant::now();
+    while work(&work_dir).is_none_or(|w| allocated(&w) < 1 << 20)
+        && started.elapsed() < Duration::from_secs(20)
+    {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    kill9(&mut child);
+    let partial_conversion = work(&work_dir).expect("a partial conversion");
+    // A download killed mid-way.
+    let s = Server::start();
+    s.set("/big.img", slow(bytes(7, 4 << 20)));
+    let mut pull = cli
+        .command(&["image", "pull", &s.url("/big.img")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    while partial_len(&images) < 512 << 10 && started.elapsed() < Duration::from_secs(40) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    kill9(&mut pull);
+    let staged: Vec<_> = fs::read_dir(images.join("tmp"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(!staged.is_empty());
+    let want = allocated(&partial_conversion) + staged.iter().map(|p| allocated(p)).sum::<u64>();
+    assert!(want >= (1 << 20) + (512 << 10), "{want}");
+
+    let v = cli.json(&["image", "gc"]);
+    assert!(
+        v["freed_bytes"].as_u64().unwrap() >= want,
+        "freed {} of at least {want}",
+        v["freed_bytes"]
+    );
+    assert_eq!(
+        v["removed_partials"].as_u64().unwrap(),
+        1 + staged.len() as u64
+    );
+    assert!(!partial_conversion.exists());
+    assert_eq!(fs::read_dir(images.join("tmp")).unwrap().count(), 0);
+    // The pulled image itself is referenced and stays.
+    assert_eq!(v["kept_blobs"], 1);
+}
+
+#[test]
+fn gc_leaves_a_staged_download_that_a_live_process_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::at(dir.path().join("images")).unwrap();
+    let layout = store.layout();
+    let partial = layout.tmp_dir().join("u-held.partial");
+    fs::write(&partial, vec![7u8; 100_000]).unwrap();
+    // Held the way a downloading process holds it.
+    let held = cocoon_host::store::lock::exclusive(&layout.lock_path("1-stage-u-held")).unwrap();
+    let r = store.gc(&cocoon_host::store::NoRoots, false).unwrap();
+    assert_eq!((r.removed_partials, r.busy_partials), (0, 1));
+    assert!(partial.exists());
+    drop(held);
+    let r = store.gc(&cocoon_host::store::NoRoots, false).unwrap();
+    assert_eq!((r.removed_partials, r.busy_partials), (1, 0));
+    assert!(r.freed_bytes >= 100_000, "{}", r.freed_bytes);
+    assert!(!partial.exists());
+}
