@@ -412,7 +412,9 @@ fn the_real_engine_killed_mid_conversion_and_before_the_digest_file() {
 /// Bytes allocated to `path` (what removing it gives back).
 fn allocated(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    fs::symlink_metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
+    fs::symlink_metadata(path)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
 }
 
 #[test]

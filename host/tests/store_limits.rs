@@ -13,17 +13,36 @@ use std::time::{Duration, Instant};
 
 use cocoon_host::config::HostConfig;
 use cocoon_host::http::RedirectError;
-use cocoon_host::plugin::{Registry, Runtime};
 use cocoon_host::store::download::Failure;
 use cocoon_host::store::sources::ArtifactSpec;
 use cocoon_host::store::{
-    PluginSources, PullPolicy, PullReport, PullRequest, Quiet, Resolved, Sources, Store,
-    StoreError, StoreSettings,
+    PullPolicy, PullReport, PullRequest, Quiet, Resolved, Sources, Store, StoreError, StoreSettings,
 };
 use store_common::{bytes, sha256, Fault, Resource, Server};
 
+/// Resolves a URL to itself, as the built-in url-source does, without
+/// the plugin runtime: the timings below are the download's alone.
+struct Url;
+
+impl Sources for Url {
+    fn resolve(&self, reference: &str) -> Result<Resolved, StoreError> {
+        Ok(Resolved {
+            source: "test".into(),
+            artifacts: vec![ArtifactSpec {
+                url: reference.into(),
+                digest: None,
+                size: None,
+                media_type: "application/octet-stream".into(),
+                format_hint: None,
+                headers: Vec::new(),
+            }],
+        })
+    }
+}
+
 /// A store with `settings`, pulling in a thread so that a pull that
-/// hangs fails the test after `limit` instead of hanging it.
+/// hangs fails the test after `limit` instead of hanging it. The time
+/// returned is the pull's.
 fn pull_within(
     settings: StoreSettings,
     reference: &str,
@@ -33,30 +52,23 @@ fn pull_within(
     let dir = tempfile::tempdir().unwrap();
     let mut config = HostConfig::at(dir.path());
     config.store = settings;
-    let reference = reference.to_string();
-    let digest = digest.map(|d| d.parse().unwrap());
+    let req = PullRequest {
+        reference: reference.to_string(),
+        digest: digest.map(|d| d.parse().unwrap()),
+        policy: PullPolicy::Missing,
+        force: false,
+    };
     let (tx, rx) = mpsc::channel();
-    let started = Instant::now();
     std::thread::spawn(move || {
         let store = Store::open(&config).unwrap();
-        let runtime = Runtime::new(Some(config.state_dir.join("plugin-cache"))).unwrap();
-        let registry = Registry::discover(&config);
-        let sources = PluginSources {
-            runtime: &runtime,
-            registry: &registry,
-        };
-        let req = PullRequest {
-            reference,
-            digest,
-            policy: PullPolicy::Missing,
-            force: false,
-        };
-        let _ = tx.send(store.pull(&sources, &req, &Quiet));
+        let started = Instant::now();
+        let r = store.pull(&Url, &req, &Quiet);
+        let _ = tx.send((r, started.elapsed()));
     });
-    let r = rx
+    let (r, took) = rx
         .recv_timeout(limit)
         .unwrap_or_else(|_| panic!("the pull was still running after {limit:?}"));
-    (r, started.elapsed(), dir)
+    (r, took, dir)
 }
 
 fn fast_limits() -> StoreSettings {
@@ -109,7 +121,7 @@ fn a_slow_drip_is_abandoned_at_the_minimum_rate() {
         "{f:?}"
     );
     assert!(
-        took < Duration::from_millis(4500),
+        took < Duration::from_secs(5),
         "took {took:?} with a 3 s deadline"
     );
     // Stalls are retried (each attempt got a few bytes further).
@@ -132,7 +144,11 @@ fn a_server_that_never_answers_costs_two_windows() {
         failure(&r)
     );
     assert_eq!(s.hits("/silent"), 2, "retried once, then taken for dead");
-    assert!(took < Duration::from_millis(3500), "took {took:?}");
+    // Two 1 s windows and a 0.2 s pause; slack for a loaded machine.
+    assert!(
+        (Duration::from_secs(2)..Duration::from_secs(5)).contains(&took),
+        "took {took:?}"
+    );
     let msg = store_common::chain(r.as_ref().unwrap_err());
     assert!(msg.contains("no answer within 1 s"), "{msg}");
 }
@@ -161,7 +177,7 @@ fn the_deadline_bounds_the_whole_download_and_keeps_what_arrived() {
         failure(&r)
     );
     assert!(
-        (Duration::from_millis(900)..Duration::from_millis(2000)).contains(&took),
+        (Duration::from_millis(990)..Duration::from_secs(3)).contains(&took),
         "took {took:?}"
     );
     assert_eq!(s.hits("/long"), 1, "a deadline is not retried");

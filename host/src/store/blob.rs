@@ -13,6 +13,7 @@ use super::digest::{hash_reader, Digest, HashingWriter};
 use super::files;
 pub use super::files::Access;
 use super::lock;
+use super::verity;
 use super::StoreError;
 use crate::fsutil;
 
@@ -51,7 +52,7 @@ impl Layout {
     /// one is private to its owner (0700) and a real directory, not a
     /// symlink to one.
     pub fn create(root: PathBuf) -> Result<Layout, StoreError> {
-        files::private_root(&root)?;
+        files::private_root(&root, true)?;
         let layout = Layout { root };
         for dir in [
             layout.root.join("blobs"),
@@ -161,8 +162,19 @@ impl Layout {
             file.set_permissions(fs::Permissions::from_mode(0o400))
                 .map_err(StoreError::io("chmod", &path))?;
         }
-        let (actual, size) = hash_reader(io::BufReader::with_capacity(1 << 20, file))
-            .map_err(StoreError::io("hashing", &path))?;
+        let (actual, size) = match hash_reader(io::BufReader::with_capacity(1 << 20, file)) {
+            Ok(r) => r,
+            // fs-verity refuses to return a changed block: corrupt.
+            Err(e)
+                if e.raw_os_error() == Some(libc::EIO)
+                    && verity::is_enabled(&path) == Some(true) =>
+            {
+                tracing::warn!(blob = %path.display(), "fs-verity caught a corrupt blob; removed");
+                fs::remove_file(&path).map_err(StoreError::io("removing corrupt blob", &path))?;
+                return Ok(None);
+            }
+            Err(e) => return Err(StoreError::io("hashing", &path)(e)),
+        };
         if actual != *digest {
             tracing::warn!(blob = %path.display(), expected = %digest, actual = %actual, "corrupt blob removed");
             fs::remove_file(&path).map_err(StoreError::io("removing corrupt blob", &path))?;
@@ -219,6 +231,9 @@ impl Layout {
         fs::rename(&path, &dest).map_err(StoreError::io("renaming into the store", &dest))?;
         fsutil::sync_dir(&self.blobs_dir()).map_err(StoreError::io("syncing", self.blobs_dir()))?;
         let _ = fs::remove_file(Staged::meta_path_of(&path));
+        drop(file);
+        let verity = verity::enable(&dest);
+        tracing::debug!(blob = %dest.display(), ?verity, "fs-verity");
         Ok(VerifiedBlob {
             digest: actual,
             path: dest,

@@ -265,11 +265,12 @@ impl Store {
         }
         // Verified now, not at some earlier pull: the bytes converted are
         // the bytes the digest names.
-        let blob: VerifiedBlob = layout.verified(source)?.ok_or_else(|| StoreError::Io {
-            op: "finding source blob",
-            path: layout.blob_path(source),
-            source: io::Error::from(io::ErrorKind::NotFound),
-        })?;
+        let blob: VerifiedBlob =
+            layout
+                .verified(source)?
+                .ok_or_else(|| StoreError::SourceGone {
+                    digest: source.clone(),
+                })?;
         private_dirs(&base)?;
         // Leftovers of a conversion that was killed.
         if let Ok(rd) = fs::read_dir(&base) {
@@ -310,6 +311,8 @@ impl Store {
         let image = dir.join("image");
         fs::rename(&work, &image).map_err(StoreError::io("renaming into the cache", &image))?;
         fsutil::sync_dir(&dir).map_err(StoreError::io("syncing", &dir))?;
+        let verity = super::verity::enable(&image);
+        tracing::debug!(image = %image.display(), ?verity, "fs-verity");
         fsutil::sync_dir(&base).map_err(StoreError::io("syncing", &base))?;
         super::crash_point("before-digest-file");
         let df = DigestFile {

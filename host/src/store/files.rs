@@ -89,8 +89,7 @@ pub fn read(root: &Path, rel: &Path) -> Result<Option<Vec<u8>>, StoreError> {
 /// The type and size of `rel` under `root`, not following a symlink at
 /// the end. `None` when it does not exist.
 pub fn lstat(root: &Path, rel: &Path) -> Option<(FileType, u64)> {
-    let st =
-        rustix::fs::statat(rustix::fs::CWD, &root.join(rel), AtFlags::SYMLINK_NOFOLLOW).ok()?;
+    let st = rustix::fs::statat(rustix::fs::CWD, root.join(rel), AtFlags::SYMLINK_NOFOLLOW).ok()?;
     Some((
         FileType::from_raw_mode(st.st_mode),
         u64::try_from(st.st_size).unwrap_or(0),
@@ -144,14 +143,18 @@ pub fn private_dir(dir: &Path) -> Result<(), StoreError> {
     tighten(dir, 0o700)
 }
 
-/// Like [`private_dir`] for a root the operator named, which may be a
-/// symlink to a directory elsewhere: created if missing, tightened.
-pub fn private_root(dir: &Path) -> Result<(), StoreError> {
+/// Like [`private_dir`] for a root, which may be a symlink to a
+/// directory elsewhere: created (0700) if missing. An existing one is
+/// tightened when `ours` (the store's own root); a directory the operator
+/// named (the state dir) is never chmod-ed behind their back (it could be
+/// a shared one): a warning says it is open.
+pub fn private_root(dir: &Path, ours: bool) -> Result<(), StoreError> {
     if !dir.exists() {
         std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
             .recursive(true)
             .create(dir)
             .map_err(StoreError::io("creating", dir))?;
+        return Ok(());
     }
     let real = std::fs::canonicalize(dir).map_err(StoreError::io("resolving", dir))?;
     if !real.is_dir() {
@@ -160,7 +163,22 @@ pub fn private_root(dir: &Path) -> Result<(), StoreError> {
             kind: "not a directory",
         });
     }
-    tighten(&real, 0o700)
+    if ours {
+        return tighten(&real, 0o700);
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&real)
+        .map_err(StoreError::io("reading metadata of", &real))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            dir = %dir.display(),
+            mode = format!("{:o}", mode & 0o7777),
+            "the state directory is open to others (the store inside it is private); chmod 700 it"
+        );
+    }
+    Ok(())
 }
 
 /// Clears group and other permission bits of `path` (which exists), and

@@ -21,9 +21,8 @@ pub fn local_path(reference: &str) -> Option<PathBuf> {
     } else if reference.starts_with('/')
         || reference.starts_with("./")
         || reference.starts_with("../")
+        || Path::new(reference).symlink_metadata().is_ok()
     {
-        PathBuf::from(reference)
-    } else if Path::new(reference).symlink_metadata().is_ok() {
         PathBuf::from(reference)
     } else {
         return None;

@@ -37,6 +37,7 @@ pub mod lookup;
 pub mod pull;
 pub mod settings;
 pub mod sources;
+pub mod verity;
 
 pub use blob::{Layout, VerifiedBlob};
 pub use convert_cache::{ConvertBackend, ConvertedImage, ConverterId, EngineBackend};
@@ -142,6 +143,8 @@ pub enum StoreError {
     },
     #[error("{0}")]
     BadDigest(#[from] digest::BadDigest),
+    #[error("source blob {digest} is missing or was corrupt (and removed); pull its image again")]
+    SourceGone { digest: Digest },
     #[error("no format-converter plugin is available")]
     NoConverter,
 }
@@ -181,7 +184,7 @@ impl Store {
     /// with the config file's `[store]` settings.
     pub fn open(config: &HostConfig) -> Result<Store, StoreError> {
         // The state dir holds VMs' disks and the store: the owner's alone.
-        files::private_root(&config.state_dir)?;
+        files::private_root(&config.state_dir, false)?;
         let mut store = Store::at(config.state_dir.join("images"))?;
         store.settings = config.store.clone();
         Ok(store)

@@ -198,7 +198,7 @@ impl Store {
             previous: layout.read_ref(&req.reference)?,
             local: local_path(&req.reference),
         };
-        if let Some(report) = pull.from_store()? {
+        if let Some(report) = pull.answer_from_store()? {
             return Ok(report);
         }
         let resolved = match pull.resolve()? {
@@ -272,7 +272,7 @@ impl Store {
 impl Pull<'_> {
     /// Step 1: the store's own answer, when the pin and the policy let it
     /// give one. `Ok(None)`: go on to resolve.
-    fn from_store(&self) -> Result<Option<PullReport>, StoreError> {
+    fn answer_from_store(&self) -> Result<Option<PullReport>, StoreError> {
         let never = self.req.policy == PullPolicy::Never;
         let mut lacks = None;
         if let Some(prev) = self.previous.as_ref().filter(|_| !self.req.force) {

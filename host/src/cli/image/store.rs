@@ -15,7 +15,7 @@ use cocoon_host::http::{redact, redact_text};
 use cocoon_host::plugin::{Registry, Runtime};
 use cocoon_host::store::{
     ConvertedImage, Digest, Found, NoRoots, PluginSources, PullPolicy, PullProgress, PullRequest,
-    RefRecord, Store,
+    RefRecord, Store, StoreError,
 };
 
 #[derive(Debug, Args)]
@@ -173,7 +173,7 @@ pub fn pull(a: PullArgs, config: &HostConfig) -> anyhow::Result<i32> {
     let progress = Bars::new();
     // A source's error may quote the reference, credentials and all.
     let scrub = |e: &dyn std::error::Error| anyhow::anyhow!("{}", redact_text(&error_chain(e)));
-    let report = store
+    let mut report = store
         .pull(&sources, &req, &progress)
         .map_err(|e| scrub(&e))?;
     let converted = match &a.convert {
@@ -182,13 +182,24 @@ pub fn pull(a: PullArgs, config: &HostConfig) -> anyhow::Result<i32> {
                 runtime: &runtime,
                 registry: &registry,
             };
-            let Some(disk) = report.record.disk() else {
-                anyhow::bail!(
+            let disk_of = |r: &cocoon_host::store::PullReport| match r.record.disk() {
+                Some(d) => Ok(d.digest.clone()),
+                None => Err(anyhow::anyhow!(
                     "{}: no artifact is a disk image (none has a format hint); nothing to convert",
-                    report.reference
-                );
+                    r.reference
+                )),
             };
-            Some(store.converted(&disk.digest, target, &backend)?)
+            match store.converted(&disk_of(&report)?, target, &backend) {
+                // The source went bad since the pull verified it: the pull
+                // fetches it again, then it is converted.
+                Err(StoreError::SourceGone { .. }) => {
+                    report = store
+                        .pull(&sources, &req, &progress)
+                        .map_err(|e| scrub(&e))?;
+                    Some(store.converted(&disk_of(&report)?, target, &backend)?)
+                }
+                other => Some(other?),
+            }
         }
         None => None,
     };
@@ -239,6 +250,8 @@ struct BlobState {
     present: bool,
     /// Only with --verify.
     verified: Option<bool>,
+    /// Whether the kernel checks its reads (null: it cannot say).
+    fsverity: Option<bool>,
 }
 
 #[derive(Serialize)]
@@ -264,6 +277,7 @@ struct InspectedBlob {
     size: Option<u64>,
     present: bool,
     verified: Option<bool>,
+    fsverity: Option<bool>,
     /// The references whose records name this blob.
     references: Vec<String>,
     conversions: Vec<ConversionState>,
@@ -285,6 +299,7 @@ fn blob_state(
         digest: digest.clone(),
         present,
         verified,
+        fsverity: cocoon_host::store::verity::is_enabled(&layout.blob_path(digest)),
     })
 }
 
@@ -313,6 +328,14 @@ fn state_word(present: bool, verified: Option<bool>) -> &'static str {
         (true, Some(false)) => "CORRUPT (removed)",
         (true, Some(true)) => "verified",
         (true, None) => "present",
+    }
+}
+
+fn verity_word(on: Option<bool>) -> &'static str {
+    match on {
+        Some(true) => ", fs-verity on",
+        Some(false) => ", fs-verity off",
+        None => "",
     }
 }
 
@@ -360,11 +383,12 @@ pub fn inspect(a: InspectArgs, config: &HostConfig) -> anyhow::Result<i32> {
         println!("pulled at  {}", date(i.record.pulled_at));
         for (art, b) in i.record.artifacts.iter().zip(&i.blobs) {
             println!(
-                "  {} {:>12} {} {}",
+                "  {} {:>12} {} {}{}",
                 art.digest,
                 art.size,
                 art.media_type,
-                state_word(b.present, b.verified)
+                state_word(b.present, b.verified),
+                verity_word(b.fsverity)
             );
             println!("    url {}", art.url);
             if let Some(e) = &art.etag {
@@ -400,6 +424,7 @@ fn inspect_blob(
         size,
         present: b.present,
         verified: b.verified,
+        fsverity: b.fsverity,
         references: records.into_iter().map(|r| r.reference).collect(),
         conversions: convs,
     };
@@ -408,7 +433,11 @@ fn inspect_blob(
         if let Some(s) = i.size {
             println!("size       {s}");
         }
-        println!("state      {}", state_word(i.present, i.verified));
+        println!(
+            "state      {}{}",
+            state_word(i.present, i.verified),
+            verity_word(i.fsverity)
+        );
         if i.references.is_empty() {
             println!("references none (image gc removes it)");
         }
