@@ -1,11 +1,14 @@
-//! Local files as image references: which references name one, and the
-//! one call that opens it.
+//! Local files as image references: which references name one, the one
+//! call that opens it, and its copy into the store.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use rustix::fs::{FileType, Mode, OFlags};
 
+use super::blob::{Layout, Staged};
+use super::digest::Digest;
+use super::download::{check_space, Outcome, Progress, Validators, CHUNK};
 use super::StoreError;
 
 /// A local file reference made absolute: `file:///abs`, an absolute path,
@@ -83,6 +86,64 @@ pub fn file_type_name(kind: FileType) -> &'static str {
         FileType::BlockDevice => "a block device",
         FileType::Unknown => "of an unknown type",
     }
+}
+
+/// The validator of a local file: it changed if any of these did.
+pub fn local_validator(meta: &rustix::fs::Stat) -> String {
+    format!(
+        "local:{}:{}.{}:{}",
+        meta.st_size, meta.st_mtime, meta.st_mtime_nsec, meta.st_ino
+    )
+}
+
+/// Copies a local file into the store, hashing it on the way. `known` is
+/// the validator of the copy we hold: when the file still matches it,
+/// nothing is read.
+pub fn copy_local(
+    layout: &Layout,
+    path: &Path,
+    expected: Option<&Digest>,
+    known: Option<&str>,
+    progress: &dyn Progress,
+) -> Result<(Outcome, String), StoreError> {
+    let input = open_input(path)?;
+    let validator = local_validator(&input.stat);
+    if known == Some(validator.as_str()) {
+        return Ok((Outcome::NotModified, validator));
+    }
+    check_space(&layout.tmp_dir(), input.size)?;
+    let key = format!("l-{}", super::index::key(&path.to_string_lossy()));
+    let _stage_lock = layout.lock(&format!("1-stage-{key}"))?;
+    let mut staged = Staged::open(layout, &key, false)?;
+    let what = path.display().to_string();
+    progress.start(&what, Some(input.size), 0);
+    let mut file = input.file;
+    let mut buf = vec![0u8; CHUNK];
+    let copied = loop {
+        let n = match std::io::Read::read(&mut file, &mut buf) {
+            Ok(n) => n,
+            Err(e) => break Err(StoreError::io("reading", path)(e)),
+        };
+        if n == 0 {
+            break Ok(());
+        }
+        if let Err(e) = staged.write_all(&buf[..n]) {
+            break Err(e);
+        }
+        progress.advance(n as u64);
+    };
+    progress.stop();
+    if let Err(e) = copied {
+        staged.discard();
+        return Err(e);
+    }
+    let blob = layout.commit(staged, &what, expected, None)?;
+    progress.stored(&what, &blob);
+    let validators = Validators {
+        etag: Some(validator.clone()),
+        last_modified: None,
+    };
+    Ok((Outcome::Fetched { blob, validators }, validator))
 }
 
 #[cfg(test)]

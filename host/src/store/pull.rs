@@ -22,9 +22,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::blob::VerifiedBlob;
 use super::digest::Digest;
-use super::download::{copy_local, Downloader, Limits, Outcome, Request, Validators};
+use super::download::{Downloader, Limits, Outcome, Request, Validators};
 pub use super::download::{Progress as PullProgress, Quiet};
 use super::index::{ArtifactRecord, RefRecord};
+use super::local::copy_local;
 pub use super::local::local_path;
 use super::lookup::{DigestQuery, Found};
 use super::sources::{ArtifactSpec, Resolved, Sources};

@@ -17,19 +17,22 @@
 //! any scheme but http(s) is refused, and credentials never follow a hop
 //! to another origin.
 
-use std::error::Error as StdError;
-use std::io;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use url::Url;
 
-use super::blob::{Layout, Staged, VerifiedBlob};
-use super::digest::Digest;
-use super::settings::StoreSettings;
-use super::StoreError;
+mod bounds;
+mod failure;
+
+pub use bounds::{check_space, enough_space, Limits, RateGuard, SPACE_RESERVE};
+pub use failure::{retryable_status, transient, Failure};
+
 use crate::fsutil;
 use crate::http::{self, RedirectError};
+use crate::store::blob::{Layout, Staged, VerifiedBlob};
+use crate::store::digest::Digest;
+use crate::store::StoreError;
 
 const ATTEMPTS: u32 = 6;
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
@@ -39,10 +42,7 @@ const MAX_REDIRECTS: usize = 10;
 /// server is taken for dead: a server that accepts and never answers
 /// costs two rate windows, not six.
 const MAX_BARREN_ATTEMPTS: u32 = 2;
-/// Free space left over after a download, so the store never fills the
-/// filesystem to the last block.
-pub const SPACE_RESERVE: u64 = 64 << 20;
-const CHUNK: usize = 1 << 20;
+pub(super) const CHUNK: usize = 1 << 20;
 
 /// Progress of transfers; the CLI draws bars or prints lines.
 pub trait Progress: Sync {
@@ -64,230 +64,6 @@ pub trait Progress: Sync {
 /// Reports nothing (warnings still go to the log).
 pub struct Quiet;
 impl Progress for Quiet {}
-
-/// The bounds of one download.
-#[derive(Debug, Clone)]
-pub struct Limits {
-    pub max_bytes: u64,
-    pub min_rate: u64,
-    pub window: Duration,
-    pub deadline: Duration,
-}
-
-impl From<&StoreSettings> for Limits {
-    fn from(s: &StoreSettings) -> Self {
-        Limits {
-            max_bytes: s.max_download_bytes,
-            min_rate: s.min_rate_bytes_per_sec,
-            window: s.rate_window(),
-            deadline: s.download_deadline(),
-        }
-    }
-}
-
-/// Why one HTTP exchange failed.
-#[derive(Debug, thiserror::Error)]
-pub enum Failure {
-    #[error("could not connect")]
-    Connect(#[source] reqwest::Error),
-    #[error("the connection failed")]
-    Reset(#[source] reqwest::Error),
-    #[error("the request timed out")]
-    Timeout(#[source] reqwest::Error),
-    #[error("the server's answer is not valid HTTP")]
-    Malformed(#[source] reqwest::Error),
-    #[error("invalid data on the connection (TLS)")]
-    Invalid(#[source] reqwest::Error),
-    #[error("the request failed")]
-    Other(#[source] reqwest::Error),
-    #[error("no answer within {secs} s")]
-    NoAnswer { secs: u64 },
-    #[error("{bytes} bytes in {secs} s, below the minimum of {min_rate} bytes/s")]
-    Stalled {
-        bytes: u64,
-        secs: u64,
-        min_rate: u64,
-    },
-    #[error("the download took longer than its deadline of {secs} s")]
-    Deadline { secs: u64 },
-    #[error("not following the redirect")]
-    Redirect(#[source] RedirectError),
-    #[error("the range answer starts at {start:?}, not {expected}")]
-    BadRange { start: Option<u64>, expected: u64 },
-    #[error("the range asked for is not satisfiable")]
-    RangeNotSatisfiable,
-}
-
-impl Failure {
-    /// Whether the same request can succeed if sent again.
-    pub fn retryable(&self) -> bool {
-        match self {
-            Failure::Connect(_)
-            | Failure::Reset(_)
-            | Failure::Timeout(_)
-            | Failure::NoAnswer { .. }
-            | Failure::Stalled { .. }
-            | Failure::BadRange { .. }
-            | Failure::RangeNotSatisfiable => true,
-            Failure::Malformed(_)
-            | Failure::Invalid(_)
-            | Failure::Other(_)
-            | Failure::Deadline { .. }
-            | Failure::Redirect(_) => false,
-        }
-    }
-
-    /// Whether the server was not reached at all (rather than answering
-    /// wrongly): then a held copy may be used with a warning.
-    pub fn unreachable(&self) -> bool {
-        matches!(
-            self,
-            Failure::Connect(_)
-                | Failure::Reset(_)
-                | Failure::Timeout(_)
-                | Failure::NoAnswer { .. }
-                | Failure::Stalled { .. }
-                | Failure::Deadline { .. }
-        )
-    }
-
-    /// Sorts a client error by what caused it.
-    fn of(e: reqwest::Error) -> Failure {
-        let e = e.without_url();
-        if let Some(h) = find::<hyper::Error>(&e) {
-            if h.is_parse() || h.is_parse_status() {
-                return Failure::Malformed(e);
-            }
-            if h.is_incomplete_message() || h.is_closed() || h.is_canceled() {
-                return Failure::Reset(e);
-            }
-        }
-        if let Some(io) = find::<io::Error>(&e) {
-            use io::ErrorKind as K;
-            match io.kind() {
-                K::InvalidData => return Failure::Invalid(e),
-                K::TimedOut => return Failure::Timeout(e),
-                K::ConnectionRefused | K::HostUnreachable | K::NetworkUnreachable => {
-                    return Failure::Connect(e)
-                }
-                K::ConnectionReset
-                | K::ConnectionAborted
-                | K::BrokenPipe
-                | K::UnexpectedEof
-                | K::NotConnected => return Failure::Reset(e),
-                _ => {}
-            }
-        }
-        if e.is_timeout() {
-            Failure::Timeout(e)
-        } else if e.is_connect() {
-            Failure::Connect(e)
-        } else if e.is_body() {
-            Failure::Reset(e)
-        } else {
-            Failure::Other(e)
-        }
-    }
-}
-
-fn find<'a, T: StdError + 'static>(e: &'a (dyn StdError + 'static)) -> Option<&'a T> {
-    let mut cur = Some(e);
-    while let Some(c) = cur {
-        if let Some(t) = c.downcast_ref::<T>() {
-            return Some(t);
-        }
-        cur = c.source();
-    }
-    None
-}
-
-/// Whether a failed download is worth another attempt.
-pub fn transient(e: &StoreError) -> bool {
-    match e {
-        StoreError::Transport { failure, .. } => failure.retryable(),
-        StoreError::Http { status, .. } => retryable_status(*status),
-        _ => false,
-    }
-}
-
-/// 5xx, 408 (request timeout) and 429 (too many requests) can succeed
-/// later; every other status says the same thing every time.
-pub fn retryable_status(status: u16) -> bool {
-    status >= 500 || status == 408 || status == 429
-}
-
-/// The minimum-rate rule: every `window`, at least `min_rate × window`
-/// bytes must have arrived since the window began. Pure, so the rule is
-/// tested without a clock.
-#[derive(Debug, Clone)]
-pub struct RateGuard {
-    min_rate: u64,
-    window: Duration,
-    since: Instant,
-    bytes_then: u64,
-}
-
-impl RateGuard {
-    pub fn new(min_rate: u64, window: Duration, now: Instant, bytes: u64) -> Self {
-        RateGuard {
-            min_rate,
-            window,
-            since: now,
-            bytes_then: bytes,
-        }
-    }
-
-    /// When the current window ends.
-    pub fn window_end(&self) -> Instant {
-        self.since + self.window
-    }
-
-    /// Checks the rule at `now` with `bytes` received in all; a window
-    /// that ended opens the next one.
-    pub fn check(&mut self, now: Instant, bytes: u64) -> Result<(), Failure> {
-        if now < self.window_end() {
-            return Ok(());
-        }
-        let got = bytes - self.bytes_then;
-        let secs = self.window.as_secs().max(1);
-        if got < self.min_rate.saturating_mul(secs) {
-            return Err(Failure::Stalled {
-                bytes: got,
-                secs,
-                min_rate: self.min_rate,
-            });
-        }
-        self.since = now;
-        self.bytes_then = bytes;
-        Ok(())
-    }
-}
-
-/// Whether `available` bytes of free space hold `needed` more with the
-/// reserve left over.
-pub fn enough_space(available: u64, needed: u64) -> bool {
-    needed
-        .checked_add(SPACE_RESERVE)
-        .is_some_and(|n| available >= n)
-}
-
-/// Fails with [`StoreError::NoSpace`] when the filesystem of `dir` cannot
-/// take `needed` more bytes.
-pub fn check_space(dir: &Path, needed: u64) -> Result<(), StoreError> {
-    let st = rustix::fs::statvfs(dir)
-        .map_err(|e| StoreError::io("checking free space of", dir)(e.into()))?;
-    let available = st.f_bavail.saturating_mul(st.f_frsize);
-    if enough_space(available, needed) {
-        Ok(())
-    } else {
-        Err(StoreError::NoSpace {
-            path: dir.to_path_buf(),
-            needed,
-            available,
-        })
-    }
-}
-
 /// Freshness data of a response.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Validators {
@@ -383,7 +159,7 @@ impl Downloader {
         let deadline = Instant::now() + self.limits.deadline;
         let key = match req.expected {
             Some(d) => format!("d-{}", d.hex()),
-            None => format!("u-{}", super::index::key(&req.shown())),
+            None => format!("u-{}", crate::store::index::key(&req.shown())),
         };
         // Two references may lead to one URL: the staged file is theirs to
         // share only one at a time, or one's hash would describe a file
@@ -495,9 +271,9 @@ impl Downloader {
                 break e;
             }
             let why = match &e {
-                StoreError::Transport { failure, .. } => super::chain(failure),
+                StoreError::Transport { failure, .. } => crate::store::chain(failure),
                 StoreError::Http { status, .. } => format!("HTTP {status}"),
-                other => super::chain(other),
+                other => crate::store::chain(other),
             };
             progress.note(&format!(
                 "{}: attempt {attempt} of {ATTEMPTS} failed: {why}; retrying in {} ms",
@@ -747,163 +523,4 @@ impl Downloader {
 enum BodyEnd {
     Failed(Failure),
     Store(StoreError),
-}
-
-/// The validator of a local file: it changed if any of these did.
-pub fn local_validator(meta: &rustix::fs::Stat) -> String {
-    format!(
-        "local:{}:{}.{}:{}",
-        meta.st_size, meta.st_mtime, meta.st_mtime_nsec, meta.st_ino
-    )
-}
-
-/// Copies a local file into the store, hashing it on the way. `known` is
-/// the validator of the copy we hold: when the file still matches it,
-/// nothing is read.
-pub fn copy_local(
-    layout: &Layout,
-    path: &Path,
-    expected: Option<&Digest>,
-    known: Option<&str>,
-    progress: &dyn Progress,
-) -> Result<(Outcome, String), StoreError> {
-    let input = super::local::open_input(path)?;
-    let validator = local_validator(&input.stat);
-    if known == Some(validator.as_str()) {
-        return Ok((Outcome::NotModified, validator));
-    }
-    check_space(&layout.tmp_dir(), input.size)?;
-    let key = format!("l-{}", super::index::key(&path.to_string_lossy()));
-    let _stage_lock = layout.lock(&format!("1-stage-{key}"))?;
-    let mut staged = Staged::open(layout, &key, false)?;
-    let what = path.display().to_string();
-    progress.start(&what, Some(input.size), 0);
-    let mut file = input.file;
-    let mut buf = vec![0u8; CHUNK];
-    let copied = loop {
-        let n = match io::Read::read(&mut file, &mut buf) {
-            Ok(n) => n,
-            Err(e) => break Err(StoreError::io("reading", path)(e)),
-        };
-        if n == 0 {
-            break Ok(());
-        }
-        if let Err(e) = staged.write_all(&buf[..n]) {
-            break Err(e);
-        }
-        progress.advance(n as u64);
-    };
-    progress.stop();
-    if let Err(e) = copied {
-        staged.discard();
-        return Err(e);
-    }
-    let blob = layout.commit(staged, &what, expected, None)?;
-    progress.stored(&what, &blob);
-    let validators = Validators {
-        etag: Some(validator.clone()),
-        last_modified: None,
-    };
-    Ok((Outcome::Fetched { blob, validators }, validator))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn which_statuses_are_retried() {
-        let cases = [
-            (500, true),
-            (502, true),
-            (503, true),
-            (408, true),
-            (429, true),
-            (400, false),
-            (401, false),
-            (403, false),
-            (404, false),
-            (410, false),
-            (416, false),
-            (301, false),
-        ];
-        for (status, want) in cases {
-            assert_eq!(retryable_status(status), want, "{status}");
-        }
-    }
-
-    #[test]
-    fn which_failures_are_retried() {
-        let cases = [
-            (Failure::NoAnswer { secs: 1 }, true),
-            (
-                Failure::Stalled {
-                    bytes: 1,
-                    secs: 1,
-                    min_rate: 2,
-                },
-                true,
-            ),
-            (
-                Failure::BadRange {
-                    start: None,
-                    expected: 3,
-                },
-                true,
-            ),
-            (Failure::RangeNotSatisfiable, true),
-            (Failure::Deadline { secs: 1 }, false),
-            (Failure::Redirect(RedirectError::TooMany { max: 1 }), false),
-            (
-                Failure::Redirect(RedirectError::ToFile {
-                    location: "file:///x".into(),
-                }),
-                false,
-            ),
-            (
-                Failure::Redirect(RedirectError::Loop {
-                    location: "http://a/".into(),
-                }),
-                false,
-            ),
-        ];
-        for (f, want) in cases {
-            assert_eq!(f.retryable(), want, "{f}");
-        }
-    }
-
-    #[test]
-    fn the_rate_rule() {
-        let t0 = Instant::now();
-        let s = Duration::from_secs;
-        let mut g = RateGuard::new(100, s(2), t0, 0);
-        // Inside the window nothing is judged.
-        assert!(g.check(t0 + Duration::from_millis(1999), 0).is_ok());
-        // 200 bytes in 2 s is the minimum: passes, and opens a new window.
-        assert!(g.check(t0 + s(2), 200).is_ok());
-        assert_eq!(g.window_end(), t0 + s(4));
-        // 199 more in the next window is too slow.
-        match g.check(t0 + s(4), 399) {
-            Err(Failure::Stalled {
-                bytes: 199,
-                secs: 2,
-                min_rate: 100,
-            }) => {}
-            other => panic!("{other:?}"),
-        }
-        // A rate of 0 never stalls (but the deadline still holds).
-        let mut g = RateGuard::new(0, s(1), t0, 5);
-        assert!(g.check(t0 + s(10), 5).is_ok());
-        // Bytes resumed from an earlier attempt do not count as progress.
-        let mut g = RateGuard::new(10, s(1), t0, 1000);
-        assert!(g.check(t0 + s(1), 1005).is_err());
-    }
-
-    #[test]
-    fn free_space_keeps_the_reserve() {
-        assert!(enough_space(SPACE_RESERVE + 10, 10));
-        assert!(!enough_space(SPACE_RESERVE + 9, 10));
-        assert!(!enough_space(u64::MAX, u64::MAX));
-        assert!(enough_space(u64::MAX, 0));
-    }
 }
