@@ -212,19 +212,21 @@ fn a_symlink_or_fifo_planted_in_tmp_is_refused() {
     let outside = dir.path().join("precious");
     fs::write(&outside, b"precious data").unwrap();
     std::os::unix::fs::symlink(&outside, &staged).unwrap();
-    let out = run_within(
-        &cli,
-        &[
-            "image",
-            "pull",
-            "--digest",
-            &sha256(&body),
-            &s.url("/x.raw"),
-        ],
-        Duration::from_secs(20),
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
+    let pin = sha256(&body);
+    let url = s.url("/x.raw");
+    let pull = || {
+        let out = run_within(
+            &cli,
+            &["image", "pull", "--digest", &pin, &url],
+            Duration::from_secs(20),
+        );
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, err) = pull();
+    assert!(!ok, "{err}");
     assert!(
         err.contains(&staged.display().to_string()) && err.contains("a symbolic link"),
         "{err}"
@@ -237,19 +239,8 @@ fn a_symlink_or_fifo_planted_in_tmp_is_refused() {
 
     fs::remove_file(&staged).unwrap();
     mkfifo(&staged);
-    let out = run_within(
-        &cli,
-        &[
-            "image",
-            "pull",
-            "--digest",
-            &sha256(&body),
-            &s.url("/x.raw"),
-        ],
-        Duration::from_secs(20),
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("a FIFO"), "{err}");
+    let (ok, err) = pull();
+    assert!(!ok && err.contains("a FIFO"), "{err}");
     // Once the planted entry is gone, the pull works.
     fs::remove_file(&staged).unwrap();
     let v = cli.json(&[

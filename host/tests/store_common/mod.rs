@@ -527,13 +527,5 @@ pub fn require_tool(tool: &str) -> bool {
 }
 
 /// An error and its causes on one line, as the CLI prints them.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+#[allow(unused_imports)]
+pub use cocoon_host::store::chain;
