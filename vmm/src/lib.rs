@@ -13,6 +13,7 @@
 pub mod acpi;
 pub mod arch;
 pub mod boot;
+pub mod builder;
 pub mod config;
 pub mod devices;
 pub mod memory;

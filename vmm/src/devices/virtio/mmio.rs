@@ -296,9 +296,70 @@ impl BusDevice for MmioTransport {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
     use vm_memory::GuestAddress;
+
+    /// What a [`SlowDevice`] has done, seen from outside.
+    #[derive(Default)]
+    pub(crate) struct Probe {
+        pub started: AtomicUsize,
+        pub finished: AtomicUsize,
+    }
+
+    /// A device whose every queue notification takes `delay`.
+    struct SlowDevice {
+        delay: Duration,
+        probe: Arc<Probe>,
+    }
+
+    impl VirtioDevice for SlowDevice {
+        fn device_type(&self) -> u32 {
+            2
+        }
+        fn features(&self) -> u64 {
+            VIRTIO_F_VERSION_1
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16]
+        }
+        fn read_config(&self, _: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn process_queue(&mut self, _: &GuestMemoryMmap, _: usize, _: &mut Queue) -> bool {
+            self.probe.started.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(self.delay);
+            self.probe.finished.fetch_add(1, Ordering::SeqCst);
+            false
+        }
+    }
+
+    /// A transport whose driver has set up queue 0 and activated it.
+    pub(crate) fn activated_transport(delay: Duration) -> (MmioTransport, Arc<Probe>) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let probe = Arc::new(Probe::default());
+        let mut t = MmioTransport::new(
+            Box::new(SlowDevice {
+                delay,
+                probe: probe.clone(),
+            }),
+            mem,
+            irq,
+        );
+        negotiate(&mut t, 1);
+        setup_queue(&mut t);
+        w(
+            &mut t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
+        assert!(t.is_activated());
+        (t, probe)
+    }
 
     struct Dummy {
         processed: usize,

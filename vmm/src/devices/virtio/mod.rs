@@ -2,6 +2,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod worker;
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
