@@ -257,6 +257,8 @@ fn run_loop(ctx: &VcpuContext) -> Result<(), ExitReason> {
         if ctx.control.is_stopping() {
             return Ok(());
         }
+        #[cfg(test)]
+        tests::delay_before_run();
         let mut fd = lock(&ctx.fd);
         let fd = &mut *fd;
         match fd.run() {
@@ -339,5 +341,83 @@ fn internal_error(fd: &mut VcpuFd) -> String {
 pub fn join_all(handles: Vec<JoinHandle<()>>) {
     for h in handles {
         let _ = h.join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::builder::{self, Machine};
+    use std::sync::atomic::AtomicU64;
+    use vm_memory::{Bytes, GuestAddress};
+
+    /// Milliseconds every vCPU thread sleeps between reading the run flags
+    /// and entering KVM_RUN: the window where a kick used to be lost.
+    static DELAY_MS: AtomicU64 = AtomicU64::new(0);
+
+    pub(super) fn delay_before_run() {
+        let ms = DELAY_MS.load(Ordering::SeqCst);
+        if ms > 0 {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
+    }
+
+    /// A one-vCPU machine whose guest halts for good with interrupts off
+    /// (real mode at 0x1000: cli; hlt; jmp back to the hlt), so its vCPU
+    /// stays inside KVM_RUN until a signal gets it out.
+    fn halting_machine() -> Option<(Machine, Arc<Mutex<VcpuFd>>)> {
+        let kvm = match builder::open_kvm() {
+            Ok(k) => k,
+            Err(e) if std::env::var("COCOON_REQUIRE_KVM").as_deref() != Ok("1") => {
+                eprintln!("SKIPPED vcpu kick test: KVM is not usable: {e}");
+                return None;
+            }
+            Err(e) => panic!("KVM is not usable: {e} (and COCOON_REQUIRE_KVM=1)"),
+        };
+        let vm = builder::create_vm(&kvm).unwrap();
+        let mem = crate::memory::create_guest_memory(crate::memory::MIN_MEMORY).unwrap();
+        mem.write_slice(&[0xfa, 0xf4, 0xeb, 0xfd], GuestAddress(0x1000))
+            .unwrap();
+        let machine = Machine::new(kvm, vm, mem).unwrap();
+        let fd = machine.create_vcpu(0).unwrap();
+        let mut sregs = fd.get_sregs().unwrap();
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        fd.set_sregs(&sregs).unwrap();
+        let regs = kvm_bindings::kvm_regs {
+            rip: 0x1000,
+            rflags: 0x2,
+            ..Default::default()
+        };
+        fd.set_regs(&regs).unwrap();
+        Some((machine, Arc::new(Mutex::new(fd))))
+    }
+
+    #[test]
+    fn a_kick_before_kvm_run_is_not_lost() {
+        let Some((machine, fd)) = halting_machine() else {
+            return;
+        };
+        DELAY_MS.store(300, Ordering::SeqCst);
+        let threads = machine.start_vcpus(vec![fd]).unwrap();
+        // The thread has read the flags and sleeps before KVM_RUN: this
+        // pause's one kick lands in that window.
+        std::thread::sleep(Duration::from_millis(100));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let control = machine.control.clone();
+        std::thread::spawn(move || {
+            control.pause(1);
+            tx.send(()).unwrap();
+        });
+        let paused = rx.recv_timeout(Duration::from_secs(5));
+        DELAY_MS.store(0, Ordering::SeqCst);
+        // Whatever happened, stop the VM (the stop's own kick gets a halted
+        // vCPU out of KVM_RUN).
+        machine.control.request_exit(ExitReason::HostRequest);
+        join_all(threads);
+        assert!(
+            paused.is_ok(),
+            "pause did not return: the kick before KVM_RUN was lost"
+        );
     }
 }

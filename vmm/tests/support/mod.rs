@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cocoon_vmm::{ExitReason, SerialOutput, Vm, VmConfig};
 
@@ -167,5 +167,19 @@ pub fn fetch_linux() -> Result<PathBuf, String> {
             "scripts/fetch-linux-kernel left no {}",
             vmlinux.display()
         ))
+    }
+}
+
+/// Polls the serial log at `log` until `pred` holds (60 s at most) and
+/// returns what it read.
+pub fn wait_for_log(log: &std::path::Path, what: &str, pred: impl Fn(&str) -> bool) -> String {
+    let t0 = Instant::now();
+    loop {
+        let s = std::fs::read_to_string(log).unwrap_or_default();
+        if pred(&s) {
+            return s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "{what}: {s}");
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
