@@ -68,6 +68,7 @@ impl Vm {
     /// Builds the VM and starts its vCPUs.
     pub fn start(config: VmConfig) -> Result<Vm, VmError> {
         validate(&config)?;
+        memory::check_fits_this_host(config.memory)?;
         let kvm = builder::open_kvm()?;
         let vm = builder::create_vm(&kvm)?;
         let mem = memory::create_guest_memory(config.memory)?;

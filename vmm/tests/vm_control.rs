@@ -171,3 +171,16 @@ fn many_pauses_each_take_one_kick_and_hold_the_guest() {
     vm.stop();
     assert_eq!(vm.wait(), ExitReason::HostRequest);
 }
+
+#[test]
+fn memory_above_the_hosts_ram_is_refused_before_kvm() {
+    // No KVM and no kernel needed: the check comes before both.
+    let mut config = VmConfig::new("/nonexistent/kernel");
+    config.memory = 1 << 40;
+    let e = Vm::start(config).err().unwrap();
+    let text = e.to_string();
+    assert!(
+        text.contains("1099511627776 bytes") && text.contains("MemTotal"),
+        "{text}"
+    );
+}
