@@ -127,24 +127,26 @@ impl Machine {
         })
     }
 
-    /// COM1 at 0x3f8 on IRQ 4.
-    pub fn attach_serial(
+    /// COM1 at 0x3f8 on IRQ 4; `make` builds the UART on its irqfd.
+    pub fn attach_serial<E: From<VmError>>(
         &mut self,
-        make: impl FnOnce(EventFd) -> SerialDevice,
-    ) -> Result<(), VmError> {
+        make: impl FnOnce(EventFd) -> Result<SerialDevice, E>,
+    ) -> Result<(), E> {
         let irq = new_eventfd()?;
         self.vm
             .register_irqfd(&irq, COM1_GSI)
             .map_err(|e| VmError::Kvm("register the COM1 irqfd", e))?;
-        let serial = Arc::new(Mutex::new(make(irq)));
-        bus_mut(&mut self.pio)?.insert(serial.clone(), COM1_PORT, COM1_PORT_LEN)?;
+        let serial = Arc::new(Mutex::new(make(irq)?));
+        bus_mut(&mut self.pio)?
+            .insert(serial.clone(), COM1_PORT, COM1_PORT_LEN)
+            .map_err(VmError::from)?;
         self.serial = Some(serial);
         Ok(())
     }
 
     /// A fresh COM1 writing to `out`.
     pub fn attach_new_serial(&mut self, out: SerialWriter) -> Result<(), VmError> {
-        self.attach_serial(|irq| SerialDevice::new(irq, out))
+        self.attach_serial(|irq| Ok::<_, VmError>(SerialDevice::new(irq, out)))
     }
 
     /// The i8042 (for its reset line) and the ACPI sleep/reset registers.
@@ -166,17 +168,17 @@ impl Machine {
     /// Puts `device` in the next virtio-mmio slot with its own I/O thread
     /// named `name`; `setup` may change the transport before it goes live
     /// (a restore puts back the saved registers there).
-    pub fn attach_virtio(
+    pub fn attach_virtio<E: From<VmError>>(
         &mut self,
         device: Box<dyn VirtioDevice>,
         name: String,
-        setup: impl FnOnce(&mut MmioTransport) -> Result<(), VmError>,
-    ) -> Result<MmioSlot, VmError> {
+        setup: impl FnOnce(&mut MmioTransport) -> Result<(), E>,
+    ) -> Result<MmioSlot, E> {
         let index = self.virtio.len();
         if index >= MAX_VIRTIO_DEVICES {
-            return Err(VmError::Config(format!(
-                "more than {MAX_VIRTIO_DEVICES} virtio devices"
-            )));
+            return Err(
+                VmError::Config(format!("more than {MAX_VIRTIO_DEVICES} virtio devices")).into(),
+            );
         }
         let (addr, irq) = memory::virtio_mmio_slot(index);
         let irq_evt = new_eventfd()?;
@@ -198,7 +200,9 @@ impl Machine {
             queue_evts.push(evt);
         }
         let transport = Arc::new(Mutex::new(transport));
-        bus_mut(&mut self.mmio)?.insert(transport.clone(), addr, VIRTIO_MMIO_SIZE)?;
+        bus_mut(&mut self.mmio)?
+            .insert(transport.clone(), addr, VIRTIO_MMIO_SIZE)
+            .map_err(VmError::from)?;
         self.workers
             .spawn(name, transport.clone(), queue_evts)
             .map_err(|e| VmError::Io("spawn a virtio I/O thread", e))?;
@@ -210,7 +214,9 @@ impl Machine {
     /// Disk `index` of the configuration, as virtio-blk.
     pub fn attach_block(&mut self, index: usize, disk: &DiskConfig) -> Result<MmioSlot, VmError> {
         let block = open_block(index, disk)?;
-        self.attach_virtio(Box::new(block), format!("virtio-blk{index}"), |_| Ok(()))
+        self.attach_virtio(Box::new(block), format!("virtio-blk{index}"), |_| {
+            Ok::<_, VmError>(())
+        })
     }
 
     /// The slots of every virtio device, in order.

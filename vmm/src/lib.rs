@@ -18,6 +18,7 @@ pub mod config;
 pub mod devices;
 pub mod memory;
 pub mod signals;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 

@@ -9,6 +9,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use kvm_ioctls::{Cap, VcpuFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::builder::{self, Machine};
 use crate::config::{SerialOutput, VmConfig};
@@ -59,8 +60,8 @@ pub struct Vm {
     // The threads go first (teardown joins them), then the vCPU fds, then
     // the machine: its VM fd before its memory.
     vcpu_threads: Vec<JoinHandle<()>>,
-    vcpus: Vec<Arc<Mutex<VcpuFd>>>,
-    machine: Machine,
+    pub(crate) vcpus: Vec<Arc<Mutex<VcpuFd>>>,
+    pub(crate) machine: Machine,
     exit: Option<ExitReason>,
 }
 
@@ -85,7 +86,11 @@ impl Vm {
     }
 
     /// Starts the vCPU threads of a built machine (and the serial input).
-    fn run(machine: Machine, fds: Vec<VcpuFd>, serial: &SerialOutput) -> Result<Vm, VmError> {
+    pub(crate) fn run(
+        machine: Machine,
+        fds: Vec<VcpuFd>,
+        serial: &SerialOutput,
+    ) -> Result<Vm, VmError> {
         if *serial == SerialOutput::Stdout {
             if let Some(dev) = &machine.serial {
                 spawn_stdin_reader(dev.clone(), machine.control.clone())?;
@@ -124,6 +129,11 @@ impl Vm {
 
     pub fn is_paused(&self) -> bool {
         self.control().is_paused()
+    }
+
+    /// Guest RAM in bytes.
+    pub fn memory_bytes(&self) -> u64 {
+        self.machine.mem.iter().map(|r| r.len()).sum()
     }
 
     /// Asks the VM to stop; [`Vm::wait`] then returns [`ExitReason::HostRequest`]
@@ -222,7 +232,7 @@ fn validate(config: &VmConfig) -> Result<(), VmError> {
     Ok(())
 }
 
-fn serial_writer(out: &SerialOutput) -> Result<SerialWriter, VmError> {
+pub(crate) fn serial_writer(out: &SerialOutput) -> Result<SerialWriter, VmError> {
     Ok(match out {
         SerialOutput::Sink => Box::new(std::io::sink()),
         SerialOutput::Stdout => Box::new(std::io::stdout()),

@@ -6,7 +6,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use cocoon_vmm::{DiskConfig, ExitReason, SerialOutput, Vm, VmConfig};
-use support::{kvm_or_skip, report, test_guest, wait_for_log};
+use support::{counts, kvm_or_skip, report, test_guest, wait_for_log};
 
 #[test]
 fn pause_holds_the_guest_and_resume_lets_it_finish() {
@@ -99,14 +99,6 @@ fn a_kernel_that_is_not_there_is_an_error() {
         .err()
         .unwrap();
     assert!(e.to_string().contains("cannot load the kernel"), "{e}");
-}
-
-/// The `count n=` values in a serial log, in order.
-fn counts(log: &str) -> Vec<u64> {
-    support::fields(&report(log), "count")
-        .iter()
-        .filter_map(|f| f.get("n")?.parse().ok())
-        .collect()
 }
 
 #[test]

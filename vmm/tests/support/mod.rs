@@ -183,3 +183,16 @@ pub fn wait_for_log(log: &std::path::Path, what: &str, pred: impl Fn(&str) -> bo
         std::thread::sleep(Duration::from_millis(2));
     }
 }
+
+/// The `count` lines of a serial log (`cocoon.count`): (n, tsc), in order.
+pub fn count_lines(log: &str) -> Vec<(u64, u64)> {
+    fields(&report(log), "count")
+        .iter()
+        .filter_map(|f| Some((f.get("n")?.parse().ok()?, f.get("tsc")?.parse().ok()?)))
+        .collect()
+}
+
+/// The `count n=` values of a serial log, in order.
+pub fn counts(log: &str) -> Vec<u64> {
+    count_lines(log).into_iter().map(|(n, _)| n).collect()
+}
