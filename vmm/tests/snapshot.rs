@@ -296,7 +296,8 @@ fn damaged_snapshots_are_refused_each_with_its_own_error() {
         minor: 0,
         patch: 0,
     };
-    let cases: Vec<(&str, Vec<u8>, fn(&StateFileError) -> bool)> = vec![
+    type Case = (&'static str, Vec<u8>, fn(&StateFileError) -> bool);
+    let cases: Vec<Case> = vec![
         ("truncated", good[..good.len() - 100].to_vec(), |e| {
             matches!(e, StateFileError::Truncated { .. })
         }),
