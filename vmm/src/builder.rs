@@ -30,7 +30,7 @@ use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
 use crate::devices::virtio::worker::Workers;
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::Bus;
-use crate::memory::{self, MAX_VIRTIO_DEVICES, VIRTIO_MMIO_SIZE};
+use crate::memory::{self, Reservation, MAX_VIRTIO_DEVICES, VIRTIO_MMIO_SIZE};
 use crate::vcpu::{self, Control, ExitReason};
 use crate::vm::VmError;
 
@@ -89,6 +89,27 @@ pub fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> 
     Ok(())
 }
 
+/// Tells KVM that guest memory will live in `reserved`, before anything is
+/// mapped there: KVM resolves guest pages through the host mapping at fault
+/// time, and follows later changes to it through its MMU notifier.
+pub fn register_reserved(vm: &VmFd, reserved: &Reservation) -> Result<(), VmError> {
+    for (slot, r) in reserved.regions().iter().enumerate() {
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: r.guest_addr.0,
+            memory_size: r.size as u64,
+            userspace_addr: r.host_addr as u64,
+        };
+        // SAFETY: the range is reserved address space of exactly `size`
+        // bytes owned by `reserved`, which outlives the VM fd (it is the
+        // Machine's last field).
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(|e| VmError::Kvm("map guest memory", e))?;
+    }
+    Ok(())
+}
+
 /// A virtio device attached to the MMIO bus.
 pub struct VirtioSlot {
     pub transport: Arc<Mutex<MmioTransport>>,
@@ -108,13 +129,26 @@ pub struct Machine {
     pub serial: Option<Arc<Mutex<SerialDevice>>>,
     pub virtio: Vec<VirtioSlot>,
     pub workers: Workers,
+    /// The address space `mem` lives in, when it was reserved ahead; last,
+    /// so it is unmapped after everything that uses it.
+    pub reservation: Option<Reservation>,
 }
 
 impl Machine {
     /// A machine with `mem` registered and no devices yet.
     pub fn new(kvm: Kvm, vm: VmFd, mem: GuestMemoryMmap) -> Result<Machine, VmError> {
         register_memory(&vm, &mem)?;
-        Ok(Machine {
+        Ok(Self::from_parts(kvm, vm, mem, None))
+    }
+
+    /// A machine whose memory KVM already knows (through `reservation`).
+    pub fn from_parts(
+        kvm: Kvm,
+        vm: VmFd,
+        mem: GuestMemoryMmap,
+        reservation: Option<Reservation>,
+    ) -> Machine {
+        Machine {
             kvm,
             vm,
             mem,
@@ -124,7 +158,8 @@ impl Machine {
             serial: None,
             virtio: Vec::new(),
             workers: Workers::new(),
-        })
+            reservation,
+        }
     }
 
     /// COM1 at 0x3f8 on IRQ 4; `make` builds the UART on its irqfd.

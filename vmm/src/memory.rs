@@ -75,6 +75,8 @@ pub enum MemoryError {
     MoreThanHost { requested: u64, host: u64 },
     #[error("cannot read the host's memory size from /proc/meminfo")]
     HostMemory(#[source] std::io::Error),
+    #[error("cannot reserve {0} bytes of address space for guest memory")]
+    Reserve(u64, #[source] std::io::Error),
     #[error("cannot map guest memory")]
     Map(#[source] vm_memory::mmap::FromRangesError),
 }
@@ -160,6 +162,77 @@ pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
         }
     }
     Ok(mem)
+}
+
+/// Address space for guest RAM, reserved (no access, no memory behind it)
+/// so that KVM can be told where guest memory will live before it is
+/// mapped there. Unmapped on drop, with whatever was mapped over it.
+pub struct Reservation {
+    regions: Vec<ReservedRegion>,
+}
+
+/// One reserved range: where guest RAM region `guest_addr` will live.
+#[derive(Debug, Clone, Copy)]
+pub struct ReservedRegion {
+    pub guest_addr: GuestAddress,
+    pub host_addr: *mut u8,
+    pub size: usize,
+}
+
+// SAFETY: the pointers name mappings this value owns; it only hands them
+// out, and unmaps them once, on drop.
+unsafe impl Send for Reservation {}
+// SAFETY: as above; nothing is read or written through them here.
+unsafe impl Sync for Reservation {}
+
+impl Reservation {
+    /// Reserves the layout of [`ram_regions`] for `size` bytes.
+    pub fn new(size: u64) -> Result<Reservation, MemoryError> {
+        if size < MIN_MEMORY {
+            return Err(MemoryError::TooSmall(size));
+        }
+        let mut r = Reservation {
+            regions: Vec::new(),
+        };
+        for (guest_addr, len) in ram_regions(size) {
+            // SAFETY: a fresh anonymous mapping at an address the kernel
+            // picks; it overlaps nothing and is owned by `r` from here.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len as usize,
+                    libc::PROT_NONE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(MemoryError::Reserve(size, std::io::Error::last_os_error()));
+            }
+            r.regions.push(ReservedRegion {
+                guest_addr,
+                host_addr: p.cast(),
+                size: len as usize,
+            });
+        }
+        Ok(r)
+    }
+
+    pub fn regions(&self) -> &[ReservedRegion] {
+        &self.regions
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        for r in &self.regions {
+            // SAFETY: the range is ours (reserved in `new`, perhaps mapped
+            // over with MAP_FIXED since); whoever used it is gone, as the
+            // owner drops this last.
+            unsafe { libc::munmap(r.host_addr.cast(), r.size) };
+        }
+    }
 }
 
 /// The E820 map: conventional memory, the reserved BIOS/ACPI area, and RAM

@@ -78,11 +78,23 @@ fn the_counter_goes_on_after_restore() {
     let mut vm = boot("cocoon.count=20:0", &[], &log);
     wait_count(&log, 5);
     let (last, last_tsc) = pause_and_snapshot(&vm, &snap, &log);
+    let memory_bytes = vm.memory_bytes();
     vm.stop();
     assert_eq!(vm.wait(), ExitReason::HostRequest);
 
+    // Into a KVM VM made ahead, as a clone service would.
+    let shell = snapshot::VmShell::new(memory_bytes).unwrap();
     let t0 = Instant::now();
-    let mut restored = restore(&snap, &[], &log2).expect("restore");
+    let mut restored = Vm::restore_with_shell(
+        shell,
+        RestoreConfig {
+            state: snap.join(STATE_FILE),
+            memory: snap.join(MEMORY_FILE),
+            disks: Vec::new(),
+            serial: SerialOutput::File(log2.clone()),
+        },
+    )
+    .expect("restore");
     let restore_time = t0.elapsed();
     let out = wait_count(&log2, last + 5);
     let lines = count_lines(&out);
@@ -103,7 +115,7 @@ fn the_counter_goes_on_after_restore() {
         !out.contains("cocoon-guest: start"),
         "the guest rebooted: {out}"
     );
-    eprintln!("restore took {restore_time:?}");
+    eprintln!("restore into a shell took {restore_time:?}");
     restored.stop();
     assert_eq!(restored.wait(), ExitReason::HostRequest);
 }
@@ -369,6 +381,21 @@ fn damaged_snapshots_are_refused_each_with_its_own_error() {
     f.set_len(summary.memory_bytes - 4096).unwrap();
     let e = restore(&short, disks, &log).err().unwrap();
     assert!(matches!(e, RestoreError::MemoryFileSize { .. }), "{e}");
+
+    // A shell of another size.
+    let shell = snapshot::VmShell::new(summary.memory_bytes * 2).unwrap();
+    let e = Vm::restore_with_shell(
+        shell,
+        RestoreConfig {
+            state: snap.join(STATE_FILE),
+            memory: snap.join(MEMORY_FILE),
+            disks: vec![DiskConfig::new(&disk)],
+            serial: SerialOutput::Sink,
+        },
+    )
+    .err()
+    .unwrap();
+    assert!(matches!(e, RestoreError::ShellSize { .. }), "{e}");
 
     // After all that, the snapshot still restores.
     let mut vm = restore(&snap, disks, &log).expect("the good snapshot restores");

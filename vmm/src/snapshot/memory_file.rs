@@ -14,6 +14,8 @@ use vm_memory::{
 };
 
 use super::state::MemoryRegionState;
+use crate::memory::Reservation;
+use std::os::unix::io::AsRawFd;
 
 /// The unit of the zero check: a page.
 const PAGE: usize = 4096;
@@ -34,6 +36,14 @@ pub enum MemoryFileError {
     },
     #[error("cannot map {path} as guest memory: the regions overlap or overflow")]
     Layout { path: String },
+    #[error("cannot map {path} over the reserved guest memory")]
+    MapFixed {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the reserved guest memory does not have the snapshot's layout")]
+    ReservationLayout,
 }
 
 /// Writes every region of `mem` at its offset in `file` (already sized),
@@ -127,6 +137,66 @@ pub fn map(
     })
 }
 
+/// Maps `file` private and lazy over the address space `reserved` holds,
+/// region by region, where KVM already expects guest memory.
+pub fn map_into(
+    file: &File,
+    regions: &[MemoryRegionState],
+    reserved: &Reservation,
+    path: &str,
+) -> Result<GuestMemoryMmap, MemoryFileError> {
+    let slots = reserved.regions();
+    if slots.len() != regions.len()
+        || slots
+            .iter()
+            .zip(regions)
+            .any(|(s, r)| s.guest_addr.0 != r.guest_addr || s.size as u64 != r.size)
+    {
+        return Err(MemoryFileError::ReservationLayout);
+    }
+    let prot = libc::PROT_READ | libc::PROT_WRITE;
+    let flags = libc::MAP_PRIVATE | libc::MAP_NORESERVE;
+    let mut out = Vec::with_capacity(regions.len());
+    for (slot, r) in slots.iter().zip(regions) {
+        // SAFETY: MAP_FIXED replaces exactly the reserved range, which
+        // `reserved` owns and nothing else maps or uses yet.
+        let p = unsafe {
+            libc::mmap(
+                slot.host_addr.cast(),
+                slot.size,
+                prot,
+                flags | libc::MAP_FIXED,
+                file.as_raw_fd(),
+                r.file_offset as libc::off_t,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(MemoryFileError::MapFixed {
+                path: path.to_string(),
+                source: io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: the range is the live mapping just made, which stays
+        // until `reserved` is dropped, after every user of the region.
+        let mapping = unsafe {
+            vm_memory::mmap::MmapRegion::build_raw(slot.host_addr, slot.size, prot, flags)
+        }
+        .map_err(|source| MemoryFileError::Map {
+            path: path.to_string(),
+            source,
+        })?;
+        let region = GuestRegionMmap::new(mapping, slot.guest_addr).ok_or_else(|| {
+            MemoryFileError::Layout {
+                path: path.to_string(),
+            }
+        })?;
+        out.push(region);
+    }
+    GuestMemoryMmap::from_regions(out).map_err(|_| MemoryFileError::Layout {
+        path: path.to_string(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,5 +256,22 @@ mod tests {
         again.read_slice(&mut five, GuestAddress(0)).unwrap();
         assert_eq!(&five, b"first");
         assert_eq!(&std::fs::read(&path).unwrap()[..5], b"first");
+
+        // The same over reserved address space.
+        let reserved = Reservation::new(size).unwrap();
+        let over = map_into(&file, &layout, &reserved, "memory").unwrap();
+        assert_eq!(
+            over.iter().next().unwrap().as_ptr(),
+            reserved.regions()[0].host_addr
+        );
+        over.read_slice(&mut buf, GuestAddress(7 << 20)).unwrap();
+        assert_eq!(&buf, b"in the middle");
+        over.write_slice(b"OVER", GuestAddress(0)).unwrap();
+        assert_eq!(&std::fs::read(&path).unwrap()[..5], b"first");
+        let other = Reservation::new(size * 2).unwrap();
+        assert!(matches!(
+            map_into(&file, &layout, &other, "memory"),
+            Err(MemoryFileError::ReservationLayout)
+        ));
     }
 }

@@ -50,7 +50,10 @@
 //! [`Vm::restore`](crate::Vm::restore) reads and checks everything (state
 //! file, disk count, each disk's read-only flag, serial and size, the memory
 //! file's size, the host's RAM) before it opens `/dev/kvm`; a bad snapshot
-//! fails with its own [`RestoreError`] and changes nothing. A snapshot
+//! fails with its own [`RestoreError`] and changes nothing.
+//! [`Vm::restore_with_shell`](crate::Vm::restore_with_shell) takes a
+//! [`VmShell`] made ahead (the KVM VM, its irqchip and memory slots), which
+//! leaves a restore only the snapshot-specific work. A snapshot
 //! taken where the TSC ran at another rate is scaled with KVM_SET_TSC_KHZ
 //! where the host can (KVM_CAP_TSC_CONTROL), and refused where it cannot.
 
@@ -60,6 +63,7 @@ pub mod kvm_vm;
 pub mod memory_file;
 mod restore;
 mod save;
+mod shell;
 pub mod state;
 
 use std::path::{Path, PathBuf};
@@ -67,6 +71,7 @@ use std::path::{Path, PathBuf};
 pub use format::{FormatVersion, StateFileError, CURRENT as FORMAT_VERSION};
 pub use restore::{check_disks, check_memory_file, RestoreConfig, RestoreError};
 pub use save::SnapshotError;
+pub use shell::VmShell;
 pub use state::DiskSummary;
 
 /// The state file's name inside a snapshot directory.

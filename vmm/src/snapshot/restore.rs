@@ -10,8 +10,8 @@ use super::cpu::{self, CpuStateError, HostCpu, TscError, TscPlan};
 use super::kvm_vm::{self, KvmVmError};
 use super::memory_file::{self, MemoryFileError};
 use super::state::{DiskSummary, MachineState};
-use super::{format, StateFileError, StateSummary};
-use crate::builder::{self, Machine};
+use super::{format, StateFileError, StateSummary, VmShell};
+use crate::builder::Machine;
 use crate::config::{DiskConfig, SerialOutput};
 use crate::devices::lock;
 use crate::devices::serial::{SerialDevice, SerialWriter, UartStateError};
@@ -98,6 +98,8 @@ pub enum RestoreError {
     Serial(#[source] UartStateError),
     #[error("cannot open the serial log")]
     SerialLog(#[source] std::io::Error),
+    #[error("the VM shell has {shell} bytes of memory; the snapshot's guest {snapshot}")]
+    ShellSize { shell: u64, snapshot: u64 },
     #[error(transparent)]
     Vm(#[from] VmError),
 }
@@ -212,13 +214,30 @@ fn prepare(config: RestoreConfig) -> Result<Prepared, RestoreError> {
 impl Vm {
     /// Restores a snapshot and runs it. See [`crate::snapshot`].
     pub fn restore(config: RestoreConfig) -> Result<Vm, RestoreError> {
+        Self::restore_from(config, None)
+    }
+
+    /// [`Vm::restore`] into a KVM VM made ahead; its memory size must be
+    /// the snapshot's.
+    pub fn restore_with_shell(shell: VmShell, config: RestoreConfig) -> Result<Vm, RestoreError> {
+        Self::restore_from(config, Some(shell))
+    }
+
+    fn restore_from(config: RestoreConfig, shell: Option<VmShell>) -> Result<Vm, RestoreError> {
         let p = prepare(config)?;
         let state = &p.state;
-
-        let kvm = builder::open_kvm()?;
-        let vm = builder::create_vm(&kvm)?;
-        let mem = memory_file::map(&p.memory, &state.memory, &p.memory_name)?;
-        let mut machine = Machine::new(kvm, vm, mem)?;
+        let shell = match shell {
+            Some(s) if s.memory_bytes() != state.memory_bytes => {
+                return Err(RestoreError::ShellSize {
+                    shell: s.memory_bytes(),
+                    snapshot: state.memory_bytes,
+                })
+            }
+            Some(s) => s,
+            None => VmShell::new(state.memory_bytes)?,
+        };
+        let mem = memory_file::map_into(&p.memory, &state.memory, &shell.memory, &p.memory_name)?;
+        let mut machine = Machine::from_parts(shell.kvm, shell.vm, mem, Some(shell.memory));
         machine.attach_serial(|irq| {
             SerialDevice::from_state(irq, p.serial_out, &state.serial).map_err(RestoreError::Serial)
         })?;
