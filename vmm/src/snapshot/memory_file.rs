@@ -46,6 +46,19 @@ pub enum MemoryFileError {
     ReservationLayout,
 }
 
+/// What is behind guest memory where the guest has not touched it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backing {
+    /// Anonymous memory (a booted VM): an untouched page is zero, and
+    /// /proc/self/pagemap says which pages were touched, so only those are
+    /// read (reading the rest would fault in 256 MiB of zero pages per
+    /// 256 MiB guest, about 20 ms here).
+    Anonymous,
+    /// A private mapping of a memory file (a restored VM): an untouched
+    /// page holds the file's bytes, so every page is read.
+    File,
+}
+
 /// Writes every region of `mem` at its offset in `file` (already sized),
 /// skipping pages of zeros; returns the bytes written.
 ///
@@ -54,6 +67,7 @@ pub enum MemoryFileError {
 pub fn write(
     mem: &GuestMemoryMmap,
     regions: &[MemoryRegionState],
+    backing: Backing,
     file: &File,
     path: &str,
 ) -> Result<u64, MemoryFileError> {
@@ -63,11 +77,20 @@ pub fn write(
     };
     let mut written = 0u64;
     for (region, layout) in mem.iter().zip(regions) {
+        let len = region.len() as usize;
+        let touched = match backing {
+            Backing::Anonymous => touched_pages(region.as_ptr(), len)
+                .inspect_err(|e| tracing::debug!(error = %e, "pagemap unreadable; reading all of guest memory"))
+                .ok(),
+            Backing::File => None,
+        };
         // SAFETY: the region is a live mapping of `len` bytes owned by
         // `mem` for this call; with the VM paused nothing writes it, so a
-        // shared view of it as bytes is sound for the read below.
-        let bytes = unsafe { std::slice::from_raw_parts(region.as_ptr(), region.len() as usize) };
-        for (start, end) in nonzero_runs(bytes) {
+        // shared view of it as bytes is sound. Only pages the filter lets
+        // through are read.
+        let bytes = unsafe { std::slice::from_raw_parts(region.as_ptr(), len) };
+        let runs = data_runs(bytes, |page| touched.as_ref().is_none_or(|t| t[page]));
+        for (start, end) in runs {
             file.write_all_at(&bytes[start..end], layout.file_offset + start as u64)
                 .map_err(err)?;
             written += (end - start) as u64;
@@ -76,11 +99,37 @@ pub fn write(
     Ok(written)
 }
 
-/// The byte ranges of `bytes` that are runs of pages not all zero.
-pub fn nonzero_runs(bytes: &[u8]) -> Vec<(usize, usize)> {
+/// For each page of the mapping at `addr`, whether it is present or
+/// swapped out (/proc/self/pagemap bits 63 and 62): the pages the process
+/// has touched.
+pub fn touched_pages(addr: *const u8, len: usize) -> io::Result<Vec<bool>> {
+    const PRESENT_OR_SWAPPED: u64 = 3 << 62;
+    const CHUNK: usize = 64 * 1024;
+    let pagemap = File::open("/proc/self/pagemap")?;
+    let pages = len.div_ceil(PAGE);
+    let first = addr as u64 / PAGE as u64;
+    let mut out = Vec::with_capacity(pages);
+    let mut buf = vec![0u8; CHUNK.min(pages) * 8];
+    let mut done = 0;
+    while done < pages {
+        let n = CHUNK.min(pages - done);
+        pagemap.read_exact_at(&mut buf[..n * 8], (first + done as u64) * 8)?;
+        out.extend(buf[..n * 8].chunks_exact(8).map(|e| {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(e);
+            u64::from_le_bytes(word) & PRESENT_OR_SWAPPED != 0
+        }));
+        done += n;
+    }
+    Ok(out)
+}
+
+/// The byte ranges of `bytes` that are runs of pages holding data, among
+/// the pages `candidate` (by page index) lets through.
+pub fn data_runs(bytes: &[u8], candidate: impl Fn(usize) -> bool) -> Vec<(usize, usize)> {
     let mut runs: Vec<(usize, usize)> = Vec::new();
     for (i, page) in bytes.chunks(PAGE).enumerate() {
-        if is_zero(page) {
+        if !candidate(i) || is_zero(page) {
             continue;
         }
         let start = i * PAGE;
@@ -206,19 +255,53 @@ mod tests {
     #[test]
     fn zero_pages_are_skipped_and_runs_merge() {
         let mut b = vec![0u8; 10 * PAGE + 100];
-        assert!(nonzero_runs(&b).is_empty());
+        assert!(data_runs(&b, |_| true).is_empty());
         b[PAGE + 7] = 1; // page 1
         b[2 * PAGE] = 1; // page 2: joins page 1
         b[5 * PAGE + PAGE - 1] = 9; // page 5, last byte
         b[10 * PAGE + 99] = 3; // the short tail page
         assert_eq!(
-            nonzero_runs(&b),
+            data_runs(&b, |_| true),
             vec![
                 (PAGE, 3 * PAGE),
                 (5 * PAGE, 6 * PAGE),
                 (10 * PAGE, 10 * PAGE + 100)
             ]
         );
+        // Pages the filter leaves out are not looked at.
+        assert_eq!(
+            data_runs(&b, |p| p != 2 && p != 10),
+            vec![(PAGE, 2 * PAGE), (5 * PAGE, 6 * PAGE)]
+        );
+    }
+
+    #[test]
+    fn pagemap_tells_touched_pages() {
+        let len = 64 * PAGE;
+        // SAFETY (test): a fresh private anonymous mapping, unmapped below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        }
+        .cast::<u8>();
+        assert_ne!(p.cast(), libc::MAP_FAILED);
+        // SAFETY (test): inside the mapping.
+        unsafe {
+            p.add(3 * PAGE).write(1);
+            p.add(40 * PAGE + 7).write(2);
+        }
+        let t = touched_pages(p, len).unwrap();
+        assert_eq!(t.len(), 64);
+        let touched: Vec<usize> = (0..64).filter(|&i| t[i]).collect();
+        assert_eq!(touched, vec![3, 40]);
+        // SAFETY (test): the mapping made above.
+        unsafe { libc::munmap(p.cast(), len) };
     }
 
     #[test]
@@ -234,7 +317,7 @@ mod tests {
         let path = dir.path().join("memory");
         let file = File::create(&path).unwrap();
         file.set_len(size).unwrap();
-        let written = write(&mem, &layout, &file, "memory").unwrap();
+        let written = write(&mem, &layout, Backing::Anonymous, &file, "memory").unwrap();
         // Three pages hold data; the rest of the file is holes.
         assert_eq!(written, 3 * PAGE as u64);
         drop(file);
@@ -268,6 +351,18 @@ mod tests {
         assert_eq!(&buf, b"in the middle");
         over.write_slice(b"OVER", GuestAddress(0)).unwrap();
         assert_eq!(&std::fs::read(&path).unwrap()[..5], b"first");
+        // Snapshotting the file-backed copy reads every page: the bytes
+        // the guest never touched come from the file.
+        let again_path = dir.path().join("again");
+        let f2 = File::create(&again_path).unwrap();
+        f2.set_len(size).unwrap();
+        assert_eq!(
+            write(&over, &layout, Backing::File, &f2, "again").unwrap(),
+            3 * PAGE as u64
+        );
+        let data = std::fs::read(&again_path).unwrap();
+        assert_eq!(&data[..5], b"OVERt");
+        assert_eq!(&data[7 << 20..(7 << 20) + 13], b"in the middle");
         let other = Reservation::new(size * 2).unwrap();
         assert!(matches!(
             map_into(&file, &layout, &other, "memory"),

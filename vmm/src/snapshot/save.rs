@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use super::cpu::{self, CpuStateError, HostCpu};
 use super::kvm_vm::{self, KvmVmError};
-use super::memory_file::{self, MemoryFileError};
+use super::memory_file::{self, Backing, MemoryFileError};
 use super::state::{memory_layout, MachineState, VirtioDeviceState};
 use super::{format, SnapshotInfo, MEMORY_FILE, STATE_FILE};
 use crate::devices::lock;
@@ -114,9 +114,17 @@ impl Vm {
             .file
             .set_len(state.memory_bytes)
             .map_err(io_err("size", &memory.tmp))?;
+        // A restored VM's memory is its snapshot's file, mapped over a
+        // reservation; a booted VM's is anonymous.
+        let backing = if self.machine.reservation.is_some() {
+            Backing::File
+        } else {
+            Backing::Anonymous
+        };
         let memory_data_bytes = memory_file::write(
             &self.machine.mem,
             &state.memory,
+            backing,
             &memory.file,
             &memory.tmp.display().to_string(),
         )?;
