@@ -19,7 +19,12 @@ use support::{count_lines, counts, kvm_or_skip, report, test_guest, wait_for_log
 
 /// Boots the test guest with `cmdline` (and `disks`), COM1 in `log`.
 fn boot(cmdline: &str, disks: &[PathBuf], log: &Path) -> Vm {
+    boot_cpus(1, cmdline, disks, log)
+}
+
+fn boot_cpus(cpus: u8, cmdline: &str, disks: &[PathBuf], log: &Path) -> Vm {
     let mut config = VmConfig::new(test_guest());
+    config.cpus = cpus;
     config.cmdline = cmdline.into();
     config.disks = disks.iter().map(DiskConfig::new).collect();
     config.serial = SerialOutput::File(log.to_path_buf());
@@ -75,9 +80,24 @@ fn the_counter_goes_on_after_restore() {
     let (log, log2) = (dir.path().join("a.log"), dir.path().join("b.log"));
     let snap = dir.path().join("snap");
     std::fs::create_dir(&snap).unwrap();
-    let mut vm = boot("cocoon.count=20:0", &[], &log);
+    // Two vCPUs: the second waits for a SIPI that never comes, and its
+    // state goes through the snapshot too.
+    let mut vm = boot_cpus(2, "cocoon.count=20:0", &[], &log);
     wait_count(&log, 5);
     let (last, last_tsc) = pause_and_snapshot(&vm, &snap, &log);
+    let (_, state) = format::read(&snap.join(STATE_FILE)).unwrap();
+    assert_eq!(state.vcpus.len(), 2);
+    assert_ne!(
+        state.vcpus[0].mp_state.mp_state,
+        state.vcpus[1].mp_state.mp_state
+    );
+    // The TSC, and the TSC deadline KVM emulates, are among the MSRs.
+    for index in [0x10, 0x6e0] {
+        assert!(
+            state.vcpus[0].msrs.iter().any(|m| m.index == index),
+            "MSR {index:#x} not saved"
+        );
+    }
     let memory_bytes = vm.memory_bytes();
     vm.stop();
     assert_eq!(vm.wait(), ExitReason::HostRequest);

@@ -694,4 +694,59 @@ pub(crate) mod tests {
         assert!(!t.is_activated());
         assert_ne!(r(&mut t, REG_STATUS) & STATUS_NEEDS_RESET, 0);
     }
+
+    #[test]
+    fn state_round_trips_and_misfits_are_refused() {
+        let (mut t, _) = transport();
+        negotiate(&mut t, 1);
+        setup_queue(&mut t);
+        w(
+            &mut t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
+        w(&mut t, REG_QUEUE_SEL, 0);
+        t.notify(0);
+        let saved = t.state();
+        assert!(saved.activated);
+        assert_eq!(saved.queues[0].desc_table, 0x1000);
+        assert_eq!(saved.interrupt_status, INT_USED_RING);
+
+        // Onto a fresh transport of the same device: the same state.
+        let (mut fresh, irq) = transport();
+        fresh.restore(&saved).unwrap();
+        assert_eq!(fresh.state(), saved);
+        assert!(fresh.is_activated());
+        // The kick re-raises the unacknowledged interrupt.
+        while irq.read().is_ok() {}
+        fresh.kick();
+        assert!(irq.read().is_ok());
+
+        type Edit = fn(&mut TransportState);
+        let cases: &[(&str, Edit)] = &[
+            ("device type is 2, the snapshot has 1", |s| {
+                s.device_type = 1
+            }),
+            ("offers features", |s| s.device_features |= 1 << 40),
+            ("does not offer", |s| s.driver_features |= 1 << 3),
+            ("has 1 queues, the snapshot 2", |s| {
+                let q = s.queues[0];
+                s.queues.push(q)
+            }),
+            ("maximum size 32", |s| s.queues[0].max_size = 32),
+            ("queue 0 is invalid", |s| s.queues[0].size = 3),
+            ("not usable in guest memory", |s| {
+                s.queues[0].desc_table = 1 << 40
+            }),
+        ];
+        for (want, edit) in cases {
+            let mut bad = saved.clone();
+            edit(&mut bad);
+            let (mut target, _) = transport();
+            let before = target.state();
+            let e = target.restore(&bad).unwrap_err().to_string();
+            assert!(e.contains(want), "{want}: {e}");
+            assert_eq!(target.state(), before, "{want}: changed on refusal");
+        }
+    }
 }
