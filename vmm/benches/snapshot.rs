@@ -13,12 +13,15 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cocoon_vmm::snapshot::{RestoreConfig, VmShell, MEMORY_FILE, STATE_FILE};
 use cocoon_vmm::{SerialOutput, Vm, VmConfig};
+use support::{build_guest, median};
+
+mod support;
 
 const GUEST_RAM: u64 = 256 << 20;
 const CMDLINE: &str = "cocoon.count=20:0";
@@ -271,32 +274,6 @@ fn qemu_run(guest: &Path, dir: &Path) -> Qemu {
         stream_mib: std::fs::metadata(&stream).map(|m| m.len()).unwrap_or(0) as f64
             / f64::from(1u32 << 20),
     }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-fn build_guest() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).parent().unwrap();
-    let name = target.file_name().unwrap().to_string_lossy().into_owned();
-    let target_dir = target.with_file_name(format!("{name}-guest"));
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let ok = Command::new(cargo)
-        .current_dir(root.join("tests/guest"))
-        .args(["build", "--release", "--target", "x86_64-unknown-none"])
-        .arg("--manifest-path")
-        .arg(root.join("tests/guest/Cargo.toml"))
-        .env("CARGO_TARGET_DIR", &target_dir)
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .status()
-        .expect("run cargo")
-        .success();
-    assert!(ok, "building the test guest failed");
-    target_dir.join("x86_64-unknown-none/release/cocoon-test-guest")
 }
 
 fn main() {

@@ -7,7 +7,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use cocoon_vmm::{DiskConfig, ExitReason, SerialOutput, Vm, VmConfig};
-use support::{kvm_or_skip, test_guest, wait_for_log};
+use support::{kvm_or_skip, sparse_file, test_guest, wait_for_log};
 
 /// Bytes read so far by this process's thread named `name`.
 fn thread_rchar(name: &str) -> Option<u64> {
@@ -31,11 +31,7 @@ fn pause_stops_disk_io_and_resume_restarts_it() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("big.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(4 << 30)
-        .unwrap();
+    let disk = sparse_file(dir.path(), "big.img", 4 << 30);
     let log = dir.path().join("serial.log");
     let mut config = VmConfig::new(test_guest());
     config.disks.push(DiskConfig::new(&disk));

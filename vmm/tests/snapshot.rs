@@ -15,7 +15,7 @@ use cocoon_vmm::snapshot::{
 };
 use cocoon_vmm::{DiskConfig, ExitReason, SerialOutput, Vm, VmConfig};
 use sha2::{Digest, Sha256};
-use support::{count_lines, counts, kvm_or_skip, report, test_guest, wait_for_log};
+use support::{count_lines, counts, kvm_or_skip, report, sparse_file, test_guest, wait_for_log};
 
 /// Boots the test guest with `cmdline` (and `disks`), COM1 in `log`.
 fn boot(cmdline: &str, disks: &[PathBuf], log: &Path) -> Vm {
@@ -155,11 +155,7 @@ fn disk_data_survives_and_two_clones_run_side_by_side_on_their_own_copies() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("disk.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    let disk = sparse_file(dir.path(), "disk.img", 1 << 20);
     let log = dir.path().join("source.log");
     let snap = dir.path().join("snap");
     std::fs::create_dir(&snap).unwrap();
@@ -276,11 +272,7 @@ fn a_restored_vm_snapshots_again_into_its_own_directory() {
 /// tampering tests: (tempdir, snapshot dir, the disk copy).
 fn one_snapshot() -> (tempfile::TempDir, PathBuf, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("disk.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    let disk = sparse_file(dir.path(), "disk.img", 1 << 20);
     let log = dir.path().join("source.log");
     let snap = dir.path().join("snap");
     std::fs::create_dir(&snap).unwrap();
@@ -358,11 +350,7 @@ fn damaged_snapshots_are_refused_each_with_its_own_error() {
     }
 
     // Disks that do not fit the snapshot.
-    let other = root.join("other.img");
-    std::fs::File::create(&other)
-        .unwrap()
-        .set_len(2 << 20)
-        .unwrap();
+    let other = sparse_file(root, "other.img", 2 << 20);
     let e = restore(&snap, &[], &log).err().unwrap();
     assert!(
         matches!(e, RestoreError::DiskCount { saved: 1, given: 0 }),

@@ -196,3 +196,11 @@ pub fn count_lines(log: &str) -> Vec<(u64, u64)> {
 pub fn counts(log: &str) -> Vec<u64> {
     count_lines(log).into_iter().map(|(n, _)| n).collect()
 }
+
+/// Makes `dir/name`, a sparse file of `len` bytes (reads as zeros, costs no
+/// disk), and returns its path.
+pub fn sparse_file(dir: &Path, name: &str, len: u64) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::File::create(&path).unwrap().set_len(len).unwrap();
+    path
+}
