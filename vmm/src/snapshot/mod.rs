@@ -57,6 +57,21 @@
 //! taken where the TSC ran at another rate is scaled with KVM_SET_TSC_KHZ
 //! where the host can (KVM_CAP_TSC_CONTROL), and refused where it cannot.
 
+//!
+//! # What the host must keep to
+//!
+//! - The memory file must not change while a VM restored from it runs:
+//!   replace it only by rename (as [`crate::Vm::snapshot`] does); writing
+//!   or truncating it in place changes or faults the guest's memory.
+//! - The disks the state describes are the ones copied inside the pause
+//!   window; a restore checks their count, order, read-only flags, serials
+//!   and sizes, not their contents.
+//! - A snapshot restores on a host of the same CPU model: the saved CPUID
+//!   and MSRs are set as they are (KVM refuses an MSR it does not have,
+//!   which fails the restore naming it). Only the TSC rate is adapted.
+//! - The i8042 and the ACPI power registers hold no state between guest
+//!   accesses, so they are not saved.
+
 pub mod cpu;
 pub mod format;
 pub mod kvm_vm;
