@@ -127,24 +127,36 @@ pub fn read_version(path: &Path) -> Result<FormatVersion, StateFileError> {
 }
 
 /// Reads and checks a whole state file, then decodes and validates it.
+/// The header is read and checked first, so a file that is not a state (or
+/// claims an absurd size) is refused without reading it all.
 pub fn read(path: &Path) -> Result<(FormatVersion, MachineState), StateFileError> {
     let name = path.display().to_string();
-    let bytes = read_bounded(path, &name)?;
+    let read_err = |source| StateFileError::Read {
+        path: name.clone(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(read_err)?;
+    let mut bytes = Vec::with_capacity(HEADER_LEN);
+    (&mut file)
+        .take(HEADER_LEN as u64)
+        .read_to_end(&mut bytes)
+        .map_err(read_err)?;
+    let (_, len) = parse_header(&name, &bytes)?;
+    if len > MAX_PAYLOAD {
+        return Err(StateFileError::PayloadTooLarge { path: name, len });
+    }
+    let need = HEADER_LEN as u64 + len + CHECKSUM_LEN as u64;
+    let size = file.metadata().map_err(read_err)?.len();
+    if size > need {
+        return Err(StateFileError::TrailingData {
+            path: name,
+            extra: size - need,
+        });
+    }
+    file.take(need - HEADER_LEN as u64)
+        .read_to_end(&mut bytes)
+        .map_err(read_err)?;
     decode(&name, &bytes)
-}
-
-/// Reads at most what a valid file can be, so a huge file is refused as
-/// trailing data rather than read whole.
-fn read_bounded(path: &Path, name: &str) -> Result<Vec<u8>, StateFileError> {
-    let limit = HEADER_LEN as u64 + MAX_PAYLOAD + CHECKSUM_LEN as u64 + 1;
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(limit).read_to_end(&mut bytes))
-        .map_err(|source| StateFileError::Read {
-            path: name.to_string(),
-            source,
-        })?;
-    Ok(bytes)
 }
 
 /// Checks and decodes the bytes of a state file named `name`.
@@ -326,6 +338,30 @@ mod tests {
         let file = encode_payload(v(1, 1, 3), &newer_payload).unwrap();
         let (version, _) = decode("state", &file).unwrap();
         assert_eq!(version, v(1, 1, 3));
+    }
+
+    #[test]
+    fn files_are_read_header_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state");
+        let good = encode(&sample_state()).unwrap();
+        std::fs::write(&path, &good).unwrap();
+        read(&path).unwrap();
+        // A big file that is not a state is refused by its first bytes.
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(1 << 40)
+            .unwrap();
+        assert!(matches!(read(&path), Err(StateFileError::NotAState { .. })));
+        let mut long = good.clone();
+        long.extend_from_slice(&[0; 1000]);
+        std::fs::write(&path, &long).unwrap();
+        assert!(matches!(
+            read(&path),
+            Err(StateFileError::TrailingData { extra: 1000, .. })
+        ));
+        std::fs::write(&path, &good[..good.len() - 7]).unwrap();
+        assert!(matches!(read(&path), Err(StateFileError::Truncated { .. })));
     }
 
     #[test]
