@@ -49,8 +49,8 @@ pub struct UartState {
 const IIR_NO_INTERRUPT: u8 = 1;
 
 #[derive(Debug, thiserror::Error)]
-#[error("the saved COM1 state does not load ({0:?})")]
-pub struct UartStateError(String);
+#[error("the saved COM1 state does not load")]
+pub struct UartStateError(#[source] vm_superio::serial::Error<std::io::Error>);
 
 impl SerialDevice {
     pub fn new(irq: EventFd, out: SerialWriter) -> Self {
@@ -78,7 +78,7 @@ impl SerialDevice {
             in_buffer: state.in_buffer.clone(),
         };
         let serial = Serial::from_state(&s, IrqTrigger(irq), vm_superio::serial::NoEvents, out)
-            .map_err(|e| UartStateError(format!("{e:?}")))?;
+            .map_err(UartStateError)?;
         Ok(SerialDevice { serial })
     }
 

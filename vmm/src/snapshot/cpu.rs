@@ -64,6 +64,10 @@ pub enum CpuStateError {
     XsaveSize { saved: usize, host: usize },
     #[error("the saved CPUID has {0} entries, more than KVM takes")]
     CpuidSize(usize),
+    #[error("{0} MSRs do not fit one KVM request")]
+    MsrCount(usize),
+    #[error("an XSAVE area of {0} bytes does not fit KVM's structure")]
+    XsaveAlloc(usize),
 }
 
 fn refused(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> CpuStateError {
@@ -153,10 +157,7 @@ fn get_xsave(fd: &VcpuFd, host: &HostCpu) -> Result<Vec<u32>, CpuStateError> {
 /// An Xsave wrapper of `len` bytes in all.
 fn new_xsave(len: usize) -> Result<Xsave, CpuStateError> {
     let entries = (len - XSAVE_LEGACY_LEN).div_ceil(4);
-    Xsave::new(entries).map_err(|_| CpuStateError::XsaveSize {
-        saved: len,
-        host: len,
-    })
+    Xsave::new(entries).map_err(|_| CpuStateError::XsaveAlloc(len))
 }
 
 /// Every MSR of `indices` KVM can read: an MSR it refuses is left out and
@@ -174,11 +175,9 @@ fn get_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, CpuState
                 ..Default::default()
             })
             .collect();
-        // The chunk is at most KVM_MAX_MSR_ENTRIES long.
-        let mut msrs = Msrs::from_entries(&entries).map_err(|_| CpuStateError::Msr {
-            index: chunk[0],
-            value: 0,
-        })?;
+        // The chunk is at most KVM_MAX_MSR_ENTRIES long, which fits.
+        let mut msrs =
+            Msrs::from_entries(&entries).map_err(|_| CpuStateError::MsrCount(entries.len()))?;
         let n = fd.get_msrs(&mut msrs).map_err(refused("report the MSRs"))?;
         out.extend_from_slice(&msrs.as_slice()[..n]);
         let skip = if n < chunk.len() {
@@ -255,10 +254,7 @@ fn set_xsave(fd: &VcpuFd, state: &VcpuState, host: &HostCpu) -> Result<(), CpuSt
 fn set_msrs(fd: &VcpuFd, entries: &[&kvm_msr_entry]) -> Result<(), CpuStateError> {
     for chunk in entries.chunks(KVM_MAX_MSR_ENTRIES) {
         let list: Vec<kvm_msr_entry> = chunk.iter().map(|m| **m).collect();
-        let msrs = Msrs::from_entries(&list).map_err(|_| CpuStateError::Msr {
-            index: list[0].index,
-            value: list[0].data,
-        })?;
+        let msrs = Msrs::from_entries(&list).map_err(|_| CpuStateError::MsrCount(list.len()))?;
         let n = fd.set_msrs(&msrs).map_err(refused("set the MSRs"))?;
         if n < list.len() {
             return Err(CpuStateError::Msr {
