@@ -440,3 +440,43 @@ fn a_tsc_rate_this_host_cannot_run_is_refused_naming_both() {
         );
     }
 }
+
+#[test]
+fn eight_restores_of_one_snapshot_run_at_once() {
+    if !kvm_or_skip("snapshot: eight restores") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("snap");
+    std::fs::create_dir(&snap).unwrap();
+    let log = dir.path().join("source.log");
+    let mut source = boot("cocoon.count=20:0", &[], &log);
+    wait_count(&log, 2);
+    let (last, _) = pause_and_snapshot(&source, &snap, &log);
+    source.stop();
+    source.wait();
+
+    let t0 = Instant::now();
+    let logs: Vec<PathBuf> = (0..8)
+        .map(|i| dir.path().join(format!("r{i}.log")))
+        .collect();
+    let mut vms: Vec<Vm> = logs
+        .iter()
+        .map(|l| restore(&snap, &[], l).expect("restore"))
+        .collect();
+    let started = t0.elapsed();
+    for l in &logs {
+        let out = wait_count(l, last + 3);
+        let c = counts(&out);
+        assert!(c[0] == last + 1 || c[0] == last + 2, "{last} then {c:?}");
+        assert_consecutive("one of eight", &c);
+    }
+    eprintln!(
+        "8 restores: all started in {started:?}, all counting in {:?}",
+        t0.elapsed()
+    );
+    for vm in &mut vms {
+        vm.stop();
+        assert_eq!(vm.wait(), ExitReason::HostRequest);
+    }
+}
