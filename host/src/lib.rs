@@ -6,6 +6,9 @@
 pub mod config;
 pub mod convert;
 pub mod disk;
+pub mod error_chain;
 pub mod fsutil;
 pub mod plugin;
 pub mod store;
+
+pub use error_chain::error_chain;

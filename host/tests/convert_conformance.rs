@@ -12,6 +12,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use cocoon_format_common::test_support::Rng;
 use cocoon_host::config::HostConfig;
 use cocoon_host::convert::{
     self, ConvertError, ConvertReport, ConvertRequest, Converters, DirResolver, NoBacking, Silent,
@@ -46,17 +47,9 @@ fn env() -> &'static Env {
     })
 }
 
-/// xorshift: reproducible "random" bytes without a dependency.
+/// Reproducible "random" bytes.
 fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut s = seed | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 24) as u8
-        })
-        .collect()
+    Rng::new(seed).bytes(len)
 }
 
 /// Random runs, text runs, zero runs (left as holes), scattered small

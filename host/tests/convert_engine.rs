@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+use cocoon_format_common::test_support::Rng;
 use cocoon_host::config::HostConfig;
 use cocoon_host::convert::{
     self, BackingResolver, ConvertError, ConvertReport, ConvertRequest, Converters, NoBacking,
@@ -265,16 +266,9 @@ fn hostile_qcow2_headers_end_in_clear_errors_and_no_output() {
 fn random_bytes_after_a_valid_magic_never_crash_the_host() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let mut s = 0x1234_5678_9abc_def1u64;
+    let mut rng = Rng::new(0x1234_5678_9abc_def1);
     for round in 0..40 {
-        let mut bytes: Vec<u8> = (0..(4096 + round * 997))
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                s as u8
-            })
-            .collect();
+        let mut bytes = rng.bytes(4096 + round * 997);
         bytes[..8].copy_from_slice(b"QFI\xfb\0\0\0\x03");
         let path = d.join("rand.qcow2");
         std::fs::write(&path, &bytes).unwrap();

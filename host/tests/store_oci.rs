@@ -257,23 +257,12 @@ fn the_plugin_reaches_only_the_registry_the_reference_names() {
             PullPolicy::Missing,
         )
         .unwrap_err();
-    let msg = store_common_chain(&err);
+    let msg = cocoon_host::error_chain(&err);
     assert!(msg.contains("denied"), "{msg}");
     assert_eq!(
         elsewhere.hits("/token?service=fake&scope=repository%3Ateam%2Fapp%3Apull"),
         0
     );
-}
-
-fn store_common_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[test]

@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use super::output::{emit, Format};
 use cocoon_host::config::HostConfig;
+use cocoon_host::error_chain;
 use cocoon_host::plugin::calls::{Platform, VmRequest};
 use cocoon_host::plugin::registry::{self, PluginInfo, Registry};
 use cocoon_host::plugin::{LoadedPlugin, PluginOrigin, Runtime};
@@ -439,16 +440,4 @@ fn call_plugin(plugin: &LoadedPlugin, call: Call, output: Format) -> anyhow::Res
         }
     }
     Ok(0)
-}
-
-/// An error and its causes, one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

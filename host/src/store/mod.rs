@@ -156,17 +156,7 @@ impl Store {
     }
 }
 
-/// An error and its causes on one line.
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub(crate) use crate::error_chain::error_chain as chain;
 
 impl Store {
     /// Forgets a reference; its blobs stay until gc. False when it was

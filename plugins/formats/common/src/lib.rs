@@ -4,6 +4,9 @@
 
 use std::fmt;
 
+#[cfg(feature = "test-support")]
+pub mod test_support;
+
 /// Random-access reads of the source image. The plugin implements it over
 /// the host's read-at handle; tests and fuzzers over a byte slice.
 pub trait ReadAt {
