@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::fsutil::input;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading config file {path}")]
@@ -28,7 +30,7 @@ pub enum ConfigError {
     Parse {
         path: PathBuf,
         #[source]
-        source: Box<toml::de::Error>,
+        source: TomlSyntax,
     },
     #[error("config file {path}: {field} = {value:?}: {reason}")]
     Invalid {
@@ -144,10 +146,46 @@ impl HostConfig {
         self.plugins.get(name).cloned().unwrap_or_default()
     }
 
+    /// The `[plugins.NAME]` sections that name none of `known`: settings
+    /// for a plugin that does not exist (a typo, an uninstalled plugin)
+    /// would otherwise be ignored without a word.
+    pub fn unknown_plugin_sections<'a>(
+        &'a self,
+        known: impl IntoIterator<Item = &'a str>,
+    ) -> Vec<&'a str> {
+        let known: std::collections::BTreeSet<&str> = known.into_iter().collect();
+        self.plugins
+            .keys()
+            .map(String::as_str)
+            .filter(|name| !known.contains(name))
+            .collect()
+    }
+
+    /// Logs a warning for each of [`Self::unknown_plugin_sections`].
+    pub fn warn_unknown_plugin_sections<'a>(&'a self, known: impl IntoIterator<Item = &'a str>) {
+        let file = self
+            .path
+            .as_deref()
+            .map_or_else(String::new, |p| p.display().to_string());
+        for name in self.unknown_plugin_sections(known) {
+            tracing::warn!(
+                "config file {file}: [plugins.{name}] configures a plugin that does not exist; ignored"
+            );
+        }
+    }
+
     fn check(&self) -> Result<(), ConfigError> {
         let path = self.path.clone().unwrap_or_default();
         for (name, settings) in &self.plugins {
             for host in &settings.grant_fetch {
+                if host.contains('*') {
+                    return Err(ConfigError::Invalid {
+                        path,
+                        field: format!("plugins.{name}.grant_fetch"),
+                        value: host.clone(),
+                        reason: "wildcards are not grants: name each host (or host:port) the plugin may fetch from",
+                    });
+                }
                 if crate::plugin::fetch::HostPattern::parse(host).is_none() {
                     return Err(ConfigError::Invalid {
                         path,
@@ -171,14 +209,58 @@ impl HostConfig {
 }
 
 fn read(path: &Path) -> Result<ConfigFile, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_path_buf(),
-        source,
+    let text = input::read_to_string_bounded(path, input::limits::TOML).map_err(|source| {
+        ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        }
     })?;
-    toml::from_str(&text).map_err(|source| ConfigError::Parse {
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
         path: path.to_path_buf(),
-        source: Box::new(source),
+        source: TomlSyntax::new(&text, &e),
     })
+}
+
+/// A TOML error told without echoing the input: toml's own message quotes
+/// the whole offending line, and a hostile file (one 400 KB line of `[`,
+/// a nesting bomb) would come back as a 400 KB message. This keeps the
+/// position, toml's message cut to a line, and an excerpt of at most
+/// [`TomlSyntax::EXCERPT`] characters around the error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("line {line}, column {column}: {message} (near {excerpt:?})")]
+pub struct TomlSyntax {
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+    pub excerpt: String,
+}
+
+impl TomlSyntax {
+    /// Characters of input shown around the error, at most.
+    pub const EXCERPT: usize = 40;
+    /// Characters of toml's message kept, at most.
+    const MESSAGE: usize = 200;
+
+    pub fn new(text: &str, e: &toml::de::Error) -> Self {
+        let mut at = e.span().map_or(0, |s| s.start).min(text.len());
+        while !text.is_char_boundary(at) {
+            at -= 1;
+        }
+        let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+        let line_end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+        let before: Vec<char> = text[line_start..at].chars().collect();
+        let after = text[at..line_end].chars();
+        let half = Self::EXCERPT / 2;
+        let mut excerpt: String = before[before.len().saturating_sub(half)..].iter().collect();
+        excerpt.extend(after.take(Self::EXCERPT - excerpt.chars().count()));
+        let message = e.message().lines().next().unwrap_or("").trim();
+        TomlSyntax {
+            line: text[..at].matches('\n').count() + 1,
+            column: before.len() + 1,
+            message: message.chars().take(Self::MESSAGE).collect(),
+            excerpt,
+        }
+    }
 }
 
 fn is_root() -> bool {

@@ -2,7 +2,10 @@
 //! the destination's directory, filled by copy_file_range (read/write when
 //! the kernel or filesystem cannot), fsynced and renamed over the
 //! destination. Zeros are never written: they stay holes. Dropped before
-//! `finish`, the temp file is removed.
+//! `finish` (or on a termination signal), the temp file is removed; a
+//! SIGKILL leaves it locked by nobody, and the next conversion into the
+//! directory removes it. The destination is replaced only when it is a
+//! regular file or absent.
 
 use std::fs::File;
 use std::io;
@@ -13,9 +16,10 @@ use std::sync::mpsc::{sync_channel, SyncSender};
 use std::thread::JoinHandle;
 
 use rustix::fs::SeekFrom;
-use tempfile::NamedTempFile;
 
 use super::ConvertError;
+use crate::fsutil::output::check_replaceable;
+use crate::fsutil::temp::{self, Temp};
 
 /// Largest single copy_file_range or read/write step.
 const CHUNK: u64 = 8 << 20;
@@ -30,7 +34,7 @@ pub fn parent_dir(path: &Path) -> &Path {
 }
 
 pub struct Output {
-    tmp: NamedTempFile,
+    tmp: Temp,
     dest: PathBuf,
     flusher: Flusher,
 }
@@ -98,15 +102,9 @@ impl Drop for Flusher {
 impl Output {
     /// A temp file beside `dest`, `size` bytes long and all hole.
     pub fn create(dest: &Path, size: u64) -> Result<Self, ConvertError> {
+        check_destination(dest)?;
         let dir = parent_dir(dest);
-        let name = dest
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let tmp = tempfile::Builder::new()
-            .prefix(&format!(".{name}."))
-            .suffix(".part")
-            .tempfile_in(dir)
+        let tmp = Temp::create_in(dir, ".part")
             .map_err(ConvertError::io("creating a temp file in", dir))?;
         tmp.as_file()
             .set_len(size)
@@ -249,11 +247,35 @@ impl Output {
         let allocated =
             allocated_bytes(file).map_err(ConvertError::io("measuring", self.tmp.path()))?;
         let dir = parent_dir(&self.dest).to_path_buf();
+        // Checked again: the path may have changed during the conversion.
+        check_destination(&self.dest)?;
         self.tmp
             .persist(&self.dest)
-            .map_err(|e| ConvertError::io("renaming onto", &self.dest)(e.error))?;
+            .map_err(ConvertError::io("renaming onto", &self.dest))?;
         crate::fsutil::sync_dir(&dir).map_err(ConvertError::io("syncing", &dir))?;
         Ok(allocated)
+    }
+}
+
+/// Refuses a destination that is not a regular file (or absent).
+pub fn check_destination(dest: &Path) -> Result<(), ConvertError> {
+    check_replaceable(dest).map_err(ConvertError::io("refusing to replace", dest))
+}
+
+/// Removes the temps a killed conversion left in `dir` (only those no
+/// live process holds), logging what it removed.
+pub fn remove_stale_temps(dir: &Path) {
+    match temp::remove_stale(dir, false) {
+        Ok(r) if !r.paths.is_empty() => tracing::info!(
+            dir = %dir.display(),
+            files = r.paths.len(),
+            bytes = r.bytes,
+            "removed temp files a killed conversion left"
+        ),
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot remove stale temp files")
+        }
     }
 }
 

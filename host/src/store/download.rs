@@ -371,7 +371,10 @@ pub fn copy_local(
     known: Option<&str>,
     progress: &dyn Progress,
 ) -> Result<(Outcome, String), StoreError> {
-    let mut file = fs::File::open(path).map_err(StoreError::io("opening", path))?;
+    // A regular file or a block device, never a FIFO or /dev/zero.
+    let input = crate::fsutil::input::open(path, crate::fsutil::input::Accept::RegularOrBlock)
+        .map_err(StoreError::io("opening", path))?;
+    let mut file = input.file;
     let meta = file
         .metadata()
         .map_err(StoreError::io("reading metadata of", path))?;
@@ -382,7 +385,7 @@ pub fn copy_local(
     let key = format!("l-{}", super::index::key(&path.to_string_lossy()));
     let _stage_lock = layout.lock(&format!("1-stage-{key}"))?;
     let mut staged = Staged::open(layout, &key, false)?;
-    progress.start(&path.display().to_string(), Some(meta.len()), 0);
+    progress.start(&path.display().to_string(), Some(input.size), 0);
     let mut buf = vec![0u8; CHUNK];
     loop {
         let n = file
