@@ -209,6 +209,11 @@ impl HostConfig {
 }
 
 fn read(path: &Path) -> Result<ConfigFile, ConfigError> {
+    // `--config /dev/null`: the usual way to say "no config file"; every
+    // other config is a regular file.
+    if path == Path::new("/dev/null") {
+        return Ok(ConfigFile::default());
+    }
     let text = input::read_to_string_bounded(path, input::limits::TOML).map_err(|source| {
         ConfigError::Read {
             path: path.to_path_buf(),
@@ -351,5 +356,79 @@ mod tests {
         })
         .unwrap_err();
         assert!(matches!(err, ConfigError::Read { .. }));
+    }
+
+    #[test]
+    fn a_nesting_bomb_is_refused_without_echoing_it() {
+        let bomb = format!("a = {}", "[".repeat(400_000));
+        let err = load_text(&bomb).unwrap_err();
+        let chain = crate::error_chain(&err);
+        assert!(
+            chain.len() < 600,
+            "{} bytes: {}",
+            chain.len(),
+            &chain[..600]
+        );
+        assert!(chain.contains("line 1, column"), "{chain}");
+        match &err {
+            ConfigError::Parse { source, .. } => {
+                assert!(source.excerpt.chars().count() <= TomlSyntax::EXCERPT)
+            }
+            other => panic!("{other:?}"),
+        }
+        // A plain error keeps toml's message and the position.
+        let err = load_text("state_dir = 1\n\n[plugins.x\n").unwrap_err();
+        let chain = crate::error_chain(&err);
+        assert!(chain.contains("line 3"), "{chain}");
+    }
+
+    #[test]
+    fn wildcard_grants_are_refused_and_named() {
+        for grant in ["*", "*.example.com", "*:443"] {
+            let err = load_text(&format!("[plugins.x]\ngrant_fetch = [\"{grant}\"]\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("plugins.x.grant_fetch")
+                    && err.contains(grant)
+                    && err.contains("wildcards"),
+                "{err}"
+            );
+        }
+        assert!(load_text("[plugins.x]\ngrant_fetch = [\"a.example.com\"]\n").is_ok());
+    }
+
+    #[test]
+    fn sections_for_plugins_that_do_not_exist_are_found() {
+        let c = load_text("[plugins.url-source]\n[plugins.site-sorce]\n").unwrap();
+        assert_eq!(
+            c.unknown_plugin_sections(["url-source", "site-source"]),
+            vec!["site-sorce"]
+        );
+        assert!(c
+            .unknown_plugin_sections(["url-source", "site-sorce"])
+            .is_empty());
+    }
+
+    #[test]
+    fn dev_null_is_no_config_and_other_special_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let load = |p: &Path| {
+            HostConfig::load(&Overrides {
+                config: Some(p.to_path_buf()),
+                state_dir: Some(dir.path().join("state")),
+                plugin_dir: None,
+            })
+        };
+        assert!(load(Path::new("/dev/null")).unwrap().plugins.is_empty());
+        let fifo = dir.path().join("fifo");
+        rustix::fs::mkfifoat(rustix::fs::CWD, &fifo, rustix::fs::Mode::from(0o600)).unwrap();
+        for p in [fifo.as_path(), Path::new("/dev/zero")] {
+            let err = crate::error_chain(&load(p).unwrap_err());
+            assert!(
+                err.contains(&p.display().to_string()) && err.contains("not a regular file"),
+                "{err}"
+            );
+        }
     }
 }
