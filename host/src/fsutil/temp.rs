@@ -160,6 +160,30 @@ pub fn remove_stale(dir: &Path, dry_run: bool) -> io::Result<Removed> {
     Ok(removed)
 }
 
+/// [`remove_stale`] in `root` and in its subdirectories down to `depth`
+/// levels (real directories only, never through a symlink). For the image
+/// store's gc, whose conversions write temps a few levels down.
+pub fn remove_stale_below(root: &Path, depth: usize, dry_run: bool) -> io::Result<Removed> {
+    let mut removed = remove_stale(root, dry_run)?;
+    if depth == 0 {
+        return Ok(removed);
+    }
+    let entries = match std::fs::read_dir(root) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            let below = remove_stale_below(&entry.path(), depth - 1, dry_run)?;
+            removed.paths.extend(below.paths);
+            removed.bytes += below.bytes;
+        }
+    }
+    Ok(removed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,6 +230,23 @@ mod tests {
 
         drop(live);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn stale_temps_below_a_root_go_to_the_given_depth() {
+        let root = tempfile::tempdir().unwrap();
+        let deep = root.path().join("a/b");
+        std::fs::create_dir_all(&deep).unwrap();
+        let too_deep = deep.join("c");
+        std::fs::create_dir(&too_deep).unwrap();
+        for d in [root.path(), &deep, &too_deep] {
+            std::fs::write(d.join(format!("{PREFIX}stale1.part")), b"x").unwrap();
+        }
+        let live = Temp::create_in(&deep, ".part").unwrap();
+        let r = remove_stale_below(root.path(), 2, false).unwrap();
+        assert_eq!(r.paths.len(), 2, "{r:?}");
+        assert!(live.path().exists());
+        assert!(too_deep.join(format!("{PREFIX}stale1.part")).exists());
     }
 
     #[test]

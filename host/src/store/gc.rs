@@ -82,6 +82,9 @@ impl Store {
         // A conversion lives while its source does, or while something
         // names the converted image itself.
         let conv = layout.converted_dir();
+        report.freed_bytes += crate::fsutil::temp::remove_stale_below(&conv, 2, dry_run)
+            .map_err(StoreError::io("removing stale temp files in", &conv))?
+            .bytes;
         for src in fs::read_dir(&conv)
             .map_err(StoreError::io("listing", &conv))?
             .flatten()
