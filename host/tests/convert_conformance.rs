@@ -296,6 +296,25 @@ fn qcow2_size_not_cluster_aligned() {
 }
 
 #[test]
+fn qcow2_virtual_size_not_whole_sectors_matches_qemu_img() {
+    // A header size of 1000 bytes (qemu-img itself only writes whole
+    // sectors; other writers need not): qemu reads 1 sector.
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("odd.qcow2");
+    let path = image.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", path, "1K"]);
+    qemu_io(path, "qcow2", &["write -P 0x5a 0 1024"]);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap();
+    f.write_all_at(&1000u64.to_be_bytes(), 24).unwrap();
+    drop(f);
+    let r = check(&image, "qcow2", &NoBacking);
+    assert_eq!(r.virtual_size, 512);
+}
+
+#[test]
 fn qcow2_backing_chain_of_two_overlays() {
     let (dir, base) = vector("qcow2", &[]);
     let d = dir.path();

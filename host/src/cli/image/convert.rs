@@ -92,6 +92,9 @@ pub fn run(args: ConvertArgs, config: &HostConfig) -> anyhow::Result<i32> {
     };
     let progress = Bar::new(args.output == Format::Text);
     let report = convert::convert(&runtime, &registry, &req, &progress)?;
+    if let Some(kib) = peak_rss_kib() {
+        tracing::info!("peak resident memory: {kib} KiB");
+    }
     emit(args.output, &report, |r| {
         println!(
             "{} -> {}: {} {}, {} allocated, {:.2}s",
@@ -104,6 +107,14 @@ pub fn run(args: ConvertArgs, config: &HostConfig) -> anyhow::Result<i32> {
         );
     })?;
     Ok(0)
+}
+
+/// This process's peak resident set (VmHWM), in KiB. Unlike getrusage's
+/// ru_maxrss, it starts afresh at exec, so it is this command's own.
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn human(bytes: u64) -> String {
