@@ -211,7 +211,9 @@ mod tests {
         let mut footer = vec![0u8; 1024];
         footer[512..520].copy_from_slice(b"conectix");
         let no_footer = vec![0u8; 1024];
-        let cases: &[(&str, &str, &[u8], &[u8], bool)] = &[
+        // (a, b, head, tail, whether a outranks b)
+        type Case<'a> = (&'a str, &'a str, &'a [u8], &'a [u8], bool);
+        let cases: &[Case] = &[
             // A fixed VHD whose data starts with a qcow2 header.
             ("vpc", "qcow2", qcow2, &footer, true),
             ("qcow2", "vpc", qcow2, &footer, false),

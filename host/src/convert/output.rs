@@ -405,9 +405,12 @@ mod tests {
     fn nonzero_runs_follow_output_blocks() {
         let b = ZERO_BLOCK as usize;
         let mut data = vec![0u8; 4 * b];
-        data[b + 5] = 1; // block 1
-        data[2 * b] = 1; // block 2, merged with 1
-        let cases: &[(&[u8], u64, &[(usize, usize)])] = &[
+        // Blocks 1 and 2 hold data, and merge into one run.
+        data[b + 5] = 1;
+        data[2 * b] = 1;
+        // (data, its output offset, the runs written)
+        type Case<'a> = (&'a [u8], u64, &'a [(usize, usize)]);
+        let cases: &[Case] = &[
             (&data, 0, &[(b, 3 * b)]),
             (&[0u8; 8192], 0, &[]),
             (&[], 0, &[]),
