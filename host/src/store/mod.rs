@@ -11,7 +11,7 @@
 //! | `tmp/` | partial downloads (resumable) and their validators; never served |
 //! | `locks/` | per-key flock files |
 //!
-//! The rules of DESIGN.md hold by construction:
+//! The image store's rules (README, "Images") hold by construction:
 //! - a [`blob::VerifiedBlob`] can only be made by hashing bytes; nothing
 //!   else is ever handed to a caller;
 //! - a pinned pull is satisfied by the blob of that digest, re-hashed, and

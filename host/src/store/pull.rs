@@ -1,4 +1,4 @@
-//! `pull`: the rules of DESIGN.md's image store, in one place.
+//! `pull`: the image store's rules (README, "Images"), in one place.
 //!
 //! - A pinned digest (`--digest`, or an `@sha256:` suffix) applies to the
 //!   reference's first artifact. It is satisfied only by a blob of that
