@@ -190,42 +190,26 @@ fn site_source_manifest() -> PathBuf {
 fn plugin_verify_refuses_special_files_as_wasm_and_manifest() {
     let host = Host::new();
     let manifest = site_source_manifest();
+    let real = wasm("site-source");
+    let plugin = |command: &str, wasm: &Path, manifest: &Path| {
+        [
+            OsStr::new("plugin"),
+            OsStr::new(command),
+            wasm.as_os_str(),
+            OsStr::new("--manifest"),
+            manifest.as_os_str(),
+        ]
+        .map(OsStr::to_os_string)
+    };
     for (path, kind) in Specials::make(&host).files {
-        let err = host.fails(&[
-            OsStr::new("plugin"),
-            OsStr::new("verify"),
-            path.as_os_str(),
-            OsStr::new("--manifest"),
-            manifest.as_os_str(),
-        ]);
-        assert_names(&err, &path, kind);
-        let err = host.fails(&[
-            OsStr::new("plugin"),
-            OsStr::new("install"),
-            path.as_os_str(),
-            OsStr::new("--manifest"),
-            manifest.as_os_str(),
-        ]);
-        assert_names(&err, &path, kind);
-        // The manifest itself.
-        let real = wasm("site-source");
-        let err = host.fails(&[
-            OsStr::new("plugin"),
-            OsStr::new("verify"),
-            real.as_os_str(),
-            OsStr::new("--manifest"),
-            path.as_os_str(),
-        ]);
-        assert_names(&err, &path, kind);
+        for command in ["verify", "install"] {
+            // As the wasm, and as the manifest.
+            assert_names(&host.fails(&plugin(command, &path, &manifest)), &path, kind);
+            assert_names(&host.fails(&plugin(command, &real, &path)), &path, kind);
+        }
     }
     // The real plugin still verifies.
-    let out = host.run(&[
-        OsStr::new("plugin"),
-        OsStr::new("verify"),
-        wasm("site-source").as_os_str(),
-        OsStr::new("--manifest"),
-        manifest.as_os_str(),
-    ]);
+    let out = host.run(&plugin("verify", &real, &manifest));
     assert!(
         out.status.success(),
         "{}",

@@ -5,9 +5,9 @@
 //! 128 + the signal's number (130, 143, 129), as a shell reports a command
 //! the signal killed.
 //!
-//! The signals are blocked in every thread and taken by one watcher
-//! thread with `sigwait`, so the removal runs as ordinary code (it may
-//! lock, allocate and unlink), not in a signal handler.
+//! signal-hook's handler only wakes one watcher thread, so the removal
+//! runs as ordinary code (it may lock, allocate and unlink), not in a
+//! signal handler.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock, PoisonError};
 
-const SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+
+const SIGNALS: [i32; 3] = [SIGINT, SIGTERM, SIGHUP];
 
 fn registry() -> &'static Mutex<BTreeMap<u64, PathBuf>> {
     static PATHS: OnceLock<Mutex<BTreeMap<u64, PathBuf>>> = OnceLock::new();
@@ -58,7 +60,7 @@ pub fn registered() -> Vec<PathBuf> {
 
 /// Unlinks every registered path; the lock is held until exit, so no temp
 /// registered later is left behind either.
-fn remove_registered_and_exit(signal: libc::c_int) -> ! {
+fn remove_registered_and_exit(signal: i32) -> ! {
     let paths = registry().lock().unwrap_or_else(PoisonError::into_inner);
     for path in paths.values() {
         let _ = std::fs::remove_file(path);
@@ -66,34 +68,15 @@ fn remove_registered_and_exit(signal: libc::c_int) -> ! {
     std::process::exit(128 + signal)
 }
 
-fn sigset() -> libc::sigset_t {
-    // SAFETY: sigemptyset and sigaddset initialise and fill a local set.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in SIGNALS {
-            libc::sigaddset(&mut set, s);
-        }
-        set
-    }
-}
-
-/// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread (and so in every
-/// thread it starts afterwards: call it before starting any) and starts the
-/// thread that removes the registered temps when one arrives.
+/// Starts the thread that, when SIGINT, SIGTERM or SIGHUP arrives, removes
+/// the registered temps and exits with 128 + the signal. From then on those
+/// signals no longer kill the process outright.
 pub fn remove_temps_on_termination() -> io::Result<()> {
-    let set = sigset();
-    // SAFETY: a valid set; the old mask is not needed.
-    let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if r != 0 {
-        return Err(io::Error::from_raw_os_error(r));
-    }
+    let mut signals = signal_hook::iterator::Signals::new(SIGNALS)?;
     std::thread::Builder::new()
         .name("cocoon-signals".into())
-        .spawn(move || loop {
-            let mut signal: libc::c_int = 0;
-            // SAFETY: a valid set and a valid out-pointer.
-            if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
+        .spawn(move || {
+            if let Some(signal) = signals.forever().next() {
                 remove_registered_and_exit(signal);
             }
         })

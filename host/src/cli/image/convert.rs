@@ -61,9 +61,8 @@ pub struct ConvertArgs {
 
 pub fn run(args: ConvertArgs, config: &HostConfig) -> anyhow::Result<i32> {
     let TargetFormat::Raw = args.to;
-    // First, before any thread exists: every thread inherits the blocked
-    // signals, and SIGINT/SIGTERM/SIGHUP remove the temp files and exit
-    // 128 + the signal.
+    // SIGINT/SIGTERM/SIGHUP remove the temp files and exit 128 + the
+    // signal.
     cocoon_host::fsutil::cleanup::remove_temps_on_termination()
         .context("handling SIGINT, SIGTERM and SIGHUP")?;
     let runtime = Runtime::new(Some(config.state_dir.join("plugin-cache")))?;
