@@ -6,17 +6,22 @@
 //! block devices served by one I/O thread each.
 //!
 //! The library API is [`VmConfig`] → [`Vm::start`] → a running [`Vm`] with
-//! [`Vm::pause`], [`Vm::resume`], [`Vm::stop`] and [`Vm::wait`].
+//! [`Vm::pause`], [`Vm::resume`], [`Vm::stop`] and [`Vm::wait`]; a paused
+//! VM writes a snapshot with [`Vm::snapshot`], and [`Vm::restore`] runs one
+//! again (see [`snapshot`] for the files, the checks and the host's
+//! preflight). [`builder`] has the steps a VM is built from.
 
 #![cfg(target_arch = "x86_64")]
 
 pub mod acpi;
 pub mod arch;
 pub mod boot;
+pub mod builder;
 pub mod config;
 pub mod devices;
 pub mod memory;
 pub mod signals;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 

@@ -7,6 +7,7 @@
 #![no_main]
 
 mod boot;
+mod count;
 mod cpu;
 mod disk;
 mod hal;
@@ -69,7 +70,12 @@ extern "C" fn rust_main(start_info_paddr: u64) -> ! {
         fatal("I/O buffer already taken")
     };
     for action in cmdline.actions() {
-        let index = action.disk();
+        let Some(index) = action.disk() else {
+            if let Action::Count { period_ms, ticks } = *action {
+                count::run(period_ms, ticks);
+            }
+            continue;
+        };
         let Some(disk) = disks.get_mut(index).and_then(Option::as_mut) else {
             say!("error {action}: no disk index={index}");
             continue;
@@ -78,6 +84,7 @@ extern "C" fn rust_main(start_info_paddr: u64) -> ! {
             Action::Hash { sector, count, .. } => disk.hash(sector, count, buf),
             Action::Write { sector, byte, .. } => disk.write_sector(sector, byte, buf),
             Action::SeqRead { bytes, .. } => disk.seqread(bytes, buf),
+            Action::Count { .. } => {}
         }
     }
 

@@ -2,7 +2,9 @@
 
 pub mod block;
 pub mod mmio;
+pub mod worker;
 
+use serde::{Deserialize, Serialize};
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
@@ -26,4 +28,17 @@ pub trait VirtioDevice: Send {
     fn process_queue(&mut self, mem: &GuestMemoryMmap, index: usize, queue: &mut Queue) -> bool;
     /// Forgets per-session state (the driver reset the device).
     fn reset(&mut self) {}
+    /// What a snapshot keeps of the device, beyond its transport; `None`
+    /// for a device that cannot be snapshotted (a snapshot then refuses).
+    fn state(&self) -> Option<DeviceState> {
+        None
+    }
+}
+
+/// The device-specific part of a virtio device's snapshot, one variant per
+/// device kind. A new kind adds a variant at the end (a minor format
+/// version: older readers refuse only snapshots that have one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceState {
+    Block(block::BlockState),
 }
