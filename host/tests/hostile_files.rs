@@ -113,33 +113,48 @@ impl Specials {
         ];
         // Our own /dev/zero (1:5), made where the test owns the directory.
         let made = host.path("zero-node");
-        match rustix::fs::mknodat(
-            rustix::fs::CWD,
-            &made,
-            rustix::fs::FileType::CharacterDevice,
-            rustix::fs::Mode::from(0o600),
-            rustix::fs::makedev(1, 5),
-        ) {
-            Ok(()) => files.push((made, "a character device")),
-            Err(e) => skip(
-                &format!("{} (mknod part)", test_name()),
-                &format!("cannot mknod a character device here: {e}"),
-            ),
+        if char_device(&made, 1, 5) {
+            files.push((made, "a character device"));
         }
         Specials { files }
     }
 }
 
-/// A loop device over a file of `data`, detached when dropped.
+/// Makes a character device node `major:minor` at `path`; false (and the
+/// part skipped, with the reason) where this process may not.
+fn char_device(path: &Path, major: u32, minor: u32) -> bool {
+    match rustix::fs::mknodat(
+        rustix::fs::CWD,
+        path,
+        rustix::fs::FileType::CharacterDevice,
+        rustix::fs::Mode::from(0o600),
+        rustix::fs::makedev(major, minor),
+    ) {
+        Ok(()) => true,
+        Err(e) => {
+            skip(
+                &format!("{} (character device part)", test_name()),
+                &format!("cannot mknod a character device here: {e}"),
+            );
+            false
+        }
+    }
+}
+
+/// A loop device, detached when dropped.
 struct Loop {
     device: PathBuf,
 }
 
 impl Loop {
-    fn attach(backing: &Path) -> Option<Loop> {
+    /// A read-only loop device over a file of the host's dir holding
+    /// `data`; None (the part skipped) where none can be made.
+    fn over(host: &Host, data: &[u8]) -> Option<Loop> {
+        let backing = host.path("loop-backing.img");
+        std::fs::write(&backing, data).unwrap();
         let out = Command::new("losetup")
             .args(["--find", "--show", "--read-only"])
-            .arg(backing)
+            .arg(&backing)
             .output();
         match out {
             Ok(o) if o.status.success() => {
@@ -180,6 +195,19 @@ fn assert_names(stderr: &str, path: &Path, kind: &str) {
         path.display()
     );
     assert!(stderr.len() < 2000, "a short error: {stderr}");
+}
+
+/// `image convert --format raw SRC DST`.
+fn convert_raw(src: &Path, dst: &Path) -> [std::ffi::OsString; 6] {
+    [
+        OsStr::new("image"),
+        OsStr::new("convert"),
+        OsStr::new("--format"),
+        OsStr::new("raw"),
+        src.as_os_str(),
+        dst.as_os_str(),
+    ]
+    .map(OsStr::to_os_string)
 }
 
 fn site_source_manifest() -> PathBuf {
@@ -235,10 +263,8 @@ fn image_pull_refuses_special_files_and_reads_block_devices() {
         .sum();
     assert_eq!(staged, 0, "bytes left in {}", tmp.display());
 
-    let backing = host.path("disk.img");
     let data = support::Rng::new(7).bytes(1 << 20);
-    std::fs::write(&backing, &data).unwrap();
-    let Some(dev) = Loop::attach(&backing) else {
+    let Some(dev) = Loop::over(&host, &data) else {
         return;
     };
     let out = host.run(&[
@@ -295,12 +321,10 @@ fn image_convert_refuses_special_sources_and_reads_block_devices() {
         assert_names(&err, &path, kind);
         assert!(!dest.exists());
     }
-    let backing = host.path("disk.img");
     let mut data = vec![0u8; 2 << 20];
     data[..4096].fill(0x5a);
     data[(1 << 20)..(1 << 20) + 512].fill(0xa5);
-    std::fs::write(&backing, &data).unwrap();
-    let Some(dev) = Loop::attach(&backing) else {
+    let Some(dev) = Loop::over(&host, &data) else {
         return;
     };
     let out = host.run(&[
@@ -341,28 +365,11 @@ fn image_convert_replaces_only_regular_files() {
     // A null device of our own (1:3): replacing it is what destroyed
     // /dev/null before.
     let null = host.path("dst-null");
-    match rustix::fs::mknodat(
-        rustix::fs::CWD,
-        &null,
-        rustix::fs::FileType::CharacterDevice,
-        rustix::fs::Mode::from(0o666),
-        rustix::fs::makedev(1, 3),
-    ) {
-        Ok(()) => cases.push((null.clone(), "a character device")),
-        Err(e) => skip(
-            &test_name(),
-            &format!("cannot mknod a character device: {e}"),
-        ),
+    if char_device(&null, 1, 3) {
+        cases.push((null.clone(), "a character device"));
     }
     for (dst, kind) in &cases {
-        let err = host.fails(&[
-            OsStr::new("image"),
-            OsStr::new("convert"),
-            OsStr::new("--format"),
-            OsStr::new("raw"),
-            src.as_os_str(),
-            dst.as_os_str(),
-        ]);
+        let err = host.fails(&convert_raw(&src, dst));
         assert_names(&err, dst, kind);
     }
     assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
@@ -387,14 +394,7 @@ fn image_convert_replaces_only_regular_files() {
     std::fs::write(&target, b"old").unwrap();
     let long = host.path(&"d".repeat(254));
     for dst in [&target, &long] {
-        let out = host.run(&[
-            OsStr::new("image"),
-            OsStr::new("convert"),
-            OsStr::new("--format"),
-            OsStr::new("raw"),
-            src.as_os_str(),
-            dst.as_os_str(),
-        ]);
+        let out = host.run(&convert_raw(&src, dst));
         assert!(
             out.status.success(),
             "{}",
