@@ -19,6 +19,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::fsutil::input;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading config file {path}")]
@@ -31,7 +33,7 @@ pub enum ConfigError {
     Parse {
         path: PathBuf,
         #[source]
-        source: Box<toml::de::Error>,
+        source: TomlSyntax,
     },
     #[error("config file {path}: {field} = {value:?}: {reason}")]
     Invalid {
@@ -153,6 +155,34 @@ impl HostConfig {
         self.plugins.get(name).cloned().unwrap_or_default()
     }
 
+    /// The `[plugins.NAME]` sections that name none of `known`: settings
+    /// for a plugin that does not exist (a typo, an uninstalled plugin)
+    /// would otherwise be ignored without a word.
+    pub fn unknown_plugin_sections<'a>(
+        &'a self,
+        known: impl IntoIterator<Item = &'a str>,
+    ) -> Vec<&'a str> {
+        let known: std::collections::BTreeSet<&str> = known.into_iter().collect();
+        self.plugins
+            .keys()
+            .map(String::as_str)
+            .filter(|name| !known.contains(name))
+            .collect()
+    }
+
+    /// Logs a warning for each of [`Self::unknown_plugin_sections`].
+    pub fn warn_unknown_plugin_sections<'a>(&'a self, known: impl IntoIterator<Item = &'a str>) {
+        let file = self
+            .path
+            .as_deref()
+            .map_or_else(String::new, |p| p.display().to_string());
+        for name in self.unknown_plugin_sections(known) {
+            tracing::warn!(
+                "config file {file}: [plugins.{name}] configures a plugin that does not exist; ignored"
+            );
+        }
+    }
+
     fn check(&self) -> Result<(), ConfigError> {
         let path = self.path.clone().unwrap_or_default();
         if let Err(bad) = self.store.check() {
@@ -165,6 +195,14 @@ impl HostConfig {
         }
         for (name, settings) in &self.plugins {
             for host in &settings.grant_fetch {
+                if host.contains('*') {
+                    return Err(ConfigError::Invalid {
+                        path,
+                        field: format!("plugins.{name}.grant_fetch"),
+                        value: host.clone(),
+                        reason: "wildcards are not grants: name each host (or host:port) the plugin may fetch from",
+                    });
+                }
                 if crate::plugin::fetch::HostPattern::parse(host).is_none() {
                     return Err(ConfigError::Invalid {
                         path,
@@ -188,14 +226,63 @@ impl HostConfig {
 }
 
 fn read(path: &Path) -> Result<ConfigFile, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_path_buf(),
-        source,
+    // `--config /dev/null`: the usual way to say "no config file"; every
+    // other config is a regular file.
+    if path == Path::new("/dev/null") {
+        return Ok(ConfigFile::default());
+    }
+    let text = input::read_to_string_bounded(path, input::limits::TOML).map_err(|source| {
+        ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        }
     })?;
-    toml::from_str(&text).map_err(|source| ConfigError::Parse {
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
         path: path.to_path_buf(),
-        source: Box::new(source),
+        source: TomlSyntax::new(&text, &e),
     })
+}
+
+/// A TOML error told without echoing the input: toml's own message quotes
+/// the whole offending line, and a hostile file (one 400 KB line of `[`,
+/// a nesting bomb) would come back as a 400 KB message. This keeps the
+/// position, toml's message cut to a line, and an excerpt of at most
+/// [`TomlSyntax::EXCERPT`] characters around the error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("line {line}, column {column}: {message} (near {excerpt:?})")]
+pub struct TomlSyntax {
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+    pub excerpt: String,
+}
+
+impl TomlSyntax {
+    /// Characters of input shown around the error, at most.
+    pub const EXCERPT: usize = 40;
+    /// Characters of toml's message kept, at most.
+    const MESSAGE: usize = 200;
+
+    pub fn new(text: &str, e: &toml::de::Error) -> Self {
+        let mut at = e.span().map_or(0, |s| s.start).min(text.len());
+        while !text.is_char_boundary(at) {
+            at -= 1;
+        }
+        let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+        let line_end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+        let before: Vec<char> = text[line_start..at].chars().collect();
+        let after = text[at..line_end].chars();
+        let half = Self::EXCERPT / 2;
+        let mut excerpt: String = before[before.len().saturating_sub(half)..].iter().collect();
+        excerpt.extend(after.take(Self::EXCERPT - excerpt.chars().count()));
+        let message = e.message().lines().next().unwrap_or("").trim();
+        TomlSyntax {
+            line: text[..at].matches('\n').count() + 1,
+            column: before.len() + 1,
+            message: message.chars().take(Self::MESSAGE).collect(),
+            excerpt,
+        }
+    }
 }
 
 fn is_root() -> bool {
@@ -299,5 +386,79 @@ mod tests {
         })
         .unwrap_err();
         assert!(matches!(err, ConfigError::Read { .. }));
+    }
+
+    #[test]
+    fn a_nesting_bomb_is_refused_without_echoing_it() {
+        let bomb = format!("a = {}", "[".repeat(400_000));
+        let err = load_text(&bomb).unwrap_err();
+        let chain = crate::error_chain(&err);
+        assert!(
+            chain.len() < 600,
+            "{} bytes: {}",
+            chain.len(),
+            &chain[..600]
+        );
+        assert!(chain.contains("line 1, column"), "{chain}");
+        match &err {
+            ConfigError::Parse { source, .. } => {
+                assert!(source.excerpt.chars().count() <= TomlSyntax::EXCERPT)
+            }
+            other => panic!("{other:?}"),
+        }
+        // A plain error keeps toml's message and the position.
+        let err = load_text("state_dir = 1\n\n[plugins.x\n").unwrap_err();
+        let chain = crate::error_chain(&err);
+        assert!(chain.contains("line 3"), "{chain}");
+    }
+
+    #[test]
+    fn wildcard_grants_are_refused_and_named() {
+        for grant in ["*", "*.example.com", "*:443"] {
+            let err = load_text(&format!("[plugins.x]\ngrant_fetch = [\"{grant}\"]\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("plugins.x.grant_fetch")
+                    && err.contains(grant)
+                    && err.contains("wildcards"),
+                "{err}"
+            );
+        }
+        assert!(load_text("[plugins.x]\ngrant_fetch = [\"a.example.com\"]\n").is_ok());
+    }
+
+    #[test]
+    fn sections_for_plugins_that_do_not_exist_are_found() {
+        let c = load_text("[plugins.url-source]\n[plugins.site-sorce]\n").unwrap();
+        assert_eq!(
+            c.unknown_plugin_sections(["url-source", "site-source"]),
+            vec!["site-sorce"]
+        );
+        assert!(c
+            .unknown_plugin_sections(["url-source", "site-sorce"])
+            .is_empty());
+    }
+
+    #[test]
+    fn dev_null_is_no_config_and_other_special_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let load = |p: &Path| {
+            HostConfig::load(&Overrides {
+                config: Some(p.to_path_buf()),
+                state_dir: Some(dir.path().join("state")),
+                plugin_dir: None,
+            })
+        };
+        assert!(load(Path::new("/dev/null")).unwrap().plugins.is_empty());
+        let fifo = dir.path().join("fifo");
+        rustix::fs::mkfifoat(rustix::fs::CWD, &fifo, rustix::fs::Mode::from(0o600)).unwrap();
+        for p in [fifo.as_path(), Path::new("/dev/zero")] {
+            let err = crate::error_chain(&load(p).unwrap_err());
+            assert!(
+                err.contains(&p.display().to_string()) && err.contains("not a regular file"),
+                "{err}"
+            );
+        }
     }
 }

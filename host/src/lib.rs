@@ -6,7 +6,10 @@
 pub mod config;
 pub mod convert;
 pub mod disk;
+pub mod error_chain;
 pub mod fsutil;
 pub mod http;
 pub mod plugin;
 pub mod store;
+
+pub use error_chain::error_chain;

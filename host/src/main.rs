@@ -94,7 +94,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
-            eprintln!("error: {}", cli::plugin::error_chain(e.as_ref()));
+            eprintln!("error: {}", cocoon_host::error_chain(e.as_ref()));
             ExitCode::from(1)
         }
     }

@@ -12,6 +12,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use cocoon_format_common::test_support::Rng;
 use cocoon_host::config::HostConfig;
 use cocoon_host::convert::{
     self, ConvertError, ConvertReport, ConvertRequest, Converters, DirResolver, NoBacking, Silent,
@@ -46,17 +47,9 @@ fn env() -> &'static Env {
     })
 }
 
-/// xorshift: reproducible "random" bytes without a dependency.
+/// Reproducible "random" bytes.
 fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut s = seed | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 24) as u8
-        })
-        .collect()
+    Rng::new(seed).bytes(len)
 }
 
 /// Random runs, text runs, zero runs (left as holes), scattered small
@@ -300,6 +293,25 @@ fn qcow2_size_not_cluster_aligned() {
         let r = check(&image, "qcow2", &NoBacking);
         assert_eq!(r.virtual_size, 5 * MIB + 7 * 512, "variant {i}");
     }
+}
+
+#[test]
+fn qcow2_virtual_size_not_whole_sectors_matches_qemu_img() {
+    // A header size of 1000 bytes (qemu-img itself only writes whole
+    // sectors; other writers need not): qemu reads 1 sector.
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("odd.qcow2");
+    let path = image.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", path, "1K"]);
+    qemu_io(path, "qcow2", &["write -P 0x5a 0 1024"]);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap();
+    f.write_all_at(&1000u64.to_be_bytes(), 24).unwrap();
+    drop(f);
+    let r = check(&image, "qcow2", &NoBacking);
+    assert_eq!(r.virtual_size, 512);
 }
 
 #[test]

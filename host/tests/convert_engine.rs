@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+use cocoon_format_common::test_support::Rng;
 use cocoon_host::config::HostConfig;
 use cocoon_host::convert::{
     self, BackingResolver, ConvertError, ConvertReport, ConvertRequest, Converters, NoBacking,
@@ -265,16 +266,9 @@ fn hostile_qcow2_headers_end_in_clear_errors_and_no_output() {
 fn random_bytes_after_a_valid_magic_never_crash_the_host() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let mut s = 0x1234_5678_9abc_def1u64;
+    let mut rng = Rng::new(0x1234_5678_9abc_def1);
     for round in 0..40 {
-        let mut bytes: Vec<u8> = (0..(4096 + round * 997))
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                s as u8
-            })
-            .collect();
+        let mut bytes = rng.bytes(4096 + round * 997);
         bytes[..8].copy_from_slice(b"QFI\xfb\0\0\0\x03");
         let path = d.join("rand.qcow2");
         std::fs::write(&path, &bytes).unwrap();
@@ -325,4 +319,204 @@ fn cli_converts_and_prints_json() {
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("forced format vdi disagrees"), "{err}");
+}
+
+/// Runs the CLI with its own state dir and an empty config.
+fn cli(d: &Path, args: &[&std::ffi::OsStr]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_cocoon-host"))
+        .arg("--state-dir")
+        .arg(d.join("state"))
+        .args(["--config", "/dev/null"])
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn format_raw_reads_a_file_that_starts_with_a_magic_as_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (img, _) = small_qcow2(d);
+    let out = d.join("as-raw.raw");
+    let r = convert(&img, &out, Some("raw"), &NoBacking).unwrap();
+    assert_eq!(r.format, "raw");
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&img).unwrap());
+    // And on the command line.
+    let o = cli(
+        d,
+        &[
+            "image".as_ref(),
+            "convert".as_ref(),
+            "--format".as_ref(),
+            "raw".as_ref(),
+            img.as_os_str(),
+            d.join("cli.raw").as_os_str(),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read(d.join("cli.raw")).unwrap(),
+        std::fs::read(&img).unwrap()
+    );
+}
+
+#[test]
+fn a_fixed_vhd_whose_disk_holds_a_qcow2_converts_as_vhd() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // The guest's disk is itself a qcow2 image (a VM that stores images).
+    let (inner, _) = small_qcow2(d);
+    let disk = d.join("disk.raw");
+    let mut bytes = std::fs::read(&inner).unwrap();
+    bytes.resize(8 << 20, 0);
+    std::fs::write(&disk, &bytes).unwrap();
+    qemu_img(
+        d,
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "vpc",
+            "-o",
+            "subformat=fixed,force_size=on",
+            "disk.raw",
+            "disk.vhd",
+        ],
+    );
+    let out = d.join("out.raw");
+    let r = convert(&d.join("disk.vhd"), &out, None, &NoBacking).unwrap();
+    assert_eq!(r.format, "vpc", "the footer's rules win the tie");
+    assert_eq!(std::fs::read(&out).unwrap(), bytes);
+}
+
+#[test]
+fn written_zeros_inside_data_become_holes_as_with_qemu_img() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let src = d.join("zeros.raw");
+    // Written zeros: every block is data to the filesystem.
+    std::fs::write(&src, vec![0u8; 64 << 20]).unwrap();
+    let out = d.join("out.raw");
+    let r = convert(&src, &out, Some("raw"), &NoBacking).unwrap();
+    assert_eq!(r.virtual_size, 64 << 20);
+    qemu_img(
+        d,
+        &["convert", "-f", "raw", "-O", "raw", "zeros.raw", "qemu.raw"],
+    );
+    let ours = std::fs::metadata(&out).unwrap().blocks() * 512;
+    let theirs = std::fs::metadata(d.join("qemu.raw")).unwrap().blocks() * 512;
+    assert!(
+        ours <= theirs.max(4096),
+        "ours allocates {ours} bytes, qemu-img's {theirs}"
+    );
+    assert_eq!(r.allocated_bytes, 0);
+    assert!(std::fs::read(&out).unwrap().iter().all(|&b| b == 0));
+}
+
+#[test]
+fn backing_dir_naming_a_file_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (img, _) = small_qcow2(d);
+    let o = cli(
+        d,
+        &[
+            "image".as_ref(),
+            "convert".as_ref(),
+            "--backing-dir".as_ref(),
+            img.as_os_str(),
+            img.as_os_str(),
+            d.join("out.raw").as_os_str(),
+        ],
+    );
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!("--backing-dir {}", img.display()))
+            && err.contains("it is a regular file, not a directory"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_config_section_for_a_missing_plugin_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let config = d.join("config.toml");
+    std::fs::write(
+        &config,
+        "[plugins.qcow3]\ndisabled = true\n[plugins.qcow2]\n",
+    )
+    .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_cocoon-host"))
+        .arg("--state-dir")
+        .arg(d.join("state"))
+        .arg("--config")
+        .arg(&config)
+        .args(["plugin", "list"])
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("[plugins.qcow3]") && err.contains("does not exist"),
+        "{err}"
+    );
+    assert!(!err.contains("[plugins.qcow2]"), "{err}");
+}
+
+#[test]
+fn an_empty_1tib_qcow2_converts_in_milliseconds_in_little_memory() {
+    // The README's figure, measured: the command logs its own peak RSS
+    // (VmHWM) at -v. (A child's ru_maxrss would count the test binary's
+    // memory too: Linux carries it across exec.)
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    qemu_img(d, &["create", "-q", "-f", "qcow2", "empty.qcow2", "1T"]);
+    let convert = |out: &str| {
+        let o = Command::new(env!("CARGO_BIN_EXE_cocoon-host"))
+            .arg("--state-dir")
+            .arg(d.join("state"))
+            .args([
+                "--config",
+                "/dev/null",
+                "-v",
+                "image",
+                "convert",
+                "-o",
+                "json",
+            ])
+            .arg(d.join("empty.qcow2"))
+            .arg(d.join(out))
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+        let kib: u64 = stderr
+            .split("peak resident memory: ")
+            .nth(1)
+            .and_then(|r| r.split(" KiB").next())
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no peak in {stderr}"));
+        (v["duration"].as_f64().unwrap(), kib << 10)
+    };
+    // The first run compiles the plugins into the state dir's cache, as
+    // the first command after an install does.
+    convert("first.raw");
+    let (seconds, peak) = convert("second.raw");
+    assert!(seconds < 1.0, "{seconds} s");
+    let meta = std::fs::metadata(d.join("second.raw")).unwrap();
+    assert_eq!(meta.len(), 1 << 40);
+    assert_eq!(std::os::unix::fs::MetadataExt::blocks(&meta), 0);
+    assert!(
+        peak < 24 << 20,
+        "peak RSS {} MiB (README: about 15 MiB)",
+        peak >> 20
+    );
 }

@@ -257,7 +257,7 @@ fn the_plugin_reaches_only_the_registry_the_reference_names() {
             PullPolicy::Missing,
         )
         .unwrap_err();
-    let msg = store_common::chain(&err);
+    let msg = cocoon_host::error_chain(&err);
     assert!(msg.contains("denied"), "{msg}");
     assert_eq!(
         elsewhere.hits("/token?service=fake&scope=repository%3Ateam%2Fapp%3Apull"),

@@ -369,7 +369,10 @@ mod tests {
         let kvm = match builder::open_kvm() {
             Ok(k) => k,
             Err(e) if std::env::var("COCOON_REQUIRE_KVM").as_deref() != Ok("1") => {
-                eprintln!("SKIPPED vcpu kick test: KVM is not usable: {e}");
+                cocoon_format_common::test_support::skip(
+                    "vcpu kick test",
+                    &format!("KVM is not usable: {e}"),
+                );
                 return None;
             }
             Err(e) => panic!("KVM is not usable: {e} (and COCOON_REQUIRE_KVM=1)"),

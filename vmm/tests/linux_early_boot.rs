@@ -46,7 +46,7 @@ fn linux_reads_our_cmdline_e820_acpi_ioapic_and_lapics() {
     let vmlinux = match fetch_linux() {
         Ok(p) => p,
         Err(e) if !require_kvm() => {
-            eprintln!("SKIPPED Linux early boot: {e}");
+            support::skip("Linux early boot", &e.to_string());
             return;
         }
         Err(e) => panic!("{e}"),

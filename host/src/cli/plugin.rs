@@ -9,6 +9,8 @@ use serde::Serialize;
 
 use super::output::{emit, Format};
 use cocoon_host::config::HostConfig;
+use cocoon_host::error_chain;
+use cocoon_host::fsutil::input;
 use cocoon_host::plugin::calls::{Platform, VmRequest};
 use cocoon_host::plugin::registry::{self, PluginInfo, Registry};
 use cocoon_host::plugin::{LoadedPlugin, PluginOrigin, Runtime};
@@ -333,7 +335,7 @@ fn read_request(path: &Path) -> anyhow::Result<VmRequest> {
         std::io::stdin().read_to_string(&mut s)?;
         s
     } else {
-        std::fs::read_to_string(path)
+        input::read_to_string_bounded(path, input::limits::REQUEST)
             .with_context(|| format!("reading VM request {}", path.display()))?
     };
     serde_json::from_str(&text).with_context(|| format!("VM request {}", path.display()))
@@ -342,8 +344,8 @@ fn read_request(path: &Path) -> anyhow::Result<VmRequest> {
 /// The first and last `n` bytes of a file.
 fn head_tail(file: &Path, n: u64) -> anyhow::Result<(Vec<u8>, Vec<u8>, u64)> {
     use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
-    let size = f.metadata()?.len();
+    let input::Input { file: f, size, .. } = input::open(file, input::Accept::RegularOrBlock)
+        .with_context(|| format!("opening {}", file.display()))?;
     let read = |off: u64, len: u64| -> anyhow::Result<Vec<u8>> {
         let mut buf = vec![0; len as usize];
         f.read_exact_at(&mut buf, off)
@@ -439,16 +441,4 @@ fn call_plugin(plugin: &LoadedPlugin, call: Call, output: Format) -> anyhow::Res
         }
     }
     Ok(0)
-}
-
-/// An error and its causes, one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

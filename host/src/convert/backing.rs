@@ -52,10 +52,20 @@ pub struct DirResolver {
 }
 
 impl DirResolver {
+    /// Fails unless `dir` is a directory, saying what it is instead.
     pub fn new(dir: &Path) -> std::io::Result<Self> {
-        Ok(DirResolver {
-            dir: dir.canonicalize()?,
-        })
+        let dir = dir.canonicalize()?;
+        let meta = std::fs::metadata(&dir)?;
+        if !meta.is_dir() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotADirectory,
+                format!(
+                    "it is {}, not a directory",
+                    crate::fsutil::input::FileKind::of(meta.file_type())
+                ),
+            ));
+        }
+        Ok(DirResolver { dir })
     }
 }
 
@@ -128,7 +138,7 @@ pub fn open_chain<'c>(
 
 /// Opens a file for the host's own reads of data extents.
 pub(crate) fn open_source(path: &Path) -> Result<File, ConvertError> {
-    File::open(path).map_err(ConvertError::io("opening", path))
+    super::decompress::open_image(path).map(|i| i.file)
 }
 
 #[cfg(test)]

@@ -73,12 +73,43 @@ pub fn run(
     progress: &dyn Progress,
     walk: impl FnOnce(&Pool<'_>) -> Result<(), ConvertError>,
 ) -> Result<(), ConvertError> {
+    run_with_stack(jobs, None, plugins, sources, out, progress, walk)
+}
+
+/// [`run`] with worker threads of `stack` bytes of stack (the default
+/// when None). A worker that cannot be started (no memory for its stack,
+/// a thread limit) is an error, after the ones already started stop.
+fn run_with_stack(
+    jobs: usize,
+    stack: Option<usize>,
+    plugins: &[&LoadedPlugin],
+    sources: &[(PathBuf, File)],
+    out: &Output,
+    progress: &dyn Progress,
+    walk: impl FnOnce(&Pool<'_>) -> Result<(), ConvertError>,
+) -> Result<(), ConvertError> {
+    let workers = jobs.max(1);
     let failure = Mutex::new(None);
-    let (tx, rx) = sync_channel::<Job>(jobs.max(1) * QUEUE_PER_WORKER);
+    let (tx, rx) = sync_channel::<Job>(workers * QUEUE_PER_WORKER);
     let rx = Mutex::new(rx);
     let walked = std::thread::scope(|scope| {
-        for _ in 0..jobs.max(1) {
-            scope.spawn(|| worker(&rx, plugins, sources, out, progress, &failure));
+        for index in 0..workers {
+            let mut builder = std::thread::Builder::new().name(format!("cocoon-decode-{index}"));
+            if let Some(bytes) = stack {
+                builder = builder.stack_size(bytes);
+            }
+            let started = builder.spawn_scoped(scope, || {
+                worker(&rx, plugins, sources, out, progress, &failure)
+            });
+            if let Err(source) = started {
+                // Returning drops the sender: the workers started so far
+                // see the queue closed and stop before the scope ends.
+                return Err(ConvertError::Spawn {
+                    index,
+                    workers,
+                    source,
+                });
+            }
         }
         let pool = Pool {
             tx,
@@ -164,4 +195,33 @@ fn decode_one<'p>(
     let decoded = session.decode(job.extent, &input, job.decoded as u32)?;
     let wanted = &decoded[job.skip as usize..(job.skip + job.length) as usize];
     out.write_at(wanted, job.offset)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_that_cannot_start_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Output::create(&dir.path().join("out.raw"), 0).unwrap();
+        // No address space holds a 1 PiB stack: the second spawn fails.
+        let r = run_with_stack(
+            2,
+            Some(1 << 50),
+            &[],
+            &[],
+            &out,
+            &super::super::Silent,
+            |_| panic!("the walk runs only with every worker started"),
+        );
+        match r {
+            Err(ConvertError::Spawn {
+                index: 0,
+                workers: 2,
+                ..
+            }) => {}
+            other => panic!("{other:?}"),
+        }
+    }
 }

@@ -1,16 +1,19 @@
 //! Compressed downloads (xz, gzip, zstd) are unpacked by the host into a
 //! temporary file before probing: a compressed image is never taken for
 //! raw, and plugins only ever see the image itself. Streaming, so memory
-//! stays bounded whatever the sizes.
+//! stays bounded whatever the sizes. The temp is a locked
+//! [`Temp`](crate::fsutil::temp::Temp): removed when dropped, on a
+//! termination signal, and by the next conversion into the directory if a
+//! SIGKILL left it.
 
 use std::fs::File;
 use std::io::{self, BufReader, Read};
 use std::path::Path;
 
-use tempfile::NamedTempFile;
-
 use super::detect::{detect_compression, Compression};
 use super::ConvertError;
+use crate::fsutil::input::{self, Accept};
+use crate::fsutil::temp::Temp;
 
 /// Wrappers unpacked at most (a .tar.gz inside an .xz is not an image).
 const MAX_LAYERS: usize = 2;
@@ -18,14 +21,19 @@ const MAX_LAYERS: usize = 2;
 /// The unpacked image, when the source was compressed.
 pub struct Unpacked {
     /// Deleted when dropped.
-    pub file: Option<NamedTempFile>,
+    pub file: Option<Temp>,
     /// The wrappers removed, outermost first.
     pub codecs: Vec<&'static str>,
 }
 
+/// Opens a source image: a regular file or a block device, nothing else.
+pub(crate) fn open_image(path: &Path) -> Result<input::Input, ConvertError> {
+    input::open(path, Accept::RegularOrBlock).map_err(ConvertError::io("opening", path))
+}
+
 fn magic_of(path: &Path) -> Result<Option<Compression>, ConvertError> {
     let mut head = [0u8; 8];
-    let mut f = File::open(path).map_err(ConvertError::io("opening", path))?;
+    let mut f = open_image(path)?.file;
     let mut n = 0;
     while n < head.len() {
         match f.read(&mut head[n..]) {
@@ -57,10 +65,8 @@ pub fn unpack(source: &Path, scratch: &Path) -> Result<Unpacked, ConvertError> {
                 layers: MAX_LAYERS,
             });
         }
-        let input = File::open(&current).map_err(ConvertError::io("opening", &current))?;
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".cocoon-unpack-")
-            .tempfile_in(scratch)
+        let input = open_image(&current)?.file;
+        let mut tmp = Temp::create_in(scratch, ".unpack")
             .map_err(ConvertError::io("creating a temp file in", scratch))?;
         let path = current.clone();
         let failed = move |source| ConvertError::Decompress {

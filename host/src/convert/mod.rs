@@ -89,6 +89,13 @@ pub enum ConvertError {
     },
     #[error("{}: {detail}", image.display())]
     Invalid { image: PathBuf, detail: String },
+    #[error("starting decoder thread {index} of {workers}")]
+    Spawn {
+        index: usize,
+        workers: usize,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl ConvertError {
@@ -222,7 +229,11 @@ pub fn convert_with(
     progress: &dyn Progress,
 ) -> Result<ConvertReport, ConvertError> {
     let started = Instant::now();
+    // Before any work: a destination that cannot be replaced fails now,
+    // not after minutes of conversion.
+    output::check_destination(req.dest)?;
     let scratch_dir = output::parent_dir(req.dest);
+    output::remove_stale_temps(scratch_dir);
     let unpacked = decompress::unpack(req.source, scratch_dir)?;
     let source = unpacked.file.as_ref().map_or(req.source, |t| t.path());
     let (top, format) = detect::choose(converters, source, req.format)?;

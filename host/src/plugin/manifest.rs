@@ -75,7 +75,7 @@ pub enum ManifestError {
     Parse {
         path: PathBuf,
         #[source]
-        source: Box<toml::de::Error>,
+        source: crate::config::TomlSyntax,
     },
     #[error("plugin manifest {path}: {field} = {value:?}: {reason}")]
     Invalid {
@@ -130,18 +130,20 @@ pub struct Manifest {
 impl Manifest {
     /// Reads and checks the manifest at `path`.
     pub fn load(path: &Path) -> Result<Self, ManifestError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text =
+            crate::fsutil::input::read_to_string_bounded(path, crate::fsutil::input::limits::TOML)
+                .map_err(|source| ManifestError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
         Self::parse(&text, path)
     }
 
     /// Checks manifest text; `path` is only used in error messages.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ManifestError> {
-        let raw: RawManifest = toml::from_str(text).map_err(|source| ManifestError::Parse {
+        let raw: RawManifest = toml::from_str(text).map_err(|e| ManifestError::Parse {
             path: path.to_path_buf(),
-            source: Box::new(source),
+            source: crate::config::TomlSyntax::new(text, &e),
         })?;
         let invalid = |field: &'static str, value: &str, reason: String| ManifestError::Invalid {
             path: path.to_path_buf(),

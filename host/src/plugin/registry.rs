@@ -123,8 +123,7 @@ impl PluginInfo {
         match &self.wasm {
             WasmSource::Embedded(b) => Ok(b.to_vec()),
             WasmSource::File(path) => {
-                let bytes =
-                    std::fs::read(path).map_err(PluginError::io("reading plugin wasm", path))?;
+                let bytes = read_wasm(path)?;
                 let actual = sha256_hex(&bytes);
                 if actual != self.sha256 {
                     return Err(PluginError::DigestMismatch {
@@ -180,6 +179,12 @@ impl Registry {
                 Err(error) => problems.push(Problem { path: dir, error }),
             }
         }
+        let known = plugins.keys().map(String::as_str).chain(
+            problems
+                .iter()
+                .filter_map(|p| p.path.file_name().and_then(|n| n.to_str())),
+        );
+        config.warn_unknown_plugin_sections(known);
         Registry { plugins, problems }
     }
 
@@ -187,8 +192,7 @@ impl Registry {
         let manifest_path = dir.join("plugin.toml");
         let manifest = Manifest::load(&manifest_path)?;
         let (wasm_path, pinned) = check_pinned(&manifest, &manifest_path)?;
-        let bytes = std::fs::read(&wasm_path)
-            .map_err(PluginError::io("reading plugin wasm", &wasm_path))?;
+        let bytes = read_wasm(&wasm_path)?;
         let actual = sha256_hex(&bytes);
         if actual != pinned {
             return Err(PluginError::DigestMismatch {
@@ -247,6 +251,13 @@ impl Registry {
         let wasm = info.wasm()?;
         runtime.load(info.spec(), &wasm, &info.sha256)
     }
+}
+
+/// A plugin's wasm: a regular file (never a FIFO or /dev/zero behind a
+/// symlink) of at most [`limits::WASM`](crate::fsutil::input::limits::WASM) bytes.
+fn read_wasm(path: &Path) -> Result<Vec<u8>, PluginError> {
+    fsutil::input::read_bounded(path, fsutil::input::limits::WASM)
+        .map_err(PluginError::io("reading plugin wasm", path))
 }
 
 /// The wasm path and pinned digest a directory manifest must carry.
@@ -325,8 +336,7 @@ pub fn verify(
                     .ok_or(e)
             })?,
     };
-    let bytes =
-        std::fs::read(&wasm_path).map_err(PluginError::io("reading plugin wasm", &wasm_path))?;
+    let bytes = read_wasm(&wasm_path)?;
     let sha256 = sha256_hex(&bytes);
     if let Some(pinned) = &manifest.sha256 {
         if *pinned != sha256 {
@@ -396,8 +406,7 @@ pub fn install(config: &HostConfig, report: &VerifyReport) -> Result<PathBuf, Pl
     let dir = config.plugin_dir.join(name);
     std::fs::create_dir_all(&dir).map_err(PluginError::io("creating plugin directory", &dir))?;
     let wasm_name = format!("{}.wasm", name.replace('-', "_"));
-    let bytes = std::fs::read(&report.wasm_path)
-        .map_err(PluginError::io("reading plugin wasm", &report.wasm_path))?;
+    let bytes = read_wasm(&report.wasm_path)?;
     if sha256_hex(&bytes) != report.sha256 {
         return Err(PluginError::DigestMismatch {
             plugin: name.clone(),

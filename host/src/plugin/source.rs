@@ -19,9 +19,11 @@ pub struct SourceFile {
 }
 
 impl SourceFile {
+    /// Opens an image: a regular file or a block device (sized by
+    /// seeking), never a FIFO or character device (see fsutil::input).
     pub fn open(path: &Path) -> std::io::Result<Self> {
-        let file = File::open(path)?;
-        let size = file.metadata()?.len();
+        let crate::fsutil::input::Input { file, size, .. } =
+            crate::fsutil::input::open(path, crate::fsutil::input::Accept::RegularOrBlock)?;
         Ok(SourceFile {
             file,
             size,

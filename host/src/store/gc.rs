@@ -166,6 +166,9 @@ impl Store {
     ) -> Result<(), StoreError> {
         let layout = self.layout();
         let conv = layout.converted_dir();
+        report.freed_bytes += crate::fsutil::temp::remove_stale_below(&conv, 2, dry_run)
+            .map_err(StoreError::io("removing stale temp files in", &conv))?
+            .bytes;
         for src in fs::read_dir(&conv)
             .map_err(StoreError::io("listing", &conv))?
             .flatten()

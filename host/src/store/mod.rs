@@ -11,7 +11,7 @@
 //! | `tmp/` | partial downloads (resumable) and their validators; never served |
 //! | `locks/` | per-key flock files |
 //!
-//! The rules of DESIGN.md hold by construction:
+//! The image store's rules (README, "Images") hold by construction:
 //! - a [`blob::VerifiedBlob`] can only be made by hashing bytes; nothing
 //!   else is ever handed to a caller;
 //! - a pinned pull is satisfied by the blob of that digest, re-hashed, and
@@ -207,17 +207,8 @@ impl Store {
     }
 }
 
-/// An error and its causes on one line.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+/// An error and its causes on one line (the host's one error-chain format).
+pub use crate::error_chain::error_chain as chain;
 
 impl Store {
     /// Forgets a reference; its blobs stay until gc. False when it was

@@ -12,6 +12,9 @@ use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+#[allow(unused_imports)]
+pub use cocoon_format_common::test_support::{skip, test_name, Rng};
+
 /// How the server misbehaves for one resource.
 #[derive(Clone, Debug, Default)]
 pub enum Fault {
@@ -443,15 +446,7 @@ fn take_fault(f: &mut Fault) -> Fault {
 
 /// Deterministic pseudo-random bytes.
 pub fn bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    Rng::new(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)).bytes(len)
 }
 
 pub fn sha256(b: &[u8]) -> String {
@@ -522,7 +517,10 @@ pub fn require_tool(tool: &str) -> bool {
     if std::env::var_os("CI").is_some() {
         panic!("{tool} is required in CI (scripts/install-deps installs it)");
     }
-    eprintln!("SKIPPED: {tool} is not installed (scripts/install-deps installs it)");
+    skip(
+        &test_name(),
+        &format!("{tool} is not installed (scripts/install-deps installs it)"),
+    );
     false
 }
 

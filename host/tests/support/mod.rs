@@ -7,6 +7,9 @@ use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+#[allow(unused_imports)]
+pub use cocoon_format_common::test_support::{skip, test_name, Rng};
+
 /// A built wasm plugin (first-party, example or fixture) by crate name.
 pub fn wasm(crate_name: &str) -> PathBuf {
     PathBuf::from(env!("COCOON_PLUGIN_WASM_DIR"))

@@ -36,6 +36,14 @@ const PAGE_SIZE: u64 = 4096;
 pub enum BootError {
     #[error("cannot open {0}")]
     Open(String, #[source] std::io::Error),
+    #[error("{name} is {kind}, not a regular file")]
+    NotAFile { name: String, kind: &'static str },
+    #[error("{name} is {size} bytes, larger than the guest's {memory} bytes of memory")]
+    LargerThanMemory {
+        name: String,
+        size: u64,
+        memory: u64,
+    },
     #[error("cannot read {0}")]
     Read(String, #[source] std::io::Error),
     #[error("cannot load the kernel as an ELF")]
@@ -74,7 +82,7 @@ enum KernelKind {
 /// Loads everything into `mem` and says how the boot vCPU enters.
 pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec<'_>) -> Result<EntryMode, BootError> {
     let name = spec.kernel.display().to_string();
-    let mut file = File::open(spec.kernel).map_err(|e| BootError::Open(name.clone(), e))?;
+    let mut file = open_regular(spec.kernel, &name, spec.memory_size)?;
     let (kind, kernel_end) = load_kernel(mem, &mut file, &name)?;
 
     write_cmdline(mem, spec.cmdline)?;
@@ -162,6 +170,52 @@ fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<(), BootError> 
         .map_err(BootError::GuestMemory)
 }
 
+/// Opens a kernel or initrd: a regular file of at most `max` bytes. The open
+/// never blocks (a FIFO without a writer would hang it) and the type is
+/// checked on the opened file, so a FIFO or a device such as /dev/zero is
+/// refused before anything is read.
+fn open_regular(path: &Path, name: &str, max: u64) -> Result<File, BootError> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| BootError::Open(name.to_string(), e))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| BootError::Read(name.to_string(), e))?;
+    let t = meta.file_type();
+    let kind = if t.is_file() {
+        None
+    } else if t.is_dir() {
+        Some("a directory")
+    } else if t.is_fifo() {
+        Some("a FIFO")
+    } else if t.is_char_device() {
+        Some("a character device")
+    } else if t.is_block_device() {
+        Some("a block device")
+    } else if t.is_socket() {
+        Some("a socket")
+    } else {
+        Some("not a file")
+    };
+    if let Some(kind) = kind {
+        return Err(BootError::NotAFile {
+            name: name.to_string(),
+            kind,
+        });
+    }
+    if meta.len() > max {
+        return Err(BootError::LargerThanMemory {
+            name: name.to_string(),
+            size: meta.len(),
+            memory: max,
+        });
+    }
+    Ok(file)
+}
+
 /// Loads the initrd at the highest page-aligned address below `limit`.
 fn load_initrd(
     mem: &GuestMemoryMmap,
@@ -170,7 +224,8 @@ fn load_initrd(
     limit: u64,
 ) -> Result<(u64, u64), BootError> {
     let name = path.display().to_string();
-    let mut file = File::open(path).map_err(|e| BootError::Open(name.clone(), e))?;
+    // Its size is checked against the room below `limit` just below.
+    let mut file = open_regular(path, &name, u64::MAX)?;
     let size = file
         .metadata()
         .map_err(|e| BootError::Read(name.clone(), e))?

@@ -8,6 +8,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+pub use cocoon_format_common::test_support::{skip, Rng};
 use cocoon_vmm::{ExitReason, SerialOutput, Vm, VmConfig};
 
 /// Whether a test that needs /dev/kvm may run. Without KVM it skips with a
@@ -28,7 +29,7 @@ pub fn kvm_or_skip(test: &str) -> bool {
     if std::env::var("COCOON_REQUIRE_KVM").as_deref() == Ok("1") {
         panic!("{test}: {reason} (and COCOON_REQUIRE_KVM=1)");
     }
-    eprintln!("SKIPPED {test}: {reason}");
+    skip(test, &reason);
     false
 }
 
@@ -120,17 +121,9 @@ pub fn fields(report: &[String], kind: &str) -> Vec<std::collections::BTreeMap<S
         .collect()
 }
 
-/// Deterministic, disk-specific contents (xorshift), so hashes differ.
+/// Deterministic, disk-specific contents, so hashes differ.
 pub fn disk_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    Rng::new(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15)).bytes(len)
 }
 
 /// Where `scripts/fetch-linux-kernel` leaves the uncompressed kernel.

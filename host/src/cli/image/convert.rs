@@ -20,6 +20,8 @@ use cocoon_host::plugin::{Registry, Runtime};
 pub enum SourceFormat {
     /// Detect by magic and plugin probes.
     Auto,
+    /// Read the file as it is, whatever magic it starts with.
+    Raw,
     Qcow2,
     Vmdk,
     Vhdx,
@@ -37,7 +39,8 @@ pub enum TargetFormat {
 pub struct ConvertArgs {
     /// The image to convert (xz, gzip and zstd wrappers are unpacked first).
     src: PathBuf,
-    /// The raw file to write; replaced atomically.
+    /// The raw file to write; replaced atomically, and only if it is a
+    /// regular file (or absent).
     dst: PathBuf,
     /// The source format; a forced format must agree with the probe.
     #[arg(short = 'f', long, value_enum, default_value = "auto")]
@@ -58,12 +61,15 @@ pub struct ConvertArgs {
 
 pub fn run(args: ConvertArgs, config: &HostConfig) -> anyhow::Result<i32> {
     let TargetFormat::Raw = args.to;
+    // SIGINT/SIGTERM/SIGHUP remove the temp files and exit 128 + the
+    // signal.
+    cocoon_host::fsutil::cleanup::remove_temps_on_termination()
+        .context("handling SIGINT, SIGTERM and SIGHUP")?;
     let runtime = Runtime::new(Some(config.state_dir.join("plugin-cache")))?;
     let registry = Registry::discover(config);
     let resolver: Box<dyn BackingResolver> = match &args.backing_dir {
         Some(dir) => Box::new(
-            DirResolver::new(dir)
-                .with_context(|| format!("backing directory {}", dir.display()))?,
+            DirResolver::new(dir).with_context(|| format!("--backing-dir {}", dir.display()))?,
         ),
         None => Box::new(NoBacking),
     };
@@ -85,6 +91,9 @@ pub fn run(args: ConvertArgs, config: &HostConfig) -> anyhow::Result<i32> {
     };
     let progress = Bar::new(args.output == Format::Text);
     let report = convert::convert(&runtime, &registry, &req, &progress)?;
+    if let Some(kib) = peak_rss_kib() {
+        tracing::info!("peak resident memory: {kib} KiB");
+    }
     emit(args.output, &report, |r| {
         println!(
             "{} -> {}: {} {}, {} allocated, {:.2}s",
@@ -97,6 +106,14 @@ pub fn run(args: ConvertArgs, config: &HostConfig) -> anyhow::Result<i32> {
         );
     })?;
     Ok(0)
+}
+
+/// This process's peak resident set (VmHWM), in KiB. Unlike getrusage's
+/// ru_maxrss, it starts afresh at exec, so it is this command's own.
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn human(bytes: u64) -> String {

@@ -12,7 +12,7 @@
 
 use std::cell::RefCell;
 
-pub use cocoon_format_common::{push_merged, ErrorKind, Extent, FormatError, ReadAt, Run};
+pub use cocoon_format_common::{push_merged, ErrorKind, Extent, Format, FormatError, ReadAt, Run};
 
 mod codec;
 mod header;
@@ -54,23 +54,22 @@ struct L2Cache {
     words: Vec<u64>,
 }
 
-/// An opened qcow2 image.
-pub struct Qcow2<R: ReadAt> {
-    src: R,
+/// An opened qcow2 image: its checked header, L1 table and backing name.
+/// The source is passed to each `map` call, as [`Format`] has it.
+pub struct Qcow2 {
     header: Header,
     l1: Vec<u64>,
     backing: Option<String>,
     l2: RefCell<Option<L2Cache>>,
 }
 
-impl<R: ReadAt> Qcow2<R> {
+impl Qcow2 {
     /// Reads and checks the header, the backing file name and the L1 table.
-    pub fn open(src: R) -> Result<Self, FormatError> {
-        let header = Header::read(&src)?;
-        let backing = header.read_backing_name(&src)?;
-        let l1 = read_l1(&src, &header)?;
+    pub fn open(src: &dyn ReadAt) -> Result<Self, FormatError> {
+        let header = Header::read(src)?;
+        let backing = header.read_backing_name(src)?;
+        let l1 = read_l1(src, &header)?;
         Ok(Qcow2 {
-            src,
             header,
             l1,
             backing,
@@ -82,8 +81,12 @@ impl<R: ReadAt> Qcow2<R> {
         &self.header
     }
 
+    /// The virtual size in whole 512-byte sectors, as qemu reads it
+    /// (`total_sectors = size / 512`): a header size of 1000 bytes is a
+    /// 512-byte disk, and the bytes past the last whole sector are never
+    /// part of it.
     pub fn virtual_size(&self) -> u64 {
-        self.header.size
+        self.header.size & !511
     }
 
     /// The backing file name exactly as the image stores it.
@@ -102,9 +105,13 @@ impl<R: ReadAt> Qcow2<R> {
     /// Up to `max` extents covering the virtual disk from `offset`, merged
     /// where possible. Fewer than `max` does not mean the end: only an empty
     /// answer does.
-    pub fn map(&self, offset: u64, max: u32) -> Result<Vec<Extent>, FormatError> {
-        let size = self.header.size;
-        let max = max as usize;
+    pub fn map(
+        &self,
+        src: &dyn ReadAt,
+        offset: u64,
+        max: usize,
+    ) -> Result<Vec<Extent>, FormatError> {
+        let size = self.virtual_size();
         let mut out: Vec<Extent> = Vec::new();
         if offset >= size || max == 0 {
             return Ok(out);
@@ -147,7 +154,7 @@ impl<R: ReadAt> Qcow2<R> {
                     break;
                 }
                 l2_reads += 1;
-                let words = self.read_l2(l1_index, l2_offset)?;
+                let words = self.read_l2(src, l1_index, l2_offset)?;
                 *self.l2.borrow_mut() = Some(L2Cache {
                     offset: l2_offset,
                     words,
@@ -159,7 +166,7 @@ impl<R: ReadAt> Qcow2<R> {
                 let index = ((pos % l1_span) >> cb) as usize;
                 let cluster_start = pos & !(cluster - 1);
                 let cluster_end = (cluster_start + cluster).min(size);
-                let runs = self.cluster_runs(words, index, cluster_start, cluster_end, pos)?;
+                let runs = self.cluster_runs(src, words, index, cluster_start, cluster_end, pos)?;
                 for e in runs {
                     if !try_push(&mut out, e, max) {
                         break 'walk;
@@ -180,7 +187,12 @@ impl<R: ReadAt> Qcow2<R> {
         }
     }
 
-    fn read_l2(&self, l1_index: u64, l2_offset: u64) -> Result<Vec<u64>, FormatError> {
+    fn read_l2(
+        &self,
+        src: &dyn ReadAt,
+        l1_index: u64,
+        l2_offset: u64,
+    ) -> Result<Vec<u64>, FormatError> {
         let cluster = self.header.cluster_size();
         if !l2_offset.is_multiple_of(cluster) {
             return Err(FormatError::invalid(format!(
@@ -192,14 +204,14 @@ impl<R: ReadAt> Qcow2<R> {
                 "L1 entry {l1_index}: L2 table offset {l2_offset:#x} points into the header cluster"
             )));
         }
-        let file = self.src.size();
+        let file = src.size();
         if l2_offset.checked_add(cluster).is_none_or(|end| end > file) {
             return Err(FormatError::invalid(format!(
                 "L1 entry {l1_index}: L2 table at {l2_offset:#x} (+{cluster}) is past the end of the {file}-byte file"
             )));
         }
         let mut buf = vec![0u8; cluster as usize];
-        self.src.read_exact_at(l2_offset, &mut buf)?;
+        src.read_exact_at(l2_offset, &mut buf)?;
         Ok(buf
             .chunks_exact(8)
             .map(|c| u64::from_be_bytes(c.try_into().expect("8-byte chunks")))
@@ -209,6 +221,7 @@ impl<R: ReadAt> Qcow2<R> {
     /// The runs of one cluster from `pos` (inside the cluster) to its end.
     fn cluster_runs(
         &self,
+        src: &dyn ReadAt,
         words: &[u64],
         index: usize,
         cluster_start: u64,
@@ -217,7 +230,7 @@ impl<R: ReadAt> Qcow2<R> {
     ) -> Result<Vec<Extent>, FormatError> {
         let h = &self.header;
         let cluster = h.cluster_size();
-        let file = self.src.size();
+        let file = src.size();
         let (entry, bitmap) = if h.extended_l2 {
             (words[2 * index], words[2 * index + 1])
         } else {
@@ -380,7 +393,7 @@ fn mergeable(last: &Extent, e: &Extent) -> bool {
         }
 }
 
-fn read_l1<R: ReadAt>(src: &R, h: &Header) -> Result<Vec<u64>, FormatError> {
+fn read_l1(src: &dyn ReadAt, h: &Header) -> Result<Vec<u64>, FormatError> {
     let needed = h.l1_entries_needed();
     if (h.l1_size as u64) < needed {
         return Err(FormatError::invalid(format!(
@@ -423,6 +436,34 @@ fn read_l1<R: ReadAt>(src: &R, h: &Header) -> Result<Vec<u64>, FormatError> {
         .chunks_exact(8)
         .map(|c| u64::from_be_bytes(c.try_into().expect("8-byte chunks")))
         .collect())
+}
+
+impl Format for Qcow2 {
+    const NAME: &'static str = "qcow2";
+
+    fn probe(head: &[u8], _tail: &[u8], _file_size: u64) -> Option<u8> {
+        probe(head).then_some(100)
+    }
+
+    fn open(src: &dyn ReadAt) -> Result<Self, FormatError> {
+        Qcow2::open(src)
+    }
+
+    fn virtual_size(&self) -> u64 {
+        Qcow2::virtual_size(self)
+    }
+
+    fn backing(&self) -> Option<&str> {
+        Qcow2::backing(self)
+    }
+
+    fn map(&self, src: &dyn ReadAt, offset: u64, max: usize) -> Result<Vec<Extent>, FormatError> {
+        Qcow2::map(self, src, offset, max)
+    }
+
+    fn decode(codec: u32, input: &[u8], length: u32) -> Result<Vec<u8>, FormatError> {
+        decode(codec, input, length as usize)
+    }
 }
 
 #[cfg(test)]

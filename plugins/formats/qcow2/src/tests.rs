@@ -3,6 +3,31 @@
 //! never a panic or an unbounded walk.
 
 use super::*;
+use cocoon_format_common::test_support::Rng;
+
+/// An image opened over its bytes, with the source bound for `map`.
+struct Opened {
+    src: Vec<u8>,
+    img: Qcow2,
+}
+
+impl Opened {
+    fn map(&self, offset: u64, max: u32) -> Result<Vec<Extent>, FormatError> {
+        self.img.map(&self.src, offset, max as usize)
+    }
+}
+
+impl std::ops::Deref for Opened {
+    type Target = Qcow2;
+    fn deref(&self) -> &Qcow2 {
+        &self.img
+    }
+}
+
+fn open(src: Vec<u8>) -> Result<Opened, FormatError> {
+    let img = Qcow2::open(&src)?;
+    Ok(Opened { src, img })
+}
 
 const CB: u32 = 16;
 const CLUSTER: u64 = 1 << CB;
@@ -52,8 +77,8 @@ impl Builder {
         self.l1(0, (2 * CLUSTER) | (1 << 63));
         self
     }
-    fn open(&self) -> Result<Qcow2<Vec<u8>>, FormatError> {
-        Qcow2::open(self.bytes.clone())
+    fn open(&self) -> Result<Opened, FormatError> {
+        open(self.bytes.clone())
     }
 }
 
@@ -62,7 +87,7 @@ fn data_cluster(i: u64) -> u64 {
 }
 
 /// The whole map, page by page, with a bound on the number of calls.
-fn full_map<R: ReadAt>(img: &Qcow2<R>, max: u32) -> Result<Vec<Extent>, FormatError> {
+fn full_map(img: &Opened, max: u32) -> Result<Vec<Extent>, FormatError> {
     let mut out = Vec::new();
     let mut pos = 0;
     for _ in 0..100_000 {
@@ -77,7 +102,7 @@ fn full_map<R: ReadAt>(img: &Qcow2<R>, max: u32) -> Result<Vec<Extent>, FormatEr
     panic!("map did not end");
 }
 
-fn err_of(r: Result<Qcow2<Vec<u8>>, FormatError>) -> FormatError {
+fn err_of(r: Result<Opened, FormatError>) -> FormatError {
     match r {
         Ok(_) => panic!("expected an error"),
         Err(e) => e,
@@ -86,7 +111,7 @@ fn err_of(r: Result<Qcow2<Vec<u8>>, FormatError>) -> FormatError {
 
 #[test]
 fn maps_data_zero_unallocated_and_compressed() {
-    let mut b = Builder::new(10 * CLUSTER + 1000, 3).with_l2();
+    let mut b = Builder::new(10 * CLUSTER + 1024, 3).with_l2();
     b.l2(0, data_cluster(0) | 1 << 63)
         .l2(1, data_cluster(1))
         .l2(2, L2_ZERO)
@@ -96,7 +121,7 @@ fn maps_data_zero_unallocated_and_compressed() {
     b.l2(5, L2_COMPRESSED | (2 << shift) | (data_cluster(2) + 100));
     b.l2(10, data_cluster(2));
     let img = b.open().unwrap();
-    assert_eq!(img.virtual_size(), 10 * CLUSTER + 1000);
+    assert_eq!(img.virtual_size(), 10 * CLUSTER + 1024);
     let map = full_map(&img, 100).unwrap();
     let want = vec![
         Extent {
@@ -126,7 +151,7 @@ fn maps_data_zero_unallocated_and_compressed() {
         // The last cluster is cut at the virtual size.
         Extent {
             offset: 10 * CLUSTER,
-            length: 1000,
+            length: 1024,
             run: Run::Data(data_cluster(2)),
         },
     ];
@@ -148,6 +173,28 @@ fn maps_data_zero_unallocated_and_compressed() {
             run: Run::Data(data_cluster(1) + 10)
         }]
     );
+}
+
+#[test]
+fn a_size_that_is_not_whole_sectors_is_cut_to_whole_sectors() {
+    // qemu reads `size / 512` sectors: the 488 bytes past the last whole
+    // sector are not part of the disk (host/tests/convert_conformance.rs
+    // checks the same image against qemu-img itself).
+    let mut b = Builder::new(1000, 1).with_l2();
+    b.l2(0, data_cluster(0));
+    let img = b.open().unwrap();
+    assert_eq!(img.virtual_size(), 512);
+    assert_eq!(
+        full_map(&img, 10).unwrap(),
+        vec![Extent {
+            offset: 0,
+            length: 512,
+            run: Run::Data(data_cluster(0)),
+        }]
+    );
+    let tiny = Builder::new(511, 0).open().unwrap();
+    assert_eq!(tiny.virtual_size(), 0);
+    assert_eq!(full_map(&tiny, 10).unwrap(), vec![]);
 }
 
 #[test]
@@ -303,7 +350,7 @@ fn a_large_empty_image_maps_in_one_extent() {
 fn truncated_headers() {
     let b = Builder::new(CLUSTER, 0);
     for len in [0, 4, 8, 71, 72, 100, 103] {
-        let e = err_of(Qcow2::open(b.bytes[..len].to_vec()));
+        let e = err_of(open(b.bytes[..len].to_vec()));
         assert!(
             e.message.contains("truncated header") || e.message.contains("magic"),
             "{len}: {e}"
@@ -386,13 +433,8 @@ fn data_runs_must_end_inside_the_file() {
 
 #[test]
 fn random_bytes_after_a_valid_magic() {
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15);
+    let mut next = || rng.next();
     let mut opened = 0;
     for round in 0..3000 {
         let len = 72 + (next() % 4096) as usize;
@@ -405,7 +447,7 @@ fn random_bytes_after_a_valid_magic() {
             bytes[20..24].copy_from_slice(&(9 + (next() % 13) as u32).to_be_bytes());
             bytes[32..36].fill(0);
         }
-        if let Ok(img) = Qcow2::open(bytes) {
+        if let Ok(img) = open(bytes) {
             opened += 1;
             let _ = full_map(&img, 64);
         }

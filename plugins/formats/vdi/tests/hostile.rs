@@ -1,19 +1,16 @@
 //! Hostile inputs end in a clear error: no panic, no read outside the file,
 //! bounded memory and time.
 
-#[path = "../../vmdk/tests/support/mod.rs"]
-mod support;
-
+use cocoon_format_common::test_support::*;
 use cocoon_format_common::{ErrorKind, FormatError};
 use cocoon_format_vdi::Vdi;
-use support::*;
 
 fn fixture(name: &str) -> Vec<u8> {
     hostile_fixture("vdi", name, "")
 }
 
 fn outcome(file: &[u8]) -> Result<(), FormatError> {
-    support::outcome::<Vdi>(file)
+    cocoon_format_common::test_support::outcome::<Vdi>(file)
 }
 
 fn refused(file: &[u8], needle: &str) -> FormatError {

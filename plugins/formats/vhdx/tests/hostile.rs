@@ -1,12 +1,9 @@
 //! Hostile inputs end in a clear error: no panic, no read outside the file,
 //! bounded memory and time.
 
-#[path = "../../vmdk/tests/support/mod.rs"]
-mod support;
-
+use cocoon_format_common::test_support::*;
 use cocoon_format_common::{ErrorKind, FormatError};
 use cocoon_format_vhdx::{crc32c, Vhdx};
-use support::*;
 
 const KIB: usize = 1024;
 
@@ -15,7 +12,7 @@ fn fixture(name: &str) -> Vec<u8> {
 }
 
 fn outcome(file: &[u8]) -> Result<(), FormatError> {
-    support::outcome::<Vhdx>(file)
+    cocoon_format_common::test_support::outcome::<Vhdx>(file)
 }
 
 fn refused(file: &[u8], needle: &str) -> FormatError {

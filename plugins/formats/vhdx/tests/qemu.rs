@@ -1,12 +1,9 @@
 //! Conformance against qemu-img: images made by qemu-img from mixed source
 //! data, rebuilt from our extent map, must equal `qemu-img convert -O raw`.
 
-#[path = "../../vmdk/tests/support/mod.rs"]
-mod support;
-
+use cocoon_format_common::test_support::*;
 use cocoon_format_common::FormatError;
 use cocoon_format_vhdx::Vhdx;
-use support::*;
 
 /// Covers three default (8 MiB) blocks, the middle one all zeros.
 const SIZE: usize = 25 * (1 << 20) + 3 * 512;

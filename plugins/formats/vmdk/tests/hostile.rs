@@ -1,18 +1,16 @@
 //! Hostile inputs end in a clear error: no panic, no read outside the file,
 //! bounded memory and time.
 
-mod support;
-
+use cocoon_format_common::test_support::*;
 use cocoon_format_common::{ErrorKind, FormatError};
 use cocoon_format_vmdk::{decode, zlib_codec, Vmdk};
-use support::*;
 
 fn fixture(name: &str, opts: &str) -> Vec<u8> {
     hostile_fixture("vmdk", name, opts)
 }
 
 fn outcome(file: &[u8]) -> Result<(), FormatError> {
-    support::outcome::<Vmdk>(file)
+    cocoon_format_common::test_support::outcome::<Vmdk>(file)
 }
 
 fn refused(file: &[u8], needle: &str) -> FormatError {

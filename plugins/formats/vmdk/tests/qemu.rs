@@ -1,10 +1,8 @@
 //! Conformance against qemu-img: images made by qemu-img from mixed source
 //! data, rebuilt from our extent map, must equal `qemu-img convert -O raw`.
 
-mod support;
-
+use cocoon_format_common::test_support::*;
 use cocoon_format_vmdk::{decode, Vmdk};
-use support::*;
 
 const SIZE: usize = 9 * (1 << 20) + 3 * 512;
 

@@ -38,10 +38,26 @@ const BAT_WINDOW: u64 = 8192;
 
 /// Says whether a file is a VHD: the footer cookie in the last 512 bytes
 /// (every VHD), or its copy at 0 (dynamic disks).
-pub fn probe(head: &[u8], tail: &[u8]) -> Option<u8> {
-    let at_end = tail.len() >= FOOTER_LEN as usize
-        && tail[tail.len() - FOOTER_LEN as usize..].starts_with(COOKIE);
-    (at_end || head.starts_with(COOKIE)).then_some(100)
+///
+/// Certainty (100) takes the footer's own rules: a dynamic disk's copy at
+/// 0, or a footer whose checksum holds and that describes a fixed disk
+/// fitting in the file. A cookie with a bad checksum or an impossible size
+/// is a weak sign (50): likely guest data of some other image that happens
+/// to end that way.
+pub fn probe(head: &[u8], tail: &[u8], file_size: u64) -> Option<u8> {
+    if head.starts_with(COOKIE) {
+        return Some(100);
+    }
+    let footer = tail.get(tail.len().checked_sub(FOOTER_LEN as usize)?..)?;
+    if !footer.starts_with(COOKIE) {
+        return None;
+    }
+    let valid = be32(footer, 64) == checksum(footer, 64);
+    let fits = match be32(footer, 60) {
+        TYPE_FIXED => be64(footer, 48) <= file_size.saturating_sub(FOOTER_LEN),
+        _ => true,
+    };
+    Some(if valid && fits { 100 } else { 50 })
 }
 
 /// The VHD checksum: the ones' complement of the byte sum, with the
@@ -331,8 +347,8 @@ impl Vpc {
 impl cocoon_format_common::Format for Vpc {
     const NAME: &'static str = FORMAT;
 
-    fn probe(head: &[u8], tail: &[u8], _file_size: u64) -> Option<u8> {
-        probe(head, tail)
+    fn probe(head: &[u8], tail: &[u8], file_size: u64) -> Option<u8> {
+        probe(head, tail, file_size)
     }
 
     fn open(src: &dyn ReadAt) -> Result<Self, FormatError> {
@@ -360,11 +376,28 @@ mod tests {
     }
 
     #[test]
-    fn probe_finds_the_footer() {
-        let mut tail = vec![0u8; 1024];
-        tail[512..520].copy_from_slice(COOKIE);
-        assert_eq!(probe(&[], &tail), Some(100));
-        assert_eq!(probe(COOKIE, &[]), Some(100));
-        assert_eq!(probe(b"nothing", &tail[..512]), None);
+    fn probe_weighs_the_footer_by_its_own_rules() {
+        // A fixed disk of 1 MiB: the footer's checksum holds and its size
+        // fits the file.
+        let file_size = (1 << 20) + 512;
+        let mut footer = vec![0u8; 512];
+        footer[..8].copy_from_slice(COOKIE);
+        footer[48..56].copy_from_slice(&(1u64 << 20).to_be_bytes());
+        footer[60..64].copy_from_slice(&TYPE_FIXED.to_be_bytes());
+        let sum = checksum(&footer, 64);
+        footer[64..68].copy_from_slice(&sum.to_be_bytes());
+        let mut tail = vec![0u8; 512];
+        tail.extend_from_slice(&footer);
+        assert_eq!(probe(&[], &tail, file_size), Some(100));
+        // The same footer claiming more than the file holds.
+        assert_eq!(probe(&[], &tail, 4096), Some(50));
+        // A bad checksum.
+        let mut bad = tail.clone();
+        bad[512 + 48] ^= 1;
+        assert_eq!(probe(&[], &bad, file_size), Some(50));
+        // A dynamic disk's copy at the start.
+        assert_eq!(probe(COOKIE, &[], 0), Some(100));
+        assert_eq!(probe(b"nothing", &tail[..512], file_size), None);
+        assert_eq!(probe(b"", b"short", 5), None);
     }
 }

@@ -1,12 +1,9 @@
 //! Conformance against qemu-img: images made by qemu-img from mixed source
 //! data, rebuilt from our extent map, must equal `qemu-img convert -O raw`.
 
-#[path = "../../vmdk/tests/support/mod.rs"]
-mod support;
-
+use cocoon_format_common::test_support::*;
 use cocoon_format_common::FormatError;
 use cocoon_format_vpc::Vpc;
-use support::*;
 
 const SIZE: usize = 9 * (1 << 20) + 3 * 512;
 

@@ -1,10 +1,21 @@
-//! Crash-safe file writes: temp name in the same directory, fsync, rename,
-//! fsync the directory. A reader sees the old file or the whole new one.
+//! Files: crash-safe writes (temp name in the same directory, fsync,
+//! rename, fsync the directory: a reader sees the old file or the whole new
+//! one), and the host's rules for the files a user names.
+//!
+//! - [`input`]: the one place user-named inputs are opened and read whole.
+//! - [`output`]: which paths an output may replace.
+//! - [`temp`]: locked temp files beside a destination; stale ones removed.
+//! - [`cleanup`]: temps removed on SIGINT, SIGTERM and SIGHUP.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+
+pub mod cleanup;
+pub mod input;
+pub mod output;
+pub mod temp;
 
 /// Writes `data` to `path` atomically with permission bits `mode`.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {

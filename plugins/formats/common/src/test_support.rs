@@ -1,13 +1,44 @@
-//! Test support shared by the vmdk, vhdx, vpc and vdi parser tests (the
-//! others include this file by path): source data, qemu-img fixtures, and a
-//! raw rebuild from an extent map.
-#![allow(dead_code)]
+//! Test support shared by the format parsers' tests (and the host's):
+//! source data, qemu-img fixtures, a raw rebuild from an extent map,
+//! hostile-input helpers, one deterministic generator, and the skip
+//! convention of scripts/test. Built only with the `test-support` feature,
+//! which the parsers enable for their tests alone.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use cocoon_format_common::{Extent, Format, FormatError, Run};
+use crate::{Extent, Format, FormatError, Run};
 use sha2::{Digest, Sha256};
+
+/// Records that the running test skipped because something it needs is
+/// missing here: prints `SKIPPED <test>: <reason>` on stderr and appends
+/// the same line to the file `COCOON_SKIP_LOG` names, where scripts/test
+/// counts it (the Rust harness reports the test as passed).
+pub fn skip(test: &str, reason: &str) {
+    use std::io::Write;
+    let line = format!("SKIPPED {test}: {reason}");
+    eprintln!("{line}");
+    if let Some(log) = std::env::var_os("COCOON_SKIP_LOG") {
+        // One short O_APPEND write per line: concurrent tests never
+        // interleave within a line.
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap_or_else(|e| panic!("COCOON_SKIP_LOG {}: {e}", Path::new(&log).display()));
+        f.write_all(format!("{line}\n").as_bytes())
+            .unwrap_or_else(|e| panic!("COCOON_SKIP_LOG {}: {e}", Path::new(&log).display()));
+    }
+}
+
+/// The name of the running test: the harness names each test's thread
+/// after it.
+pub fn test_name() -> String {
+    std::thread::current()
+        .name()
+        .unwrap_or("unnamed test")
+        .to_string()
+}
 
 /// A scratch directory removed on drop.
 pub struct Scratch(pub PathBuf);
@@ -30,18 +61,26 @@ impl Drop for Scratch {
     }
 }
 
-/// A deterministic xorshift generator: fixtures must not change between runs.
+/// A deterministic xorshift generator: fixtures must not change between
+/// runs. The one generator of every test in the project.
 pub struct Rng(u64);
 
 impl Rng {
     pub fn new(seed: u64) -> Rng {
         Rng(seed | 1)
     }
+    #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         self.0
+    }
+    /// `n` bytes from the generator.
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut v = vec![0u8; n];
+        self.fill(&mut v);
+        v
     }
     pub fn fill(&mut self, buf: &mut [u8]) {
         for chunk in buf.chunks_mut(8) {
@@ -239,18 +278,7 @@ pub fn mutate(
     errors
 }
 
-pub fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
-}
-pub fn le64(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
-}
-pub fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(b[at..at + 4].try_into().unwrap())
-}
-pub fn be64(b: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
-}
+pub use crate::bytes::{be32, be64, le16, le32, le64};
 
 /// An empty image of `size` made by `qemu-img create`.
 pub fn qemu_create(dir: &Scratch, name: &str, fmt: &str, opts: &str, size: &str) -> Vec<u8> {
