@@ -114,10 +114,24 @@ impl MmioTransport {
             return;
         }
         if self.device.process_queue(&self.mem, index, queue) {
-            self.interrupt_status |= INT_USED_RING;
-            // A full eventfd counter (impossible at 2^64-1) would only
-            // coalesce interrupts.
-            let _ = self.irq.write(1);
+            self.signal_used();
+        }
+    }
+
+    fn signal_used(&mut self) {
+        self.interrupt_status |= INT_USED_RING;
+        // A full eventfd counter (impossible at 2^64-1) would only
+        // coalesce interrupts.
+        let _ = self.irq.write(1);
+    }
+
+    /// The device's backend has an event (see [`VirtioDevice::process_event`]).
+    pub fn device_event(&mut self) {
+        if !self.activated || self.status & STATUS_NEEDS_RESET != 0 {
+            return;
+        }
+        if self.device.process_event(&self.mem, &mut self.queues) {
+            self.signal_used();
         }
     }
 
@@ -261,6 +275,9 @@ impl MmioTransport {
                 return false;
             }
             q.set_event_idx(event_idx);
+        }
+        if !self.device.activate(self.driver_features) {
+            return false;
         }
         self.activated = true;
         true

@@ -2,6 +2,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
@@ -13,7 +14,7 @@ pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
 /// A device behind a transport.
 pub trait VirtioDevice: Send {
-    /// The virtio device ID (2 = block).
+    /// The virtio device ID (1 = network, 2 = block).
     fn device_type(&self) -> u32;
     /// Features offered to the driver.
     fn features(&self) -> u64;
@@ -24,6 +25,17 @@ pub trait VirtioDevice: Send {
     /// Serves the available descriptors of queue `index`; returns whether
     /// the driver must be interrupted.
     fn process_queue(&mut self, mem: &GuestMemoryMmap, index: usize, queue: &mut Queue) -> bool;
+    /// The driver set DRIVER_OK having acked `acked_features`; false makes
+    /// the transport refuse it (DEVICE_NEEDS_RESET).
+    fn activate(&mut self, _acked_features: u64) -> bool {
+        true
+    }
+    /// Serves an event of the device's own backend (a tap that became
+    /// readable or writable); returns whether the driver must be
+    /// interrupted.
+    fn process_event(&mut self, _mem: &GuestMemoryMmap, _queues: &mut [Queue]) -> bool {
+        false
+    }
     /// Forgets per-session state (the driver reset the device).
     fn reset(&mut self) {}
 }
