@@ -1,4 +1,5 @@
-//! cocoon-test-guest: a PVH guest that reports its virtio-blk disks on COM1.
+//! cocoon-test-guest: a PVH guest that reports its virtio-blk disks and
+//! drives its virtio-net devices, on COM1.
 //!
 //! See PROTOCOL.md beside Cargo.toml for the command line it reads and the
 //! lines it prints.
@@ -10,6 +11,7 @@ mod boot;
 mod cpu;
 mod disk;
 mod hal;
+mod net;
 mod port;
 mod power;
 mod serial;
@@ -20,6 +22,7 @@ use cocoon_test_guest::cmdline::{self, Action, Escaped, MAX_DEVICES};
 use core::fmt;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use disk::{Disk, Probe};
+use net::{MAX_NICS, Nic};
 
 /// hvm_start_info.rsdp_paddr, for powering off from anywhere.
 static RSDP: AtomicU64 = AtomicU64::new(0);
@@ -49,10 +52,25 @@ extern "C" fn rust_main(start_info_paddr: u64) -> ! {
 
     let mut disks: [Option<Disk>; MAX_DEVICES] = [const { None }; MAX_DEVICES];
     let mut n_disks = 0;
+    let mut nics: [Option<Nic>; MAX_NICS] = [const { None }; MAX_NICS];
+    let mut n_nics = 0;
+    let Some(mut net_buffers) = net::Buffers::take() else {
+        fatal("network buffers already taken")
+    };
     let devices = cmdline.devices();
     for (i, device) in devices.iter().enumerate() {
         match disk::probe(device, &devices[..i], n_disks) {
             Probe::Skip(reason) => say!("skip addr={:#x} reason={reason}", device.addr),
+            Probe::Net(_) if n_nics == MAX_NICS => {
+                say!("skip addr={:#x} reason=too-many-nics", device.addr)
+            }
+            Probe::Net(transport) => {
+                match net::probe(n_nics, device.addr, transport, &mut net_buffers) {
+                    Ok(nic) => nics[n_nics] = Some(nic),
+                    Err(e) => say!("error nic index={n_nics} addr={:#x}: {e}", device.addr),
+                }
+                n_nics += 1;
+            }
             Probe::Block(Ok(mut disk)) => {
                 disk.report();
                 disks[n_disks] = Some(disk);
@@ -69,7 +87,15 @@ extern "C" fn rust_main(start_info_paddr: u64) -> ! {
         fatal("I/O buffer already taken")
     };
     for action in cmdline.actions() {
-        let index = action.disk();
+        if let Action::Net(net) = action {
+            let index = net.nic();
+            match nics.get_mut(index).and_then(Option::as_mut) {
+                Some(nic) => nic.run(net, net_buffers.tx()),
+                None => say!("error {action}: no nic index={index}"),
+            }
+            continue;
+        }
+        let index = action.disk().unwrap_or(usize::MAX);
         let Some(disk) = disks.get_mut(index).and_then(Option::as_mut) else {
             say!("error {action}: no disk index={index}");
             continue;
@@ -78,10 +104,15 @@ extern "C" fn rust_main(start_info_paddr: u64) -> ! {
             Action::Hash { sector, count, .. } => disk.hash(sector, count, buf),
             Action::Write { sector, byte, .. } => disk.write_sector(sector, byte, buf),
             Action::SeqRead { bytes, .. } => disk.seqread(bytes, buf),
+            Action::Net(_) => {}
         }
     }
 
-    say!("done disks={n_disks}");
+    if n_nics == 0 {
+        say!("done disks={n_disks}");
+    } else {
+        say!("done disks={n_disks} nics={n_nics}");
+    }
     power::off(info.rsdp_paddr)
 }
 
