@@ -13,12 +13,14 @@
 pub mod acpi;
 pub mod arch;
 pub mod boot;
+pub mod builder;
 pub mod config;
 pub mod devices;
 pub mod memory;
 pub mod signals;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 
-pub use config::{parse_memory_size, DiskConfig, SerialOutput, SpecError, VmConfig};
+pub use config::{parse_memory_size, DiskConfig, NetConfig, SerialOutput, SpecError, VmConfig};
 pub use vm::{check_kvm, ExitReason, StopHandle, Vm, VmError};

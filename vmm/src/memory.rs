@@ -67,8 +67,63 @@ pub struct E820Entry {
 pub enum MemoryError {
     #[error("guest memory of {0} bytes is below the minimum of {MIN_MEMORY}")]
     TooSmall(u64),
+    #[error(
+        "guest memory of {requested} bytes ({}) is more than this host's RAM of {host} bytes ({}, MemTotal in /proc/meminfo)",
+        gib(*requested),
+        gib(*host)
+    )]
+    MoreThanHost { requested: u64, host: u64 },
+    #[error("cannot read the host's memory size from /proc/meminfo")]
+    HostMemory(#[source] std::io::Error),
+    #[error("cannot reserve {0} bytes of address space for guest memory")]
+    Reserve(u64, #[source] std::io::Error),
     #[error("cannot map guest memory")]
     Map(#[source] vm_memory::mmap::FromRangesError),
+}
+
+fn gib(bytes: u64) -> String {
+    format!("{:.1} GiB", bytes as f64 / f64::from(1u32 << 30))
+}
+
+/// Refuses guest memory larger than the host's RAM.
+///
+/// The bound is MemTotal, not MemAvailable: guest RAM is an anonymous
+/// mapping whose pages arrive on first touch (and a restored VM's come from
+/// its memory file), so what is free when a VM starts says little about
+/// what it will use, and refusing on it would forbid the overcommit that
+/// packs many mostly idle microVMs on one host. A guest larger than all of
+/// the host's RAM, though, can never be backed and could only end in the
+/// OOM killer.
+pub fn check_fits_host(requested: u64, host_total: u64) -> Result<(), MemoryError> {
+    if requested > host_total {
+        return Err(MemoryError::MoreThanHost {
+            requested,
+            host: host_total,
+        });
+    }
+    Ok(())
+}
+
+/// [`check_fits_host`] against this host's MemTotal.
+pub fn check_fits_this_host(requested: u64) -> Result<(), MemoryError> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").map_err(MemoryError::HostMemory)?;
+    let total = parse_mem_total(&meminfo).ok_or_else(|| {
+        MemoryError::HostMemory(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "no MemTotal line",
+        ))
+    })?;
+    check_fits_host(requested, total)
+}
+
+/// MemTotal from the text of /proc/meminfo, in bytes.
+pub fn parse_mem_total(meminfo: &str) -> Option<u64> {
+    let rest = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim();
+    let kib: u64 = rest.strip_suffix("kB")?.trim().parse().ok()?;
+    kib.checked_mul(1024)
 }
 
 /// The RAM regions for `size` bytes of guest memory, split around the gap.
@@ -107,6 +162,77 @@ pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
         }
     }
     Ok(mem)
+}
+
+/// Address space for guest RAM, reserved (no access, no memory behind it)
+/// so that KVM can be told where guest memory will live before it is
+/// mapped there. Unmapped on drop, with whatever was mapped over it.
+pub struct Reservation {
+    regions: Vec<ReservedRegion>,
+}
+
+/// One reserved range: where guest RAM region `guest_addr` will live.
+#[derive(Debug, Clone, Copy)]
+pub struct ReservedRegion {
+    pub guest_addr: GuestAddress,
+    pub host_addr: *mut u8,
+    pub size: usize,
+}
+
+// SAFETY: the pointers name mappings this value owns; it only hands them
+// out, and unmaps them once, on drop.
+unsafe impl Send for Reservation {}
+// SAFETY: as above; nothing is read or written through them here.
+unsafe impl Sync for Reservation {}
+
+impl Reservation {
+    /// Reserves the layout of [`ram_regions`] for `size` bytes.
+    pub fn new(size: u64) -> Result<Reservation, MemoryError> {
+        if size < MIN_MEMORY {
+            return Err(MemoryError::TooSmall(size));
+        }
+        let mut r = Reservation {
+            regions: Vec::new(),
+        };
+        for (guest_addr, len) in ram_regions(size) {
+            // SAFETY: a fresh anonymous mapping at an address the kernel
+            // picks; it overlaps nothing and is owned by `r` from here.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len as usize,
+                    libc::PROT_NONE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(MemoryError::Reserve(size, std::io::Error::last_os_error()));
+            }
+            r.regions.push(ReservedRegion {
+                guest_addr,
+                host_addr: p.cast(),
+                size: len as usize,
+            });
+        }
+        Ok(r)
+    }
+
+    pub fn regions(&self) -> &[ReservedRegion] {
+        &self.regions
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        for r in &self.regions {
+            // SAFETY: the range is ours (reserved in `new`, perhaps mapped
+            // over with MAP_FIXED since); whoever used it is gone, as the
+            // owner drops this last.
+            unsafe { libc::munmap(r.host_addr.cast(), r.size) };
+        }
+    }
 }
 
 /// The E820 map: conventional memory, the reserved BIOS/ACPI area, and RAM
@@ -197,6 +323,40 @@ mod tests {
         assert!(addr + VIRTIO_MMIO_SIZE <= IOAPIC_ADDR as u64);
         assert!(addr >= MMIO_GAP_START);
         assert_eq!(irq, 23);
+    }
+
+    #[test]
+    fn memory_above_the_hosts_is_refused() {
+        const GIB: u64 = 1 << 30;
+        let cases: &[(u64, u64, bool)] = &[
+            (256 << 20, 23 * GIB, true),
+            (23 * GIB, 23 * GIB, true),
+            (23 * GIB + 1, 23 * GIB, false),
+            (1 << 40, 23 * GIB, false),
+        ];
+        for &(requested, host, ok) in cases {
+            let r = check_fits_host(requested, host);
+            assert_eq!(r.is_ok(), ok, "{requested} on {host}");
+            if let Err(e) = r {
+                let text = e.to_string();
+                assert!(text.contains(&requested.to_string()), "{text}");
+                assert!(text.contains("MemTotal"), "{text}");
+            }
+        }
+        let e = check_fits_host(1 << 40, 23 * GIB).unwrap_err().to_string();
+        assert!(e.contains("1024.0 GiB") && e.contains("23.0 GiB"), "{e}");
+    }
+
+    #[test]
+    fn mem_total_parses_from_meminfo() {
+        let text = "MemTotal:       24587360 kB\nMemFree:         1234 kB\n";
+        assert_eq!(parse_mem_total(text), Some(24_587_360 * 1024));
+        assert_eq!(parse_mem_total("MemFree: 1 kB\n"), None);
+        assert_eq!(parse_mem_total("MemTotal: lots kB\n"), None);
+        assert_eq!(parse_mem_total("MemTotal: 12 MB\n"), None);
+        // This host's own file parses.
+        let real = std::fs::read_to_string("/proc/meminfo").unwrap();
+        assert!(parse_mem_total(&real).unwrap() > MIN_MEMORY);
     }
 
     #[test]

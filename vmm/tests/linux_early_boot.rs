@@ -12,8 +12,8 @@ mod support;
 use std::time::{Duration, Instant};
 
 use cocoon_vmm::acpi::{build_tables, MmioSlot};
+use cocoon_vmm::builder::full_cmdline;
 use cocoon_vmm::memory::{virtio_mmio_slot, ACPI_START};
-use cocoon_vmm::vm::full_cmdline;
 use cocoon_vmm::{DiskConfig, ExitReason, SerialOutput, Vm, VmConfig};
 use support::{fetch_linux, kvm_or_skip, require_kvm};
 

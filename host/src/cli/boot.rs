@@ -29,8 +29,12 @@ pub struct BootArgs {
         value_parser = DiskConfig::parse_spec
     )]
     pub disks: Vec<DiskConfig>,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
+    /// Number of vCPUs (1 to 254).
+    #[arg(
+        long,
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u8).range(1..=i64::from(cocoon_vmm::vm::MAX_VCPUS))
+    )]
     pub cpus: u8,
     /// Guest RAM: 512 (MiB), 512M, 2G.
     #[arg(long, default_value = "256M", value_parser = cocoon_vmm::parse_memory_size)]
@@ -48,6 +52,7 @@ pub fn run(args: BootArgs) -> anyhow::Result<i32> {
         cpus: args.cpus,
         memory: args.memory,
         disks: args.disks,
+        nets: Vec::new(),
         serial: match args.serial_log {
             Some(path) => SerialOutput::File(path),
             None => SerialOutput::Stdout,
@@ -67,4 +72,27 @@ pub fn run(args: BootArgs) -> anyhow::Result<i32> {
         ExitReason::HostRequest => 130,
         ExitReason::Error(_) => 1,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        boot: BootArgs,
+    }
+
+    #[test]
+    fn cpus_accepts_exactly_what_the_vmm_runs() {
+        let parse = |cpus: &str| Cli::try_parse_from(["boot", "--kernel", "k", "--cpus", cpus]);
+        assert_eq!(parse("1").unwrap().boot.cpus, 1);
+        assert_eq!(parse("254").unwrap().boot.cpus, 254);
+        for bad in ["0", "255", "300"] {
+            let e = parse(bad).err().unwrap().to_string();
+            assert!(e.contains("1..=254"), "--cpus {bad}: {e}");
+        }
+    }
 }

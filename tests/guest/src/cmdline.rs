@@ -33,18 +33,20 @@ pub enum Action {
     Write { disk: usize, sector: u64, byte: u8 },
     /// `cocoon.seqread=IDX:BYTES`
     SeqRead { disk: usize, bytes: u64 },
+    /// `cocoon.count=PERIOD_MS:TICKS` (TICKS 0: for ever)
+    Count { period_ms: u64, ticks: u64 },
     /// `cocoon.net.*`: see [`NetAction`].
     Net(NetAction),
 }
 
 impl Action {
-    /// The disk index the action names, if it is a disk action.
+    /// The disk index the action names, if it works on a disk.
     pub fn disk(&self) -> Option<usize> {
         match *self {
             Action::Hash { disk, .. }
             | Action::Write { disk, .. }
             | Action::SeqRead { disk, .. } => Some(disk),
-            Action::Net(_) => None,
+            Action::Count { .. } | Action::Net(_) => None,
         }
     }
 }
@@ -62,6 +64,7 @@ impl fmt::Display for Action {
                 write!(f, "cocoon.write={disk}:{sector}:{byte:02x}")
             }
             Action::SeqRead { disk, bytes } => write!(f, "cocoon.seqread={disk}:{bytes}"),
+            Action::Count { period_ms, ticks } => write!(f, "cocoon.count={period_ms}:{ticks}"),
             Action::Net(net) => net.fmt(f),
         }
     }
@@ -194,6 +197,14 @@ fn parse_action(param: &[u8]) -> Result<Action, &'static str> {
             }
             Action::SeqRead { disk, bytes }
         }
+        b"cocoon.count" => {
+            let period_ms = parse_number(next("expected PERIOD_MS:TICKS")?).ok_or("bad period")?;
+            let ticks = parse_number(next("expected PERIOD_MS:TICKS")?).ok_or("bad tick count")?;
+            if period_ms == 0 {
+                return Err("zero period");
+            }
+            Action::Count { period_ms, ticks }
+        }
         _ => return Err("unknown parameter"),
     };
     if fields.next().is_some() {
@@ -310,7 +321,9 @@ mod tests {
 
     #[test]
     fn actions_in_order() {
-        let c = parse_ok("cocoon.write=1:4:5a cocoon.hash=0:0:8 cocoon.seqread=0:256M");
+        let c = parse_ok(
+            "cocoon.write=1:4:5a cocoon.hash=0:0:8 cocoon.seqread=0:256M cocoon.count=50:0",
+        );
         assert_eq!(
             c.actions(),
             &[
@@ -328,8 +341,14 @@ mod tests {
                     disk: 0,
                     bytes: 256 << 20
                 },
+                Action::Count {
+                    period_ms: 50,
+                    ticks: 0
+                },
             ]
         );
+        assert_eq!(c.actions()[3].disk(), None);
+        assert_eq!(c.actions()[3].to_string(), "cocoon.count=50:0");
     }
 
     #[test]
@@ -376,6 +395,9 @@ mod tests {
             ),
             ("cocoon.frobnicate=1", "unknown parameter"),
             ("cocoon.hash=0:0:1:2", "too many fields"),
+            ("cocoon.count=0:5", "zero period"),
+            ("cocoon.count=10", "expected PERIOD_MS:TICKS"),
+            ("cocoon.count=10:x", "bad tick count"),
         ];
         for (line, want) in cases {
             let mut got = None;

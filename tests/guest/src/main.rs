@@ -8,6 +8,7 @@
 #![no_main]
 
 mod boot;
+mod count;
 mod cpu;
 mod disk;
 mod hal;
@@ -87,15 +88,20 @@ extern "C" fn rust_main(start_info_paddr: u64) -> ! {
         fatal("I/O buffer already taken")
     };
     for action in cmdline.actions() {
-        if let Action::Net(net) = action {
-            let index = net.nic();
-            match nics.get_mut(index).and_then(Option::as_mut) {
-                Some(nic) => nic.run(net, net_buffers.tx()),
-                None => say!("error {action}: no nic index={index}"),
+        let Some(index) = action.disk() else {
+            match action {
+                Action::Count { period_ms, ticks } => count::run(*period_ms, *ticks),
+                Action::Net(net) => {
+                    let index = net.nic();
+                    match nics.get_mut(index).and_then(Option::as_mut) {
+                        Some(nic) => nic.run(net, net_buffers.tx()),
+                        None => say!("error {action}: no nic index={index}"),
+                    }
+                }
+                _ => {}
             }
             continue;
-        }
-        let index = action.disk().unwrap_or(usize::MAX);
+        };
         let Some(disk) = disks.get_mut(index).and_then(Option::as_mut) else {
             say!("error {action}: no disk index={index}");
             continue;
@@ -104,7 +110,7 @@ extern "C" fn rust_main(start_info_paddr: u64) -> ! {
             Action::Hash { sector, count, .. } => disk.hash(sector, count, buf),
             Action::Write { sector, byte, .. } => disk.write_sector(sector, byte, buf),
             Action::SeqRead { bytes, .. } => disk.seqread(bytes, buf),
-            Action::Net(_) => {}
+            Action::Count { .. } | Action::Net(_) => {}
         }
     }
 

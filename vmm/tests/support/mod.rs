@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cocoon_vmm::{ExitReason, SerialOutput, Vm, VmConfig};
 
@@ -168,4 +168,31 @@ pub fn fetch_linux() -> Result<PathBuf, String> {
             vmlinux.display()
         ))
     }
+}
+
+/// Polls the serial log at `log` until `pred` holds (60 s at most) and
+/// returns what it read.
+pub fn wait_for_log(log: &std::path::Path, what: &str, pred: impl Fn(&str) -> bool) -> String {
+    let t0 = Instant::now();
+    loop {
+        let s = std::fs::read_to_string(log).unwrap_or_default();
+        if pred(&s) {
+            return s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "{what}: {s}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// The `count` lines of a serial log (`cocoon.count`): (n, tsc), in order.
+pub fn count_lines(log: &str) -> Vec<(u64, u64)> {
+    fields(&report(log), "count")
+        .iter()
+        .filter_map(|f| Some((f.get("n")?.parse().ok()?, f.get("tsc")?.parse().ok()?)))
+        .collect()
+}
+
+/// The `count n=` values of a serial log, in order.
+pub fn counts(log: &str) -> Vec<u64> {
+    count_lines(log).into_iter().map(|(n, _)| n).collect()
 }

@@ -13,6 +13,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
+use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -63,6 +64,21 @@ pub enum BlockError {
     Size(String, u64),
     #[error("disk serial {0:?} is longer than {SERIAL_LEN} bytes")]
     SerialTooLong(String),
+    #[error("disk {path} is {found} bytes; the snapshot's guest knows it as {saved} bytes")]
+    SizeChanged {
+        path: String,
+        saved: u64,
+        found: u64,
+    },
+}
+
+/// What the guest knows of a disk, for a snapshot. The backing path is not
+/// part of it: a restore names the file (a clone's own copy).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockState {
+    pub capacity: u64,
+    pub read_only: bool,
+    pub serial: [u8; SERIAL_LEN],
 }
 
 /// A contiguous guest-memory piece of a request.
@@ -300,6 +316,33 @@ impl Block {
             features,
             config,
             queue_sizes: [QUEUE_SIZE],
+        }
+    }
+
+    /// Opens `path` as the disk a snapshot's guest had: same size, same
+    /// read-only flag (the caller checked it), same serial.
+    pub fn open_restored(
+        path: &Path,
+        state: &BlockState,
+        direct: bool,
+    ) -> Result<Self, BlockError> {
+        let mut block = Self::open(path, state.read_only, direct, None)?;
+        if block.capacity != state.capacity {
+            return Err(BlockError::SizeChanged {
+                path: path.display().to_string(),
+                saved: state.capacity,
+                found: block.capacity,
+            });
+        }
+        block.serial = state.serial;
+        Ok(block)
+    }
+
+    pub fn state(&self) -> BlockState {
+        BlockState {
+            capacity: self.capacity,
+            read_only: self.read_only,
+            serial: self.serial,
         }
     }
 
@@ -584,6 +627,10 @@ impl VirtioDevice for Block {
 
     fn queue_max_sizes(&self) -> &[u16] {
         &self.queue_sizes
+    }
+
+    fn state(&self) -> Option<super::DeviceState> {
+        Some(super::DeviceState::Block(Block::state(self)))
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {

@@ -3,11 +3,12 @@
 //! notifications arrive through an ioeventfd and interrupts leave through
 //! an irqfd, so the data path never exits to this code's vCPU side.
 
+use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{Interest, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::devices::BusDevice;
 
 const MAGIC_VALUE: u32 = 0x7472_6976; // "virt"
@@ -51,6 +52,97 @@ pub const STATUS_FAILED: u32 = 128;
 
 /// InterruptStatus bit: a used buffer notification.
 pub const INT_USED_RING: u32 = 1;
+
+/// One queue, as virtio-queue's `QueueState` has it (which is not serde).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueState {
+    pub max_size: u16,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx_enabled: bool,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+}
+
+impl From<virtio_queue::QueueState> for QueueState {
+    fn from(q: virtio_queue::QueueState) -> Self {
+        QueueState {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+impl From<QueueState> for virtio_queue::QueueState {
+    fn from(q: QueueState) -> Self {
+        virtio_queue::QueueState {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+/// The transport's registers and queues, for a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportState {
+    pub device_type: u32,
+    /// What the device offered; a restore refuses a device offering other.
+    pub device_features: u64,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub driver_features: u64,
+    pub queue_sel: u32,
+    pub status: u32,
+    pub interrupt_status: u32,
+    pub activated: bool,
+    pub queues: Vec<QueueState>,
+}
+
+/// Why a saved transport state does not fit the device it is restored on.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportStateError {
+    #[error("the device type is {found}, the snapshot has {saved}")]
+    DeviceType { saved: u32, found: u32 },
+    #[error("the device offers features {found:#x}, the snapshot's {saved:#x}")]
+    Features { saved: u64, found: u64 },
+    #[error("the device has {found} queues, the snapshot {saved}")]
+    QueueCount { saved: usize, found: usize },
+    #[error("queue {index}: maximum size {saved} in the snapshot, {found} on the device")]
+    QueueMaxSize {
+        index: usize,
+        saved: u16,
+        found: u16,
+    },
+    #[error("queue {index} is invalid")]
+    Queue {
+        index: usize,
+        #[source]
+        source: virtio_queue::Error,
+    },
+    #[error("queue {index} of an active device is not usable in guest memory")]
+    QueueOutsideMemory { index: usize },
+    #[error(
+        "the driver accepted features {driver:#x} that the device does not offer ({offered:#x})"
+    )]
+    DriverFeatures { driver: u64, offered: u64 },
+}
 
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
@@ -133,6 +225,111 @@ impl MmioTransport {
         if self.device.process_event(&self.mem, &mut self.queues) {
             self.signal_used();
         }
+    }
+
+    /// The device's own part of a snapshot.
+    pub fn device_state(&self) -> Option<super::DeviceState> {
+        self.device.state()
+    }
+
+    /// Registers and queues as they are now.
+    pub fn state(&self) -> TransportState {
+        TransportState {
+            device_type: self.device.device_type(),
+            device_features: self.device.features(),
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            status: self.status,
+            interrupt_status: self.interrupt_status,
+            activated: self.activated,
+            queues: self.queues.iter().map(|q| q.state().into()).collect(),
+        }
+    }
+
+    /// Puts back a saved state, checked against this device first: nothing
+    /// changes unless all of it fits.
+    pub fn restore(&mut self, state: &TransportState) -> Result<(), TransportStateError> {
+        let found = self.device.device_type();
+        if state.device_type != found {
+            return Err(TransportStateError::DeviceType {
+                saved: state.device_type,
+                found,
+            });
+        }
+        let offered = self.device.features();
+        if state.device_features != offered {
+            return Err(TransportStateError::Features {
+                saved: state.device_features,
+                found: offered,
+            });
+        }
+        if state.driver_features & !offered != 0 {
+            return Err(TransportStateError::DriverFeatures {
+                driver: state.driver_features,
+                offered,
+            });
+        }
+        if state.queues.len() != self.queues.len() {
+            return Err(TransportStateError::QueueCount {
+                saved: state.queues.len(),
+                found: self.queues.len(),
+            });
+        }
+        let mut queues = Vec::with_capacity(state.queues.len());
+        for (index, (saved, max)) in state
+            .queues
+            .iter()
+            .zip(self.device.queue_max_sizes())
+            .enumerate()
+        {
+            if saved.max_size != *max {
+                return Err(TransportStateError::QueueMaxSize {
+                    index,
+                    saved: saved.max_size,
+                    found: *max,
+                });
+            }
+            let q = Queue::try_from(virtio_queue::QueueState::from(*saved))
+                .map_err(|source| TransportStateError::Queue { index, source })?;
+            if state.activated && !q.is_valid(&self.mem) {
+                return Err(TransportStateError::QueueOutsideMemory { index });
+            }
+            queues.push(q);
+        }
+        self.queues = queues;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.driver_features = state.driver_features;
+        self.queue_sel = state.queue_sel;
+        self.status = state.status;
+        self.interrupt_status = state.interrupt_status;
+        self.activated = state.activated;
+        Ok(())
+    }
+
+    /// After a restore, once the interrupt controllers have their state:
+    /// raises an interrupt the driver had not acknowledged (it may have
+    /// been in flight when the state was saved), and serves every queue
+    /// once, for requests the driver posted whose notification the saved
+    /// VM had not yet read.
+    pub fn kick(&mut self) {
+        if self.interrupt_status != 0 {
+            let _ = self.irq.write(1);
+        }
+        for index in 0..self.queues.len() {
+            self.notify(index);
+        }
+    }
+
+    /// What the device wants of its backend; nothing before activation or
+    /// once it needs a reset, when nothing would be served.
+    pub fn backend_interest(&self) -> Interest {
+        if !self.activated || self.status & STATUS_NEEDS_RESET != 0 {
+            return Interest::default();
+        }
+        self.device.backend_interest()
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {
@@ -313,9 +510,70 @@ impl BusDevice for MmioTransport {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
     use vm_memory::GuestAddress;
+
+    /// What a [`SlowDevice`] has done, seen from outside.
+    #[derive(Default)]
+    pub(crate) struct Probe {
+        pub started: AtomicUsize,
+        pub finished: AtomicUsize,
+    }
+
+    /// A device whose every queue notification takes `delay`.
+    struct SlowDevice {
+        delay: Duration,
+        probe: Arc<Probe>,
+    }
+
+    impl VirtioDevice for SlowDevice {
+        fn device_type(&self) -> u32 {
+            2
+        }
+        fn features(&self) -> u64 {
+            VIRTIO_F_VERSION_1
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16]
+        }
+        fn read_config(&self, _: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn process_queue(&mut self, _: &GuestMemoryMmap, _: usize, _: &mut Queue) -> bool {
+            self.probe.started.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(self.delay);
+            self.probe.finished.fetch_add(1, Ordering::SeqCst);
+            false
+        }
+    }
+
+    /// A transport whose driver has set up queue 0 and activated it.
+    pub(crate) fn activated_transport(delay: Duration) -> (MmioTransport, Arc<Probe>) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let probe = Arc::new(Probe::default());
+        let mut t = MmioTransport::new(
+            Box::new(SlowDevice {
+                delay,
+                probe: probe.clone(),
+            }),
+            mem,
+            irq,
+        );
+        negotiate(&mut t, 1);
+        setup_queue(&mut t);
+        w(
+            &mut t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
+        assert!(t.is_activated());
+        (t, probe)
+    }
 
     struct Dummy {
         processed: usize,

@@ -3,7 +3,9 @@
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod worker;
 
+use serde::{Deserialize, Serialize};
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
@@ -36,6 +38,44 @@ pub trait VirtioDevice: Send {
     fn process_event(&mut self, _mem: &GuestMemoryMmap, _queues: &mut [Queue]) -> bool {
         false
     }
+    /// What the device can use from its backend right now.
+    fn backend_interest(&self) -> Interest {
+        Interest::default()
+    }
     /// Forgets per-session state (the driver reset the device).
     fn reset(&mut self) {}
+    /// What a snapshot keeps of the device, beyond its transport; `None`
+    /// for a device that cannot be snapshotted (a snapshot then refuses).
+    fn state(&self) -> Option<DeviceState> {
+        None
+    }
+}
+
+/// Which readiness of a backend descriptor a device wants to hear about.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Interest {
+    pub read: bool,
+    pub write: bool,
+}
+
+impl Interest {
+    /// As poll(2) events.
+    pub fn poll_events(self) -> libc::c_short {
+        let mut e = 0;
+        if self.read {
+            e |= libc::POLLIN;
+        }
+        if self.write {
+            e |= libc::POLLOUT;
+        }
+        e
+    }
+}
+
+/// The device-specific part of a virtio device's snapshot, one variant per
+/// device kind. A new kind adds a variant at the end (a minor format
+/// version: older readers refuse only snapshots that have one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceState {
+    Block(block::BlockState),
 }

@@ -15,12 +15,16 @@
 //! all of it. A frame the guest has buffers for is never dropped; frames
 //! that cannot be delivered or sent are dropped and counted in
 //! [`NetCounters`].
+//!
+//! The device's I/O thread polls the tap for what the device can use
+//! ([`VirtioDevice::backend_interest`]): input only while the guest has
+//! room (a receive notification resumes it), output only after a send
+//! would have blocked.
 
 pub mod header;
 mod rx;
 pub mod tap;
 mod tx;
-pub mod worker;
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,7 +37,8 @@ use self::header::{
     missing_dependency, tap_offload, F_MAC, F_MRG_RXBUF, F_STATUS, MAX_BUFFER_LEN, OFFLOAD_FEATURES,
 };
 use super::{
-    VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    Interest, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
 };
 
 pub const VIRTIO_ID_NET: u32 = 1;
@@ -190,6 +195,9 @@ pub struct Net {
     tx_buf: Box<[u8]>,
     /// The tap said `WouldBlock` on a send: retry when it is writable.
     tx_blocked: bool,
+    /// The guest has no room for the waiting frame (or the tap failed):
+    /// the tap is not polled until the guest notifies the receive queue.
+    rx_parked: bool,
     counters: Arc<NetCounters>,
 }
 
@@ -219,6 +227,7 @@ impl Net {
             pending: None,
             tx_buf: vec![0u8; MAX_BUFFER_LEN].into_boxed_slice(),
             tx_blocked: false,
+            rx_parked: false,
             counters: Arc::default(),
         }
     }
@@ -334,10 +343,18 @@ impl VirtioDevice for Net {
         interrupt
     }
 
+    fn backend_interest(&self) -> Interest {
+        Interest {
+            read: !self.rx_parked,
+            write: self.tx_blocked,
+        }
+    }
+
     fn reset(&mut self) {
         self.acked = 0;
         self.pending = None;
         self.tx_blocked = false;
+        self.rx_parked = false;
         // Until the next driver says what it takes, the tap finishes
         // checksums itself.
         if let Err(e) = self.backend.set_offload(0) {

@@ -189,9 +189,19 @@ impl Net {
     /// returns whether to interrupt the guest.
     pub(super) fn process_rx(&mut self, mem: &GuestMemoryMmap, queue: &mut Queue) -> bool {
         let old = queue.next_used();
+        self.rx_parked = false;
         loop {
-            if self.pending.is_none() && !self.read_frame() {
-                break;
+            if self.pending.is_none() {
+                match self.read_frame() {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(()) => {
+                        // Wait for the guest's next receive notification
+                        // rather than poll a failing tap.
+                        self.rx_parked = true;
+                        break;
+                    }
+                }
             }
             match self.deliver(mem, queue) {
                 Delivery::Delivered | Delivery::Dropped => self.pending = None,
@@ -205,7 +215,10 @@ impl Net {
                     queue.set_next_avail(resume);
                     match more {
                         Ok(true) => continue,
-                        _ => break,
+                        _ => {
+                            self.rx_parked = true;
+                            break;
+                        }
                     }
                 }
             }
@@ -213,18 +226,18 @@ impl Net {
         should_interrupt(mem, queue, old)
     }
 
-    /// Reads the next frame from the tap into the buffer, if there is one
-    /// the guest can take; returns whether one is waiting now.
-    fn read_frame(&mut self) -> bool {
+    /// Reads the next frame the guest can take from the tap into the
+    /// buffer: whether one is waiting now; `Err` when the tap failed.
+    fn read_frame(&mut self) -> Result<bool, ()> {
         let c = &self.counters;
         loop {
             let len = match self.backend.recv(&mut self.rx_buf) {
                 Ok(len) => len,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) => {
                     tracing::debug!(error = %e, "virtio-net: tap read failed");
                     bump(&c.rx_tap_errors, 1);
-                    return false;
+                    return Err(());
                 }
             };
             if len < HDR_LEN {
@@ -243,7 +256,7 @@ impl Net {
                 Ok(hdr) => {
                     self.rx_buf[..HDR_LEN].copy_from_slice(&hdr.to_bytes());
                     self.pending = Some(len);
-                    return true;
+                    return Ok(true);
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "virtio-net: tap frame the guest cannot take");
