@@ -7,5 +7,6 @@ pub mod config;
 pub mod convert;
 pub mod disk;
 pub mod fsutil;
+pub mod net;
 pub mod plugin;
 pub mod store;
