@@ -10,13 +10,16 @@
 //! COCOON_BENCH_VMM=1), so both sides pay a process start.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cocoon_vmm::{DiskConfig, ExitReason, SerialOutput, Vm, VmConfig};
+
+mod common;
+use common::{build_guest, median};
 
 const GUEST_RAM_MIB: u64 = 128;
 const DISK_BYTES: u64 = 256 << 20;
@@ -161,37 +164,6 @@ fn qemu(guest: &Path, disk: &Path) -> Command {
         .args(["-device", "virtio-blk-device,drive=d0"])
         .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"]);
     c
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-fn build_guest() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).parent().unwrap();
-    let name = target.file_name().unwrap().to_string_lossy().into_owned();
-    let target_dir = target.with_file_name(format!("{name}-guest"));
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let ok = Command::new(cargo)
-        .current_dir(root.join("tests/guest"))
-        .args([
-            "build",
-            "--release",
-            "--target",
-            "x86_64-unknown-none",
-            "--manifest-path",
-        ])
-        .arg(root.join("tests/guest/Cargo.toml"))
-        .env("CARGO_TARGET_DIR", &target_dir)
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .status()
-        .expect("run cargo")
-        .success();
-    assert!(ok, "building the test guest failed");
-    target_dir.join("x86_64-unknown-none/release/cocoon-test-guest")
 }
 
 fn main() {

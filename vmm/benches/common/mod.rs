@@ -1,0 +1,35 @@
+//! Shared by the benchmarks: building the test guest, medians.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub fn build_guest() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).parent().unwrap();
+    let name = target.file_name().unwrap().to_string_lossy().into_owned();
+    let target_dir = target.with_file_name(format!("{name}-guest"));
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let ok = Command::new(cargo)
+        .current_dir(root.join("tests/guest"))
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "x86_64-unknown-none",
+            "--manifest-path",
+        ])
+        .arg(root.join("tests/guest/Cargo.toml"))
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .status()
+        .expect("run cargo")
+        .success();
+    assert!(ok, "building the test guest failed");
+    target_dir.join("x86_64-unknown-none/release/cocoon-test-guest")
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
