@@ -278,7 +278,8 @@ fn main() {
             q.push(s);
         }
     }
-    let rows: [(&str, fn(&Sample) -> f64); 4] = [
+    type Metric = fn(&Sample) -> f64;
+    let rows: [(&str, Metric); 4] = [
         ("1514-byte UDP frames, MiB/s", |s| s.plain.mib_s()),
         ("1514-byte UDP frames, packets/s", |s| s.plain.pps()),
         ("64 KiB TSO frames, MiB/s", |s| s.tso.mib_s()),

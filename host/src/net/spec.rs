@@ -293,7 +293,7 @@ impl fmt::Display for NicSpec {
 /// The NICs of a VM, in order: every `--nic`, then every `--network
 /// bridge=`. `none` must stand alone; one tap cannot back two NICs.
 pub fn plan(nics: &[NicSpec], networks: &[NetworkSpec]) -> Result<Vec<NicSpec>, SpecError> {
-    let has_none = networks.iter().any(|n| *n == NetworkSpec::None);
+    let has_none = networks.contains(&NetworkSpec::None);
     if has_none && (networks.len() > 1 || !nics.is_empty()) {
         return Err(SpecError::NoneWithOthers);
     }
