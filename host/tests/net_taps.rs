@@ -10,7 +10,7 @@ mod netns;
 use std::collections::HashSet;
 
 use cocoon_host::net::{self, Netlink, NetworkSpec, NicSpec, TapError};
-use cocoon_vmm::devices::virtio::net::tap::Tap;
+use cocoon_vmm::devices::virtio::net::tap::{Tap, TapError as VmmTapError};
 use netns::{skip, Netns};
 
 fn netns_or_skip(test: &str) -> Option<Netns> {
@@ -112,7 +112,7 @@ fn attach_is_all_or_nothing() {
         net::attach(&nl, &nics, "ccfail%d").unwrap_err()
     });
     assert!(
-        matches!(&err, TapError::NotFound(n) if n == "absent0"),
+        matches!(&err, TapError::Tap(VmmTapError::NotFound(n)) if n == "absent0"),
         "{err}"
     );
     let out = ns.exec(&["ip", "-o", "link", "show"]).unwrap();

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use cocoon_vmm::{ExitReason, NetConfig, SerialOutput, Vm, VmConfig};
 
 mod common;
-use common::{build_guest, median};
+use common::{build_guest, median, preflight, runs_arg};
 
 const GUEST_RAM_MIB: u64 = 128;
 const TAP: &str = "cbench0";
@@ -240,24 +240,12 @@ fn main() {
     if std::env::var("COCOON_BENCH_NET_VMM").is_ok() {
         vmm_main();
     }
-    let mut runs = 3usize;
-    let args: Vec<String> = std::env::args().collect();
-    if let Some(i) = args.iter().position(|a| a == "--runs") {
-        runs = args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(runs);
-    }
-    if let Err(e) = cocoon_vmm::check_kvm() {
-        eprintln!("SKIPPED: {e}");
+    let runs = runs_arg(3);
+    let Some(have_qemu) = preflight() else {
         return;
-    }
+    };
     let guest = build_guest();
     let ns = Netns::new();
-    let have_qemu = Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !have_qemu {
-        eprintln!("qemu-system-x86_64 is missing (scripts/install-deps): measuring ours only");
-    }
     let want_frames = u64::from(PLAIN_COUNT + TSO_COUNT);
     let mut o = Vec::new();
     let mut q = Vec::new();

@@ -26,12 +26,9 @@ const IFF_TAP: u8 = 2;
 pub enum TapError {
     #[error("cannot start netlink")]
     Start(#[source] std::io::Error),
-    #[error("there is no network interface named {0}")]
-    NotFound(String),
-    #[error("network interface {0} is not a tap device")]
-    NotATap(String),
-    #[error("tap {0} is busy: another process has it open")]
-    Busy(String),
+    /// Missing, not a tap, busy: as the VMM says when it opens one.
+    #[error(transparent)]
+    Tap(#[from] vmm_tap::TapError),
     #[error("there is no bridge named {0}")]
     NoBridge(String),
     #[error("network interface {0} is not a bridge")]
@@ -112,7 +109,7 @@ impl Netlink {
     /// open it).
     pub fn check_tap(&self, name: &str) -> Result<(), TapError> {
         match self.kind(name)? {
-            None => Err(TapError::NotFound(name.into())),
+            None => Err(vmm_tap::TapError::NotFound(name.into()).into()),
             Some((
                 _,
                 LinkKind::Tap {
@@ -121,12 +118,12 @@ impl Netlink {
                 },
             )) => {
                 if queues > 0 && !multi_queue {
-                    Err(TapError::Busy(name.into()))
+                    Err(vmm_tap::TapError::Busy(name.into()).into())
                 } else {
                     Ok(())
                 }
             }
-            Some(_) => Err(TapError::NotATap(name.into())),
+            Some(_) => Err(vmm_tap::TapError::NotATap(name.into()).into()),
         }
     }
 
@@ -142,7 +139,8 @@ impl Netlink {
         let name =
             vmm_tap::create_persistent(pattern).map_err(|e| TapError::Create(bridge.into(), e))?;
         let enslaved = self.kind(&name).and_then(|k| {
-            let (index, _) = k.ok_or_else(|| TapError::NotFound(name.clone()))?;
+            let (index, _) =
+                k.ok_or_else(|| TapError::from(vmm_tap::TapError::NotFound(name.clone())))?;
             let message = LinkUnspec::new_with_index(index)
                 .controller(bridge_index)
                 .up()
@@ -165,7 +163,7 @@ impl Netlink {
         let index = match self.kind(name)? {
             None => return Ok(false),
             Some((index, LinkKind::Tap { .. })) => index,
-            Some(_) => return Err(TapError::NotATap(name.into())),
+            Some(_) => return Err(vmm_tap::TapError::NotATap(name.into()).into()),
         };
         let request = self.handle.link().del(index);
         match self.rt.block_on(request.execute()) {

@@ -33,3 +33,30 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
+
+/// `--runs N` from the command line, or `default`.
+pub fn runs_arg(default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == "--runs")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Whether KVM can run the guest here (else says so and the bench ends)
+/// and whether QEMU is there to compare with.
+pub fn preflight() -> Option<bool> {
+    if let Err(e) = cocoon_vmm::check_kvm() {
+        eprintln!("SKIPPED: {e}");
+        return None;
+    }
+    let have_qemu = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have_qemu {
+        eprintln!("qemu-system-x86_64 is missing (scripts/install-deps): measuring ours only");
+    }
+    Some(have_qemu)
+}

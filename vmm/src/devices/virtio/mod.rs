@@ -6,7 +6,7 @@ pub mod net;
 pub mod worker;
 
 use serde::{Deserialize, Serialize};
-use virtio_queue::Queue;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 /// Feature bits shared by all device types (virtio 1.2, 6).
@@ -78,4 +78,54 @@ impl Interest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DeviceState {
     Block(block::BlockState),
+}
+
+/// Copies a device's configuration space from `offset` into `data`; bytes
+/// past its end read as zero.
+pub fn read_config_from(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if start >= config.len() {
+        return;
+    }
+    let n = data.len().min(config.len() - start);
+    data[..n].copy_from_slice(&config[start..start + n]);
+}
+
+/// Serves the available chains of `queue`, each with `serve`, which says
+/// the used length, or `None` to leave the chain (and the rest) for later.
+/// Drains, re-enables notifications and drains again if the driver added
+/// more meanwhile (the EVENT_IDX race); a round that finds "more" but pops
+/// nothing means a corrupt avail index, so it stops rather than spin.
+/// Returns whether the driver must be interrupted.
+pub fn drain_queue<'m>(
+    mem: &'m GuestMemoryMmap,
+    queue: &mut Queue,
+    mut serve: impl FnMut(DescriptorChain<&'m GuestMemoryMmap>) -> Option<u32>,
+) -> bool {
+    loop {
+        if queue.disable_notification(mem).is_err() {
+            return false;
+        }
+        let mut popped = 0usize;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let Some(used) = serve(chain) else {
+                queue.go_to_previous_position();
+                return queue.needs_notification(mem).unwrap_or(true);
+            };
+            popped += 1;
+            if queue.add_used(mem, head, used).is_err() {
+                return false;
+            }
+        }
+        match queue.enable_notification(mem) {
+            Ok(true) if popped > 0 => continue,
+            Ok(_) => break,
+            Err(_) => return false,
+        }
+    }
+    queue.needs_notification(mem).unwrap_or(true)
 }

@@ -37,7 +37,7 @@ use self::header::{
     missing_dependency, tap_offload, F_MAC, F_MRG_RXBUF, F_STATUS, MAX_BUFFER_LEN, OFFLOAD_FEATURES,
 };
 use super::{
-    Interest, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    read_config_from, Interest, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
 };
 
@@ -295,15 +295,7 @@ impl VirtioDevice for Net {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if start >= CONFIG_LEN {
-            return;
-        }
-        let n = data.len().min(CONFIG_LEN - start);
-        data[..n].copy_from_slice(&self.config[start..start + n]);
+        read_config_from(&self.config, offset, data);
     }
 
     fn activate(&mut self, acked_features: u64) -> bool {

@@ -9,11 +9,12 @@
 
 use std::io;
 
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Bytes, GuestMemory, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::header::{check_tx, NetHdr, HDR_LEN, MAX_BUFFER_LEN};
 use super::{bump, Net, MAX_DESCRIPTORS};
+use crate::devices::virtio::drain_queue;
 
 /// Why a transmit chain was not sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,35 +72,16 @@ impl Net {
     /// Sends what the guest queued; returns whether to interrupt it.
     pub(super) fn process_tx(&mut self, mem: &GuestMemoryMmap, queue: &mut Queue) -> bool {
         self.tx_blocked = false;
-        // Drain, re-enable notifications, drain again if the driver added
-        // more meanwhile (the EVENT_IDX race); a round that pops nothing
-        // after "more" means a corrupt avail index, so stop there.
-        loop {
-            if queue.disable_notification(mem).is_err() {
-                return false;
-            }
-            let mut popped = 0usize;
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
-                let head = chain.head_index();
-                if !self.send_chain(mem, chain) {
-                    // The tap is full: leave the chain for when it drains.
-                    queue.go_to_previous_position();
-                    self.tx_blocked = true;
-                    return queue.needs_notification(mem).unwrap_or(true);
-                }
-                popped += 1;
+        drain_queue(mem, queue, |chain| {
+            if self.send_chain(mem, chain) {
                 // The device writes nothing into a transmit chain.
-                if queue.add_used(mem, head, 0).is_err() {
-                    return false;
-                }
+                Some(0)
+            } else {
+                // The tap is full: leave the chain for when it drains.
+                self.tx_blocked = true;
+                None
             }
-            match queue.enable_notification(mem) {
-                Ok(true) if popped > 0 => continue,
-                Ok(_) => break,
-                Err(_) => return false,
-            }
-        }
-        queue.needs_notification(mem).unwrap_or(true)
+        })
     }
 
     /// Sends or drops one chain; false only when the tap would block.
