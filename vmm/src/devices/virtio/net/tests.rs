@@ -650,3 +650,37 @@ fn state_keeps_mac_features_and_a_waiting_frame() {
         Err(NetError::Features { .. })
     ));
 }
+
+#[test]
+fn the_tap_is_polled_only_while_the_guest_has_room() {
+    let mut f = fixture();
+    let mem = f.mem.clone();
+    let mut d = Driver::new(&mem, 0, 16);
+    assert_eq!(
+        f.net.backend_interest(),
+        Interest {
+            read: true,
+            write: false
+        }
+    );
+    // A frame and no buffer: the device stops reading the tap...
+    push_rx(&f, with_header(NetHdr::default(), &frame(60, 1)));
+    f.net
+        .process_event(&f.mem, std::slice::from_mut(&mut d.queue));
+    assert!(!f.net.backend_interest().read);
+    // ...until the guest posts room and notifies.
+    d.post(&[(BUF, 1526, F_WRITE)]);
+    f.net.process_queue(&f.mem, RX_QUEUE, &mut d.queue);
+    assert_eq!(d.used_idx(), 1);
+    assert!(f.net.backend_interest().read);
+    // A send that would block asks for writability.
+    f.wire.lock().unwrap().would_block = true;
+    let mut tx = Driver::new(&mem, 0x4_0000, 16);
+    let good = with_header(NetHdr::default(), &frame(60, 2));
+    f.mem
+        .write_slice(&good, GuestAddress(BUF + 0x8000))
+        .unwrap();
+    tx.post(&[(BUF + 0x8000, good.len() as u32, 0)]);
+    f.net.process_queue(&f.mem, TX_QUEUE, &mut tx.queue);
+    assert!(f.net.backend_interest().write);
+}
