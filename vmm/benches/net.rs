@@ -18,10 +18,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cocoon_vmm::{ExitReason, NetConfig, SerialOutput, Vm, VmConfig};
+use cocoon_vmm::{NetConfig, SerialOutput, VmConfig};
 
 mod common;
-use common::{build_guest, median, preflight, runs_arg};
+use common::{build_guest, median, preflight, run_vmm_process, runs_arg};
 
 const GUEST_RAM_MIB: u64 = 128;
 const TAP: &str = "cbench0";
@@ -49,18 +49,7 @@ fn vmm_main() -> ! {
         mac: MAC,
     });
     config.serial = SerialOutput::Stdout;
-    let reason = Vm::start(config).map(|mut vm| vm.wait());
-    std::process::exit(match reason {
-        Ok(ExitReason::PowerOff) => 0,
-        Ok(r) => {
-            eprintln!("vmm: {r}");
-            1
-        }
-        Err(e) => {
-            eprintln!("vmm: {e}");
-            2
-        }
-    });
+    run_vmm_process(config)
 }
 
 /// One blast as the guest timed it.

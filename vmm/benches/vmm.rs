@@ -16,10 +16,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cocoon_vmm::{DiskConfig, ExitReason, SerialOutput, Vm, VmConfig};
+use cocoon_vmm::{DiskConfig, SerialOutput, VmConfig};
 
 mod common;
-use common::{build_guest, median, preflight, runs_arg};
+use common::{build_guest, median, preflight, run_vmm_process, runs_arg};
 
 const GUEST_RAM_MIB: u64 = 128;
 const DISK_BYTES: u64 = 256 << 20;
@@ -34,18 +34,7 @@ fn vmm_main() -> ! {
     config.cmdline = CMDLINE.into();
     config.disks.push(DiskConfig::new(&args[2]));
     config.serial = SerialOutput::Stdout;
-    let reason = Vm::start(config).map(|mut vm| vm.wait());
-    std::process::exit(match reason {
-        Ok(ExitReason::PowerOff) => 0,
-        Ok(r) => {
-            eprintln!("vmm: {r}");
-            1
-        }
-        Err(e) => {
-            eprintln!("vmm: {e}");
-            2
-        }
-    });
+    run_vmm_process(config)
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -60,3 +60,20 @@ pub fn preflight() -> Option<bool> {
     }
     Some(have_qemu)
 }
+
+/// Runs `config` as this process's VM and exits: 0 on guest power-off, 1
+/// on another stop, 2 when it cannot start.
+pub fn run_vmm_process(config: cocoon_vmm::VmConfig) -> ! {
+    let reason = cocoon_vmm::Vm::start(config).map(|mut vm| vm.wait());
+    std::process::exit(match reason {
+        Ok(cocoon_vmm::ExitReason::PowerOff) => 0,
+        Ok(r) => {
+            eprintln!("vmm: {r}");
+            1
+        }
+        Err(e) => {
+            eprintln!("vmm: {e}");
+            2
+        }
+    });
+}
