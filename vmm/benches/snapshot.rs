@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 
 use cocoon_vmm::snapshot::{RestoreConfig, VmShell, MEMORY_FILE, STATE_FILE};
 use cocoon_vmm::{SerialOutput, Vm, VmConfig};
-use support::{build_guest, median};
+use common::{build_guest, median};
 
-mod support;
+mod common;
 
 const GUEST_RAM: u64 = 256 << 20;
 const CMDLINE: &str = "cocoon.count=20:0";

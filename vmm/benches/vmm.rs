@@ -16,10 +16,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cocoon_vmm::{DiskConfig, ExitReason, SerialOutput, Vm, VmConfig};
-use support::{build_guest, median};
+use cocoon_vmm::{DiskConfig, SerialOutput, VmConfig};
 
-mod support;
+mod common;
+use common::{build_guest, median, preflight, run_vmm_process, runs_arg};
 
 const GUEST_RAM_MIB: u64 = 128;
 const DISK_BYTES: u64 = 256 << 20;
@@ -34,18 +34,7 @@ fn vmm_main() -> ! {
     config.cmdline = CMDLINE.into();
     config.disks.push(DiskConfig::new(&args[2]));
     config.serial = SerialOutput::Stdout;
-    let reason = Vm::start(config).map(|mut vm| vm.wait());
-    std::process::exit(match reason {
-        Ok(ExitReason::PowerOff) => 0,
-        Ok(r) => {
-            eprintln!("vmm: {r}");
-            1
-        }
-        Err(e) => {
-            eprintln!("vmm: {e}");
-            2
-        }
-    });
+    run_vmm_process(config)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -170,28 +159,16 @@ fn main() {
     if std::env::var("COCOON_BENCH_VMM").is_ok() {
         vmm_main();
     }
-    let mut runs = 5usize;
-    let args: Vec<String> = std::env::args().collect();
-    if let Some(i) = args.iter().position(|a| a == "--runs") {
-        runs = args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(runs);
-    }
-    if let Err(e) = cocoon_vmm::check_kvm() {
-        eprintln!("SKIPPED: {e}");
+    let runs = runs_arg(5);
+    let Some(have_qemu) = preflight() else {
         return;
-    }
+    };
     let guest = build_guest();
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.img");
     // Real data, not a sparse file, read once so both sides hit the page
     // cache alike.
     std::fs::write(&disk, vec![0x5au8; DISK_BYTES as usize]).unwrap();
-    let have_qemu = Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !have_qemu {
-        eprintln!("qemu-system-x86_64 is missing (scripts/install-deps): measuring ours only");
-    }
 
     let mut o = Vec::new();
     let mut q = Vec::new();

@@ -8,6 +8,7 @@
 //! takes the next virtio-mmio slot (address, IOAPIC pin, irqfd, one
 //! ioeventfd per queue) and gets its own I/O thread.
 
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
@@ -21,12 +22,14 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::acpi::{self, MmioSlot};
 use crate::arch::{cpuid, msrs, regs};
 use crate::boot::{self, BootSpec};
-use crate::config::{DiskConfig, VmConfig};
+use crate::config::{DiskConfig, NetConfig, VmConfig};
 use crate::devices::acpi_pm::{AcpiPowerDevice, ACPI_PM_PORT_BASE, ACPI_PM_PORT_LEN};
 use crate::devices::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
 use crate::devices::serial::{SerialDevice, SerialWriter, COM1_GSI, COM1_PORT, COM1_PORT_LEN};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
+use crate::devices::virtio::net::tap::Tap;
+use crate::devices::virtio::net::{Net, NetCounters};
 use crate::devices::virtio::worker::Workers;
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::Bus;
@@ -128,6 +131,8 @@ pub struct Machine {
     pub mmio: Arc<Bus>,
     pub serial: Option<Arc<Mutex<SerialDevice>>>,
     pub virtio: Vec<VirtioSlot>,
+    /// The counters of each network device, in attach order.
+    pub nets: Vec<Arc<NetCounters>>,
     pub workers: Workers,
     /// The address space `mem` lives in, when it was reserved ahead; last,
     /// so it is unmapped after everything that uses it.
@@ -157,6 +162,7 @@ impl Machine {
             mmio: Arc::new(Bus::new()),
             serial: None,
             virtio: Vec::new(),
+            nets: Vec::new(),
             workers: Workers::new(),
             reservation,
         }
@@ -209,6 +215,18 @@ impl Machine {
         name: String,
         setup: impl FnOnce(&mut MmioTransport) -> Result<(), E>,
     ) -> Result<MmioSlot, E> {
+        self.attach_virtio_with_backend(device, name, None, setup)
+    }
+
+    /// As [`Machine::attach_virtio`], for a device whose backend has a file
+    /// descriptor (a tap) that its I/O thread waits on as well.
+    pub fn attach_virtio_with_backend<E: From<VmError>>(
+        &mut self,
+        device: Box<dyn VirtioDevice>,
+        name: String,
+        backend: Option<OwnedFd>,
+        setup: impl FnOnce(&mut MmioTransport) -> Result<(), E>,
+    ) -> Result<MmioSlot, E> {
         let index = self.virtio.len();
         if index >= MAX_VIRTIO_DEVICES {
             return Err(
@@ -239,7 +257,7 @@ impl Machine {
             .insert(transport.clone(), addr, VIRTIO_MMIO_SIZE)
             .map_err(VmError::from)?;
         self.workers
-            .spawn(name, transport.clone(), queue_evts)
+            .spawn(name, transport.clone(), queue_evts, backend)
             .map_err(|e| VmError::Io("spawn a virtio I/O thread", e))?;
         let slot = MmioSlot { addr, irq };
         self.virtio.push(VirtioSlot { transport, slot });
@@ -252,6 +270,30 @@ impl Machine {
         self.attach_virtio(Box::new(block), format!("virtio-blk{index}"), |_| {
             Ok::<_, VmError>(())
         })
+    }
+
+    /// Network device `index` of the configuration, as virtio-net over its
+    /// tap.
+    pub fn attach_net(&mut self, index: usize, nic: &NetConfig) -> Result<MmioSlot, VmError> {
+        let error = |source| VmError::Net {
+            index,
+            tap: nic.tap.clone(),
+            source,
+        };
+        let tap = Tap::open(&nic.tap).map_err(error)?;
+        let poll_fd = tap
+            .poll_fd()
+            .map_err(|e| VmError::Io("duplicate a tap descriptor", e))?;
+        let net = Net::new(Box::new(tap), nic.mac);
+        let counters = net.counters();
+        let slot = self.attach_virtio_with_backend(
+            Box::new(net),
+            format!("virtio-net{index}"),
+            Some(poll_fd),
+            |_| Ok::<_, VmError>(()),
+        )?;
+        self.nets.push(counters);
+        Ok(slot)
     }
 
     /// The slots of every virtio device, in order.

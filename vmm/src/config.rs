@@ -25,6 +25,15 @@ impl DiskConfig {
     }
 }
 
+/// One virtio-net device over an existing tap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The tap's interface name, in the VMM's network namespace.
+    pub tap: String,
+    /// The MAC address in the device's config space.
+    pub mac: [u8; 6],
+}
+
 /// Where COM1's output goes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum SerialOutput {
@@ -49,6 +58,8 @@ pub struct VmConfig {
     /// Guest RAM in bytes.
     pub memory: u64,
     pub disks: Vec<DiskConfig>,
+    /// Network devices, after the disks in the virtio-mmio slots.
+    pub nets: Vec<NetConfig>,
     pub serial: SerialOutput,
 }
 
@@ -61,6 +72,7 @@ impl VmConfig {
             cpus: 1,
             memory: 256 << 20,
             disks: Vec::new(),
+            nets: Vec::new(),
             serial: SerialOutput::Sink,
         }
     }

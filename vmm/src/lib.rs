@@ -3,7 +3,7 @@
 //! A KVM microVM on the rust-vmm crates: guest memory with an MMIO gap,
 //! Linux/PVH kernel loading, ACPI tables (hardware-reduced), a COM1 serial
 //! console, an i8042 for reset, an ACPI sleep/reset device, and virtio-mmio
-//! block devices served by one I/O thread each.
+//! block and network (tap) devices served by one I/O thread each.
 //!
 //! The library API is [`VmConfig`] → [`Vm::start`] → a running [`Vm`] with
 //! [`Vm::pause`], [`Vm::resume`], [`Vm::stop`] and [`Vm::wait`]; a paused
@@ -25,5 +25,5 @@ pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 
-pub use config::{parse_memory_size, DiskConfig, SerialOutput, SpecError, VmConfig};
+pub use config::{parse_memory_size, DiskConfig, NetConfig, SerialOutput, SpecError, VmConfig};
 pub use vm::{check_kvm, ExitReason, StopHandle, Vm, VmError};

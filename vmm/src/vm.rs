@@ -15,6 +15,7 @@ use crate::builder::{self, Machine};
 use crate::config::{SerialOutput, VmConfig};
 use crate::devices::lock;
 use crate::devices::serial::{SerialDevice, SerialWriter};
+use crate::devices::virtio::net::NetCounters;
 use crate::memory::{self, MAX_VIRTIO_DEVICES};
 use crate::vcpu::{self, Control};
 
@@ -47,6 +48,13 @@ pub enum VmError {
         #[source]
         source: crate::devices::virtio::block::BlockError,
     },
+    #[error("network device {index} (tap {tap})")]
+    Net {
+        index: usize,
+        tap: String,
+        #[source]
+        source: crate::devices::virtio::net::tap::TapError,
+    },
     #[error("cannot place a device")]
     Bus(#[from] crate::devices::BusError),
     #[error("vcpu{0} set-up")]
@@ -78,6 +86,9 @@ impl Vm {
         machine.attach_power_devices()?;
         for (index, disk) in config.disks.iter().enumerate() {
             machine.attach_block(index, disk)?;
+        }
+        for (index, nic) in config.nets.iter().enumerate() {
+            machine.attach_net(index, nic)?;
         }
         let entry = builder::load_guest(&machine.mem, &config, &machine.slots())?;
         let fds = machine.create_vcpus(config.cpus)?;
@@ -129,6 +140,11 @@ impl Vm {
 
     pub fn is_paused(&self) -> bool {
         self.control().is_paused()
+    }
+
+    /// The counters of network device `index` (in [`VmConfig::nets`] order).
+    pub fn net_counters(&self, index: usize) -> Option<Arc<NetCounters>> {
+        self.machine.nets.get(index).cloned()
     }
 
     /// Guest RAM in bytes.
@@ -223,10 +239,11 @@ fn validate(config: &VmConfig) -> Result<(), VmError> {
             config.cpus
         )));
     }
-    if config.disks.len() > MAX_VIRTIO_DEVICES {
+    if config.disks.len() + config.nets.len() > MAX_VIRTIO_DEVICES {
         return Err(VmError::Config(format!(
-            "{} disks; at most {MAX_VIRTIO_DEVICES} are supported",
-            config.disks.len()
+            "{} disks and {} network devices; at most {MAX_VIRTIO_DEVICES} virtio devices are supported",
+            config.disks.len(),
+            config.nets.len()
         )));
     }
     Ok(())

@@ -166,7 +166,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let layout = self.layout();
         let conv = layout.converted_dir();
-        report.freed_bytes += crate::fsutil::temp::remove_stale_below(&conv, 2, dry_run)
+        report.freed_bytes += crate::fsutil::temp::remove_stale_below(&conv, 2, report.dry_run)
             .map_err(StoreError::io("removing stale temp files in", &conv))?
             .bytes;
         for src in fs::read_dir(&conv)

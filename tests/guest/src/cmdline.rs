@@ -5,6 +5,8 @@
 
 use core::fmt;
 
+use crate::netcmd::{self, NetAction};
+
 /// At most this many `virtio_mmio.device=` entries are used.
 pub const MAX_DEVICES: usize = 32;
 /// At most this many `cocoon.*` actions are run.
@@ -33,6 +35,8 @@ pub enum Action {
     SeqRead { disk: usize, bytes: u64 },
     /// `cocoon.count=PERIOD_MS:TICKS` (TICKS 0: for ever)
     Count { period_ms: u64, ticks: u64 },
+    /// `cocoon.net.*`: see [`NetAction`].
+    Net(NetAction),
 }
 
 impl Action {
@@ -42,7 +46,7 @@ impl Action {
             Action::Hash { disk, .. }
             | Action::Write { disk, .. }
             | Action::SeqRead { disk, .. } => Some(disk),
-            Action::Count { .. } => None,
+            Action::Count { .. } | Action::Net(_) => None,
         }
     }
 }
@@ -61,6 +65,7 @@ impl fmt::Display for Action {
             }
             Action::SeqRead { disk, bytes } => write!(f, "cocoon.seqread={disk}:{bytes}"),
             Action::Count { period_ms, ticks } => write!(f, "cocoon.count={period_ms}:{ticks}"),
+            Action::Net(net) => net.fmt(f),
         }
     }
 }
@@ -159,6 +164,9 @@ fn parse_device(value: &[u8]) -> Result<MmioDevice, &'static str> {
 
 fn parse_action(param: &[u8]) -> Result<Action, &'static str> {
     let (name, value) = split_once(param, b'=').ok_or("expected NAME=VALUE")?;
+    if let Some(net) = name.strip_prefix(b"cocoon.net.") {
+        return netcmd::parse(net, value).map(Action::Net);
+    }
     let mut fields = value.split(|&b| b == b':');
     let mut next = |what| fields.next().ok_or(what);
     let action = match name {
@@ -341,6 +349,30 @@ mod tests {
         );
         assert_eq!(c.actions()[3].disk(), None);
         assert_eq!(c.actions()[3].to_string(), "cocoon.count=50:0");
+    }
+
+    #[test]
+    fn net_actions_take_their_place_in_order() {
+        let c = parse_ok("cocoon.net.recv=0:1:100 cocoon.hash=0:0:8");
+        assert_eq!(
+            c.actions(),
+            &[
+                Action::Net(NetAction::Recv {
+                    nic: 0,
+                    count: 1,
+                    ms: 100
+                }),
+                Action::Hash {
+                    disk: 0,
+                    sector: 0,
+                    count: 8
+                },
+            ]
+        );
+        assert_eq!(c.actions()[0].disk(), None);
+        let mut got = None;
+        parse(b"cocoon.net.recv=0:0:1", |e| got = Some(e.reason));
+        assert_eq!(got, Some("zero count"));
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Block devices: probing the virtio-mmio windows and the actions on disks.
+//! Block devices: probing the virtio-mmio windows (network devices are
+//! handed on to `net`) and the actions on disks.
 
 use crate::hal::GuestHal;
 use crate::{fatal, say, tsc};
@@ -66,6 +67,8 @@ pub enum Probe {
     /// A block device: it takes the next disk index whether or not the driver
     /// could set it up, so later indices stay what the host configured.
     Block(Result<Disk, VirtioError>),
+    /// A network device, for `net::probe`; it takes no disk index.
+    Net(MmioTransport<'static>),
     /// Not usable as a disk; the reason has no spaces.
     Skip(&'static str),
 }
@@ -97,8 +100,10 @@ pub fn probe(device: &MmioDevice, seen: &[MmioDevice], index: usize) -> Probe {
         Err(MmioError::InvalidDeviceID(_)) => return Probe::Skip("no-device"),
         Err(MmioError::MmioRegionTooSmall) => return Probe::Skip("window-too-small"),
     };
-    if transport.device_type() != DeviceType::Block {
-        return Probe::Skip("not-block");
+    match transport.device_type() {
+        DeviceType::Block => {}
+        DeviceType::Network => return Probe::Net(transport),
+        _ => return Probe::Skip("not-block"),
     }
     Probe::Block(VirtIOBlk::new(transport).map(|blk| Disk {
         index,

@@ -1,4 +1,5 @@
-//! cocoon-test-guest: a PVH guest that reports its virtio-blk disks on COM1.
+//! cocoon-test-guest: a PVH guest that reports its virtio-blk disks and
+//! drives its virtio-net devices, on COM1.
 //!
 //! See PROTOCOL.md beside Cargo.toml for the command line it reads and the
 //! lines it prints.
@@ -11,6 +12,7 @@ mod count;
 mod cpu;
 mod disk;
 mod hal;
+mod net;
 mod port;
 mod power;
 mod serial;
@@ -21,6 +23,7 @@ use cocoon_test_guest::cmdline::{self, Action, Escaped, MAX_DEVICES};
 use core::fmt;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use disk::{Disk, Probe};
+use net::{MAX_NICS, Nic};
 
 /// hvm_start_info.rsdp_paddr, for powering off from anywhere.
 static RSDP: AtomicU64 = AtomicU64::new(0);
@@ -50,10 +53,25 @@ extern "C" fn rust_main(start_info_paddr: u64) -> ! {
 
     let mut disks: [Option<Disk>; MAX_DEVICES] = [const { None }; MAX_DEVICES];
     let mut n_disks = 0;
+    let mut nics: [Option<Nic>; MAX_NICS] = [const { None }; MAX_NICS];
+    let mut n_nics = 0;
+    let Some(mut net_buffers) = net::Buffers::take() else {
+        fatal("network buffers already taken")
+    };
     let devices = cmdline.devices();
     for (i, device) in devices.iter().enumerate() {
         match disk::probe(device, &devices[..i], n_disks) {
             Probe::Skip(reason) => say!("skip addr={:#x} reason={reason}", device.addr),
+            Probe::Net(_) if n_nics == MAX_NICS => {
+                say!("skip addr={:#x} reason=too-many-nics", device.addr)
+            }
+            Probe::Net(transport) => {
+                match net::probe(n_nics, device.addr, transport, &mut net_buffers) {
+                    Ok(nic) => nics[n_nics] = Some(nic),
+                    Err(e) => say!("error nic index={n_nics} addr={:#x}: {e}", device.addr),
+                }
+                n_nics += 1;
+            }
             Probe::Block(Ok(mut disk)) => {
                 disk.report();
                 disks[n_disks] = Some(disk);
@@ -71,8 +89,16 @@ extern "C" fn rust_main(start_info_paddr: u64) -> ! {
     };
     for action in cmdline.actions() {
         let Some(index) = action.disk() else {
-            if let Action::Count { period_ms, ticks } = *action {
-                count::run(period_ms, ticks);
+            match action {
+                Action::Count { period_ms, ticks } => count::run(*period_ms, *ticks),
+                Action::Net(net) => {
+                    let index = net.nic();
+                    match nics.get_mut(index).and_then(Option::as_mut) {
+                        Some(nic) => nic.run(net, net_buffers.tx()),
+                        None => say!("error {action}: no nic index={index}"),
+                    }
+                }
+                _ => {}
             }
             continue;
         };
@@ -84,11 +110,15 @@ extern "C" fn rust_main(start_info_paddr: u64) -> ! {
             Action::Hash { sector, count, .. } => disk.hash(sector, count, buf),
             Action::Write { sector, byte, .. } => disk.write_sector(sector, byte, buf),
             Action::SeqRead { bytes, .. } => disk.seqread(bytes, buf),
-            Action::Count { .. } => {}
+            Action::Count { .. } | Action::Net(_) => {}
         }
     }
 
-    say!("done disks={n_disks}");
+    if n_nics == 0 {
+        say!("done disks={n_disks}");
+    } else {
+        say!("done disks={n_disks} nics={n_nics}");
+    }
     power::off(info.rsdp_paddr)
 }
 

@@ -9,8 +9,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use crate::cli::output::{emit, Format};
-use crate::cli::plugin::error_chain;
 use cocoon_host::config::HostConfig;
+use cocoon_host::error_chain;
 use cocoon_host::http::{redact, redact_text};
 use cocoon_host::plugin::{Registry, Runtime};
 use cocoon_host::store::{

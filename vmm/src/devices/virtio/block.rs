@@ -14,11 +14,12 @@ use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::{
-    VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    drain_queue, read_config_from, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
 };
 
 pub const VIRTIO_ID_BLOCK: u32 = 2;
@@ -634,43 +635,13 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if start >= CONFIG_LEN {
-            return;
-        }
-        let n = data.len().min(CONFIG_LEN - start);
-        data[..n].copy_from_slice(&self.config[start..start + n]);
+        read_config_from(&self.config, offset, data);
     }
 
     fn process_queue(&mut self, mem: &GuestMemoryMmap, _index: usize, queue: &mut Queue) -> bool {
-        // Drain, then re-enable notifications and drain again if the driver
-        // added more meanwhile (the EVENT_IDX race). A driver that keeps
-        // refilling keeps only this disk's own thread busy. A round that
-        // finds "more" but pops nothing means a corrupt avail index: stop
-        // rather than spin on it.
-        loop {
-            if queue.disable_notification(mem).is_err() {
-                return false;
-            }
-            let mut popped = 0usize;
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
-                popped += 1;
-                let head = chain.head_index();
-                let used = self.process_chain(mem, chain);
-                if queue.add_used(mem, head, used).is_err() {
-                    return false;
-                }
-            }
-            match queue.enable_notification(mem) {
-                Ok(true) if popped > 0 => continue,
-                Ok(_) => break,
-                Err(_) => return false,
-            }
-        }
-        queue.needs_notification(mem).unwrap_or(true)
+        // A driver that keeps refilling keeps only this disk's own thread
+        // busy.
+        drain_queue(mem, queue, |chain| Some(self.process_chain(mem, chain)))
     }
 }
 

@@ -8,7 +8,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{Interest, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::devices::BusDevice;
 
 const MAGIC_VALUE: u32 = 0x7472_6976; // "virt"
@@ -206,10 +206,24 @@ impl MmioTransport {
             return;
         }
         if self.device.process_queue(&self.mem, index, queue) {
-            self.interrupt_status |= INT_USED_RING;
-            // A full eventfd counter (impossible at 2^64-1) would only
-            // coalesce interrupts.
-            let _ = self.irq.write(1);
+            self.signal_used();
+        }
+    }
+
+    fn signal_used(&mut self) {
+        self.interrupt_status |= INT_USED_RING;
+        // A full eventfd counter (impossible at 2^64-1) would only
+        // coalesce interrupts.
+        let _ = self.irq.write(1);
+    }
+
+    /// The device's backend has an event (see [`VirtioDevice::process_event`]).
+    pub fn device_event(&mut self) {
+        if !self.activated || self.status & STATUS_NEEDS_RESET != 0 {
+            return;
+        }
+        if self.device.process_event(&self.mem, &mut self.queues) {
+            self.signal_used();
         }
     }
 
@@ -307,6 +321,15 @@ impl MmioTransport {
         for index in 0..self.queues.len() {
             self.notify(index);
         }
+    }
+
+    /// What the device wants of its backend; nothing before activation or
+    /// once it needs a reset, when nothing would be served.
+    pub fn backend_interest(&self) -> Interest {
+        if !self.activated || self.status & STATUS_NEEDS_RESET != 0 {
+            return Interest::default();
+        }
+        self.device.backend_interest()
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {
@@ -449,6 +472,9 @@ impl MmioTransport {
                 return false;
             }
             q.set_event_idx(event_idx);
+        }
+        if !self.device.activate(self.driver_features) {
+            return false;
         }
         self.activated = true;
         true

@@ -6,8 +6,16 @@
 //! A worker reads a queue's eventfd only when it is about to serve that
 //! queue, so a notification that arrives while paused stays pending in the
 //! eventfd and is served after resume.
+//!
+//! A device with a backend descriptor (a network device's tap) has it
+//! polled too, for what the device says it can use right now
+//! ([`MmioTransport::backend_interest`]): a tap is not polled for input
+//! while the guest has no room for a frame, so the worker never spins on
+//! one it cannot drain; the guest's next receive notification turns
+//! interest back on.
 
 use std::io;
+use std::os::fd::OwnedFd;
 use std::os::unix::io::AsRawFd;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -74,19 +82,27 @@ impl Workers {
         Self::default()
     }
 
-    /// Starts a thread serving `transport`'s queues, one eventfd per queue.
+    /// Starts a thread serving `transport`'s queues, one eventfd per queue,
+    /// and its device's `backend` descriptor if it has one.
     pub fn spawn(
         &mut self,
         name: String,
         transport: Arc<Mutex<MmioTransport>>,
         queue_evts: Vec<EventFd>,
+        backend: Option<OwnedFd>,
     ) -> io::Result<()> {
         let wake = EventFd::new(libc::EFD_NONBLOCK)?;
         let thread_wake = wake.try_clone()?;
         let control = self.control.clone();
         lock(&control.state).alive += 1;
         let spawned = std::thread::Builder::new().name(name).spawn(move || {
-            serve(&transport, &queue_evts, &thread_wake, &control);
+            serve(
+                &transport,
+                &queue_evts,
+                backend.as_ref(),
+                &thread_wake,
+                &control,
+            );
             control.exited();
         });
         match spawned {
@@ -151,18 +167,27 @@ impl Drop for Workers {
 fn serve(
     transport: &Mutex<MmioTransport>,
     queue_evts: &[EventFd],
+    backend: Option<&OwnedFd>,
     wake: &EventFd,
     control: &Control,
 ) {
-    let mut fds: Vec<libc::pollfd> = std::iter::once(wake)
-        .chain(queue_evts)
-        .map(|e| libc::pollfd {
-            fd: e.as_raw_fd(),
+    let mut fds: Vec<libc::pollfd> = std::iter::once(wake.as_raw_fd())
+        .chain(queue_evts.iter().map(|e| e.as_raw_fd()))
+        .chain(backend.map(|b| b.as_raw_fd()))
+        .map(|fd| libc::pollfd {
+            fd,
             events: libc::POLLIN,
             revents: 0,
         })
         .collect();
+    let backend_at = backend.map(|_| fds.len() - 1);
     loop {
+        if let Some(at) = backend_at {
+            // A negative fd is skipped by poll: the backend failed for good.
+            if fds[at].fd >= 0 {
+                fds[at].events = lock(transport).backend_interest().poll_events();
+            }
+        }
         // SAFETY: `fds` is a valid array of pollfd for its length, and the
         // eventfds it names outlive this call.
         let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
@@ -187,6 +212,17 @@ fn serve(
                 lock(transport).notify(index);
             }
         }
+        if let Some(at) = backend_at {
+            let revents = fds[at].revents;
+            if revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+                // poll reports these whatever was asked, so polling on
+                // would spin: the backend is gone (its interface deleted).
+                tracing::warn!("virtio worker: the device's backend failed; no longer polling it");
+                fds[at].fd = -1;
+            } else if revents != 0 {
+                lock(transport).device_event();
+            }
+        }
     }
 }
 
@@ -205,6 +241,7 @@ mod tests {
             "test-worker".into(),
             Arc::new(Mutex::new(transport)),
             vec![evt.try_clone().unwrap()],
+            None,
         )
         .unwrap();
         (w, evt, probe)
