@@ -73,7 +73,9 @@ pub enum LockError {
     DiskBusy { disk: PathBuf, holder: String },
     #[error("VM {vm} is busy ({holder}); try again when it is done, or pass --wait")]
     VmBusy { vm: PathBuf, holder: String },
-    #[error("disk {disk} is given twice; a writable disk can be attached once")]
+    #[error(
+        "disk {disk} is given twice (or under two names); a writable disk can be attached once"
+    )]
     Duplicate { disk: PathBuf },
     #[error("{disk} has no file name")]
     NoFileName { disk: PathBuf },
@@ -233,6 +235,17 @@ impl DiskLocks {
         resolved.sort();
         if let Some(w) = resolved.windows(2).find(|w| w[0] == w[1]) {
             return Err(LockError::Duplicate { disk: w[0].clone() });
+        }
+        // Hard links are one file under two names (and two lock files).
+        let mut files = std::collections::BTreeMap::new();
+        for d in &resolved {
+            if let Ok(m) = fs::metadata(d) {
+                if let Some(first) = files.insert((m.dev(), m.ino()), d) {
+                    return Err(LockError::Duplicate {
+                        disk: first.clone(),
+                    });
+                }
+            }
         }
         let mut held = Vec::with_capacity(resolved.len());
         for disk in resolved {
@@ -562,10 +575,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = disk(dir.path(), "a.raw", b"a");
         std::os::unix::fs::symlink(&a, dir.path().join("link.raw")).unwrap();
+        fs::hard_link(&a, dir.path().join("hard.raw")).unwrap();
         fs::create_dir(dir.path().join("sub")).unwrap();
         for other in [
             a.clone(),
             dir.path().join("link.raw"),
+            dir.path().join("hard.raw"),
             dir.path().join("sub/../a.raw"),
         ] {
             let e = DiskLocks::acquire(&[a.clone(), other.clone()], "boot", Wait::No).unwrap_err();
