@@ -342,7 +342,9 @@ impl DiskLocks {
             fs::remove_file(bak).map_err(io_err("removing the backup", bak))?;
         }
         fsutil::sync_dir(&dir).map_err(io_err("syncing", &dir))?;
-        fs::remove_file(&journal).map_err(io_err("removing the journal", &journal))?;
+        // Another disk's repair may have removed it already: with every
+        // backup gone, nothing refers to it.
+        remove_if_there(&journal)?;
         fsutil::sync_dir(&dir).map_err(io_err("syncing", &dir))
     }
 
