@@ -208,7 +208,7 @@ fn policy_calls_read_a_request_file() {
     let r = req.to_str().unwrap();
     std::fs::write(
         &req,
-        r#"{"name":"vm","image_kind":"oci","layers":["sha256:a"],"data_disks":[],"cidata":true,"settings":[["cow_size","1073741824"]]}"#,
+        r#"{"name":"vm","image":{"layered":{"layers":["sha256:a"]}},"cidata":true,"settings":{"cow_size":"1073741824"}}"#,
     )
     .unwrap();
     let plan = host.ok_json(&["plugin", "call", "default-policy", "plan", r, "-o", "json"]);
@@ -218,13 +218,13 @@ fn policy_calls_read_a_request_file() {
         .iter()
         .map(|d| d["role"].as_str().unwrap())
         .collect();
-    assert_eq!(roles, ["Layer", "Cow", "Cidata"]);
+    assert_eq!(roles, ["layer", "cow", "cidata"]);
     assert_eq!(plan[1]["size_bytes"], 1073741824u64);
 
     // Violations: validate lists them and exits 1; plan refuses.
     std::fs::write(
         &req,
-        r#"{"name":"vm","image_kind":"oci","layers":[],"data_disks":[],"cidata":false,"settings":[["cow_size","big"]]}"#,
+        r#"{"name":"vm","image":{"layered":{"layers":[]}},"settings":{"cow_size":"big"}}"#,
     )
     .unwrap();
     let out = host.run(&[
@@ -240,7 +240,11 @@ fn policy_calls_read_a_request_file() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v[0]["field"], "settings.cow_size");
     let out = host.run(&["plugin", "call", "default-policy", "plan", r]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cow_size=\"big\""));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("breaks site rules: settings.cow_size: \"big\" is not a size"),
+        "{err}"
+    );
 
     std::fs::write(&req, "{").unwrap();
     let out = host.run(&["plugin", "call", "default-policy", "plan", r]);

@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use cocoon_host::config::HostConfig;
+use cocoon_host::plugin::bindings::ErrorKind;
 use cocoon_host::plugin::calls::Platform;
 use cocoon_host::plugin::fetch::HostPattern;
 use cocoon_host::plugin::registry::{self, sha256_hex, Registry};
@@ -137,7 +138,13 @@ fn filesystem_and_environment_are_empty() {
     let err = p.resolve("passwd", &Platform::host()).unwrap_err();
     let msg = err.to_string();
     assert!(
-        matches!(&err, PluginError::Returned { kind, .. } if kind == "io"),
+        matches!(
+            &err,
+            PluginError::Returned {
+                kind: ErrorKind::Io,
+                ..
+            }
+        ),
         "{msg}"
     );
     assert!(!msg.contains("root:"), "{msg}");
@@ -439,7 +446,13 @@ fn converter_and_policy_round_trips() {
     drop(s);
     let err = raw.open_image(&img, "qcow2").err().unwrap();
     assert!(
-        matches!(&err, PluginError::Returned { kind, .. } if kind == "unsupported"),
+        matches!(
+            &err,
+            PluginError::Returned {
+                kind: ErrorKind::Unsupported,
+                ..
+            }
+        ),
         "{err}"
     );
     let data: Vec<u8> = (0..65536u32).map(|i| i as u8).collect();
@@ -454,25 +467,6 @@ fn converter_and_policy_round_trips() {
     // The kind is checked before any call.
     let err = raw.schemes().unwrap_err();
     assert!(matches!(err, PluginError::WrongKind { .. }), "{err}");
-
-    let policy = registry.load(&rt, "default-policy").unwrap();
-    let req: cocoon_host::plugin::calls::VmRequest = serde_json::from_value(serde_json::json!({
-        "name": "vm1", "image_kind": "oci", "layers": ["sha256:a", "sha256:b"],
-        "data_disks": [{"name": "data", "size_bytes": 1073741824u64, "fstype": "ext4",
-                        "mount_point": "/data", "direct_io": false}],
-        "cidata": true, "settings": [["cow_size", "2147483648"]]
-    }))
-    .unwrap();
-    let plan = policy.plan(&req).unwrap();
-    let names: Vec<&str> = plan.iter().map(|d| d.name.as_str()).collect();
-    assert_eq!(names, ["layer0", "layer1", "root", "data", "cidata"]);
-    assert_eq!(plan[2].size_bytes, Some(2 << 30));
-    let mut bad = req.clone();
-    bad.settings = vec![("max_data_disks".into(), "0".into())];
-    let v = policy.validate(&bad).unwrap();
-    assert_eq!(v.len(), 1, "{v:?}");
-    assert_eq!(v[0].field, "data_disks");
-    assert!(policy.plan(&bad).is_err());
 }
 
 #[test]

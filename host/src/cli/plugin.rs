@@ -9,7 +9,8 @@ use serde::Serialize;
 
 use super::output::{emit, Format};
 use cocoon_host::config::HostConfig;
-use cocoon_host::plugin::calls::{Platform, VmRequest};
+use cocoon_host::plugin::calls::Platform;
+use cocoon_host::plugin::policy::{Policy, PolicyRequest};
 use cocoon_host::plugin::registry::{self, PluginInfo, Registry};
 use cocoon_host::plugin::{LoadedPlugin, PluginOrigin, Runtime};
 
@@ -90,9 +91,14 @@ enum Call {
         #[arg(long, default_value = "raw")]
         format: String,
     },
-    /// disk-policy: the disk plan for a VM request (JSON file, - for stdin).
+    /// disk-policy: the checked disk plan for a VM request (JSON file, -
+    /// for stdin): the policy's validate, then its plan, checked as the
+    /// host checks it when it creates a VM.
     Plan {
-        /// A VM request as JSON (fields of the WIT vm-request record).
+        /// A VM request as JSON: {"name", "image": {"layered": {"layers":
+        /// [DIGEST…]}} or {"disk": {"digest", "virtual_size"}}, "cow_size",
+        /// "data_disks": [{"name", "size_bytes", "fstype": "ext4"|"none",
+        /// "mount_point", "direct_io"}], "cidata", "settings": {}}.
         request: PathBuf,
     },
     /// disk-policy: the site rules a VM request (JSON) breaks; exits 1 when
@@ -327,7 +333,7 @@ fn inspect(
     Ok(0)
 }
 
-fn read_request(path: &Path) -> anyhow::Result<VmRequest> {
+fn read_request(path: &Path) -> anyhow::Result<PolicyRequest> {
     let text = if path == Path::new("-") {
         let mut s = String::new();
         std::io::stdin().read_to_string(&mut s)?;
@@ -413,24 +419,27 @@ fn call_plugin(plugin: &LoadedPlugin, call: Call, output: Format) -> anyhow::Res
             })?
         }
         Call::Plan { request } => {
-            let disks = plugin.plan(&read_request(&request)?)?;
+            let policy = Policy::from_plugin(plugin.clone())?;
+            let disks = policy.plan(&read_request(&request)?)?;
             emit(output, &disks, |d| {
                 for d in d {
                     println!(
-                        "{:<20} {:<7} ro={} size={:?}",
+                        "{:<20} {:<7} ro={} size={} file={}",
                         d.name,
-                        format!("{:?}", d.role).to_lowercase(),
+                        d.role,
                         d.read_only,
-                        d.size_bytes
+                        d.size_bytes.map_or("-".into(), |s| s.to_string()),
+                        d.file.as_deref().unwrap_or("-"),
                     );
                 }
             })?
         }
         Call::Validate { request } => {
-            let violations = plugin.validate(&read_request(&request)?)?;
+            let policy = Policy::from_plugin(plugin.clone())?;
+            let violations = policy.validate(&read_request(&request)?)?;
             emit(output, &violations, |v| {
                 for v in v {
-                    println!("{}: {}", v.field, v.message);
+                    println!("{v}");
                 }
             })?;
             if !violations.is_empty() {

@@ -8,10 +8,11 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+use super::api::ApiVersion;
 use super::error::PluginError;
 use super::fetch::{effective_hosts, HostPattern};
 use super::limits::Limits;
-use super::manifest::Manifest;
+use super::manifest::{Manifest, ManifestError};
 use super::runtime::{LoadedPlugin, PluginSpec, Runtime};
 use crate::config::HostConfig;
 use crate::fsutil;
@@ -255,7 +256,7 @@ fn check_pinned(
     manifest_path: &Path,
 ) -> Result<(PathBuf, String), PluginError> {
     let missing = |field: &'static str| {
-        PluginError::Manifest(super::manifest::ManifestError::Invalid {
+        PluginError::Manifest(ManifestError::Invalid {
             path: manifest_path.to_path_buf(),
             field,
             value: String::new(),
@@ -345,6 +346,18 @@ pub fn verify(
         fetch_hosts: Vec::new(),
     };
     let loaded = runtime.load(spec, &bytes, &sha256)?;
+    let declared = ApiVersion::parse(&manifest.api).expect("checked by Manifest::parse");
+    if (declared.0, declared.1) != (loaded.api().0, loaded.api().1) {
+        return Err(PluginError::Manifest(ManifestError::Invalid {
+            path: manifest_path,
+            field: "api",
+            value: manifest.api.clone(),
+            reason: format!(
+                "the component is built against cocoon:plugin@{}",
+                loaded.api()
+            ),
+        }));
+    }
     let smoke_call = smoke(&loaded)?;
     let report = VerifyReport {
         sha256_pinned: manifest.sha256.clone(),
@@ -362,21 +375,25 @@ pub fn verify(
 
 /// One call every plugin of a kind must answer without side effects.
 fn smoke(plugin: &LoadedPlugin) -> Result<String, PluginError> {
-    use super::calls::VmRequest;
     use super::manifest::PluginKind;
+    use super::policy::{ImageKind, PolicyRequest};
     Ok(match plugin.kind() {
         PluginKind::ImageSource => format!("schemes() = {:?}", plugin.schemes()?),
         PluginKind::FormatConverter => format!("probe(empty) = {:?}", plugin.probe(&[], &[], 0)?),
         PluginKind::DiskPolicy => {
-            let req = VmRequest {
+            let req = PolicyRequest {
                 name: "verify".into(),
-                image_kind: "raw".into(),
-                layers: Vec::new(),
+                image: ImageKind::Disk {
+                    digest: format!("sha256:{}", "0".repeat(64)),
+                    virtual_size: 1 << 30,
+                },
+                cow_size: None,
                 data_disks: Vec::new(),
                 cidata: false,
-                settings: Vec::new(),
+                settings: BTreeMap::new(),
             };
-            format!("validate(empty request) = {:?}", plugin.validate(&req)?)
+            let violations = plugin.policy_instance()?.validate(&req)?;
+            format!("validate(a bare disk image) = {violations:?}")
         }
     })
 }

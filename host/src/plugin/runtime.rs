@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use wasmtime::component::{HasSelf, Linker};
+use wasmtime::component::Linker;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
 
-use super::bindings::{disk_policy, format_converter, image_source};
+use super::api::{self, ApiVersion, KindPre, HOST_API};
 use super::cache::{CompiledCache, Origin};
 use super::error::PluginError;
 use super::fetch::{Fetcher, HostPattern};
@@ -115,27 +115,7 @@ impl Runtime {
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config).map_err(engine_err)?;
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(engine_err)?;
-        image_source::cocoon::plugin::types::add_to_linker::<State, HasSelf<State>>(
-            &mut linker,
-            |s| s,
-        )
-        .map_err(engine_err)?;
-        image_source::cocoon::plugin::host::add_to_linker::<State, HasSelf<State>>(
-            &mut linker,
-            |s| s,
-        )
-        .map_err(engine_err)?;
-        image_source::cocoon::plugin::fetch::add_to_linker::<State, HasSelf<State>>(
-            &mut linker,
-            |s| s,
-        )
-        .map_err(engine_err)?;
-        format_converter::cocoon::plugin::source::add_to_linker::<State, HasSelf<State>>(
-            &mut linker,
-            |s| s,
-        )
-        .map_err(engine_err)?;
+        api::add_to_linker(&mut linker).map_err(engine_err)?;
         let cache = CompiledCache::new(&engine, cache_dir);
         Ok(Runtime {
             _ticker: EpochTicker::start(engine.clone()),
@@ -180,8 +160,13 @@ impl Runtime {
             .imports(&self.engine)
             .map(|(n, _)| n.to_string())
             .collect();
+        let export_names: Vec<String> = ty
+            .exports(&self.engine)
+            .map(|(n, _)| n.to_string())
+            .collect();
+        let api = plugin_api(&name, spec.kind, &import_names, &export_names)?;
         for import in &import_names {
-            if let Some(reason) = imports::refusal(spec.kind, import) {
+            if let Some(reason) = imports::refusal(spec.kind, api, import) {
                 return Err(PluginError::ImportRefused {
                     plugin: name,
                     import: import.clone(),
@@ -189,10 +174,6 @@ impl Runtime {
                 });
             }
         }
-        let export_names: Vec<String> = ty
-            .exports(&self.engine)
-            .map(|(n, _)| n.to_string())
-            .collect();
         let pre =
             self.linker
                 .instantiate_pre(&component)
@@ -200,28 +181,18 @@ impl Runtime {
                     plugin: name.clone(),
                     detail: format!("{e:#}"),
                 })?;
-        let wrong = |e: wasmtime::Error| PluginError::WrongExports {
+        let pre = KindPre::new(spec.kind, api, pre).map_err(|e| PluginError::WrongExports {
             plugin: name.clone(),
             kind: spec.kind.as_str(),
             detail: format!("{e:#}"),
-        };
-        let pre = match spec.kind {
-            PluginKind::ImageSource => {
-                KindPre::ImageSource(image_source::ImageSourcePre::new(pre).map_err(wrong)?)
-            }
-            PluginKind::FormatConverter => KindPre::FormatConverter(
-                format_converter::FormatConverterPre::new(pre).map_err(wrong)?,
-            ),
-            PluginKind::DiskPolicy => {
-                KindPre::DiskPolicy(disk_policy::DiskPolicyPre::new(pre).map_err(wrong)?)
-            }
-        };
+        })?;
         Ok(LoadedPlugin {
             name: name.as_str().into(),
             config: Arc::new(spec.config.clone()),
             spec,
             pre,
             origin,
+            api,
             imports: import_names,
             exports: export_names,
             engine: self.engine.clone(),
@@ -230,20 +201,54 @@ impl Runtime {
     }
 }
 
-#[derive(Clone)]
-pub(crate) enum KindPre {
-    ImageSource(image_source::ImageSourcePre<State>),
-    FormatConverter(format_converter::FormatConverterPre<State>),
-    DiskPolicy(disk_policy::DiskPolicyPre<State>),
+/// The plugin API version a component was built against: that of the
+/// interface its kind exports (or, when it exports none, of its first
+/// cocoon:plugin import), refused unless this host loads that version for
+/// the kind.
+fn plugin_api(
+    plugin: &str,
+    kind: PluginKind,
+    imports: &[String],
+    exports: &[String],
+) -> Result<ApiVersion, PluginError> {
+    let wanted = api::export_interface(kind);
+    let found = exports
+        .iter()
+        .find(|e| e.split('@').next() == Some(wanted))
+        .or_else(|| imports.iter().find(|i| i.starts_with("cocoon:plugin/")));
+    let Some(name) = found else {
+        return Err(PluginError::WrongExports {
+            plugin: plugin.to_string(),
+            kind: kind.as_str(),
+            detail: format!("no export of {wanted}"),
+        });
+    };
+    let version = ApiVersion::of_wit_name(name);
+    match version {
+        Some(v) if v.supported_for(kind) => Ok(v),
+        _ => Err(PluginError::ApiVersion {
+            plugin: plugin.to_string(),
+            kind: kind.as_str(),
+            plugin_api: name
+                .split_once('@')
+                .map_or("(unversioned)", |(_, v)| v)
+                .to_string(),
+            host_api: HOST_API.to_string(),
+            supported: ApiVersion::supported_text(kind),
+        }),
+    }
 }
 
-/// A compiled, checked plugin, ready for invocations.
+/// A compiled, checked plugin, ready for invocations. Cloning is cheap: the
+/// compiled code is shared.
+#[derive(Clone)]
 pub struct LoadedPlugin {
     pub(crate) name: Arc<str>,
     pub(crate) spec: PluginSpec,
     config: Arc<BTreeMap<String, String>>,
     pub(crate) pre: KindPre,
     origin: Origin,
+    api: ApiVersion,
     imports: Vec<String>,
     exports: Vec<String>,
     engine: Engine,
@@ -261,6 +266,11 @@ impl LoadedPlugin {
 
     pub fn limits(&self) -> Limits {
         self.spec.limits
+    }
+
+    /// The plugin API version the component was built against.
+    pub fn api(&self) -> ApiVersion {
+        self.api
     }
 
     /// Whether this load deserialised a cached component.
@@ -281,23 +291,13 @@ impl LoadedPlugin {
     /// a first-party source reach exactly the server a reference names
     /// (`oci://HOST[:PORT]/…`) for the one resolve of that reference.
     pub fn with_fetch_hosts(&self, hosts: &[HostPattern]) -> LoadedPlugin {
-        let mut spec = self.spec.clone();
+        let mut plugin = self.clone();
         for h in hosts {
-            if !spec.fetch_hosts.contains(h) {
-                spec.fetch_hosts.push(h.clone());
+            if !plugin.spec.fetch_hosts.contains(h) {
+                plugin.spec.fetch_hosts.push(h.clone());
             }
         }
-        LoadedPlugin {
-            name: self.name.clone(),
-            spec,
-            config: self.config.clone(),
-            pre: self.pre.clone(),
-            origin: self.origin,
-            imports: self.imports.clone(),
-            exports: self.exports.clone(),
-            engine: self.engine.clone(),
-            stats: self.stats.clone(),
-        }
+        plugin
     }
 
     pub(crate) fn expect_kind(&self, wanted: PluginKind) -> Result<(), PluginError> {

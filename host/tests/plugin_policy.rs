@@ -1,0 +1,161 @@
+//! Disk policies through the host's typed API (`plugin::policy`): the
+//! built-in default policy's plans, site settings, refusals, and the checks
+//! every plan passes before disk planning sees it.
+
+mod support;
+
+use std::collections::BTreeMap;
+
+use cocoon_host::config::HostConfig;
+use cocoon_host::plugin::policy::{
+    DataDiskRequest, DiskRole, FsType, ImageKind, PlannedDisk, Policy, PolicyRequest,
+};
+use cocoon_host::plugin::{PluginError, Registry, Runtime};
+
+fn layered(n: usize) -> ImageKind {
+    ImageKind::Layered {
+        layers: (0..n).map(|i| format!("sha256:{i:064x}")).collect(),
+    }
+}
+
+fn disk_image() -> ImageKind {
+    ImageKind::Disk {
+        digest: format!("sha256:{}", "d".repeat(64)),
+        virtual_size: 2 << 30,
+    }
+}
+
+fn data(name: &str, size: u64, fstype: FsType, mount: Option<&str>) -> DataDiskRequest {
+    DataDiskRequest {
+        name: name.into(),
+        size_bytes: size,
+        fstype,
+        mount_point: mount.map(Into::into),
+        direct_io: None,
+    }
+}
+
+fn request(image: ImageKind) -> PolicyRequest {
+    PolicyRequest {
+        name: "vm1".into(),
+        image,
+        cow_size: None,
+        data_disks: vec![
+            data("logs", 1 << 30, FsType::Ext4, Some("/var/log")),
+            DataDiskRequest {
+                direct_io: Some(true),
+                ..data("scratch", 64 << 20, FsType::None, None)
+            },
+        ],
+        cidata: true,
+        settings: BTreeMap::new(),
+    }
+}
+
+fn default_policy(rt: &Runtime) -> Policy {
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = Registry::discover(&HostConfig::at(tmp.path()));
+    Policy::load(rt, &registry, "default-policy").unwrap()
+}
+
+fn names(plan: &[PlannedDisk]) -> Vec<&str> {
+    plan.iter().map(|d| d.name.as_str()).collect()
+}
+
+#[test]
+fn default_policy_plans_layered_images() {
+    let rt = Runtime::new(None).unwrap();
+    let policy = default_policy(&rt);
+    let plan = policy.plan(&request(layered(2))).unwrap();
+    assert_eq!(
+        names(&plan),
+        [
+            "cocoon-layer0",
+            "cocoon-layer1",
+            "cocoon-root",
+            "logs",
+            "scratch",
+            "cocoon-cidata"
+        ]
+    );
+    let roles: Vec<DiskRole> = plan.iter().map(|d| d.role).collect();
+    use DiskRole::*;
+    assert_eq!(roles, [Layer, Layer, Cow, Data, Data, Cidata]);
+    let ro: Vec<bool> = plan.iter().map(|d| d.read_only).collect();
+    assert_eq!(ro, [true, true, false, false, false, true]);
+    assert_eq!(plan[2].size_bytes, Some(10 << 30), "the 10 GiB default");
+    assert_eq!(plan[3].fstype, Some(FsType::Ext4));
+    assert_eq!(plan[3].mount_point.as_deref(), Some("/var/log"));
+    assert_eq!(plan[3].direct_io, None, "host's choice stays the host's");
+    assert_eq!(plan[4].fstype, Some(FsType::None));
+    assert_eq!(plan[4].direct_io, Some(true));
+    assert!(plan.iter().all(|d| d.file.is_none()));
+
+    // The root's size: the request's, else the site's, else the default.
+    let mut r = request(layered(1));
+    r.settings.insert("cow_size".into(), "3G".into());
+    assert_eq!(policy.plan(&r).unwrap()[1].size_bytes, Some(3 << 30));
+    r.cow_size = Some(5 << 30);
+    assert_eq!(policy.plan(&r).unwrap()[1].size_bytes, Some(5 << 30));
+}
+
+#[test]
+fn default_policy_plans_disk_images() {
+    let rt = Runtime::new(None).unwrap();
+    let policy = default_policy(&rt);
+    let mut r = request(disk_image());
+    let plan = policy.plan(&r).unwrap();
+    assert_eq!(
+        names(&plan),
+        ["cocoon-root", "logs", "scratch", "cocoon-cidata"]
+    );
+    assert_eq!(plan[0].role, DiskRole::Cow);
+    assert_eq!(plan[0].size_bytes, None, "the image's own size");
+    r.cow_size = Some(4 << 30);
+    assert_eq!(policy.plan(&r).unwrap()[0].size_bytes, Some(4 << 30));
+    r.cidata = false;
+    r.data_disks.clear();
+    assert_eq!(names(&policy.plan(&r).unwrap()), ["cocoon-root"]);
+}
+
+#[test]
+fn site_rules_refuse_the_request_with_every_violation() {
+    let rt = Runtime::new(None).unwrap();
+    let policy = default_policy(&rt);
+    let mut r = request(disk_image());
+    r.settings.insert("max_data_disks".into(), "1".into());
+    r.settings.insert("cow_size".into(), "lots".into());
+    r.cow_size = Some(1 << 30);
+    let v = policy.validate(&r).unwrap();
+    let fields: Vec<&str> = v.iter().map(|v| v.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        ["settings.cow_size", "data_disks", "cow_size"],
+        "{v:?}"
+    );
+    match policy.plan(&r).unwrap_err() {
+        PluginError::PolicyRefused { plugin, violations } => {
+            assert_eq!(plugin, "default-policy");
+            assert_eq!(violations, v);
+        }
+        other => panic!("expected a refusal, got {other}"),
+    }
+    let msg = policy.plan(&r).unwrap_err().to_string();
+    assert!(
+        msg.contains("default-policy") && msg.contains("this site allows 1"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn only_disk_policies_load_as_policies() {
+    let rt = Runtime::new(None).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = Registry::discover(&HostConfig::at(tmp.path()));
+    let err = Policy::load(&rt, &registry, "raw-converter").err().unwrap();
+    assert!(matches!(err, PluginError::WrongKind { .. }), "{err}");
+    let err = Policy::load(&rt, &registry, "no-such-policy")
+        .err()
+        .unwrap();
+    assert!(matches!(err, PluginError::NotFound(_)), "{err}");
+}
