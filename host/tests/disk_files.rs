@@ -275,7 +275,6 @@ fn data_disks_ext4_pass_e2fsck_and_none_stays_blank() {
     let state = State::new();
     let layer = state.layer(&[1u8; 1 << 20]);
     let mut req = state.request(ImageDisks::Layered {
-        kind: "oci".into(),
         layers: vec![layer.clone()],
     });
     req.data_disks = resolve(
@@ -374,10 +373,7 @@ fn data_disks_ext4_pass_e2fsck_and_none_stays_blank() {
 #[test]
 fn a_failed_create_removes_what_it_made() {
     let state = State::new();
-    let mut req = state.request(ImageDisks::Layered {
-        kind: "oci".into(),
-        layers: vec![],
-    });
+    let mut req = state.request(ImageDisks::Layered { layers: vec![] });
     req.data_disks = resolve(&specs(&["size=16M,fstype=none"]), &[]).unwrap();
     req.cidata = true;
     let plan = plan(&req, &DefaultShape).unwrap();
@@ -414,13 +410,11 @@ fn a_disk_image_boots_from_a_verified_per_vm_copy() {
     std::fs::write(&base_path, &bytes).unwrap();
     let base = BaseImage {
         path: base_path.clone(),
-        digest: Some(cocoon_host::store::digest::Digest::of(&bytes)),
+        digest: cocoon_host::store::digest::Digest::of(&bytes),
         size: bytes.len() as u64,
+        verify: true,
     };
-    let mut req = state.request(ImageDisks::Disk {
-        kind: "cloudimg".into(),
-        base: base.clone(),
-    });
+    let mut req = state.request(ImageDisks::Disk { base: base.clone() });
     req.cow_size = Some(8 << 20);
     let plan = plan(&req, &DefaultShape).unwrap();
     assert!(matches!(plan.disks[0].source, DiskSource::BaseCopy { .. }));

@@ -37,7 +37,6 @@ fn the_guest_sees_the_planned_disks_in_order() {
         state.layer(&disk_bytes(2, 2 << 20)),
     ];
     let mut req = state.request(ImageDisks::Layered {
-        kind: "oci".into(),
         layers: layers.clone(),
     });
     req.cow_size = Some(32 << 20);
@@ -97,7 +96,7 @@ fn the_guest_sees_the_planned_disks_in_order() {
         [
             "cocoon-layer0",
             "cocoon-layer1",
-            "cocoon-cow",
+            "cocoon-root",
             "logs",
             "data1",
             "cocoon-cidata"

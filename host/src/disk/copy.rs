@@ -7,7 +7,8 @@
 //! them. Otherwise a sparse copy: only the source's data runs (SEEK_DATA /
 //! SEEK_HOLE) are copied, by copy_file_range, holes stay holes. When the
 //! store gives the base's digest, the bytes of the copy are hashed before
-//! it gets its name, so a base that rotted in the cache never boots.
+//! it gets its name (when asked: it reads the whole virtual size), so a
+//! base that rotted in the cache never boots.
 
 use std::fs::File;
 use std::io;
@@ -90,7 +91,7 @@ pub fn copy_base(base: &BaseImage, dest: &Path, size: u64) -> Result<CopyReport,
         });
     }
     let out = NewFile::create(dest).map_err(io_err("creating a temp file for", dest))?;
-    let mut hash = base.digest.as_ref().map(|_| Sha256::new());
+    let mut hash = base.verify.then(Sha256::new);
     let method = match rustix::fs::ioctl_ficlone(out.file(), &src) {
         Ok(()) => {
             if let Some(h) = &mut hash {
@@ -114,12 +115,12 @@ pub fn copy_base(base: &BaseImage, dest: &Path, size: u64) -> Result<CopyReport,
             CopyMethod::Sparse
         }
     };
-    if let (Some(expected), Some(h)) = (&base.digest, hash) {
+    if let Some(h) = hash {
         let actual = format!("sha256:{}", hex::encode(h.finalize()));
-        if actual != expected.to_string() {
+        if actual != base.digest.to_string() {
             return Err(CopyError::Digest {
                 path: base.path.clone(),
-                expected: expected.clone(),
+                expected: base.digest.clone(),
                 actual,
             });
         }
@@ -132,7 +133,7 @@ pub fn copy_base(base: &BaseImage, dest: &Path, size: u64) -> Result<CopyReport,
     out.commit().map_err(io_err("creating", dest))?;
     Ok(CopyReport {
         method,
-        verified: base.digest.is_some(),
+        verified: base.verify,
     })
 }
 
@@ -296,8 +297,9 @@ mod tests {
         (
             BaseImage {
                 path,
-                digest: digest.then_some(d),
+                digest: d,
                 size: len,
+                verify: digest,
             },
             bytes,
         )
@@ -344,10 +346,7 @@ mod tests {
         let dest = dir.path().join("cow.raw");
         let e = copy_base(&b, &dest, b.size).unwrap_err();
         assert!(matches!(e, CopyError::Digest { .. }), "{e}");
-        assert!(
-            e.to_string().contains(&b.digest.unwrap().to_string()),
-            "{e}"
-        );
+        assert!(e.to_string().contains(&b.digest.to_string()), "{e}");
         let names: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name())

@@ -10,13 +10,22 @@
 //! - layer `k` is the request's layer `k` (its store path), serial
 //!   `cocoon-layerK`;
 //! - the cow is `cow.raw` in the VM's directory (blank, or the per-VM copy
-//!   of a disk image's base), serial `cocoon-cow`;
+//!   of a disk image's base), serial `cocoon-root`;
 //! - data disk `NAME` is `data-NAME.raw`, serial `NAME`;
 //! - the cloud-init seed is `cidata.img`, serial `cocoon-cidata`.
 //!
+//! The serials of the host's own disks never depend on the policy, so the
+//! guest's init finds its root and layers whatever the site's policy (the
+//! built-in default policy names its disks the same way).
+//!
 //! A plan may name another file for a cow, data or cidata disk; it must be
-//! a plain file name in the VM's directory (no `/`, no `..`, no leading
-//! dot: the host's lock and temp files start with one).
+//! a plain file name in the VM's directory
+//! ([`crate::plugin::policy::check_file_name`]).
+//!
+//! The request and plan types are the plugin API's host-side ones
+//! ([`crate::plugin::policy`]); [`check_plan`] (does the plan answer the
+//! request) and [`rules::validate`] (the role invariants) both run here,
+//! for any [`DiskPolicy`], plugin or not.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -24,6 +33,9 @@ use std::path::PathBuf;
 use super::model::{DiskRole, FsType, StorageConfig};
 use super::rules::{self, Context, Violation, Violations};
 use super::spec::DataDisk;
+pub use crate::plugin::policy::{
+    check_file_name, check_plan, ImageKind, PlannedDisk, PolicyRequest,
+};
 use crate::store::digest::Digest;
 
 #[derive(Debug, thiserror::Error)]
@@ -55,38 +67,27 @@ pub struct LayerImage {
 pub struct BaseImage {
     /// The conversion cache's file: copied per VM, never used itself.
     pub path: PathBuf,
-    /// Its digest file's digest, re-checked while copying when given.
-    pub digest: Option<Digest>,
+    /// Its digest file's digest (the policy sees it).
+    pub digest: Digest,
     pub size: u64,
+    /// Re-hash the copy against `digest` before it is used (costs a read
+    /// of the whole virtual size, holes included).
+    pub verify: bool,
 }
 
 /// What the VM's image contributes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImageDisks {
-    /// Read-only layers (OCI) under a blank writable cow.
-    Layered {
-        /// The image kind the policy sees, e.g. `oci`.
-        kind: String,
-        layers: Vec<LayerImage>,
-    },
+    /// Read-only layers (OCI), base first, under a blank writable cow.
+    Layered { layers: Vec<LayerImage> },
     /// A disk image whose per-VM copy is the writable root.
-    Disk {
-        /// The image kind the policy sees, e.g. `cloudimg`.
-        kind: String,
-        base: BaseImage,
-    },
+    Disk { base: BaseImage },
 }
 
 impl ImageDisks {
-    pub fn kind(&self) -> &str {
-        match self {
-            ImageDisks::Layered { kind, .. } | ImageDisks::Disk { kind, .. } => kind,
-        }
-    }
-
     fn layers(&self) -> &[LayerImage] {
         match self {
-            ImageDisks::Layered { layers, .. } => layers,
+            ImageDisks::Layered { layers } => layers,
             ImageDisks::Disk { .. } => &[],
         }
     }
@@ -112,38 +113,6 @@ pub struct DiskRequest {
     pub settings: BTreeMap<String, String>,
 }
 
-/// What a disk policy is asked: the host-side form of the WIT
-/// `vm-request`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PolicyRequest {
-    pub name: String,
-    pub image_kind: String,
-    /// Layer digests, base first (empty for a disk image).
-    pub layers: Vec<String>,
-    /// The requested cow size; for a disk image, at least the base's size.
-    pub cow_size: Option<u64>,
-    pub data_disks: Vec<DataDisk>,
-    pub cidata: bool,
-    pub settings: Vec<(String, String)>,
-}
-
-/// One disk of a policy's plan: the host-side form of the WIT `disk`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PlannedDisk {
-    /// For data disks, the name (and serial); for the others, a label the
-    /// host does not use.
-    pub name: String,
-    pub role: DiskRole,
-    pub read_only: bool,
-    /// Bytes, for the disks the host creates (cow, data).
-    pub size_bytes: Option<u64>,
-    /// A file name in the VM's directory instead of the host's default.
-    pub file: Option<String>,
-    pub mount_point: Option<String>,
-    pub fstype: Option<FsType>,
-    pub direct_io: Option<bool>,
-}
-
 /// A disk policy: the built-in default, a site's plugin, or a test's fake.
 pub trait DiskPolicy {
     /// Named in every refusal.
@@ -153,6 +122,21 @@ pub trait DiskPolicy {
         &self,
         request: &PolicyRequest,
     ) -> Result<Vec<PlannedDisk>, Box<dyn std::error::Error + Send + Sync>>;
+}
+
+/// A disk-policy plugin: its `validate`, then its `plan`, through the
+/// plugin runtime's one checked call.
+impl DiskPolicy for crate::plugin::policy::Policy {
+    fn name(&self) -> &str {
+        crate::plugin::policy::Policy::name(self)
+    }
+
+    fn plan(
+        &self,
+        request: &PolicyRequest,
+    ) -> Result<Vec<PlannedDisk>, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(crate::plugin::policy::Policy::plan(self, request)?)
+    }
 }
 
 /// How the host makes a planned disk's file.
@@ -202,7 +186,7 @@ impl Plan {
 }
 
 /// Host serials of the host's own disks.
-pub const COW_SERIAL: &str = "cocoon-cow";
+pub const COW_SERIAL: &str = "cocoon-root";
 pub const CIDATA_SERIAL: &str = "cocoon-cidata";
 pub fn layer_serial(k: usize) -> String {
     format!("cocoon-layer{k}")
@@ -217,27 +201,21 @@ pub fn data_file(name: &str) -> String {
 impl DiskRequest {
     /// The request the policy sees.
     pub fn policy_request(&self) -> PolicyRequest {
-        let cow_size = match &self.image {
-            ImageDisks::Disk { base, .. } => Some(self.cow_size.unwrap_or(0).max(base.size)),
-            ImageDisks::Layered { .. } => self.cow_size,
-        };
         PolicyRequest {
             name: self.vm_name.clone(),
-            image_kind: self.image.kind().to_string(),
-            layers: self
-                .image
-                .layers()
-                .iter()
-                .map(|l| l.digest.to_string())
-                .collect(),
-            cow_size,
+            image: match &self.image {
+                ImageDisks::Layered { layers, .. } => ImageKind::Layered {
+                    layers: layers.iter().map(|l| l.digest.to_string()).collect(),
+                },
+                ImageDisks::Disk { base, .. } => ImageKind::Disk {
+                    digest: base.digest.to_string(),
+                    virtual_size: base.size,
+                },
+            },
+            cow_size: self.cow_size,
             data_disks: self.data_disks.clone(),
             cidata: self.cidata,
-            settings: self
-                .settings
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            settings: self.settings.clone(),
         }
     }
 }
@@ -264,14 +242,27 @@ pub fn plan(request: &DiskRequest, policy: &dyn DiskPolicy) -> Result<Plan, Plan
 }
 
 /// The host's half of planning, pure: paths, serials, sources, and every
-/// rule (the plan-specific ones here, the role invariants in
-/// [`rules::validate`]).
+/// rule: does the plan answer the request ([`check_plan`]), the host's
+/// own (data disks asked for are there, a disk image's cow holds its
+/// base, one file per disk), and the role invariants
+/// ([`rules::validate`]).
 pub fn accept(
     request: &DiskRequest,
     asked: &PolicyRequest,
     proposed: &[PlannedDisk],
 ) -> Result<Vec<PlannedStorage>, Violations> {
-    let mut out: Vec<Violation> = Vec::new();
+    let mut out: Vec<Violation> = check_plan(asked, proposed)
+        .into_iter()
+        .map(|p| Violation {
+            index: p.index,
+            field: p.field,
+            message: p.message,
+        })
+        .collect();
+    if out.iter().any(|v| v.field == "count") {
+        // Too many disks to look at one by one.
+        return Err(Violations(out));
+    }
     let mut v = |index: Option<usize>, field: &'static str, message: String| {
         out.push(Violation {
             index,
@@ -284,25 +275,19 @@ pub fn accept(
     let mut disks = Vec::with_capacity(proposed.len());
     for (i, p) in proposed.iter().enumerate() {
         let at = Some(i);
-        let in_vm_dir =
-            |default: String, v: &mut dyn FnMut(Option<usize>, &'static str, String)| {
-                let name = p.file.clone().unwrap_or(default);
-                if let Err(e) = check_file_name(&name) {
-                    v(at, "path", e);
-                }
-                request.vm_dir.join(name)
-            };
+        // A bad file name is check_plan's to report; the default stands in.
+        let in_vm_dir = |default: String| {
+            let name = p
+                .file
+                .clone()
+                .filter(|f| check_file_name(f).is_ok())
+                .unwrap_or(default);
+            request.vm_dir.join(name)
+        };
         let (path, serial, source) = match p.role {
             DiskRole::Layer => {
                 let k = next_layer;
                 next_layer += 1;
-                if p.file.is_some() {
-                    v(
-                        at,
-                        "path",
-                        "a layer's file is the image store's; a plan cannot name one".into(),
-                    );
-                }
                 match layers.get(k) {
                     Some(l) => (
                         l.path.clone(),
@@ -311,24 +296,17 @@ pub fn accept(
                             digest: l.digest.clone(),
                         },
                     ),
-                    None => {
-                        v(
-                            at,
-                            "role",
-                            format!("layer disk {k}, but the image has {} layers", layers.len()),
-                        );
-                        (
-                            request.store_dir.join("missing-layer"),
-                            layer_serial(k),
-                            DiskSource::Blank { size: 0 },
-                        )
-                    }
+                    // check_plan reports the count.
+                    None => (
+                        request.store_dir.join(format!("missing-layer-{k}")),
+                        layer_serial(k),
+                        DiskSource::Blank { size: 0 },
+                    ),
                 }
             }
             DiskRole::Cow => {
-                let path = in_vm_dir(COW_FILE.into(), &mut v);
                 let source = match &request.image {
-                    ImageDisks::Disk { base, .. } => {
+                    ImageDisks::Disk { base } => {
                         let size = p.size_bytes.unwrap_or(base.size);
                         if size < base.size {
                             v(
@@ -342,38 +320,29 @@ pub fn accept(
                             size: size.max(base.size),
                         }
                     }
-                    ImageDisks::Layered { .. } => match p.size_bytes.or(asked.cow_size) {
-                        Some(0) | None => {
+                    ImageDisks::Layered { .. } => match p.size_bytes {
+                        Some(size) if size > 0 => DiskSource::Blank { size },
+                        _ => {
                             v(at, "size", "unknown; a cow disk needs a size".into());
                             DiskSource::Blank { size: 0 }
                         }
-                        Some(size) => DiskSource::Blank { size },
                     },
                 };
-                (path, COW_SERIAL.to_string(), source)
+                (in_vm_dir(COW_FILE.into()), COW_SERIAL.to_string(), source)
             }
-            DiskRole::Data => {
-                let path = in_vm_dir(data_file(&p.name), &mut v);
-                let source = DiskSource::Data {
+            DiskRole::Data => (
+                in_vm_dir(data_file(&p.name)),
+                p.name.clone(),
+                DiskSource::Data {
                     size: p.size_bytes.unwrap_or(0),
                     fstype: p.fstype.unwrap_or(FsType::None),
-                };
-                (path, p.name.clone(), source)
-            }
-            DiskRole::Cidata => {
-                if !request.cidata {
-                    v(
-                        at,
-                        "role",
-                        "a cidata disk, but the request asked for no cloud-init seed".into(),
-                    );
-                }
-                (
-                    in_vm_dir(CIDATA_FILE.into(), &mut v),
-                    CIDATA_SERIAL.to_string(),
-                    DiskSource::Cidata,
-                )
-            }
+                },
+            ),
+            DiskRole::Cidata => (
+                in_vm_dir(CIDATA_FILE.into()),
+                CIDATA_SERIAL.to_string(),
+                DiskSource::Cidata,
+            ),
         };
         disks.push(PlannedStorage {
             config: StorageConfig {
@@ -387,25 +356,6 @@ pub fn accept(
             },
             source,
         });
-    }
-    if next_layer < layers.len() {
-        v(
-            None,
-            "role",
-            format!(
-                "{next_layer} layer disks, but the image has {} layers",
-                layers.len()
-            ),
-        );
-    }
-    if matches!(request.image, ImageDisks::Disk { .. })
-        && !proposed.iter().any(|p| p.role == DiskRole::Cow)
-    {
-        v(
-            None,
-            "role",
-            "no cow disk; a disk image boots from its per-VM copy".into(),
-        );
     }
     for want in &request.data_disks {
         if !proposed
@@ -446,25 +396,6 @@ pub fn accept(
     }
 }
 
-/// A plan's file name for a disk: one plain component in the VM's
-/// directory.
-pub fn check_file_name(name: &str) -> Result<(), String> {
-    let problem = if name.is_empty() {
-        "is empty"
-    } else if name.contains('/') || name == ".." || name == "." {
-        "is outside the VM's directory; a plan names a plain file in it"
-    } else if name.starts_with('.') {
-        "starts with a dot, which the host's own files use"
-    } else if name.len() > 100 {
-        "is longer than 100 bytes"
-    } else if name.chars().any(|c| c.is_control()) {
-        "contains a control character"
-    } else {
-        return Ok(());
-    };
-    Err(format!("file {name:?} {problem}"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -492,7 +423,6 @@ mod tests {
             vm_dir: VM.into(),
             store_dir: STORE.into(),
             image: ImageDisks::Layered {
-                kind: "oci".into(),
                 layers: (0..2)
                     .map(|i| LayerImage {
                         digest: digest(i),
@@ -513,11 +443,11 @@ mod tests {
     fn disk_image() -> DiskRequest {
         DiskRequest {
             image: ImageDisks::Disk {
-                kind: "cloudimg".into(),
                 base: BaseImage {
                     path: format!("{STORE}/converted/x/raw/y/image").into(),
-                    digest: Some(digest(9)),
+                    digest: digest(9),
                     size: 2 << 30,
+                    verify: true,
                 },
             },
             cow_size: None,
@@ -527,11 +457,12 @@ mod tests {
 
     /// The plan a well-behaved policy returns (the default policy's shape).
     fn good(request: &PolicyRequest) -> Vec<PlannedDisk> {
-        let mut out: Vec<PlannedDisk> = request
-            .layers
-            .iter()
-            .enumerate()
-            .map(|(i, _)| PlannedDisk {
+        let layers = match &request.image {
+            ImageKind::Layered { layers } => layers.len(),
+            ImageKind::Disk { .. } => 0,
+        };
+        let mut out: Vec<PlannedDisk> = (0..layers)
+            .map(|i| PlannedDisk {
                 name: format!("layer{i}"),
                 role: DiskRole::Layer,
                 read_only: true,
@@ -546,7 +477,10 @@ mod tests {
             name: "root".into(),
             role: DiskRole::Cow,
             read_only: false,
-            size_bytes: request.cow_size,
+            size_bytes: request.cow_size.or(match &request.image {
+                ImageKind::Disk { virtual_size, .. } => Some(*virtual_size),
+                ImageKind::Layered { .. } => None,
+            }),
             ..out.first().cloned().unwrap_or_else(|| PlannedDisk {
                 name: String::new(),
                 role: DiskRole::Cow,
@@ -615,13 +549,14 @@ mod tests {
         )
         .unwrap();
         let asked = seen.into_inner().unwrap();
-        assert_eq!(asked.image_kind, "oci");
         assert_eq!(
-            asked.layers,
-            vec![digest(0).to_string(), digest(1).to_string()]
+            asked.image,
+            ImageKind::Layered {
+                layers: vec![digest(0).to_string(), digest(1).to_string()]
+            }
         );
         assert_eq!(asked.cow_size, Some(4 << 30));
-        assert_eq!(asked.settings, vec![("site".to_string(), "x".to_string())]);
+        assert_eq!(asked.settings, req.settings);
         assert!(asked.cidata);
         assert_eq!(asked.data_disks, req.data_disks);
 
@@ -650,7 +585,7 @@ mod tests {
                     "cocoon-layer1",
                     true
                 ),
-                (format!("{VM}/cow.raw"), "cocoon-cow", false),
+                (format!("{VM}/cow.raw"), "cocoon-root", false),
                 (format!("{VM}/data-logs.raw"), "logs", false),
                 (format!("{VM}/data-scratch.raw"), "scratch", false),
                 (format!("{VM}/cidata.img"), "cocoon-cidata", true),
@@ -688,8 +623,14 @@ mod tests {
     fn a_disk_image_plan_copies_the_base() {
         let req = disk_image();
         let asked = req.policy_request();
-        assert!(asked.layers.is_empty());
-        assert_eq!(asked.cow_size, Some(2 << 30), "at least the base's size");
+        assert_eq!(
+            asked.image,
+            ImageKind::Disk {
+                digest: digest(9).to_string(),
+                virtual_size: 2 << 30
+            }
+        );
+        assert_eq!(asked.cow_size, None, "the policy's choice");
         let plan = plan(&req, &Fake(|r: &PolicyRequest| Ok(good(r)))).unwrap();
         let ImageDisks::Disk { base, .. } = &req.image else {
             unreachable!()
@@ -769,24 +710,24 @@ mod tests {
                 layered,
                 |p| p[3].file = Some("../v2/data.raw".into()),
                 Some(3),
-                "path",
-                "outside the VM's directory",
+                "file",
+                "not a plain file name in the VM's directory",
             ),
             (
                 "absolute file",
                 layered,
                 |p| p[3].file = Some("/etc/passwd".into()),
                 Some(3),
-                "path",
-                "outside the VM's directory",
+                "file",
+                "not a plain file name in the VM's directory",
             ),
             (
                 "dot file",
                 layered,
                 |p| p[5].file = Some(".lock".into()),
                 Some(5),
-                "path",
-                "starts with a dot",
+                "file",
+                "starts with '.'",
             ),
             (
                 "two disks, one file",
@@ -828,7 +769,7 @@ mod tests {
                 },
                 None,
                 "role",
-                "1 layer disks, but the image has 2",
+                "1 layer disks for an image of 2 layers",
             ),
             (
                 "a layer too many",
@@ -837,17 +778,17 @@ mod tests {
                     let l = p[0].clone();
                     p.insert(0, l);
                 },
-                Some(2),
+                None,
                 "role",
-                "the image has 2 layers",
+                "3 layer disks for an image of 2 layers",
             ),
             (
                 "a layer with a file",
                 layered,
                 |p| p[0].file = Some("x".into()),
                 Some(0),
-                "path",
-                "image store's",
+                "file",
+                "layer disks are the image's own files",
             ),
             (
                 "dropped data disk",
@@ -891,7 +832,7 @@ mod tests {
                 },
                 None,
                 "role",
-                "no cow disk",
+                "0 cow disks",
             ),
             (
                 "unrequested cidata",
@@ -911,9 +852,9 @@ mod tests {
                         direct_io: None,
                     })
                 },
-                Some(5),
+                None,
                 "role",
-                "asked for no cloud-init seed",
+                "does not ask for a cloud-init seed",
             ),
         ];
         for (name, request, edit, index, field, want) in cases {
@@ -958,7 +899,7 @@ mod tests {
         };
         assert!(violations.has(Some(2), "read_only"), "{violations}");
         assert!(violations.has(Some(3), "size"), "{violations}");
-        assert!(violations.has(Some(5), "path"), "{violations}");
+        assert!(violations.has(Some(5), "file"), "{violations}");
     }
 
     #[test]
@@ -976,25 +917,5 @@ mod tests {
             std::error::Error::source(&e).map(|s| s.to_string()),
             Some("over quota".to_string())
         );
-    }
-
-    #[test]
-    fn file_names() {
-        for ok in ["cow.raw", "data-x.raw", "root image.img"] {
-            check_file_name(ok).unwrap();
-        }
-        for (bad, want) in [
-            ("", "empty"),
-            ("..", "outside"),
-            (".", "outside"),
-            ("a/b", "outside"),
-            ("/abs", "outside"),
-            (".hidden", "dot"),
-            ("a\nb", "control"),
-        ] {
-            let e = check_file_name(bad).unwrap_err();
-            assert!(e.contains(want), "{bad:?}: {e}");
-        }
-        check_file_name(&"x".repeat(101)).unwrap_err();
     }
 }

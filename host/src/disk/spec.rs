@@ -55,17 +55,9 @@ pub struct DataDiskSpec {
 }
 
 /// A data disk with every choice made: what the policy is asked for and
-/// what the host creates.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DataDisk {
-    /// Also the serial: the guest sees `/dev/disk/by-id/virtio-NAME`.
-    pub name: String,
-    pub size_bytes: u64,
-    pub fstype: FsType,
-    pub mount_point: Option<String>,
-    pub direct_io: Option<bool>,
-}
+/// what the host creates. The name is also the serial: the guest sees
+/// `/dev/disk/by-id/virtio-NAME`.
+pub type DataDisk = crate::plugin::policy::DataDiskRequest;
 
 /// The most data disks one VM may have (the guest's virtio-mmio slots are
 /// shared with layers, the cow, cidata and NICs).

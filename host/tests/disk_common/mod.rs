@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use cocoon_host::disk::plan::{DiskRequest, ImageDisks, LayerImage};
+use cocoon_host::disk::plan::{DiskRequest, ImageDisks, ImageKind, LayerImage};
 use cocoon_host::disk::{DiskPolicy, DiskRole, PlannedDisk, PolicyRequest};
 
 /// Layers read-only, one cow, the requested data disks, cidata last: what
@@ -32,10 +32,18 @@ impl DiskPolicy for DefaultShape {
             fstype: None,
             direct_io: None,
         };
-        let mut out: Vec<PlannedDisk> = (0..r.layers.len())
+        let layers = match &r.image {
+            ImageKind::Layered { layers } => layers.len(),
+            ImageKind::Disk { .. } => 0,
+        };
+        let mut out: Vec<PlannedDisk> = (0..layers)
             .map(|i| disk(&format!("layer{i}"), DiskRole::Layer, None))
             .collect();
-        out.push(disk("root", DiskRole::Cow, r.cow_size));
+        let cow_size = r.cow_size.or(match &r.image {
+            ImageKind::Disk { virtual_size, .. } => Some(*virtual_size),
+            ImageKind::Layered { .. } => None,
+        });
+        out.push(disk("root", DiskRole::Cow, cow_size));
         for d in &r.data_disks {
             out.push(PlannedDisk {
                 mount_point: d.mount_point.clone(),
@@ -102,7 +110,7 @@ impl State {
 pub fn require(test: &str, check: &str, package: &str) -> bool {
     let ok = Command::new("sh")
         .arg("-c")
-        .arg(format!("{check} >/dev/null 2>&1"))
+        .arg(format!("{{ {check}; }} >/dev/null 2>&1"))
         .status()
         .is_ok_and(|s| s.success());
     if ok {
