@@ -167,15 +167,14 @@ fn undo(paths: &[PathBuf]) {
     }
 }
 
+fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CreateError {
+    let path = path.to_path_buf();
+    move |source| CreateError::Io { what, path, source }
+}
+
 /// A sparse file of `size` bytes, formatted when `fstype` is ext4.
 fn blank(path: &Path, size: u64, fstype: Option<FsType>) -> Result<(), CreateError> {
-    let io = |what| {
-        move |source| CreateError::Io {
-            what,
-            path: path.to_path_buf(),
-            source,
-        }
-    };
+    let io = |what| io_err(what, path);
     let f = NewFile::create(path).map_err(io("creating a temp file for"))?;
     f.file().set_len(size).map_err(io("sizing"))?;
     if fstype == Some(FsType::Ext4) {
@@ -226,13 +225,7 @@ fn write_seed(path: &Path, seed: &SeedInput, plan: &Plan) -> Result<(), CreateEr
     };
     let files = cidata::render(seed, &seed_mounts(plan)).map_err(wrap)?;
     let bytes = cidata::image(&files).map_err(wrap)?;
-    let io = |what| {
-        move |source| CreateError::Io {
-            what,
-            path: path.to_path_buf(),
-            source,
-        }
-    };
+    let io = |what| io_err(what, path);
     let f = NewFile::create(path).map_err(io("creating a temp file for"))?;
     std::os::unix::fs::FileExt::write_all_at(f.file(), &bytes, 0).map_err(io("writing"))?;
     f.commit().map_err(io("creating"))?;

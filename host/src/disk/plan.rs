@@ -109,7 +109,7 @@ pub struct DiskRequest {
     pub data_disks: Vec<DataDisk>,
     /// Whether the VM gets a cloud-init seed.
     pub cidata: bool,
-    /// Site settings for the policy, from the host's config file.
+    /// Site settings for the policy: `[vm] settings` (`HostConfig::vm`).
     pub settings: BTreeMap<String, String>,
 }
 
@@ -455,66 +455,44 @@ mod tests {
         }
     }
 
+    /// A disk of `role` with nothing else set.
+    fn bare(name: &str, role: DiskRole) -> PlannedDisk {
+        PlannedDisk {
+            name: name.into(),
+            role,
+            read_only: role.read_only(),
+            size_bytes: None,
+            file: None,
+            mount_point: None,
+            fstype: None,
+            direct_io: None,
+        }
+    }
+
     /// The plan a well-behaved policy returns (the default policy's shape).
     fn good(request: &PolicyRequest) -> Vec<PlannedDisk> {
-        let layers = match &request.image {
-            ImageKind::Layered { layers } => layers.len(),
-            ImageKind::Disk { .. } => 0,
+        let (layers, base) = match &request.image {
+            ImageKind::Layered { layers } => (layers.len(), None),
+            ImageKind::Disk { virtual_size, .. } => (0, Some(*virtual_size)),
         };
         let mut out: Vec<PlannedDisk> = (0..layers)
-            .map(|i| PlannedDisk {
-                name: format!("layer{i}"),
-                role: DiskRole::Layer,
-                read_only: true,
-                size_bytes: None,
-                file: None,
-                mount_point: None,
-                fstype: None,
-                direct_io: None,
-            })
+            .map(|i| bare(&format!("layer{i}"), DiskRole::Layer))
             .collect();
         out.push(PlannedDisk {
-            name: "root".into(),
-            role: DiskRole::Cow,
-            read_only: false,
-            size_bytes: request.cow_size.or(match &request.image {
-                ImageKind::Disk { virtual_size, .. } => Some(*virtual_size),
-                ImageKind::Layered { .. } => None,
-            }),
-            ..out.first().cloned().unwrap_or_else(|| PlannedDisk {
-                name: String::new(),
-                role: DiskRole::Cow,
-                read_only: false,
-                size_bytes: None,
-                file: None,
-                mount_point: None,
-                fstype: None,
-                direct_io: None,
-            })
+            size_bytes: request.cow_size.or(base),
+            ..bare("root", DiskRole::Cow)
         });
         for d in &request.data_disks {
             out.push(PlannedDisk {
-                name: d.name.clone(),
-                role: DiskRole::Data,
-                read_only: false,
                 size_bytes: Some(d.size_bytes),
-                file: None,
                 mount_point: d.mount_point.clone(),
                 fstype: Some(d.fstype),
                 direct_io: d.direct_io,
+                ..bare(&d.name, DiskRole::Data)
             });
         }
         if request.cidata {
-            out.push(PlannedDisk {
-                name: "cidata".into(),
-                role: DiskRole::Cidata,
-                read_only: true,
-                size_bytes: None,
-                file: None,
-                mount_point: None,
-                fstype: None,
-                direct_io: None,
-            });
+            out.push(bare("cidata", DiskRole::Cidata));
         }
         out
     }
@@ -840,18 +818,7 @@ mod tests {
                     cidata: false,
                     ..layered()
                 },
-                |p| {
-                    p.push(PlannedDisk {
-                        name: "cidata".into(),
-                        role: DiskRole::Cidata,
-                        read_only: true,
-                        size_bytes: None,
-                        file: None,
-                        mount_point: None,
-                        fstype: None,
-                        direct_io: None,
-                    })
-                },
+                |p| p.push(bare("cidata", DiskRole::Cidata)),
                 None,
                 "role",
                 "does not ask for a cloud-init seed",
