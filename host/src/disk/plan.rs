@@ -75,6 +75,22 @@ pub struct BaseImage {
     pub verify: bool,
 }
 
+impl BaseImage {
+    /// The store's converted image (its digest file's digest and size) as
+    /// a VM's base.
+    pub fn from_converted(
+        image: &crate::store::convert_cache::ConvertedImage,
+        verify: bool,
+    ) -> Self {
+        BaseImage {
+            path: image.path.clone(),
+            digest: image.digest.clone(),
+            size: image.size,
+            verify,
+        }
+    }
+}
+
 /// What the VM's image contributes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImageDisks {
