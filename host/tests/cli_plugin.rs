@@ -6,7 +6,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use support::{wasm, Reply, TestServer};
+use support::{fixture, wasm, Reply, TestServer};
 
 struct Host {
     dir: tempfile::TempDir,
@@ -151,7 +151,7 @@ fn refusals_are_clear_and_exit_nonzero() {
         "name = \"sockets\"\nversion = \"0.1.0\"\nkind = \"image-source\"\napi = \"0.1.0\"\n",
     )
     .unwrap();
-    let w = wasm("sockets");
+    let w = fixture("sockets");
     let out = host.run(&[
         "plugin",
         "verify",
@@ -317,7 +317,7 @@ fn readme_plugin_walkthrough_works() {
 
     // Share the wasm build directory of the host's own plugins, so the SDK
     // and wit-bindgen are not rebuilt.
-    let target = PathBuf::from(env!("COCOON_PLUGIN_WASM_DIR"))
+    let target = PathBuf::from(env!("COCOON_FIRST_PARTY_WASM_DIR"))
         .ancestors()
         .nth(2)
         .unwrap()

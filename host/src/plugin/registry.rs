@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use super::api::ApiVersion;
+use super::cache::Embedded;
 use super::error::PluginError;
 use super::fetch::{effective_hosts, HostPattern};
 use super::limits::Limits;
@@ -53,7 +54,8 @@ pub struct PluginInfo {
 
 #[derive(Debug, Clone)]
 enum WasmSource {
-    Embedded(&'static [u8]),
+    /// Built in: the wasm, and the code the build compiled from it.
+    Embedded(&'static [u8], Embedded),
     File(PathBuf),
 }
 
@@ -122,7 +124,7 @@ impl PluginInfo {
     /// have changed since discovery.
     pub fn wasm(&self) -> Result<Vec<u8>, PluginError> {
         match &self.wasm {
-            WasmSource::Embedded(b) => Ok(b.to_vec()),
+            WasmSource::Embedded(b, _) => Ok(b.to_vec()),
             WasmSource::File(path) => {
                 let bytes =
                     std::fs::read(path).map_err(PluginError::io("reading plugin wasm", path))?;
@@ -146,7 +148,7 @@ impl Registry {
     /// one broken third-party plugin must not take the host down.
     pub fn discover(config: &HostConfig) -> Self {
         let mut plugins = BTreeMap::new();
-        for (manifest_text, wasm) in embedded::BUILTIN {
+        for (manifest_text, wasm, code) in embedded::BUILTIN {
             let manifest = Manifest::parse(manifest_text, Path::new("<builtin>"))
                 .expect("first-party manifests are checked by the test suite");
             let info = PluginInfo::new(
@@ -154,7 +156,13 @@ impl Registry {
                 PluginOrigin::Builtin,
                 sha256_hex(wasm),
                 wasm.len() as u64,
-                WasmSource::Embedded(wasm),
+                WasmSource::Embedded(
+                    wasm,
+                    Embedded {
+                        engine_key: embedded::PRECOMPILED_ENGINE_KEY,
+                        code,
+                    },
+                ),
                 config,
             );
             plugins.insert(info.name().to_string(), info);
@@ -245,8 +253,13 @@ impl Registry {
         if info.disabled {
             return Err(PluginError::Disabled(name.to_string()));
         }
-        let wasm = info.wasm()?;
-        runtime.load(info.spec(), &wasm, &info.sha256)
+        match &info.wasm {
+            // No copy of the wasm: the embedded code is used when it can be.
+            WasmSource::Embedded(wasm, code) => {
+                runtime.load_with(info.spec(), wasm, &info.sha256, Some(*code))
+            }
+            WasmSource::File(_) => runtime.load(info.spec(), &info.wasm()?, &info.sha256),
+        }
     }
 }
 
@@ -406,7 +419,7 @@ pub fn install(config: &HostConfig, report: &VerifyReport) -> Result<PathBuf, Pl
     let name = &report.manifest.name;
     if embedded::BUILTIN
         .iter()
-        .any(|(m, _)| Manifest::parse(m, Path::new("<builtin>")).is_ok_and(|m| m.name == *name))
+        .any(|(m, _, _)| Manifest::parse(m, Path::new("<builtin>")).is_ok_and(|m| m.name == *name))
     {
         return Err(PluginError::ShadowsBuiltin(name.clone()));
     }
