@@ -1,15 +1,32 @@
-//! Builds the first-party plugins (plugins/) and the test fixture plugins
-//! (tests/plugins/) for wasm32-wasip2 with a nested cargo, and generates the
-//! table that embeds the first-party ones in the binary, so a fresh install
-//! works without any plugin directory.
+//! Builds the first-party plugins (the `plugins/` workspace) for
+//! wasm32-wasip2 with a nested cargo, precompiles the built-in ones with
+//! the runtime's own engine settings, and generates the table that embeds
+//! both the wasm and the compiled code in the binary: a fresh install needs
+//! no plugin directory and compiles nothing on its first command.
 //!
-//! Set `COCOON_PLUGINS_WASM_DIR` to a directory of prebuilt `.wasm` files to
-//! skip the nested build (packaging, offline builds).
+//! The compiled code is used at run time only when the running engine's
+//! key (wasmtime version and compatibility hash, which covers the CPU
+//! features found) equals the one it was compiled under; otherwise the host
+//! compiles and caches as it would for any plugin.
+//!
+//! The hostile fixture plugins of `tests/plugins` are not built here: the
+//! tests build them (see `host/tests/support`).
+//!
+//! Environment:
+//! - `COCOON_PREBUILT_WASM_DIR`: a directory of prebuilt first-party `.wasm`
+//!   files to embed instead of building them (packaging, offline builds).
+//!
+//! Sets for the crate's code and tests:
+//! - `COCOON_FIRST_PARTY_WASM_DIR`: where the first-party `.wasm` files are
+//!   (the built-in ones and the examples).
 
 use std::env;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+#[path = "src/plugin/engine_settings.rs"]
+mod engine_settings;
 
 const WASM_TARGET: &str = "wasm32-wasip2";
 
@@ -23,30 +40,38 @@ fn main() {
         "plugins/examples",
         "plugins/formats",
         "plugins/Cargo.toml",
-        "tests/plugins",
+        "plugins/Cargo.lock",
         "wit",
+        "host/src/plugin/engine_settings.rs",
     ] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
-    println!("cargo:rerun-if-env-changed=COCOON_PLUGINS_WASM_DIR");
+    println!("cargo:rerun-if-env-changed=COCOON_PREBUILT_WASM_DIR");
 
-    let wasm_dir = match env::var_os("COCOON_PLUGINS_WASM_DIR") {
+    let wasm_dir = match env::var_os("COCOON_PREBUILT_WASM_DIR") {
         Some(dir) => PathBuf::from(dir),
         None => {
             let target = wasm_target_dir(&out_dir);
             build_wasm_workspace(&root.join("plugins/Cargo.toml"), &target);
-            build_wasm_workspace(&root.join("tests/plugins/Cargo.toml"), &target);
             target.join(WASM_TARGET).join("release")
         }
     };
     println!(
-        "cargo:rustc-env=COCOON_PLUGIN_WASM_DIR={}",
+        "cargo:rustc-env=COCOON_FIRST_PARTY_WASM_DIR={}",
         wasm_dir.display()
     );
 
-    let mut table = String::from(
-        "/// First-party plugins embedded at build time: (manifest, wasm).\n\
-         pub static BUILTIN: &[(&str, &[u8])] = &[\n",
+    let mut config = wasmtime::Config::new();
+    engine_settings::apply(&mut config);
+    let engine = wasmtime::Engine::new(&config).expect("a wasm engine for precompiling");
+    let engine_key = engine_settings::engine_key(&engine);
+
+    let mut table = format!(
+        "/// The engine key the embedded compiled code was made under.\n\
+         pub static PRECOMPILED_ENGINE_KEY: &str = {engine_key:?};\n\
+         /// First-party plugins embedded at build time: (manifest, wasm,\n\
+         /// compiled component).\n\
+         pub static BUILTIN: &[(&str, &[u8], &[u8])] = &[\n"
     );
     let mut dirs: Vec<PathBuf> = fs::read_dir(root.join("plugins/builtin"))
         .expect("plugins/builtin")
@@ -58,10 +83,17 @@ fn main() {
         let crate_name = dir.file_name().unwrap().to_str().unwrap().replace('-', "_");
         let wasm = wasm_dir.join(format!("{crate_name}.wasm"));
         assert!(wasm.is_file(), "built plugin {} is missing", wasm.display());
+        let bytes = fs::read(&wasm).unwrap();
+        let compiled = engine
+            .precompile_component(&bytes)
+            .unwrap_or_else(|e| panic!("precompiling {}: {e:?}", wasm.display()));
+        let cwasm = out_dir.join(format!("{crate_name}.cwasm"));
+        fs::write(&cwasm, compiled).unwrap();
         table.push_str(&format!(
-            "    (include_str!({:?}), include_bytes!({:?})),\n",
+            "    (include_str!({:?}), include_bytes!({:?}), include_bytes!({:?})),\n",
             dir.join("plugin.toml"),
-            wasm
+            wasm,
+            cwasm
         ));
     }
     table.push_str("];\n");

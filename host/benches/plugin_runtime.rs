@@ -75,7 +75,7 @@ fn main() {
 
     let plugin = rt.load(spec.clone(), &wasm, &sha).unwrap();
     let inst = per_iter(9, 500, || {
-        black_box(plugin.warm_converter().unwrap());
+        black_box(plugin.converter_instance().unwrap());
     });
     show(
         "instantiate (store+drop)",
@@ -113,7 +113,7 @@ fn main() {
     let native_copy = per_iter(9, 10_000, || {
         black_box(black_box(&data).to_vec());
     });
-    let mut warm_conv = plugin.warm_converter().unwrap();
+    let mut warm_conv = plugin.converter_instance().unwrap();
     let extent = Compressed {
         source_offset: 0,
         source_length: 65536,

@@ -12,6 +12,9 @@
 //!
 //! [store]   # see crate::store::settings
 //! max_download_bytes = 137438953472
+//! [vm]
+//! policy = "default-policy"        # the disk-policy plugin for new VMs
+//! settings = { cow_size = "20G", max_data_disks = 4 }   # passed to it
 //! ```
 
 use std::collections::BTreeMap;
@@ -74,6 +77,61 @@ pub struct PluginSettings {
     pub disabled: bool,
 }
 
+/// The disk-policy plugin that plans new VMs' disks, unless a VM names
+/// another (`--policy`).
+pub const DEFAULT_POLICY: &str = "default-policy";
+
+/// `[vm]`: how new VMs are planned.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VmSettings {
+    /// The disk-policy plugin's name.
+    #[serde(default = "default_policy")]
+    pub policy: String,
+    /// Site settings handed to the policy in every request. Strings,
+    /// integers and booleans; the policy sees them as strings.
+    #[serde(default, deserialize_with = "scalar_strings")]
+    pub settings: BTreeMap<String, String>,
+}
+
+impl Default for VmSettings {
+    fn default() -> Self {
+        VmSettings {
+            policy: default_policy(),
+            settings: BTreeMap::new(),
+        }
+    }
+}
+
+fn default_policy() -> String {
+    DEFAULT_POLICY.to_string()
+}
+
+/// A TOML table of scalars as strings (`4` and `"4"` alike).
+fn scalar_strings<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        String(String),
+        Integer(i64),
+        Bool(bool),
+    }
+    let table = BTreeMap::<String, Scalar>::deserialize(d)?;
+    Ok(table
+        .into_iter()
+        .map(|(k, v)| {
+            let v = match v {
+                Scalar::String(s) => s,
+                Scalar::Integer(i) => i.to_string(),
+                Scalar::Bool(b) => b.to_string(),
+            };
+            (k, v)
+        })
+        .collect())
+}
+
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 struct ConfigFile {
@@ -83,6 +141,7 @@ struct ConfigFile {
     plugins: BTreeMap<String, PluginSettings>,
     #[serde(default)]
     store: crate::store::StoreSettings,
+    vm: VmSettings,
 }
 
 /// The resolved host configuration.
@@ -95,6 +154,7 @@ pub struct HostConfig {
     pub plugins: BTreeMap<String, PluginSettings>,
     /// The `[store]` table: bounds of network work.
     pub store: crate::store::StoreSettings,
+    pub vm: VmSettings,
 }
 
 /// Command-line and environment overrides, highest priority first.
@@ -134,6 +194,7 @@ impl HostConfig {
             plugin_dir,
             plugins: file.plugins,
             store: file.store,
+            vm: file.vm,
         };
         config.check()?;
         Ok(config)
@@ -147,6 +208,7 @@ impl HostConfig {
             plugin_dir: state_dir.join("plugins"),
             plugins: BTreeMap::new(),
             store: Default::default(),
+            vm: VmSettings::default(),
         }
     }
 
@@ -376,6 +438,36 @@ mod tests {
         let err = load_text("[plugins.x]\ngrant = 1\n").unwrap_err();
         let chain = format!("{err}: {}", std::error::Error::source(&err).unwrap());
         assert!(chain.contains("unknown field `grant`"), "{chain}");
+    }
+
+    #[test]
+    fn vm_policy_and_site_settings() {
+        let c = load_text("").unwrap();
+        assert_eq!(c.vm.policy, "default-policy");
+        assert!(c.vm.settings.is_empty());
+        let c = load_text(
+            "[vm]\npolicy = \"quota-policy\"\nsettings = { max_data_disks = 4, max_data_bytes = \"100G\", force_direct_io = true }\n",
+        )
+        .unwrap();
+        assert_eq!(c.vm.policy, "quota-policy");
+        let want = [
+            ("force_direct_io", "true"),
+            ("max_data_bytes", "100G"),
+            ("max_data_disks", "4"),
+        ];
+        let got: Vec<(&str, &str)> =
+            c.vm.settings
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+        assert_eq!(got, want);
+        for bad in [
+            "[vm]\nsettings = { a = [1] }\n",
+            "[vm]\nsettings = { a = 1.5 }\n",
+            "[vm]\npolcy = \"x\"\n",
+        ] {
+            assert!(load_text(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use support::{wasm, Reply, TestServer};
+use support::{fixture, wasm, Reply, TestServer};
 
 struct Host {
     dir: tempfile::TempDir,
@@ -151,7 +151,7 @@ fn refusals_are_clear_and_exit_nonzero() {
         "name = \"sockets\"\nversion = \"0.1.0\"\nkind = \"image-source\"\napi = \"0.1.0\"\n",
     )
     .unwrap();
-    let w = wasm("sockets");
+    let w = fixture("sockets");
     let out = host.run(&[
         "plugin",
         "verify",
@@ -208,7 +208,7 @@ fn policy_calls_read_a_request_file() {
     let r = req.to_str().unwrap();
     std::fs::write(
         &req,
-        r#"{"name":"vm","image_kind":"oci","layers":["sha256:a"],"data_disks":[],"cidata":true,"settings":[["cow_size","1073741824"]]}"#,
+        r#"{"name":"vm","image":{"layered":{"layers":["sha256:a"]}},"cidata":true,"settings":{"cow_size":"1073741824"}}"#,
     )
     .unwrap();
     let plan = host.ok_json(&["plugin", "call", "default-policy", "plan", r, "-o", "json"]);
@@ -218,13 +218,13 @@ fn policy_calls_read_a_request_file() {
         .iter()
         .map(|d| d["role"].as_str().unwrap())
         .collect();
-    assert_eq!(roles, ["Layer", "Cow", "Cidata"]);
+    assert_eq!(roles, ["layer", "cow", "cidata"]);
     assert_eq!(plan[1]["size_bytes"], 1073741824u64);
 
     // Violations: validate lists them and exits 1; plan refuses.
     std::fs::write(
         &req,
-        r#"{"name":"vm","image_kind":"oci","layers":[],"data_disks":[],"cidata":false,"settings":[["cow_size","big"]]}"#,
+        r#"{"name":"vm","image":{"layered":{"layers":[]}},"settings":{"cow_size":"big"}}"#,
     )
     .unwrap();
     let out = host.run(&[
@@ -240,7 +240,11 @@ fn policy_calls_read_a_request_file() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v[0]["field"], "settings.cow_size");
     let out = host.run(&["plugin", "call", "default-policy", "plan", r]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cow_size=\"big\""));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("breaks site rules: settings.cow_size: \"big\" is not a size"),
+        "{err}"
+    );
 
     std::fs::write(&req, "{").unwrap();
     let out = host.run(&["plugin", "call", "default-policy", "plan", r]);
@@ -313,7 +317,7 @@ fn readme_plugin_walkthrough_works() {
 
     // Share the wasm build directory of the host's own plugins, so the SDK
     // and wit-bindgen are not rebuilt.
-    let target = PathBuf::from(env!("COCOON_PLUGIN_WASM_DIR"))
+    let target = PathBuf::from(env!("COCOON_FIRST_PARTY_WASM_DIR"))
         .ancestors()
         .nth(2)
         .unwrap()

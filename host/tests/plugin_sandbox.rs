@@ -9,12 +9,13 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use cocoon_host::config::HostConfig;
+use cocoon_host::plugin::bindings::ErrorKind;
 use cocoon_host::plugin::calls::Platform;
 use cocoon_host::plugin::fetch::HostPattern;
 use cocoon_host::plugin::registry::{self, sha256_hex, Registry};
 use cocoon_host::plugin::runtime::PluginSpec;
 use cocoon_host::plugin::{Limits, LoadedPlugin, PluginError, PluginKind, Runtime};
-use support::{capture_logs, wasm, Reply, TestServer};
+use support::{capture_logs, fixture, wasm, Reply, TestServer};
 
 fn spec(name: &str, limits: Limits, fetch: &[&str]) -> PluginSpec {
     PluginSpec {
@@ -35,7 +36,7 @@ fn load(
     limits: Limits,
     fetch: &[&str],
 ) -> Result<LoadedPlugin, PluginError> {
-    let bytes = std::fs::read(wasm(crate_name)).unwrap();
+    let bytes = std::fs::read(fixture(crate_name)).unwrap();
     rt.load(spec(crate_name, limits, fetch), &bytes, &sha256_hex(&bytes))
 }
 
@@ -137,7 +138,13 @@ fn filesystem_and_environment_are_empty() {
     let err = p.resolve("passwd", &Platform::host()).unwrap_err();
     let msg = err.to_string();
     assert!(
-        matches!(&err, PluginError::Returned { kind, .. } if kind == "io"),
+        matches!(
+            &err,
+            PluginError::Returned {
+                kind: ErrorKind::Io,
+                ..
+            }
+        ),
         "{msg}"
     );
     assert!(!msg.contains("root:"), "{msg}");
@@ -172,7 +179,7 @@ fn sockets_import_is_refused_at_load() {
 #[test]
 fn a_plugin_of_the_wrong_kind_is_refused() {
     let rt = runtime();
-    let bytes = std::fs::read(wasm("hostile")).unwrap();
+    let bytes = std::fs::read(fixture("hostile")).unwrap();
     let mut s = spec("hostile", Limits::for_kind(PluginKind::DiskPolicy), &[]);
     s.kind = PluginKind::DiskPolicy;
     // An image source imports fetch, which a disk policy may not.
@@ -193,7 +200,7 @@ fn write_plugin_dir(root: &Path, name: &str, crate_name: &str, sha: &str, extra:
     let dir = root.join(name);
     std::fs::create_dir_all(&dir).unwrap();
     let wasm_name = format!("{crate_name}.wasm");
-    std::fs::copy(wasm(crate_name), dir.join(&wasm_name)).unwrap();
+    std::fs::copy(fixture(crate_name), dir.join(&wasm_name)).unwrap();
     std::fs::write(
         dir.join("plugin.toml"),
         format!(
@@ -225,11 +232,11 @@ fn wrong_sha256_in_manifest_is_refused() {
     assert!(matches!(err, PluginError::DigestMismatch { .. }), "{err}");
 
     // Swapping the wasm after discovery is caught at load time too.
-    let real = sha256_hex(&std::fs::read(wasm("hostile")).unwrap());
+    let real = sha256_hex(&std::fs::read(fixture("hostile")).unwrap());
     write_plugin_dir(&config.plugin_dir, "swapped", "hostile", &real, "");
     let registry = Registry::discover(&config);
     std::fs::copy(
-        wasm("sockets"),
+        fixture("sockets"),
         config.plugin_dir.join("swapped/hostile.wasm"),
     )
     .unwrap();
@@ -314,7 +321,7 @@ fn declared_and_granted_are_both_required() {
     let host = format!("127.0.0.1:{}", server.port);
     let rt = runtime();
     let tmp = tempfile::tempdir().unwrap();
-    let sha = sha256_hex(&std::fs::read(wasm("hostile")).unwrap());
+    let sha = sha256_hex(&std::fs::read(fixture("hostile")).unwrap());
     let declared = format!("[capabilities]\nfetch = [\"{host}\"]\n");
     let cases = [
         ("declared-only", declared.as_str(), false, false),
@@ -439,7 +446,13 @@ fn converter_and_policy_round_trips() {
     drop(s);
     let err = raw.open_image(&img, "qcow2").err().unwrap();
     assert!(
-        matches!(&err, PluginError::Returned { kind, .. } if kind == "unsupported"),
+        matches!(
+            &err,
+            PluginError::Returned {
+                kind: ErrorKind::Unsupported,
+                ..
+            }
+        ),
         "{err}"
     );
     let data: Vec<u8> = (0..65536u32).map(|i| i as u8).collect();
@@ -454,31 +467,12 @@ fn converter_and_policy_round_trips() {
     // The kind is checked before any call.
     let err = raw.schemes().unwrap_err();
     assert!(matches!(err, PluginError::WrongKind { .. }), "{err}");
-
-    let policy = registry.load(&rt, "default-policy").unwrap();
-    let req: cocoon_host::plugin::calls::VmRequest = serde_json::from_value(serde_json::json!({
-        "name": "vm1", "image_kind": "oci", "layers": ["sha256:a", "sha256:b"],
-        "data_disks": [{"name": "data", "size_bytes": 1073741824u64, "fstype": "ext4",
-                        "mount_point": "/data", "direct_io": false}],
-        "cidata": true, "settings": [["cow_size", "2147483648"]]
-    }))
-    .unwrap();
-    let plan = policy.plan(&req).unwrap();
-    let names: Vec<&str> = plan.iter().map(|d| d.name.as_str()).collect();
-    assert_eq!(names, ["layer0", "layer1", "root", "data", "cidata"]);
-    assert_eq!(plan[2].size_bytes, Some(2 << 30));
-    let mut bad = req.clone();
-    bad.settings = vec![("max_data_disks".into(), "0".into())];
-    let v = policy.validate(&bad).unwrap();
-    assert_eq!(v.len(), 1, "{v:?}");
-    assert_eq!(v[0].field, "data_disks");
-    assert!(policy.plan(&bad).is_err());
 }
 
 #[test]
 fn source_reader_is_read_and_seek_over_the_host_handle() {
     let rt = runtime();
-    let bytes = std::fs::read(wasm("reader")).unwrap();
+    let bytes = std::fs::read(fixture("reader")).unwrap();
     let mut s = spec("reader", Limits::for_kind(PluginKind::FormatConverter), &[]);
     s.kind = PluginKind::FormatConverter;
     let p = rt.load(s, &bytes, &sha256_hex(&bytes)).unwrap();
@@ -501,4 +495,87 @@ fn source_reader_is_read_and_seek_over_the_host_handle() {
         summary,
         format!("{hash:016x} oversized-refused=true negative-seek-refused=true")
     );
+}
+
+#[test]
+fn cold_and_warm_calls_check_answers_alike() {
+    let rt = runtime();
+    let bytes = std::fs::read(fixture("hostile")).unwrap();
+    let mut s = spec("hostile", Limits::for_kind(PluginKind::ImageSource), &[]);
+    s.config.insert("schemes".into(), "ok,Not A Scheme".into());
+    let p = rt.load(s, &bytes, &sha256_hex(&bytes)).unwrap();
+    let cold = p.schemes().unwrap_err();
+    let warm = p.source_instance().unwrap().schemes().unwrap_err();
+    for err in [cold, warm] {
+        assert!(
+            matches!(&err, PluginError::InvalidAnswer { call, detail, .. }
+                if call == "schemes" && detail.contains("\"Not A Scheme\" is not a URL scheme")),
+            "{err}"
+        );
+    }
+
+    // decode's bound holds on a kept instance as on a fresh one: the host
+    // never asks a plugin for more than MAX_DECODED bytes.
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = Registry::discover(&HostConfig::at(tmp.path()));
+    let raw = registry.load(&rt, "raw-converter").unwrap();
+    let c = cocoon_host::plugin::calls::Compressed {
+        source_offset: 0,
+        source_length: 4,
+        codec: 0,
+    };
+    let too_long = cocoon_host::plugin::calls::MAX_DECODED + 1;
+    let mut warm = raw.converter_instance().unwrap();
+    for err in [
+        raw.decode(c, &[0; 4], too_long).unwrap_err(),
+        warm.decode(c, &[0; 4], too_long).unwrap_err(),
+    ] {
+        assert!(
+            matches!(&err, PluginError::InvalidAnswer { call, detail, .. }
+                if call == "decode" && detail.contains("over")),
+            "{err}"
+        );
+    }
+    // The kept instance still serves after a refused request.
+    assert_eq!(warm.decode(c, &[1, 2, 3, 4], 4).unwrap(), [1, 2, 3, 4]);
+}
+
+#[test]
+fn built_in_plugins_load_from_code_compiled_at_build_time() {
+    let rt = runtime();
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = Registry::discover(&HostConfig::at(tmp.path()));
+    let builtins: Vec<String> = registry
+        .list()
+        .filter(|p| p.origin == cocoon_host::plugin::PluginOrigin::Builtin)
+        .map(|p| p.name().to_string())
+        .collect();
+    assert!(builtins.len() >= 9, "{builtins:?}");
+    for name in &builtins {
+        let p = registry.load(&rt, name).unwrap();
+        assert!(
+            p.from_embedded(),
+            "{name} was not loaded from embedded code"
+        );
+    }
+    assert_eq!(rt.stats().compiled.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        rt.stats().embedded.load(Ordering::Relaxed),
+        builtins.len() as u64
+    );
+    // It runs: the embedded qcow2 converter probes a qcow2 header.
+    let qcow2 = registry.load(&rt, "qcow2").unwrap();
+    let mut head = b"QFI\xfb\0\0\0\x03".to_vec();
+    head.resize(512, 0);
+    let probe = qcow2.probe(&head, &[], 1 << 20).unwrap();
+    assert_eq!(probe.map(|p| p.format), Some("qcow2".to_string()));
+    // A plugin from anywhere else is compiled (never trusted pre-built).
+    load(
+        &rt,
+        "hostile",
+        Limits::for_kind(PluginKind::ImageSource),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(rt.stats().compiled.load(Ordering::Relaxed), 1);
 }

@@ -1,9 +1,11 @@
 //! `cocoon-host boot`: boot a kernel directly on the cocoon VMM.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
+use cocoon_host::disk::lock::{DiskLocks, Wait};
 use cocoon_vmm::{DiskConfig, ExitReason, SerialOutput, Vm, VmConfig};
 
 use cocoon_host::net::{self, Addressing, Netlink, NetworkSpec, NicSpec};
@@ -11,6 +13,8 @@ use cocoon_host::net::{self, Addressing, Netlink, NetworkSpec, NicSpec};
 /// Boot a kernel directly on the built-in VMM.
 ///
 /// COM1 is this terminal (or --serial-log). SIGINT/SIGTERM stop the VM.
+/// Every writable disk is locked for as long as the VM runs: a disk that
+/// another VM or operation holds, or one given twice, is refused.
 /// Exit status: 0 guest power-off, 3 guest reset, 130 stopped by a signal,
 /// 1 error.
 #[derive(Debug, Args)]
@@ -54,6 +58,34 @@ pub struct BootArgs {
     /// Append COM1 output to this file instead of the terminal.
     #[arg(long, value_name = "FILE")]
     pub serial_log: Option<PathBuf>,
+}
+
+/// Locks the writable disks (exclusive, beside each disk, sorted) and
+/// refuses a file attached twice when either attachment writes it: two
+/// writers, or a reader that sees another device's writes half-done.
+pub fn lock_disks(disks: &[DiskConfig]) -> anyhow::Result<DiskLocks> {
+    let mut seen: Vec<((u64, u64), &DiskConfig)> = Vec::new();
+    for d in disks {
+        let m = std::fs::metadata(&d.path).with_context(|| format!("disk {}", d.path.display()))?;
+        let id = (m.dev(), m.ino());
+        if let Some((_, other)) = seen
+            .iter()
+            .find(|(i, o)| *i == id && !(o.read_only && d.read_only))
+        {
+            anyhow::bail!(
+                "disk {} is the same file as disk {}, and one of them is writable; a writable disk can be attached once",
+                d.path.display(),
+                other.path.display()
+            );
+        }
+        seen.push((id, d));
+    }
+    let writable: Vec<PathBuf> = disks
+        .iter()
+        .filter(|d| !d.read_only)
+        .map(|d| d.path.clone())
+        .collect();
+    Ok(DiskLocks::acquire(&writable, "boot", Wait::No)?)
 }
 
 pub fn run(args: BootArgs) -> anyhow::Result<i32> {
@@ -102,6 +134,8 @@ where
 }
 
 fn boot(args: BootArgs, nets: Vec<cocoon_vmm::NetConfig>) -> anyhow::Result<i32> {
+    // Held until the VM has stopped.
+    let _locks = lock_disks(&args.disks)?;
     let config = VmConfig {
         kernel: args.kernel,
         initrd: args.initrd,

@@ -4,16 +4,18 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use clap::{Args, Subcommand};
+use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use super::output::{emit, Format};
 use cocoon_host::config::HostConfig;
 use cocoon_host::error_chain;
 use cocoon_host::fsutil::input;
-use cocoon_host::plugin::calls::{Platform, VmRequest};
+use cocoon_host::plugin::calls::Platform;
+use cocoon_host::plugin::policy::{Policy, PolicyRequest};
 use cocoon_host::plugin::registry::{self, PluginInfo, Registry};
-use cocoon_host::plugin::{LoadedPlugin, PluginOrigin, Runtime};
+use cocoon_host::plugin::template;
+use cocoon_host::plugin::{LoadedPlugin, PluginKind, PluginOrigin, Runtime};
 
 #[derive(Debug, Args)]
 pub struct PluginArgs {
@@ -21,8 +23,46 @@ pub struct PluginArgs {
     command: PluginCommand,
 }
 
+/// The plugin kinds, as `plugin new --kind` takes them.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum KindArg {
+    ImageSource,
+    FormatConverter,
+    DiskPolicy,
+}
+
+impl From<KindArg> for PluginKind {
+    fn from(k: KindArg) -> Self {
+        match k {
+            KindArg::ImageSource => PluginKind::ImageSource,
+            KindArg::FormatConverter => PluginKind::FormatConverter,
+            KindArg::DiskPolicy => PluginKind::DiskPolicy,
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum PluginCommand {
+    /// Write a new plugin crate to start from: Cargo.toml (the SDK by
+    /// path), src/lib.rs implementing the kind's trait, plugin.toml. It
+    /// builds as written (`cargo build --release --target wasm32-wasip2`)
+    /// and passes `plugin verify`.
+    New {
+        /// The plugin's name, also the crate's: ^[a-z][a-z0-9-]{0,62}$.
+        name: String,
+        #[arg(long, value_enum)]
+        kind: KindArg,
+        /// The directory to create [default: ./NAME]; it may exist only
+        /// if empty.
+        #[arg(long)]
+        path: Option<PathBuf>,
+        /// The plugin SDK to depend on [default: the one of the checkout
+        /// this binary was built from].
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Format,
+    },
     /// List the built-in plugins and those in the plugin directory.
     List {
         #[arg(short, long, value_enum, default_value_t)]
@@ -92,9 +132,14 @@ enum Call {
         #[arg(long, default_value = "raw")]
         format: String,
     },
-    /// disk-policy: the disk plan for a VM request (JSON file, - for stdin).
+    /// disk-policy: the checked disk plan for a VM request (JSON file, -
+    /// for stdin): the policy's validate, then its plan, checked as the
+    /// host checks it when it creates a VM.
     Plan {
-        /// A VM request as JSON (fields of the WIT vm-request record).
+        /// A VM request as JSON: {"name", "image": {"layered": {"layers":
+        /// [DIGEST…]}} or {"disk": {"digest", "virtual_size"}}, "cow_size",
+        /// "data_disks": [{"name", "size_bytes", "fstype": "ext4"|"none",
+        /// "mount_point", "direct_io"}], "cidata", "settings": {}}.
         request: PathBuf,
     },
     /// disk-policy: the site rules a VM request (JSON) breaks; exits 1 when
@@ -106,8 +151,19 @@ enum Call {
 }
 
 pub fn run(args: PluginArgs, config: &HostConfig) -> anyhow::Result<i32> {
+    if let PluginCommand::New {
+        name,
+        kind,
+        path,
+        sdk,
+        output,
+    } = args.command
+    {
+        return new(&name, kind.into(), path, sdk, output);
+    }
     let runtime = Runtime::new(Some(config.state_dir.join("plugin-cache")))?;
     match args.command {
+        PluginCommand::New { .. } => unreachable!("handled above"),
         PluginCommand::List { output } => list(config, output),
         PluginCommand::Inspect { name, output } => inspect(config, &runtime, &name, output),
         PluginCommand::Verify {
@@ -172,6 +228,60 @@ pub fn run(args: PluginArgs, config: &HostConfig) -> anyhow::Result<i32> {
             call_plugin(&plugin, call, output)
         }
     }
+}
+
+fn new(
+    name: &str,
+    kind: PluginKind,
+    path: Option<PathBuf>,
+    sdk: Option<PathBuf>,
+    output: Format,
+) -> anyhow::Result<i32> {
+    let dir = path.unwrap_or_else(|| PathBuf::from(name));
+    let sdk = sdk.unwrap_or_else(template::default_sdk);
+    let files = template::create(&dir, name, kind, &sdk)?;
+    let wasm = format!(
+        "target/wasm32-wasip2/release/{}.wasm",
+        name.replace('-', "_")
+    );
+    #[derive(Serialize)]
+    struct Created<'a> {
+        name: &'a str,
+        kind: PluginKind,
+        path: &'a Path,
+        files: &'a [PathBuf],
+        wasm: &'a str,
+    }
+    let out = Created {
+        name,
+        kind,
+        path: &dir,
+        files: &files,
+        wasm: &wasm,
+    };
+    emit(output, &out, |o| {
+        println!(
+            "created {} plugin {} in {}",
+            o.kind,
+            o.name,
+            o.path.display()
+        );
+        for f in o.files {
+            println!("  {}", f.display());
+        }
+        println!("next:");
+        println!("  cd {}", o.path.display());
+        println!("  cargo build --release --target wasm32-wasip2");
+        println!(
+            "  cocoon-host plugin verify {} --manifest plugin.toml",
+            o.wasm
+        );
+        println!(
+            "  cocoon-host plugin install {} --manifest plugin.toml",
+            o.wasm
+        );
+    })?;
+    Ok(0)
 }
 
 #[derive(Serialize)]
@@ -266,7 +376,8 @@ struct InspectOutput<'a> {
     info: &'a PluginInfo,
     imports: &'a [String],
     exports: &'a [String],
-    compiled_cache_hit: bool,
+    /// Where the compiled code came from: embedded, cache or compiled.
+    compiled: &'static str,
 }
 
 fn inspect(
@@ -282,7 +393,13 @@ fn inspect(
         info,
         imports: loaded.imports(),
         exports: loaded.exports(),
-        compiled_cache_hit: loaded.from_cache(),
+        compiled: if loaded.from_embedded() {
+            "embedded"
+        } else if loaded.from_cache() {
+            "cache"
+        } else {
+            "compiled"
+        },
     };
     emit(output, &out, |o| {
         let m = &o.info.manifest;
@@ -319,17 +436,17 @@ fn inspect(
         println!("exports       {}", o.exports.join(", "));
         println!(
             "compiled      {}",
-            if o.compiled_cache_hit {
-                "from cache"
-            } else {
-                "compiled now"
+            match o.compiled {
+                "embedded" => "embedded in the binary at build time",
+                "cache" => "from the compiled cache",
+                _ => "compiled now",
             }
         );
     })?;
     Ok(0)
 }
 
-fn read_request(path: &Path) -> anyhow::Result<VmRequest> {
+fn read_request(path: &Path) -> anyhow::Result<PolicyRequest> {
     let text = if path == Path::new("-") {
         let mut s = String::new();
         std::io::stdin().read_to_string(&mut s)?;
@@ -415,24 +532,27 @@ fn call_plugin(plugin: &LoadedPlugin, call: Call, output: Format) -> anyhow::Res
             })?
         }
         Call::Plan { request } => {
-            let disks = plugin.plan(&read_request(&request)?)?;
+            let policy = Policy::from_plugin(plugin.clone())?;
+            let disks = policy.plan(&read_request(&request)?)?;
             emit(output, &disks, |d| {
                 for d in d {
                     println!(
-                        "{:<20} {:<7} ro={} size={:?}",
+                        "{:<20} {:<7} ro={} size={} file={}",
                         d.name,
-                        format!("{:?}", d.role).to_lowercase(),
+                        d.role,
                         d.read_only,
-                        d.size_bytes
+                        d.size_bytes.map_or("-".into(), |s| s.to_string()),
+                        d.file.as_deref().unwrap_or("-"),
                     );
                 }
             })?
         }
         Call::Validate { request } => {
-            let violations = plugin.validate(&read_request(&request)?)?;
+            let policy = Policy::from_plugin(plugin.clone())?;
+            let violations = policy.validate(&read_request(&request)?)?;
             emit(output, &violations, |v| {
                 for v in v {
-                    println!("{}: {}", v.field, v.message);
+                    println!("{v}");
                 }
             })?;
             if !violations.is_empty() {

@@ -161,10 +161,7 @@ fn decode_one<'p>(
     plugins: &[&'p LoadedPlugin],
     sources: &[(PathBuf, File)],
     out: &Output,
-    warm: &mut HashMap<
-        usize,
-        crate::plugin::warm::Warm<'p, crate::plugin::bindings::format_converter::FormatConverter>,
-    >,
+    warm: &mut HashMap<usize, crate::plugin::ConverterInstance<'p>>,
 ) -> Result<(), ConvertError> {
     let (path, file) = &sources[job.layer];
     let invalid = |detail: String| ConvertError::Invalid {
@@ -190,7 +187,7 @@ fn decode_one<'p>(
     let plugin = plugins[job.layer];
     let session = match warm.entry(job.layer) {
         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-        std::collections::hash_map::Entry::Vacant(v) => v.insert(plugin.warm_converter()?),
+        std::collections::hash_map::Entry::Vacant(v) => v.insert(plugin.converter_instance()?),
     };
     let decoded = session.decode(job.extent, &input, job.decoded as u32)?;
     let wanted = &decoded[job.skip as usize..(job.skip + job.length) as usize];

@@ -321,7 +321,7 @@ fn start_writeback(file: &File) {
 }
 
 /// The data run at or after `at`: (start, end), or None past the last one.
-fn data_run(file: &File, at: u64) -> io::Result<Option<(u64, u64)>> {
+pub fn data_run(file: &File, at: u64) -> io::Result<Option<(u64, u64)>> {
     let data = match rustix::fs::seek(file, SeekFrom::Data(at)) {
         Ok(d) => d,
         Err(rustix::io::Errno::NXIO) => return Ok(None),

@@ -1,29 +1,39 @@
-//! Typed calls per plugin kind. Every answer is checked here before the
-//! rest of the host sees it: a plugin is untrusted, so its answers are
-//! input like any other.
+//! The one layer of checked plugin calls. Every call into a plugin goes
+//! through an [`Instance`] (a store and the bindings of the plugin's kind)
+//! and every answer is checked here, by the pure `check_*` functions below,
+//! before the rest of the host sees it: a plugin is untrusted, so its
+//! answers are input like any other.
+//!
+//! Cold callers make a fresh instance per call (`LoadedPlugin::resolve`,
+//! `probe`, …); warm callers (the decode pool) keep one instance across
+//! calls. Both run the same checked methods.
 
 use std::path::Path;
 
 use wasmtime::component::ResourceAny;
 use wasmtime::Store;
 
-use super::bindings::{disk_policy, format_converter, image_source, kind_name, WitError};
+use super::api::{ConverterBindings, KindPre, SourceBindings};
+use super::bindings::disk_policy::DiskPolicy as PolicyBindings;
+use super::bindings::{format_converter, image_source, WitError};
 use super::error::PluginError;
 use super::manifest::PluginKind;
-use super::runtime::{KindPre, LoadedPlugin};
+use super::policy::{
+    check_plan, PlannedDisk, PolicyRequest, PolicyViolation, MAX_ANSWER_STRING, MAX_VIOLATIONS,
+};
+use super::runtime::LoadedPlugin;
 use super::source::SourceFile;
 use super::state::State;
 
-pub use disk_policy::exports::cocoon::plugin::policy::{
-    DataDiskSpec, Disk, DiskRole, Violation, VmRequest,
-};
 pub use format_converter::exports::cocoon::plugin::converter::{
     Compressed, Extent, ExtentKind, ProbeResult,
 };
 pub use image_source::exports::cocoon::plugin::resolver::{Artifact, Platform};
 
 /// Most artifacts one reference may resolve to (layers of an image).
-const MAX_ARTIFACTS: usize = 1024;
+pub const MAX_ARTIFACTS: usize = 1024;
+/// Most schemes one image source may claim.
+pub const MAX_SCHEMES: usize = 64;
 /// Most extents one map page may hold.
 pub const MAX_EXTENTS_PER_PAGE: u32 = 4096;
 /// Largest decoded extent.
@@ -40,28 +50,77 @@ impl Platform {
     }
 }
 
-impl LoadedPlugin {
-    fn returned(&self, call: &str, e: WitError) -> PluginError {
-        PluginError::Returned {
-            plugin: self.name().to_string(),
-            call: call.to_string(),
-            kind: kind_name(e.kind).to_string(),
-            message: e.message,
+/// An instantiated plugin: its store and the bindings of its kind. After a
+/// call traps (or hits its deadline or memory cap) the instance is
+/// poisoned: every later call fails and the caller makes a new one.
+pub struct Instance<'p, B> {
+    plugin: &'p LoadedPlugin,
+    store: Store<State>,
+    bindings: B,
+    poisoned: bool,
+}
+
+/// An image source instance.
+pub type SourceInstance<'p> = Instance<'p, SourceBindings>;
+/// A format converter instance.
+pub type ConverterInstance<'p> = Instance<'p, ConverterBindings>;
+/// A disk policy instance.
+pub type PolicyInstance<'p> = Instance<'p, PolicyBindings>;
+
+impl<'p, B> Instance<'p, B> {
+    pub fn plugin(&self) -> &'p LoadedPlugin {
+        self.plugin
+    }
+
+    /// Runs one call under the plugin's deadline.
+    fn run<T>(
+        &mut self,
+        call: &str,
+        f: impl FnOnce(&B, &mut Store<State>) -> wasmtime::Result<T>,
+    ) -> Result<T, PluginError> {
+        if self.poisoned {
+            return Err(PluginError::Trap {
+                plugin: self.plugin.name().to_string(),
+                call: call.to_string(),
+                detail: "instance unusable after an earlier trap".into(),
+            });
         }
+        let bindings = &self.bindings;
+        let r = self.plugin.call(&mut self.store, call, |s| f(bindings, s));
+        self.poisoned = r.is_err();
+        r
+    }
+
+    /// Like [`Self::run`] for calls that return `result<T, error>`.
+    fn run_fallible<T>(
+        &mut self,
+        call: &str,
+        f: impl FnOnce(&B, &mut Store<State>) -> wasmtime::Result<Result<T, WitError>>,
+    ) -> Result<T, PluginError> {
+        self.run(call, f)?
+            .map_err(|e| self.plugin.returned(call, e))
     }
 
     fn invalid(&self, call: &str, detail: String) -> PluginError {
+        self.plugin.invalid(call, detail)
+    }
+}
+
+impl LoadedPlugin {
+    pub(crate) fn returned(&self, call: &str, e: WitError) -> PluginError {
+        PluginError::Returned {
+            plugin: self.name().to_string(),
+            call: call.to_string(),
+            kind: e.kind,
+            message: truncated(e.message),
+        }
+    }
+
+    pub(crate) fn invalid(&self, call: &str, detail: String) -> PluginError {
         PluginError::InvalidAnswer {
             plugin: self.name().to_string(),
             call: call.to_string(),
             detail,
-        }
-    }
-
-    fn instantiate_err(&self, e: wasmtime::Error) -> PluginError {
-        PluginError::Instantiate {
-            plugin: self.name().to_string(),
-            detail: format!("{e:#}"),
         }
     }
 
@@ -70,61 +129,39 @@ impl LoadedPlugin {
         &self,
         kind: PluginKind,
         pick: impl FnOnce(&KindPre, &mut Store<State>) -> Option<wasmtime::Result<B>>,
-    ) -> Result<(Store<State>, B), PluginError> {
+    ) -> Result<Instance<'_, B>, PluginError> {
         self.expect_kind(kind)?;
         let mut store = self.new_store();
-        let b = self.call(&mut store, "instantiate", |s| {
+        let bindings = self.call(&mut store, "instantiate", |s| {
             pick(&self.pre, s).expect("the kind was checked")
         })?;
-        Ok((store, b))
-    }
-
-    pub(crate) fn image_source(
-        &self,
-    ) -> Result<(Store<State>, image_source::ImageSource), PluginError> {
-        self.instance(PluginKind::ImageSource, |pre, s| match pre {
-            KindPre::ImageSource(p) => Some(p.instantiate(s)),
-            _ => None,
+        Ok(Instance {
+            plugin: self,
+            store,
+            bindings,
+            poisoned: false,
         })
     }
 
-    pub(crate) fn converter(
-        &self,
-    ) -> Result<(Store<State>, format_converter::FormatConverter), PluginError> {
-        self.instance(PluginKind::FormatConverter, |pre, s| match pre {
-            KindPre::FormatConverter(p) => Some(p.instantiate(s)),
-            _ => None,
-        })
+    /// A fresh image-source instance.
+    pub fn source_instance(&self) -> Result<SourceInstance<'_>, PluginError> {
+        self.instance(PluginKind::ImageSource, KindPre::source)
     }
 
-    fn policy(&self) -> Result<(Store<State>, disk_policy::DiskPolicy), PluginError> {
-        self.instance(PluginKind::DiskPolicy, |pre, s| match pre {
-            KindPre::DiskPolicy(p) => Some(p.instantiate(s)),
-            _ => None,
-        })
+    /// A fresh format-converter instance (the decode pool keeps one per
+    /// worker).
+    pub fn converter_instance(&self) -> Result<ConverterInstance<'_>, PluginError> {
+        self.instance(PluginKind::FormatConverter, KindPre::converter)
+    }
+
+    /// A fresh disk-policy instance.
+    pub fn policy_instance(&self) -> Result<PolicyInstance<'_>, PluginError> {
+        self.instance(PluginKind::DiskPolicy, KindPre::policy)
     }
 
     /// image-source: the schemes the plugin resolves.
     pub fn schemes(&self) -> Result<Vec<String>, PluginError> {
-        let (mut store, b) = self.image_source()?;
-        let schemes = self.call(&mut store, "schemes", |s| {
-            b.cocoon_plugin_resolver().call_schemes(s)
-        })?;
-        for scheme in &schemes {
-            let ok = !scheme.is_empty()
-                && scheme.len() <= 32
-                && scheme.bytes().all(|c| {
-                    c.is_ascii_lowercase()
-                        || c.is_ascii_digit()
-                        || c == b'+'
-                        || c == b'-'
-                        || c == b'.'
-                });
-            if !ok {
-                return Err(self.invalid("schemes", format!("{scheme:?} is not a URL scheme")));
-            }
-        }
-        Ok(schemes)
+        self.source_instance()?.schemes()
     }
 
     /// image-source: resolves `reference` into checked artifacts.
@@ -133,36 +170,7 @@ impl LoadedPlugin {
         reference: &str,
         platform: &Platform,
     ) -> Result<Vec<Artifact>, PluginError> {
-        let (mut store, b) = self.image_source()?;
-        let artifacts = self
-            .call(&mut store, "resolve", |s| {
-                b.cocoon_plugin_resolver()
-                    .call_resolve(s, reference, platform)
-            })?
-            .map_err(|e| self.returned("resolve", e))?;
-        if artifacts.len() > MAX_ARTIFACTS {
-            return Err(self.invalid(
-                "resolve",
-                format!("{} artifacts, at most {MAX_ARTIFACTS}", artifacts.len()),
-            ));
-        }
-        for a in &artifacts {
-            if let Some(d) = &a.digest {
-                if !valid_digest(d) {
-                    return Err(self.invalid(
-                        "resolve",
-                        format!("digest {d:?} is not sha256:<64 lower-case hex>"),
-                    ));
-                }
-            }
-            if url::Url::parse(&a.url).is_err() {
-                return Err(self.invalid(
-                    "resolve",
-                    format!("artifact URL {:?} does not parse", a.url),
-                ));
-            }
-        }
-        Ok(artifacts)
+        self.source_instance()?.resolve(reference, platform)
     }
 
     /// format-converter: what the plugin makes of a file's first and last
@@ -173,115 +181,148 @@ impl LoadedPlugin {
         tail: &[u8],
         file_size: u64,
     ) -> Result<Option<ProbeResult>, PluginError> {
-        let (mut store, b) = self.converter()?;
-        let r = self.call(&mut store, "probe", |s| {
-            b.cocoon_plugin_converter()
-                .call_probe(s, head, tail, file_size)
-        })?;
-        if let Some(p) = &r {
-            if p.confidence > 100 || p.format.is_empty() || p.format.len() > 32 {
-                return Err(self.invalid("probe", format!("{p:?}")));
-            }
-        }
-        Ok(r)
+        self.converter_instance()?.probe(head, tail, file_size)
     }
 
     /// format-converter: opens `path` as `format` in a session that keeps
     /// its store for the map calls that follow.
     pub fn open_image(&self, path: &Path, format: &str) -> Result<ImageSession<'_>, PluginError> {
-        let src = SourceFile::open(path).map_err(PluginError::io("opening source", path))?;
-        let source_size = src.size();
-        let (mut store, b) = self.converter()?;
-        let handle = store
-            .data_mut()
-            .push_source(src)
-            .map_err(|e| self.instantiate_err(e))?;
-        let image = self
-            .call(&mut store, "open", |s| {
-                b.cocoon_plugin_converter()
-                    .image()
-                    .call_open(s, handle, format)
-            })?
-            .map_err(|e| self.returned("open", e))?;
-        let virtual_size = self.call(&mut store, "virtual-size", |s| {
-            b.cocoon_plugin_converter()
-                .image()
-                .call_virtual_size(s, image)
-        })?;
-        Ok(ImageSession {
-            plugin: self,
-            store,
-            bindings: b,
-            image,
-            virtual_size,
-            source_size,
-        })
+        self.converter_instance()?.open(path, format)
     }
 
-    /// format-converter: decodes one compressed extent; the answer must be
-    /// exactly `length` bytes.
+    /// format-converter: decodes one compressed extent.
     pub fn decode(
         &self,
         extent: Compressed,
         input: &[u8],
         length: u32,
     ) -> Result<Vec<u8>, PluginError> {
-        if length > MAX_DECODED {
-            return Err(self.invalid(
-                "decode",
-                format!("extent of {length} bytes is over {MAX_DECODED}"),
-            ));
-        }
-        let (mut store, b) = self.converter()?;
-        let out = self
-            .call(&mut store, "decode", |s| {
-                b.cocoon_plugin_converter()
-                    .call_decode(s, extent, input, length)
-            })?
-            .map_err(|e| self.returned("decode", e))?;
-        if out.len() != length as usize {
-            return Err(self.invalid(
-                "decode",
-                format!("{} bytes decoded, {length} expected", out.len()),
-            ));
-        }
-        Ok(out)
+        self.converter_instance()?.decode(extent, input, length)
+    }
+}
+
+impl SourceInstance<'_> {
+    /// schemes(), checked.
+    pub fn schemes(&mut self) -> Result<Vec<String>, PluginError> {
+        let schemes = self.run("schemes", |b, s| b.schemes(s))?;
+        check_schemes(&schemes).map_err(|d| self.invalid("schemes", d))?;
+        Ok(schemes)
     }
 
-    /// disk-policy: the ordered disk plan.
-    pub fn plan(&self, request: &VmRequest) -> Result<Vec<Disk>, PluginError> {
-        let (mut store, b) = self.policy()?;
-        self.call(&mut store, "plan", |s| {
-            b.cocoon_plugin_policy().call_plan(s, request)
-        })?
-        .map_err(|e| self.returned("plan", e))
+    /// resolve(), checked.
+    pub fn resolve(
+        &mut self,
+        reference: &str,
+        platform: &Platform,
+    ) -> Result<Vec<Artifact>, PluginError> {
+        let artifacts = self.run_fallible("resolve", |b, s| b.resolve(s, reference, platform))?;
+        check_artifacts(&artifacts).map_err(|d| self.invalid("resolve", d))?;
+        Ok(artifacts)
+    }
+}
+
+impl<'p> ConverterInstance<'p> {
+    /// probe(), checked.
+    pub fn probe(
+        &mut self,
+        head: &[u8],
+        tail: &[u8],
+        file_size: u64,
+    ) -> Result<Option<ProbeResult>, PluginError> {
+        let r = self.run("probe", |b, s| b.probe(s, head, tail, file_size))?;
+        if let Some(p) = &r {
+            check_probe(p).map_err(|d| self.invalid("probe", d))?;
+        }
+        Ok(r)
     }
 
-    /// disk-policy: the site rules a request breaks.
-    pub fn validate(&self, request: &VmRequest) -> Result<Vec<Violation>, PluginError> {
-        let (mut store, b) = self.policy()?;
-        self.call(&mut store, "validate", |s| {
-            b.cocoon_plugin_policy().call_validate(s, request)
+    /// Opens `path` as `format` on this instance, which the session keeps.
+    pub fn open(mut self, path: &Path, format: &str) -> Result<ImageSession<'p>, PluginError> {
+        let src = SourceFile::open(path).map_err(PluginError::io("opening source", path))?;
+        let source_size = src.size();
+        let handle =
+            self.store
+                .data_mut()
+                .push_source(src)
+                .map_err(|e| PluginError::Instantiate {
+                    plugin: self.plugin.name().to_string(),
+                    detail: format!("{e:#}"),
+                })?;
+        let image = self.run_fallible("open", |b, s| b.open(s, handle, format))?;
+        let virtual_size = self.run("virtual-size", |b, s| b.virtual_size(s, image))?;
+        Ok(ImageSession {
+            instance: self,
+            image,
+            virtual_size,
+            source_size,
         })
     }
+
+    /// decode(), checked: `length` is bounded before the call and the
+    /// answer must be exactly `length` bytes.
+    pub fn decode(
+        &mut self,
+        extent: Compressed,
+        input: &[u8],
+        length: u32,
+    ) -> Result<Vec<u8>, PluginError> {
+        check_decode_length(length).map_err(|d| self.invalid("decode", d))?;
+        let out = self.run_fallible("decode", |b, s| b.decode(s, extent, input, length))?;
+        check_decoded(&out, length).map_err(|d| self.invalid("decode", d))?;
+        Ok(out)
+    }
 }
 
-fn valid_digest(d: &str) -> bool {
-    d.strip_prefix("sha256:").is_some_and(|h| {
-        h.len() == 64
-            && h.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    })
+impl PolicyInstance<'_> {
+    /// validate(), checked.
+    pub fn validate(
+        &mut self,
+        request: &PolicyRequest,
+    ) -> Result<Vec<PolicyViolation>, PluginError> {
+        let wit_request = request.into();
+        let violations = self.run("validate", |b, s| {
+            b.cocoon_plugin_policy().call_validate(s, &wit_request)
+        })?;
+        if violations.len() > MAX_VIOLATIONS {
+            return Err(self.invalid(
+                "validate",
+                format!("{} violations, at most {MAX_VIOLATIONS}", violations.len()),
+            ));
+        }
+        Ok(violations
+            .into_iter()
+            .map(|v| PolicyViolation {
+                field: truncated(v.field),
+                message: truncated(v.message),
+            })
+            .collect())
+    }
+
+    /// plan(), checked by [`check_plan`]: a plan that does not answer its
+    /// request is refused with every problem listed.
+    pub fn plan(&mut self, request: &PolicyRequest) -> Result<Vec<PlannedDisk>, PluginError> {
+        let wit_request = request.into();
+        let disks = self.run_fallible("plan", |b, s| {
+            b.cocoon_plugin_policy().call_plan(s, &wit_request)
+        })?;
+        let plan: Vec<PlannedDisk> = disks.into_iter().map(Into::into).collect();
+        let problems = check_plan(request, &plan);
+        if !problems.is_empty() {
+            return Err(PluginError::BadPlan {
+                plugin: self.plugin.name().to_string(),
+                problems,
+            });
+        }
+        Ok(plan)
+    }
 }
 
-/// An opened image: one store kept across the map calls of a conversion.
-/// After any failed call the session is spent and must be dropped. The
-/// image resource belongs to the store, so dropping the session frees it
-/// without calling back into a possibly trapped instance.
+/// An opened image: one instance kept across the map calls of a
+/// conversion. After a trap the session is spent. The image resource
+/// belongs to the store, so dropping the session frees it without calling
+/// back into a possibly trapped instance.
 pub struct ImageSession<'p> {
-    plugin: &'p LoadedPlugin,
-    store: Store<State>,
-    bindings: format_converter::FormatConverter,
+    instance: ConverterInstance<'p>,
     image: ResourceAny,
     virtual_size: u64,
     source_size: u64,
@@ -294,32 +335,120 @@ impl ImageSession<'_> {
 
     /// The backing file name the image stores, unresolved.
     pub fn backing(&mut self) -> Result<Option<String>, PluginError> {
-        let (b, image) = (&self.bindings, self.image);
-        self.plugin.call(&mut self.store, "backing", |s| {
-            b.cocoon_plugin_converter().image().call_backing(s, image)
-        })
+        let image = self.image;
+        let name = self.instance.run("backing", |b, s| b.backing(s, image))?;
+        if let Some(n) = name.as_ref().filter(|n| n.len() > MAX_ANSWER_STRING) {
+            return Err(self
+                .instance
+                .invalid("backing", format!("a backing name of {} bytes", n.len())));
+        }
+        Ok(name)
     }
 
-    /// One page of extents from `offset`, checked: contiguous from
-    /// `offset`, non-empty, inside the virtual size, data inside the source.
+    /// One page of extents from `offset`, checked by [`check_page`].
     pub fn map(&mut self, offset: u64, max: u32) -> Result<Vec<Extent>, PluginError> {
         let max = max.min(MAX_EXTENTS_PER_PAGE);
-        let (b, image) = (&self.bindings, self.image);
+        let image = self.image;
         let extents = self
-            .plugin
-            .call(&mut self.store, "map", |s| {
-                b.cocoon_plugin_converter()
-                    .image()
-                    .call_map(s, image, offset, max)
-            })?
-            .map_err(|e| self.plugin.returned("map", e))?;
+            .instance
+            .run_fallible("map", |b, s| b.map(s, image, offset, max))?;
         check_page(&extents, offset, max, self.virtual_size, self.source_size)
-            .map_err(|detail| self.plugin.invalid("map", detail))?;
+            .map_err(|detail| self.instance.invalid("map", detail))?;
         Ok(extents)
     }
 }
 
-/// The rules a map page must satisfy.
+/// Plugin messages end up in logs and terminals: keep them bounded.
+fn truncated(mut s: String) -> String {
+    if s.len() > MAX_ANSWER_STRING {
+        let mut end = MAX_ANSWER_STRING;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+    s
+}
+
+/// Schemes are URL schemes (RFC 3986, lower case), few and short.
+pub fn check_schemes(schemes: &[String]) -> Result<(), String> {
+    if schemes.len() > MAX_SCHEMES {
+        return Err(format!("{} schemes, at most {MAX_SCHEMES}", schemes.len()));
+    }
+    for scheme in schemes {
+        let ok = scheme.len() <= 32
+            && scheme
+                .bytes()
+                .next()
+                .is_some_and(|c| c.is_ascii_lowercase())
+            && scheme.bytes().all(|c| {
+                c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'+' || c == b'-' || c == b'.'
+            });
+        if !ok {
+            return Err(format!("{scheme:?} is not a URL scheme"));
+        }
+    }
+    Ok(())
+}
+
+/// At most [`MAX_ARTIFACTS`], each with a URL that parses and, when given,
+/// a well-formed digest.
+pub fn check_artifacts(artifacts: &[Artifact]) -> Result<(), String> {
+    if artifacts.len() > MAX_ARTIFACTS {
+        return Err(format!(
+            "{} artifacts, at most {MAX_ARTIFACTS}",
+            artifacts.len()
+        ));
+    }
+    for a in artifacts {
+        if let Some(d) = &a.digest {
+            if !valid_digest(d) {
+                return Err(format!("digest {d:?} is not sha256:<64 lower-case hex>"));
+            }
+        }
+        if a.url.len() > MAX_ANSWER_STRING || url::Url::parse(&a.url).is_err() {
+            return Err(format!("artifact URL {:?} does not parse", a.url));
+        }
+    }
+    Ok(())
+}
+
+/// A confidence of 0 to 100 and a short format name.
+pub fn check_probe(p: &ProbeResult) -> Result<(), String> {
+    if p.confidence > 100 || p.format.is_empty() || p.format.len() > 32 {
+        return Err(format!("{p:?}"));
+    }
+    Ok(())
+}
+
+/// The host never asks for, nor allocates, more than [`MAX_DECODED`].
+pub fn check_decode_length(length: u32) -> Result<(), String> {
+    if length > MAX_DECODED {
+        return Err(format!("extent of {length} bytes is over {MAX_DECODED}"));
+    }
+    Ok(())
+}
+
+/// A decoded extent is exactly the length asked for.
+pub fn check_decoded(out: &[u8], length: u32) -> Result<(), String> {
+    if out.len() != length as usize {
+        return Err(format!("{} bytes decoded, {length} expected", out.len()));
+    }
+    Ok(())
+}
+
+fn valid_digest(d: &str) -> bool {
+    d.strip_prefix("sha256:").is_some_and(|h| {
+        h.len() == 64
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
+/// The rules a map page must satisfy: at most `max` extents, contiguous
+/// from `offset`, non-empty, inside the virtual size, data and compressed
+/// bytes inside the source, compressed extents at most [`MAX_DECODED`].
 pub fn check_page(
     extents: &[Extent],
     offset: u64,
@@ -413,6 +542,17 @@ mod tests {
         ];
         assert!(check_page(&ok, 0, 10, vs, src).is_ok());
         assert!(check_page(&[], vs, 10, vs, src).is_ok());
+        let compressed = |source_offset, length| {
+            ext(
+                0,
+                length,
+                Compressed(super::Compressed {
+                    source_offset,
+                    source_length: 1,
+                    codec: 0,
+                }),
+            )
+        };
         let bad: &[(&[Extent], &str)] = &[
             (&ok, "asked for at most"),
             (&[ext(0, 512, Data(0)), ext(1024, 512, Zero)], "gap"),
@@ -421,18 +561,7 @@ mod tests {
             (&[ext(0, vs + 1, Zero)], "past the virtual size"),
             (&[ext(0, 512, Data(src - 100))], "past the source"),
             (&[ext(0, 512, Data(u64::MAX))], "past the source"),
-            (
-                &[ext(
-                    0,
-                    512,
-                    Compressed(super::Compressed {
-                        source_offset: src,
-                        source_length: 1,
-                        codec: 0,
-                    }),
-                )],
-                "past the source",
-            ),
+            (&[compressed(src, 512)], "past the source"),
             (&[], "no extents"),
         ];
         for (page, want) in bad {
@@ -440,6 +569,66 @@ mod tests {
             let err = check_page(page, 0, max, vs, src).unwrap_err();
             assert!(err.contains(want), "{want}: {err}");
         }
+        let big = u64::from(MAX_DECODED) + 1;
+        let err = check_page(&[compressed(0, big)], 0, 10, 1 << 30, src).unwrap_err();
+        assert!(err.contains("over"), "{err}");
+    }
+
+    #[test]
+    fn scheme_rules() {
+        let ok = |s: &[&str]| check_schemes(&s.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert!(ok(&["oci", "site+v2", "a.b-c"]).is_ok());
+        assert!(ok(&[]).is_ok());
+        for bad in ["", "OCI", "1abc", "a/b", "a:b", &"a".repeat(33)] {
+            assert!(
+                ok(&[bad]).unwrap_err().contains("not a URL scheme"),
+                "{bad}"
+            );
+        }
+        let many: Vec<String> = (0..=MAX_SCHEMES).map(|i| format!("s{i}")).collect();
+        assert!(check_schemes(&many).unwrap_err().contains("at most"));
+    }
+
+    #[test]
+    fn artifact_rules() {
+        let a = |url: &str, digest: Option<&str>| Artifact {
+            url: url.into(),
+            digest: digest.map(Into::into),
+            size: None,
+            media_type: String::new(),
+            format_hint: None,
+            headers: Vec::new(),
+        };
+        let good = format!("sha256:{}", "a".repeat(64));
+        assert!(check_artifacts(&[a("https://x/y", Some(&good))]).is_ok());
+        let bad_digest = format!("sha256:{}", "A".repeat(64));
+        let cases = [
+            (a("not a url", None), "does not parse"),
+            (a("https://x/y", Some(&bad_digest)), "is not sha256"),
+            (a("https://x/y", Some("sha512:aa")), "is not sha256"),
+        ];
+        for (art, want) in cases {
+            let err = check_artifacts(&[art]).unwrap_err();
+            assert!(err.contains(want), "{want}: {err}");
+        }
+        let many = vec![a("https://x/y", None); MAX_ARTIFACTS + 1];
+        assert!(check_artifacts(&many).unwrap_err().contains("at most"));
+    }
+
+    #[test]
+    fn probe_and_decode_rules() {
+        let p = |format: &str, confidence| ProbeResult {
+            format: format.into(),
+            confidence,
+        };
+        assert!(check_probe(&p("qcow2", 100)).is_ok());
+        assert!(check_probe(&p("qcow2", 101)).is_err());
+        assert!(check_probe(&p("", 50)).is_err());
+        assert!(check_probe(&p(&"x".repeat(33), 50)).is_err());
+        assert!(check_decode_length(MAX_DECODED).is_ok());
+        assert!(check_decode_length(MAX_DECODED + 1).is_err());
+        assert!(check_decoded(&[0; 4], 4).is_ok());
+        assert!(check_decoded(&[0; 3], 4).is_err());
     }
 
     #[test]

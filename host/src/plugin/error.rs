@@ -1,9 +1,12 @@
 //! Errors of the plugin runtime. Every variant that concerns one plugin
 //! names it, so a log line or CLI message says which plugin misbehaved.
 
+use std::fmt;
 use std::path::PathBuf;
 
+use super::bindings::ErrorKind;
 use super::manifest::ManifestError;
+use super::policy::{PlanProblem, PolicyViolation};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
@@ -51,8 +54,30 @@ pub enum PluginError {
     Returned {
         plugin: String,
         call: String,
-        kind: String,
+        /// The WIT error kind the plugin gave.
+        kind: ErrorKind,
         message: String,
+    },
+    #[error(
+        "plugin {plugin}: built against cocoon:plugin@{plugin_api}; this host implements \
+         cocoon:plugin@{host_api} and loads {kind} plugins of {supported}"
+    )]
+    ApiVersion {
+        plugin: String,
+        kind: &'static str,
+        plugin_api: String,
+        host_api: String,
+        supported: &'static str,
+    },
+    #[error("plugin {plugin}: the request breaks site rules: {}", List(violations))]
+    PolicyRefused {
+        plugin: String,
+        violations: Vec<PolicyViolation>,
+    },
+    #[error("plugin {plugin}: plan refused: {}", List(problems))]
+    BadPlan {
+        plugin: String,
+        problems: Vec<PlanProblem>,
     },
     #[error("plugin {plugin}: {call}: invalid answer: {detail}")]
     InvalidAnswer {
@@ -92,5 +117,20 @@ impl PluginError {
     ) -> impl FnOnce(std::io::Error) -> Self {
         let path = path.into();
         move |source| PluginError::Io { what, path, source }
+    }
+}
+
+/// Items joined with "; " for one-line messages.
+struct List<'a, T>(&'a [T]);
+
+impl<T: fmt::Display> fmt::Display for List<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, item) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{item}")?;
+        }
+        Ok(())
     }
 }

@@ -1,6 +1,7 @@
 //! Which imports a component of each kind may have. Checked when a plugin
 //! is loaded or installed, before it is ever instantiated.
 
+use super::api::ApiVersion;
 use super::manifest::PluginKind;
 
 /// Interfaces every plugin may import. Rust's std for wasm32-wasip2 imports
@@ -32,8 +33,8 @@ const COMMON: &[&str] = &[
     "wasi:filesystem/preopens",
 ];
 
-/// Why an import is refused.
-pub fn refusal(kind: PluginKind, import: &str) -> Option<&'static str> {
+/// Why an import of a plugin of `kind` built against `api` is refused.
+pub fn refusal(kind: PluginKind, api: ApiVersion, import: &str) -> Option<&'static str> {
     let (name, version) = import.split_once('@').unwrap_or((import, ""));
     if name.starts_with("wasi:sockets/") {
         return Some("plugins never get sockets; image sources fetch through the host");
@@ -41,8 +42,10 @@ pub fn refusal(kind: PluginKind, import: &str) -> Option<&'static str> {
     if name.starts_with("wasi:http/") {
         return Some("plugins never get wasi:http; image sources fetch through the host");
     }
-    if name.starts_with("cocoon:plugin/") && !version.starts_with("0.1.") {
-        return Some("built against another plugin API version");
+    if name.starts_with("cocoon:plugin/")
+        && ApiVersion::parse(version).is_none_or(|v| (v.0, v.1) != (api.0, api.1))
+    {
+        return Some("another plugin API version than the interface the plugin exports");
     }
     if name.starts_with("wasi:") && !version.starts_with("0.2.") {
         return Some("only WASI 0.2 is linked");
@@ -69,6 +72,7 @@ mod tests {
 
     #[test]
     fn allowlist_table() {
+        let v1 = ApiVersion(0, 1, 0);
         let cases: &[(PluginKind, &str, bool)] = &[
             (ImageSource, "cocoon:plugin/host@0.1.0", true),
             (ImageSource, "cocoon:plugin/fetch@0.1.0", true),
@@ -86,10 +90,14 @@ mod tests {
             (ImageSource, "example:evil/thing@1.0.0", false),
         ];
         for (kind, import, ok) in cases {
-            assert_eq!(refusal(*kind, import).is_none(), *ok, "{kind} {import}");
+            assert_eq!(refusal(*kind, v1, import).is_none(), *ok, "{kind} {import}");
         }
-        assert!(refusal(ImageSource, "wasi:sockets/tcp@0.2.6")
+        assert!(refusal(ImageSource, v1, "wasi:sockets/tcp@0.2.6")
             .unwrap()
             .contains("sockets"));
+        let v2 = ApiVersion(0, 2, 0);
+        assert!(refusal(DiskPolicy, v2, "cocoon:plugin/host@0.2.1").is_none());
+        assert!(refusal(DiskPolicy, v2, "cocoon:plugin/host@0.1.0").is_some());
+        assert!(refusal(DiskPolicy, v2, "cocoon:plugin/host").is_some());
     }
 }

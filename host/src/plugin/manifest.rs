@@ -5,7 +5,7 @@
 //! name = "site-source"
 //! version = "0.1.0"
 //! kind = "image-source"            # or format-converter, disk-policy
-//! api = "0.1.0"                    # the cocoon:plugin WIT version built against
+//! api = "0.2.0"                    # the cocoon:plugin WIT version built against
 //! description = "…"
 //! wasm = "site_source.wasm"        # beside the manifest
 //! sha256 = "<64 hex>"              # of the wasm; a mismatch is refused
@@ -23,11 +23,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::api::{ApiVersion, HOST_API};
 use super::fetch::HostPattern;
 use crate::config::LimitOverrides;
-
-/// The plugin API version this host implements.
-pub const API_VERSION: (u64, u64, u64) = (0, 1, 0);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
 #[serde(rename_all = "kebab-case")]
@@ -158,7 +156,7 @@ impl Manifest {
                 "must match ^[a-z][a-z0-9-]{0,62}$".into(),
             ));
         }
-        if parse_semver(&raw.version).is_none() {
+        if ApiVersion::parse(&raw.version).is_none() {
             return Err(invalid(
                 "version",
                 &raw.version,
@@ -172,14 +170,16 @@ impl Manifest {
                 "must be image-source, format-converter or disk-policy".into(),
             )
         })?;
-        let api = parse_semver(&raw.api)
+        let api = ApiVersion::parse(&raw.api)
             .ok_or_else(|| invalid("api", &raw.api, "not a MAJOR.MINOR.PATCH version".into()))?;
-        if !api_compatible(api) {
-            let (a, b, c) = API_VERSION;
+        if !api.supported_for(kind) {
             return Err(invalid(
                 "api",
                 &raw.api,
-                format!("this host implements cocoon:plugin@{a}.{b}.{c}"),
+                format!(
+                    "this host implements cocoon:plugin@{HOST_API} and loads {kind} plugins of {}",
+                    ApiVersion::supported_text(kind)
+                ),
             ));
         }
         if let Some(wasm) = &raw.wasm {
@@ -248,32 +248,13 @@ impl Manifest {
     }
 }
 
-fn valid_name(name: &str) -> bool {
+pub(crate) fn valid_name(name: &str) -> bool {
     let b = name.as_bytes();
     !b.is_empty()
         && b.len() <= 63
         && b[0].is_ascii_lowercase()
         && b.iter()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-}
-
-fn parse_semver(s: &str) -> Option<(u64, u64, u64)> {
-    let core = s.split(['-', '+']).next()?;
-    let mut it = core.split('.').map(|p| {
-        if p.is_empty() || (p.len() > 1 && p.starts_with('0')) {
-            None
-        } else {
-            p.parse::<u64>().ok()
-        }
-    });
-    let v = (it.next()??, it.next()??, it.next()??);
-    it.next().is_none().then_some(v)
-}
-
-/// A plugin built against 0.1.x runs on every 0.1.y host: patch releases
-/// only add host imports, and the linker refuses imports it lacks.
-fn api_compatible((major, minor, _): (u64, u64, u64)) -> bool {
-    (major, minor) == (API_VERSION.0, API_VERSION.1)
 }
 
 #[cfg(test)]
@@ -284,7 +265,7 @@ mod tests {
         name = "site-source"
         version = "0.1.0"
         kind = "image-source"
-        api = "0.1.0"
+        api = "0.2.0"
         wasm = "site_source.wasm"
         sha256 = "ABCDEF0123456789abcdef0123456789abcdef0123456789abcdef0123456789"
         [capabilities]
@@ -313,8 +294,8 @@ mod tests {
             ("name = \"site-source\"", "name = \"a/b\"", "name"),
             ("version = \"0.1.0\"", "version = \"1.0\"", "version"),
             ("kind = \"image-source\"", "kind = \"sorcerer\"", "kind"),
-            ("api = \"0.1.0\"", "api = \"0.2.0\"", "api"),
-            ("api = \"0.1.0\"", "api = \"1.1.0\"", "api"),
+            ("api = \"0.2.0\"", "api = \"0.3.0\"", "api"),
+            ("api = \"0.2.0\"", "api = \"1.1.0\"", "api"),
             (
                 "wasm = \"site_source.wasm\"",
                 "wasm = \"../x.wasm\"",
@@ -358,13 +339,34 @@ mod tests {
     }
 
     #[test]
-    fn semver() {
-        assert_eq!(parse_semver("0.1.7"), Some((0, 1, 7)));
-        assert_eq!(parse_semver("1.2.3-rc.1"), Some((1, 2, 3)));
-        for bad in ["", "1", "1.2", "1.2.3.4", "01.2.3", "a.b.c"] {
-            assert_eq!(parse_semver(bad), None, "{bad}");
+    fn api_versions_per_kind() {
+        let policy = GOOD
+            .replacen("kind = \"image-source\"", "kind = \"disk-policy\"", 1)
+            .replacen(
+                "fetch = [\"127.0.0.1:8080\", \"catalog.example.com\"]",
+                "",
+                1,
+            );
+        let cases = [
+            (GOOD, "0.1.0", true),
+            (GOOD, "0.2.0", true),
+            (GOOD, "0.2.7", true),
+            (GOOD, "0.3.0", false),
+            (policy.as_str(), "0.2.0", true),
+            (policy.as_str(), "0.1.0", false),
+        ];
+        for (text, api, ok) in cases {
+            let text = text.replacen("api = \"0.2.0\"", &format!("api = \"{api}\""), 1);
+            let r = Manifest::parse(&text, Path::new("/x/plugin.toml"));
+            assert_eq!(r.is_ok(), ok, "{api}: {r:?}");
+            if let Err(e) = r {
+                let msg = e.to_string();
+                assert!(
+                    msg.contains(&format!("api = \"{api}\""))
+                        && msg.contains("cocoon:plugin@0.2.0"),
+                    "{msg}"
+                );
+            }
         }
-        assert!(api_compatible((0, 1, 9)));
-        assert!(!api_compatible((0, 2, 0)));
     }
 }

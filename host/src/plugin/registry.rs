@@ -8,10 +8,12 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+use super::api::ApiVersion;
+use super::cache::Embedded;
 use super::error::PluginError;
 use super::fetch::{effective_hosts, HostPattern};
 use super::limits::Limits;
-use super::manifest::Manifest;
+use super::manifest::{Manifest, ManifestError};
 use super::runtime::{LoadedPlugin, PluginSpec, Runtime};
 use crate::config::HostConfig;
 use crate::fsutil;
@@ -52,7 +54,8 @@ pub struct PluginInfo {
 
 #[derive(Debug, Clone)]
 enum WasmSource {
-    Embedded(&'static [u8]),
+    /// Built in: the wasm, and the code the build compiled from it.
+    Embedded(&'static [u8], Embedded),
     File(PathBuf),
 }
 
@@ -121,7 +124,7 @@ impl PluginInfo {
     /// have changed since discovery.
     pub fn wasm(&self) -> Result<Vec<u8>, PluginError> {
         match &self.wasm {
-            WasmSource::Embedded(b) => Ok(b.to_vec()),
+            WasmSource::Embedded(b, _) => Ok(b.to_vec()),
             WasmSource::File(path) => {
                 let bytes = read_wasm(path)?;
                 let actual = sha256_hex(&bytes);
@@ -144,7 +147,7 @@ impl Registry {
     /// one broken third-party plugin must not take the host down.
     pub fn discover(config: &HostConfig) -> Self {
         let mut plugins = BTreeMap::new();
-        for (manifest_text, wasm) in embedded::BUILTIN {
+        for (manifest_text, wasm, code) in embedded::BUILTIN {
             let manifest = Manifest::parse(manifest_text, Path::new("<builtin>"))
                 .expect("first-party manifests are checked by the test suite");
             let info = PluginInfo::new(
@@ -152,7 +155,13 @@ impl Registry {
                 PluginOrigin::Builtin,
                 sha256_hex(wasm),
                 wasm.len() as u64,
-                WasmSource::Embedded(wasm),
+                WasmSource::Embedded(
+                    wasm,
+                    Embedded {
+                        engine_key: embedded::PRECOMPILED_ENGINE_KEY,
+                        code,
+                    },
+                ),
                 config,
             );
             plugins.insert(info.name().to_string(), info);
@@ -248,8 +257,13 @@ impl Registry {
         if info.disabled {
             return Err(PluginError::Disabled(name.to_string()));
         }
-        let wasm = info.wasm()?;
-        runtime.load(info.spec(), &wasm, &info.sha256)
+        match &info.wasm {
+            // No copy of the wasm: the embedded code is used when it can be.
+            WasmSource::Embedded(wasm, code) => {
+                runtime.load_with(info.spec(), wasm, &info.sha256, Some(*code))
+            }
+            WasmSource::File(_) => runtime.load(info.spec(), &info.wasm()?, &info.sha256),
+        }
     }
 }
 
@@ -266,7 +280,7 @@ fn check_pinned(
     manifest_path: &Path,
 ) -> Result<(PathBuf, String), PluginError> {
     let missing = |field: &'static str| {
-        PluginError::Manifest(super::manifest::ManifestError::Invalid {
+        PluginError::Manifest(ManifestError::Invalid {
             path: manifest_path.to_path_buf(),
             field,
             value: String::new(),
@@ -355,6 +369,18 @@ pub fn verify(
         fetch_hosts: Vec::new(),
     };
     let loaded = runtime.load(spec, &bytes, &sha256)?;
+    let declared = ApiVersion::parse(&manifest.api).expect("checked by Manifest::parse");
+    if (declared.0, declared.1) != (loaded.api().0, loaded.api().1) {
+        return Err(PluginError::Manifest(ManifestError::Invalid {
+            path: manifest_path,
+            field: "api",
+            value: manifest.api.clone(),
+            reason: format!(
+                "the component is built against cocoon:plugin@{}",
+                loaded.api()
+            ),
+        }));
+    }
     let smoke_call = smoke(&loaded)?;
     let report = VerifyReport {
         sha256_pinned: manifest.sha256.clone(),
@@ -372,21 +398,25 @@ pub fn verify(
 
 /// One call every plugin of a kind must answer without side effects.
 fn smoke(plugin: &LoadedPlugin) -> Result<String, PluginError> {
-    use super::calls::VmRequest;
     use super::manifest::PluginKind;
+    use super::policy::{ImageKind, PolicyRequest};
     Ok(match plugin.kind() {
         PluginKind::ImageSource => format!("schemes() = {:?}", plugin.schemes()?),
         PluginKind::FormatConverter => format!("probe(empty) = {:?}", plugin.probe(&[], &[], 0)?),
         PluginKind::DiskPolicy => {
-            let req = VmRequest {
+            let req = PolicyRequest {
                 name: "verify".into(),
-                image_kind: "raw".into(),
-                layers: Vec::new(),
+                image: ImageKind::Disk {
+                    digest: format!("sha256:{}", "0".repeat(64)),
+                    virtual_size: 1 << 30,
+                },
+                cow_size: None,
                 data_disks: Vec::new(),
                 cidata: false,
-                settings: Vec::new(),
+                settings: BTreeMap::new(),
             };
-            format!("validate(empty request) = {:?}", plugin.validate(&req)?)
+            let violations = plugin.policy_instance()?.validate(&req)?;
+            format!("validate(a bare disk image) = {violations:?}")
         }
     })
 }
@@ -399,7 +429,7 @@ pub fn install(config: &HostConfig, report: &VerifyReport) -> Result<PathBuf, Pl
     let name = &report.manifest.name;
     if embedded::BUILTIN
         .iter()
-        .any(|(m, _)| Manifest::parse(m, Path::new("<builtin>")).is_ok_and(|m| m.name == *name))
+        .any(|(m, _, _)| Manifest::parse(m, Path::new("<builtin>")).is_ok_and(|m| m.name == *name))
     {
         return Err(PluginError::ShadowsBuiltin(name.clone()));
     }

@@ -9,11 +9,12 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use wasmtime::component::{HasSelf, Linker};
+use wasmtime::component::Linker;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
 
-use super::bindings::{disk_policy, format_converter, image_source};
-use super::cache::{CompiledCache, Origin};
+use super::api::{self, ApiVersion, KindPre, HOST_API};
+use super::cache::{CompiledCache, Embedded, Origin};
+use super::engine_settings;
 use super::error::PluginError;
 use super::fetch::{Fetcher, HostPattern};
 use super::imports;
@@ -31,6 +32,8 @@ pub struct RuntimeStats {
     pub compiled: AtomicU64,
     /// Components deserialised from the compiled cache.
     pub cache_hits: AtomicU64,
+    /// Components deserialised from the code embedded in the binary.
+    pub embedded: AtomicU64,
     /// Stores created (one per invocation or session).
     pub instantiations: AtomicU64,
 }
@@ -54,7 +57,7 @@ struct EpochTicker {
 }
 
 impl EpochTicker {
-    fn start(engine: Engine) -> Self {
+    fn start(engine: Engine) -> Result<Self, PluginError> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
@@ -65,11 +68,11 @@ impl EpochTicker {
                     engine.increment_epoch();
                 }
             })
-            .expect("spawning the epoch ticker");
-        EpochTicker {
+            .map_err(|e| PluginError::Engine(format!("spawning the epoch ticker: {e}")))?;
+        Ok(EpochTicker {
             stop,
             thread: Some(thread),
-        }
+        })
     }
 }
 
@@ -95,55 +98,76 @@ fn engine_err(e: impl std::fmt::Debug) -> PluginError {
     PluginError::Engine(format!("{e:?}"))
 }
 
+/// How a runtime is set up.
+#[derive(Debug, Clone, Default)]
+pub struct RuntimeOptions {
+    /// Where compiled components are cached (none: compiled on every load,
+    /// unless embedded).
+    pub cache_dir: Option<PathBuf>,
+    /// Plugin instances the caller keeps alive at once (a conversion: one
+    /// per decode worker and image of the chain); the instance pool is
+    /// sized for it. 0: one per core.
+    pub concurrency: usize,
+}
+
+/// Instances beyond the caller's concurrency: image sessions, probes and
+/// the calls of whatever else runs in the process.
+const SPARE_INSTANCES: u32 = 32;
+/// Core instances, memories and tables per component instance. A Rust
+/// wasip2 component has its module, the WASI adapter and the component
+/// model's shims: four core instances, two memories and two tables.
+const CORE_INSTANCES_PER_COMPONENT: u32 = 4;
+const MEMORIES_PER_COMPONENT: u32 = 2;
+const TABLES_PER_COMPONENT: u32 = 2;
+
+/// The component instances a pool holds for `concurrency` live instances.
+pub fn pool_size(concurrency: usize) -> u32 {
+    let concurrency = match concurrency {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    u32::try_from(concurrency)
+        .unwrap_or(u32::MAX)
+        .saturating_add(SPARE_INSTANCES)
+}
+
 impl Runtime {
     /// A runtime caching compiled components in `cache_dir` (none: always
-    /// compile).
+    /// compile), with a pool for one instance per core.
     pub fn new(cache_dir: Option<PathBuf>) -> Result<Self, PluginError> {
+        Self::with_options(RuntimeOptions {
+            cache_dir,
+            concurrency: 0,
+        })
+    }
+
+    pub fn with_options(options: RuntimeOptions) -> Result<Self, PluginError> {
         let mut config = Config::new();
-        config
-            .epoch_interruption(true)
-            // Component calls are about 3x slower with it on, and plugins
-            // make no async calls.
-            .concurrency_support(false)
-            .cranelift_opt_level(wasmtime::OptLevel::Speed);
+        engine_settings::apply(&mut config);
+        let instances = pool_size(options.concurrency);
         let mut pool = PoolingAllocationConfig::default();
-        pool.total_component_instances(64)
-            .total_core_instances(256)
-            .total_memories(128)
-            .total_tables(128)
+        pool.total_component_instances(instances)
+            .total_core_instances(instances.saturating_mul(CORE_INSTANCES_PER_COMPONENT))
+            .total_memories(instances.saturating_mul(MEMORIES_PER_COMPONENT))
+            .total_tables(instances.saturating_mul(TABLES_PER_COMPONENT))
             .max_memory_size(4 << 30);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config).map_err(engine_err)?;
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(engine_err)?;
-        image_source::cocoon::plugin::types::add_to_linker::<State, HasSelf<State>>(
-            &mut linker,
-            |s| s,
-        )
-        .map_err(engine_err)?;
-        image_source::cocoon::plugin::host::add_to_linker::<State, HasSelf<State>>(
-            &mut linker,
-            |s| s,
-        )
-        .map_err(engine_err)?;
-        image_source::cocoon::plugin::fetch::add_to_linker::<State, HasSelf<State>>(
-            &mut linker,
-            |s| s,
-        )
-        .map_err(engine_err)?;
-        format_converter::cocoon::plugin::source::add_to_linker::<State, HasSelf<State>>(
-            &mut linker,
-            |s| s,
-        )
-        .map_err(engine_err)?;
-        let cache = CompiledCache::new(&engine, cache_dir);
+        api::add_to_linker(&mut linker).map_err(engine_err)?;
+        let cache = CompiledCache::new(&engine, options.cache_dir);
         Ok(Runtime {
-            _ticker: EpochTicker::start(engine.clone()),
+            _ticker: EpochTicker::start(engine.clone())?,
             engine,
             linker,
             cache,
             stats: Arc::default(),
         })
+    }
+
+    /// The key compiled artifacts of this runtime's engine go by.
+    pub fn engine_key(&self) -> &str {
+        self.cache.engine_key()
     }
 
     pub fn stats(&self) -> &RuntimeStats {
@@ -163,25 +187,42 @@ impl Runtime {
         wasm: &[u8],
         sha256: &str,
     ) -> Result<LoadedPlugin, PluginError> {
+        self.load_with(spec, wasm, sha256, None)
+    }
+
+    /// [`Self::load`], using `embedded` compiled code when this engine can.
+    pub fn load_with(
+        &self,
+        spec: PluginSpec,
+        wasm: &[u8],
+        sha256: &str,
+        embedded: Option<Embedded>,
+    ) -> Result<LoadedPlugin, PluginError> {
         let name = spec.name.clone();
-        let (component, origin) =
-            self.cache
-                .load(&self.engine, sha256, wasm)
-                .map_err(|detail| PluginError::Compile {
-                    plugin: name.clone(),
-                    detail,
-                })?;
+        let (component, origin) = self
+            .cache
+            .load(&self.engine, sha256, wasm, embedded)
+            .map_err(|detail| PluginError::Compile {
+                plugin: name.clone(),
+                detail,
+            })?;
         match origin {
             Origin::Compiled => self.stats.compiled.fetch_add(1, Ordering::Relaxed),
             Origin::Cached => self.stats.cache_hits.fetch_add(1, Ordering::Relaxed),
+            Origin::Embedded => self.stats.embedded.fetch_add(1, Ordering::Relaxed),
         };
         let ty = component.component_type();
         let import_names: Vec<String> = ty
             .imports(&self.engine)
             .map(|(n, _)| n.to_string())
             .collect();
+        let export_names: Vec<String> = ty
+            .exports(&self.engine)
+            .map(|(n, _)| n.to_string())
+            .collect();
+        let api = plugin_api(&name, spec.kind, &import_names, &export_names)?;
         for import in &import_names {
-            if let Some(reason) = imports::refusal(spec.kind, import) {
+            if let Some(reason) = imports::refusal(spec.kind, api, import) {
                 return Err(PluginError::ImportRefused {
                     plugin: name,
                     import: import.clone(),
@@ -189,10 +230,6 @@ impl Runtime {
                 });
             }
         }
-        let export_names: Vec<String> = ty
-            .exports(&self.engine)
-            .map(|(n, _)| n.to_string())
-            .collect();
         let pre =
             self.linker
                 .instantiate_pre(&component)
@@ -200,28 +237,18 @@ impl Runtime {
                     plugin: name.clone(),
                     detail: format!("{e:#}"),
                 })?;
-        let wrong = |e: wasmtime::Error| PluginError::WrongExports {
+        let pre = KindPre::new(spec.kind, api, pre).map_err(|e| PluginError::WrongExports {
             plugin: name.clone(),
             kind: spec.kind.as_str(),
             detail: format!("{e:#}"),
-        };
-        let pre = match spec.kind {
-            PluginKind::ImageSource => {
-                KindPre::ImageSource(image_source::ImageSourcePre::new(pre).map_err(wrong)?)
-            }
-            PluginKind::FormatConverter => KindPre::FormatConverter(
-                format_converter::FormatConverterPre::new(pre).map_err(wrong)?,
-            ),
-            PluginKind::DiskPolicy => {
-                KindPre::DiskPolicy(disk_policy::DiskPolicyPre::new(pre).map_err(wrong)?)
-            }
-        };
+        })?;
         Ok(LoadedPlugin {
             name: name.as_str().into(),
             config: Arc::new(spec.config.clone()),
             spec,
             pre,
             origin,
+            api,
             imports: import_names,
             exports: export_names,
             engine: self.engine.clone(),
@@ -230,20 +257,54 @@ impl Runtime {
     }
 }
 
-#[derive(Clone)]
-pub(crate) enum KindPre {
-    ImageSource(image_source::ImageSourcePre<State>),
-    FormatConverter(format_converter::FormatConverterPre<State>),
-    DiskPolicy(disk_policy::DiskPolicyPre<State>),
+/// The plugin API version a component was built against: that of the
+/// interface its kind exports (or, when it exports none, of its first
+/// cocoon:plugin import), refused unless this host loads that version for
+/// the kind.
+fn plugin_api(
+    plugin: &str,
+    kind: PluginKind,
+    imports: &[String],
+    exports: &[String],
+) -> Result<ApiVersion, PluginError> {
+    let wanted = api::export_interface(kind);
+    let found = exports
+        .iter()
+        .find(|e| e.split('@').next() == Some(wanted))
+        .or_else(|| imports.iter().find(|i| i.starts_with("cocoon:plugin/")));
+    let Some(name) = found else {
+        return Err(PluginError::WrongExports {
+            plugin: plugin.to_string(),
+            kind: kind.as_str(),
+            detail: format!("no export of {wanted}"),
+        });
+    };
+    let version = ApiVersion::of_wit_name(name);
+    match version {
+        Some(v) if v.supported_for(kind) => Ok(v),
+        _ => Err(PluginError::ApiVersion {
+            plugin: plugin.to_string(),
+            kind: kind.as_str(),
+            plugin_api: name
+                .split_once('@')
+                .map_or("(unversioned)", |(_, v)| v)
+                .to_string(),
+            host_api: HOST_API.to_string(),
+            supported: ApiVersion::supported_text(kind),
+        }),
+    }
 }
 
-/// A compiled, checked plugin, ready for invocations.
+/// A compiled, checked plugin, ready for invocations. Cloning is cheap: the
+/// compiled code is shared.
+#[derive(Clone)]
 pub struct LoadedPlugin {
     pub(crate) name: Arc<str>,
     pub(crate) spec: PluginSpec,
     config: Arc<BTreeMap<String, String>>,
     pub(crate) pre: KindPre,
     origin: Origin,
+    api: ApiVersion,
     imports: Vec<String>,
     exports: Vec<String>,
     engine: Engine,
@@ -263,9 +324,19 @@ impl LoadedPlugin {
         self.spec.limits
     }
 
+    /// The plugin API version the component was built against.
+    pub fn api(&self) -> ApiVersion {
+        self.api
+    }
+
     /// Whether this load deserialised a cached component.
     pub fn from_cache(&self) -> bool {
         self.origin == Origin::Cached
+    }
+
+    /// Whether this load used the compiled code embedded in the binary.
+    pub fn from_embedded(&self) -> bool {
+        self.origin == Origin::Embedded
     }
 
     pub fn imports(&self) -> &[String] {
@@ -281,23 +352,13 @@ impl LoadedPlugin {
     /// a first-party source reach exactly the server a reference names
     /// (`oci://HOST[:PORT]/…`) for the one resolve of that reference.
     pub fn with_fetch_hosts(&self, hosts: &[HostPattern]) -> LoadedPlugin {
-        let mut spec = self.spec.clone();
+        let mut plugin = self.clone();
         for h in hosts {
-            if !spec.fetch_hosts.contains(h) {
-                spec.fetch_hosts.push(h.clone());
+            if !plugin.spec.fetch_hosts.contains(h) {
+                plugin.spec.fetch_hosts.push(h.clone());
             }
         }
-        LoadedPlugin {
-            name: self.name.clone(),
-            spec,
-            config: self.config.clone(),
-            pre: self.pre.clone(),
-            origin: self.origin,
-            imports: self.imports.clone(),
-            exports: self.exports.clone(),
-            engine: self.engine.clone(),
-            stats: self.stats.clone(),
-        }
+        plugin
     }
 
     pub(crate) fn expect_kind(&self, wanted: PluginKind) -> Result<(), PluginError> {

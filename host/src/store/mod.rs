@@ -166,7 +166,13 @@ impl StoreError {
             StoreError::Transport { failure, .. } => failure.unreachable(),
             StoreError::Http { status, .. } => *status >= 500,
             StoreError::Resolve { source, .. } => {
-                matches!(&**source, crate::plugin::PluginError::Returned { kind, .. } if kind == "io")
+                matches!(
+                    &**source,
+                    crate::plugin::PluginError::Returned {
+                        kind: crate::plugin::bindings::ErrorKind::Io,
+                        ..
+                    }
+                )
             }
             _ => false,
         }

@@ -292,8 +292,12 @@ pub mod disk_policy {
     common_api!();
 
     pub use bindings::exports::cocoon::plugin::policy::{
-        DataDiskSpec, Disk, DiskRole, Violation, VmRequest,
+        DataDiskSpec, Disk, DiskImage, DiskRole, FsType, ImageKind, Violation, VmRequest,
     };
+
+    /// The prefix of the host's own disks (layers, the root, the seed);
+    /// data disks may not use it.
+    pub const RESERVED_PREFIX: &str = "cocoon-";
 
     impl VmRequest {
         /// A site setting by key.
@@ -303,6 +307,104 @@ pub mod disk_policy {
                 .find(|(k, _)| k == key)
                 .map(|(_, v)| v.as_str())
         }
+
+        /// The layer digests of a layered image, base first (none for a
+        /// disk image).
+        pub fn layers(&self) -> &[String] {
+            match &self.image {
+                ImageKind::Layered(layers) => layers,
+                ImageKind::Disk(_) => &[],
+            }
+        }
+    }
+
+    impl Disk {
+        /// Layer `index` of a layered image (`cocoon-layerN`), read-only.
+        pub fn layer(index: usize) -> Self {
+            Disk {
+                name: format!("{RESERVED_PREFIX}layer{index}"),
+                role: DiskRole::Layer,
+                read_only: true,
+                size_bytes: None,
+                mount_point: None,
+                fstype: None,
+                direct_io: None,
+                file: None,
+            }
+        }
+
+        /// The writable root, `cocoon-root`, of `size` bytes (none: a disk
+        /// image's own size).
+        pub fn root(size: Option<u64>) -> Self {
+            Disk {
+                name: format!("{RESERVED_PREFIX}root"),
+                role: DiskRole::Cow,
+                read_only: false,
+                size_bytes: size,
+                ..Disk::layer(0)
+            }
+        }
+
+        /// The data disk the user asked for, as asked.
+        pub fn data(spec: &DataDiskSpec) -> Self {
+            Disk {
+                name: spec.name.clone(),
+                role: DiskRole::Data,
+                read_only: false,
+                size_bytes: Some(spec.size_bytes),
+                mount_point: spec.mount_point.clone(),
+                fstype: Some(spec.fstype),
+                direct_io: spec.direct_io,
+                file: None,
+            }
+        }
+
+        /// The cloud-init seed, `cocoon-cidata`, read-only.
+        pub fn cidata() -> Self {
+            Disk {
+                name: format!("{RESERVED_PREFIX}cidata"),
+                role: DiskRole::Cidata,
+                ..Disk::layer(0)
+            }
+        }
+    }
+
+    impl Violation {
+        pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+            Violation {
+                field: field.into(),
+                message: message.into(),
+            }
+        }
+    }
+
+    /// A size setting: bytes, or a number with a K, M, G or T suffix
+    /// (powers of 1024), e.g. `"100G"`.
+    pub fn parse_size(text: &str) -> Option<u64> {
+        let text = text.trim();
+        let (digits, shift) = match text.char_indices().last()? {
+            (i, 'K' | 'k') => (&text[..i], 10),
+            (i, 'M' | 'm') => (&text[..i], 20),
+            (i, 'G' | 'g') => (&text[..i], 30),
+            (i, 'T' | 't') => (&text[..i], 40),
+            _ => (text, 0),
+        };
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        digits.parse::<u64>().ok()?.checked_mul(1 << shift)
+    }
+
+    /// The plan every policy starts from: the layers of a layered image,
+    /// the root, the data disks as asked, the seed last when asked for.
+    pub fn standard_plan(request: &VmRequest, root_size: Option<u64>) -> Vec<Disk> {
+        let mut disks: Vec<Disk> = (0..request.layers().len()).map(Disk::layer).collect();
+        disks.push(Disk::root(root_size));
+        disks.extend(request.data_disks.iter().map(Disk::data));
+        if request.cidata {
+            disks.push(Disk::cidata());
+        }
+        disks
     }
 
     /// A disk-policy plugin.

@@ -1,105 +1,97 @@
-//! The default disk plan: every layer read-only, base first; one writable
-//! cow root; the requested data disks in the order given; cidata last.
-//! Site settings: `cow_size` (bytes, default 10 GiB) and `max_data_disks`
-//! (default 8).
+//! The default disk plan.
+//!
+//! - Layered images: `cocoon-layer0…` (read-only, base first), then the
+//!   writable root `cocoon-root` (cow) of the requested size, else the site
+//!   setting `cow_size`, else 10 GiB; then the data disks as asked; then
+//!   `cocoon-cidata` when a seed is wanted.
+//! - Disk images: the converted base copied as the writable root
+//!   `cocoon-root` (grown to the requested size, if any), then the data
+//!   disks, then `cocoon-cidata`.
+//!
+//! Site settings (`[vm] settings` in the host config): `cow_size` (bytes or
+//! with a K/M/G/T suffix) and `max_data_disks` (default 8).
 
 use cocoon_plugin_sdk::disk_policy::*;
 
 struct DefaultPolicy;
 
 const DEFAULT_COW_SIZE: u64 = 10 << 30;
-const DEFAULT_MAX_DATA_DISKS: usize = 8;
+const DEFAULT_MAX_DATA_DISKS: u64 = 8;
 
-fn setting_u64(request: &VmRequest, key: &str) -> Result<Option<u64>, Error> {
-    request
-        .setting(key)
-        .map(|v| {
-            v.parse::<u64>().map_err(|_| {
-                Error::invalid_input(format!("setting {key}={v:?} is not a number of bytes"))
-            })
-        })
-        .transpose()
+/// A setting parsed by `parse`, with a violation naming it when it does
+/// not parse.
+fn setting<T>(
+    request: &VmRequest,
+    key: &str,
+    what: &str,
+    parse: impl Fn(&str) -> Option<T>,
+) -> Result<Option<T>, Violation> {
+    match request.setting(key) {
+        None => Ok(None),
+        Some(v) => parse(v).map(Some).ok_or_else(|| {
+            Violation::new(format!("settings.{key}"), format!("{v:?} is not {what}"))
+        }),
+    }
+}
+
+fn cow_size(request: &VmRequest) -> Result<Option<u64>, Violation> {
+    setting(
+        request,
+        "cow_size",
+        "a size (bytes, or with K/M/G/T)",
+        parse_size,
+    )
+}
+
+fn max_data_disks(request: &VmRequest) -> Result<u64, Violation> {
+    setting(request, "max_data_disks", "a number", |v| v.parse().ok())
+        .map(|v| v.unwrap_or(DEFAULT_MAX_DATA_DISKS))
 }
 
 impl DiskPolicy for DefaultPolicy {
     fn plan(request: VmRequest) -> Result<Vec<Disk>, Error> {
-        let violations = Self::validate(&request);
-        if let Some(v) = violations.first() {
+        if let Some(v) = Self::validate(&request).first() {
             return Err(Error::invalid_input(format!("{}: {}", v.field, v.message)));
         }
-        let cow_size = setting_u64(&request, "cow_size")?.unwrap_or(DEFAULT_COW_SIZE);
-        let mut disks = Vec::new();
-        for (i, _) in request.layers.iter().enumerate() {
-            disks.push(Disk {
-                name: format!("layer{i}"),
-                role: DiskRole::Layer,
-                read_only: true,
-                size_bytes: None,
-                mount_point: None,
-                fstype: None,
-                direct_io: false,
-            });
-        }
-        disks.push(Disk {
-            name: "root".into(),
-            role: DiskRole::Cow,
-            read_only: false,
-            size_bytes: Some(cow_size),
-            mount_point: None,
-            fstype: None,
-            direct_io: false,
-        });
-        for d in request.data_disks {
-            disks.push(Disk {
-                name: d.name,
-                role: DiskRole::Data,
-                read_only: false,
-                size_bytes: Some(d.size_bytes),
-                mount_point: d.mount_point,
-                fstype: d.fstype,
-                direct_io: d.direct_io,
-            });
-        }
-        if request.cidata {
-            disks.push(Disk {
-                name: "cidata".into(),
-                role: DiskRole::Cidata,
-                read_only: true,
-                size_bytes: None,
-                mount_point: None,
-                fstype: None,
-                direct_io: false,
-            });
-        }
-        Ok(disks)
+        let root = match &request.image {
+            ImageKind::Layered(_) => Some(
+                request
+                    .cow_size
+                    .or(cow_size(&request).ok().flatten())
+                    .unwrap_or(DEFAULT_COW_SIZE),
+            ),
+            // The copy of the image keeps its size unless asked to grow.
+            ImageKind::Disk(_) => request.cow_size,
+        };
+        Ok(standard_plan(&request, root))
     }
 
     fn validate(request: &VmRequest) -> Vec<Violation> {
         let mut out = Vec::new();
-        let max = match setting_u64(request, "max_data_disks") {
-            Ok(v) => v.map_or(DEFAULT_MAX_DATA_DISKS, |v| v as usize),
-            Err(e) => {
-                out.push(Violation {
-                    field: "settings.max_data_disks".into(),
-                    message: e.message,
-                });
-                DEFAULT_MAX_DATA_DISKS
-            }
-        };
-        if request.data_disks.len() > max {
-            out.push(Violation {
-                field: "data_disks".into(),
-                message: format!(
+        if let Err(v) = cow_size(request) {
+            out.push(v);
+        }
+        match max_data_disks(request) {
+            Ok(max) if request.data_disks.len() as u64 > max => out.push(Violation::new(
+                "data_disks",
+                format!(
                     "{} data disks requested, this site allows {max}",
                     request.data_disks.len()
                 ),
-            });
+            )),
+            Ok(_) => {}
+            Err(v) => out.push(v),
         }
-        if let Err(e) = setting_u64(request, "cow_size") {
-            out.push(Violation {
-                field: "settings.cow_size".into(),
-                message: e.message,
-            });
+        if let (ImageKind::Disk(image), Some(size)) = (&request.image, request.cow_size) {
+            if size < image.virtual_size {
+                out.push(Violation::new(
+                    "cow_size",
+                    format!(
+                        "{size} bytes is smaller than the image's {} bytes",
+                        image.virtual_size
+                    ),
+                ));
+            }
         }
         out
     }

@@ -19,7 +19,12 @@ fn artifact(report: String) -> Vec<Artifact> {
 
 impl ImageSource for Hostile {
     fn schemes() -> Vec<String> {
-        vec!["hostile".into()]
+        // The `schemes` setting, comma-separated, lets a test make it claim
+        // schemes the host must refuse.
+        match config_get("schemes") {
+            Some(list) => list.split(',').map(Into::into).collect(),
+            None => vec!["hostile".into()],
+        }
     }
 
     fn resolve(reference: &str, _platform: Platform) -> Result<Vec<Artifact>, Error> {

@@ -1,0 +1,379 @@
+//! The per-VM copy of a disk image's converted base: the VM's writable
+//! root. The cache file itself is never handed to a VM (a write would
+//! change every later VM's base and break its digest file).
+//!
+//! A `FICLONE` reflink where the filesystem shares extents (btrfs, xfs,
+//! bcachefs): instant, and blocks are copied only when the guest writes
+//! them. Otherwise a sparse copy: only the source's data runs (SEEK_DATA /
+//! SEEK_HOLE) are copied, by copy_file_range, holes stay holes. When the
+//! store gives the base's digest, the bytes of the copy are hashed before
+//! it gets its name (when asked: it reads the whole virtual size), so a
+//! base that rotted in the cache never boots.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest as _, Sha256};
+
+use super::newfile::NewFile;
+use super::plan::BaseImage;
+use crate::convert::output::data_run;
+use crate::store::digest::Digest;
+
+const CHUNK: usize = 4 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    #[error("{what} {path}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("base image {path} is {actual} bytes; the store says {expected}")]
+    Size {
+        path: PathBuf,
+        expected: u64,
+        actual: u64,
+    },
+    #[error(
+        "base image {path}: digest mismatch: expected {expected}, got {actual}; no copy was kept"
+    )]
+    Digest {
+        path: PathBuf,
+        expected: Digest,
+        actual: String,
+    },
+    #[error("{dest} is smaller ({size} bytes) than its base image ({base} bytes)")]
+    TooSmall { dest: PathBuf, size: u64, base: u64 },
+}
+
+fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> CopyError {
+    let path = path.to_path_buf();
+    move |source| CopyError::Io { what, path, source }
+}
+
+/// How a copy was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CopyMethod {
+    Reflink,
+    Sparse,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyReport {
+    pub method: CopyMethod,
+    /// Whether the copy's bytes were checked against the base's digest.
+    pub verified: bool,
+}
+
+/// Copies `base` to `dest` (which must not exist), grown to `size` bytes,
+/// crash-safely: nothing is at `dest` unless the whole, verified copy is.
+pub fn copy_base(base: &BaseImage, dest: &Path, size: u64) -> Result<CopyReport, CopyError> {
+    if size < base.size {
+        return Err(CopyError::TooSmall {
+            dest: dest.to_path_buf(),
+            size,
+            base: base.size,
+        });
+    }
+    let src = File::open(&base.path).map_err(io_err("opening", &base.path))?;
+    let actual = src.metadata().map_err(io_err("reading", &base.path))?.len();
+    if actual != base.size {
+        return Err(CopyError::Size {
+            path: base.path.clone(),
+            expected: base.size,
+            actual,
+        });
+    }
+    let out = NewFile::create(dest).map_err(io_err("creating a temp file for", dest))?;
+    let mut hash = base.verify.then(Sha256::new);
+    let method = match rustix::fs::ioctl_ficlone(out.file(), &src) {
+        Ok(()) => {
+            if let Some(h) = &mut hash {
+                hash_file(out.file(), out.path(), base.size, h)?;
+            }
+            CopyMethod::Reflink
+        }
+        // Not the same filesystem, or one without shared extents.
+        Err(_) => {
+            out.file()
+                .set_len(base.size)
+                .map_err(io_err("sizing", out.path()))?;
+            sparse_copy(
+                &src,
+                &base.path,
+                out.file(),
+                out.path(),
+                base.size,
+                hash.as_mut(),
+            )?;
+            CopyMethod::Sparse
+        }
+    };
+    if let Some(h) = hash {
+        let actual = format!("sha256:{}", hex::encode(h.finalize()));
+        if actual != base.digest.to_string() {
+            return Err(CopyError::Digest {
+                path: base.path.clone(),
+                expected: base.digest.clone(),
+                actual,
+            });
+        }
+    }
+    if size > base.size {
+        out.file()
+            .set_len(size)
+            .map_err(io_err("growing", out.path()))?;
+    }
+    out.commit().map_err(io_err("creating", dest))?;
+    Ok(CopyReport {
+        method,
+        verified: base.verify,
+    })
+}
+
+/// Feeds `len` zero bytes to `hash` (a hole reads as zeros).
+fn hash_zeros(hash: &mut Sha256, mut len: u64) {
+    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+    while len > 0 {
+        let n = len.min(ZEROS.len() as u64) as usize;
+        hash.update(&ZEROS[..n]);
+        len -= n as u64;
+    }
+}
+
+/// The data runs of the first `len` bytes of `file`, in order (all of it
+/// where the filesystem cannot tell).
+fn data_runs(file: &File, path: &Path, len: u64) -> Result<Vec<(u64, u64)>, CopyError> {
+    let mut runs = Vec::new();
+    let mut at = 0;
+    while at < len {
+        match data_run(file, at) {
+            Ok(Some((s, e))) if s < len => {
+                runs.push((s, e.min(len)));
+                at = e;
+            }
+            Ok(_) => break,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                runs.push((at, len));
+                break;
+            }
+            Err(e) => return Err(io_err("finding the data in", path)(e)),
+        }
+    }
+    Ok(runs)
+}
+
+/// Hashes the first `len` bytes of `file`, reading only its data runs.
+fn hash_file(file: &File, path: &Path, len: u64, hash: &mut Sha256) -> Result<(), CopyError> {
+    let mut buf = vec![0u8; CHUNK];
+    let mut at = 0;
+    for (start, end) in data_runs(file, path, len)? {
+        hash_zeros(hash, start - at);
+        read_hashed(file, path, start, end, &mut buf, hash, |_, _| Ok(()))?;
+        at = end;
+    }
+    hash_zeros(hash, len - at);
+    Ok(())
+}
+
+/// Reads [start, end) of `file` in chunks, hashing them and handing each
+/// to `sink(offset, bytes)`.
+fn read_hashed(
+    file: &File,
+    path: &Path,
+    start: u64,
+    end: u64,
+    buf: &mut [u8],
+    hash: &mut Sha256,
+    mut sink: impl FnMut(u64, &[u8]) -> Result<(), CopyError>,
+) -> Result<(), CopyError> {
+    let mut at = start;
+    while at < end {
+        let n = (end - at).min(buf.len() as u64) as usize;
+        file.read_exact_at(&mut buf[..n], at)
+            .map_err(io_err("reading", path))?;
+        hash.update(&buf[..n]);
+        sink(at, &buf[..n])?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+/// Copies the data runs of `src` into `dst` (already `len` bytes of
+/// hole). Unhashed, the kernel copies (copy_file_range); hashed, the bytes
+/// pass through one buffer that is hashed and written, all-zero chunks
+/// left as holes.
+fn sparse_copy(
+    src: &File,
+    src_path: &Path,
+    dst: &File,
+    dst_path: &Path,
+    len: u64,
+    hash: Option<&mut Sha256>,
+) -> Result<(), CopyError> {
+    let runs = data_runs(src, src_path, len)?;
+    let Some(hash) = hash else {
+        for (start, end) in runs {
+            kernel_copy(src, src_path, dst, dst_path, start, end)?;
+        }
+        return Ok(());
+    };
+    let mut buf = vec![0u8; CHUNK];
+    let mut at = 0;
+    for (start, end) in runs {
+        hash_zeros(hash, start - at);
+        read_hashed(src, src_path, start, end, &mut buf, hash, |off, bytes| {
+            if bytes.iter().all(|&b| b == 0) {
+                return Ok(());
+            }
+            dst.write_all_at(bytes, off)
+                .map_err(io_err("writing", dst_path))
+        })?;
+        at = end;
+    }
+    hash_zeros(hash, len - at);
+    Ok(())
+}
+
+fn kernel_copy(
+    src: &File,
+    src_path: &Path,
+    dst: &File,
+    dst_path: &Path,
+    start: u64,
+    end: u64,
+) -> Result<(), CopyError> {
+    let (mut from, mut to) = (start, start);
+    while from < end {
+        let step = (end - from).min(CHUNK as u64 * 16) as usize;
+        match rustix::fs::copy_file_range(src, Some(&mut from), dst, Some(&mut to), step) {
+            Ok(0) => {
+                return Err(io_err("copying from", src_path)(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the file ends before {from}"),
+                )))
+            }
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => {}
+            // Old kernels and some filesystems: through a buffer.
+            Err(_) => {
+                let mut buf = vec![0u8; CHUNK];
+                while from < end {
+                    let n = (end - from).min(CHUNK as u64) as usize;
+                    src.read_exact_at(&mut buf[..n], from)
+                        .map_err(io_err("reading", src_path))?;
+                    dst.write_all_at(&buf[..n], from)
+                        .map_err(io_err("writing", dst_path))?;
+                    from += n as u64;
+                }
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::convert::output::allocated_bytes;
+
+    fn base(dir: &Path, digest: bool) -> (BaseImage, Vec<u8>) {
+        let path = dir.join("image");
+        let f = File::create(&path).unwrap();
+        let len = 8u64 << 20;
+        f.set_len(len).unwrap();
+        f.write_all_at(&[7u8; 8192], 1 << 20).unwrap();
+        f.write_all_at(b"tail", len - 4).unwrap();
+        drop(f);
+        let bytes = std::fs::read(&path).unwrap();
+        let d = Digest::of(&bytes);
+        (
+            BaseImage {
+                path,
+                digest: d,
+                size: len,
+                verify: digest,
+            },
+            bytes,
+        )
+    }
+
+    #[test]
+    fn sparse_copy_verified_and_unverified() {
+        for verify in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let (b, bytes) = base(dir.path(), verify);
+            let dest = dir.path().join("cow.raw");
+            let r = copy_base(&b, &dest, 16 << 20).unwrap();
+            assert_eq!(r.verified, verify);
+            let got = std::fs::read(&dest).unwrap();
+            assert_eq!(got.len(), 16 << 20, "grown to the planned size");
+            assert_eq!(&got[..bytes.len()], &bytes[..]);
+            assert!(got[bytes.len()..].iter().all(|&b| b == 0));
+            let f = File::open(&dest).unwrap();
+            if r.method == CopyMethod::Sparse {
+                assert!(allocated_bytes(&f).unwrap() < 1 << 20, "holes stay holes");
+            }
+            // A write to the copy leaves the base alone.
+            f.metadata().unwrap();
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&dest)
+                .unwrap()
+                .write_all_at(b"guest", 0)
+                .unwrap();
+            assert_eq!(std::fs::read(&b.path).unwrap(), bytes);
+        }
+    }
+
+    #[test]
+    fn a_rotten_base_leaves_no_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let (b, _) = base(dir.path(), true);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&b.path)
+            .unwrap()
+            .write_all_at(b"X", 3 << 20)
+            .unwrap();
+        let dest = dir.path().join("cow.raw");
+        let e = copy_base(&b, &dest, b.size).unwrap_err();
+        assert!(matches!(e, CopyError::Digest { .. }), "{e}");
+        assert!(e.to_string().contains(&b.digest.to_string()), "{e}");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["image"], "no copy, no temp file");
+    }
+
+    #[test]
+    fn refusals() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut b, _) = base(dir.path(), false);
+        let dest = dir.path().join("cow.raw");
+        assert!(matches!(
+            copy_base(&b, &dest, 1 << 20),
+            Err(CopyError::TooSmall { .. })
+        ));
+        std::fs::write(&dest, b"mine").unwrap();
+        let e = copy_base(&b, &dest, b.size).unwrap_err();
+        assert!(
+            matches!(&e, CopyError::Io { source, .. } if source.kind() == io::ErrorKind::AlreadyExists),
+            "{e}"
+        );
+        assert_eq!(std::fs::read(&dest).unwrap(), b"mine", "never overwritten");
+        b.size += 1;
+        assert!(matches!(
+            copy_base(&b, &dir.path().join("x"), b.size),
+            Err(CopyError::Size { .. })
+        ));
+    }
+}
