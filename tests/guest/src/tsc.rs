@@ -56,7 +56,14 @@ pub fn calibrate() -> Option<(u64, Source)> {
         .map(|khz| (khz, Source::HypervisorLeaf))
         .or_else(|| kvm_clock().map(|khz| (khz, Source::KvmClock)))
         .or_else(|| cpuid_15().map(|khz| (khz, Source::Cpuid15)))
-        .or_else(|| pit().map(|khz| (khz, Source::Pit)))
+        // A host that deschedules the vCPU for longer than one PIT period
+        // (55 ms, seen under QEMU's TCG on a loaded machine) makes the
+        // counter wrap mid-measurement; measure again rather than give up.
+        .or_else(|| {
+            (0..PIT_ATTEMPTS)
+                .find_map(|_| pit())
+                .map(|khz| (khz, Source::Pit))
+        })
         .or_else(|| cpuid_16().map(|khz| (khz, Source::Cpuid16)));
     if let Some((khz, _)) = found {
         TSC_KHZ.store(khz, Ordering::Relaxed);
@@ -205,6 +212,8 @@ fn kvm_clock() -> Option<u64> {
 }
 
 const PIT_HZ: u64 = 1_193_182;
+/// How many times a PIT calibration that wrapped is tried again.
+const PIT_ATTEMPTS: u32 = 5;
 
 /// Latches and reads PIT channel 0's counter.
 fn pit_count() -> u16 {
