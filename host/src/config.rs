@@ -141,6 +141,7 @@ struct ConfigFile {
     plugins: BTreeMap<String, PluginSettings>,
     #[serde(default)]
     store: crate::store::StoreSettings,
+    #[serde(default)]
     vm: VmSettings,
 }
 
