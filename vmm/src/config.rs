@@ -44,7 +44,34 @@ pub enum SerialOutput {
     Stdout,
     /// Append to a file (created if missing).
     File(PathBuf),
+    /// Call a function with every byte string the guest writes.
+    Handler(OutputHandler),
 }
+
+/// A function that receives the guest's serial output (on a vCPU thread:
+/// it must not block).
+#[derive(Clone)]
+pub struct OutputHandler(pub std::sync::Arc<dyn Fn(&[u8]) + Send + Sync>);
+
+impl OutputHandler {
+    pub fn new(f: impl Fn(&[u8]) + Send + Sync + 'static) -> Self {
+        OutputHandler(std::sync::Arc::new(f))
+    }
+}
+
+impl std::fmt::Debug for OutputHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OutputHandler")
+    }
+}
+
+impl PartialEq for OutputHandler {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for OutputHandler {}
 
 /// A VM to boot.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -138,6 +138,22 @@ impl Vm {
         self.control().resume();
     }
 
+    /// Queues host input for COM1; returns how many bytes fitted.
+    pub fn console_input(&self, bytes: &[u8]) -> usize {
+        match &self.machine.serial {
+            Some(dev) => lock(dev).enqueue_input(bytes),
+            None => 0,
+        }
+    }
+
+    /// Asks the guest to shut down (STUB until the i8042 lands).
+    pub fn send_ctrl_alt_del(&self) -> Result<(), VmError> {
+        Err(VmError::Io(
+            "send Ctrl-Alt-Del",
+            std::io::Error::from(std::io::ErrorKind::Unsupported),
+        ))
+    }
+
     pub fn is_paused(&self) -> bool {
         self.control().is_paused()
     }
@@ -260,7 +276,21 @@ pub(crate) fn serial_writer(out: &SerialOutput) -> Result<SerialWriter, VmError>
                 .open(path)
                 .map_err(|e| VmError::Io("open the serial log", e))?,
         ),
+        SerialOutput::Handler(h) => Box::new(HandlerWriter(h.clone())),
     })
+}
+
+struct HandlerWriter(crate::config::OutputHandler);
+
+impl std::io::Write for HandlerWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        (self.0 .0)(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Feeds the host's stdin to COM1. The thread blocks in read(2) and is
