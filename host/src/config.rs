@@ -92,6 +92,12 @@ pub struct VmSettings {
     /// integers and booleans; the policy sees them as strings.
     #[serde(default, deserialize_with = "scalar_strings")]
     pub settings: BTreeMap<String, String>,
+    /// The kernel of VMs that name none (`--kernel`).
+    #[serde(default)]
+    pub kernel: Option<PathBuf>,
+    /// Its initrd.
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
 }
 
 impl Default for VmSettings {
@@ -99,6 +105,8 @@ impl Default for VmSettings {
         VmSettings {
             policy: default_policy(),
             settings: BTreeMap::new(),
+            kernel: None,
+            initrd: None,
         }
     }
 }

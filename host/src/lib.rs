@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod convert;
+pub mod demo_kernel;
 pub mod disk;
 pub mod error_chain;
 pub mod fsutil;
@@ -12,5 +13,6 @@ pub mod http;
 pub mod net;
 pub mod plugin;
 pub mod store;
+pub mod vm;
 
 pub use error_chain::error_chain;

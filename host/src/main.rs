@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use cocoon_host::config::{HostConfig, Overrides};
+use cocoon_host::vm::{api, spawn};
 
 /// A microVM runtime with sandboxed WebAssembly plugins.
 ///
@@ -42,11 +43,45 @@ enum Command {
     Image(cli::image::ImageArgs),
     /// Boot a kernel directly on the built-in VMM.
     Boot(cli::boot::BootArgs),
-    /// Run a VM from an image (pull, convert, plan, boot). Not implemented
-    /// yet: use `boot` for now.
-    Run {
-        /// The image reference.
-        image: String,
+    /// Run a VM from an image: pull, convert, plan the disks, create them,
+    /// start the VM's monitor and boot. In the foreground the console is
+    /// attached and the exit status is the guest's outcome (0 power-off,
+    /// 3 reset, 130 stopped, 1 error); -d leaves it running. With no image:
+    /// the built-in demo.
+    Run(cli::vm::RunArgs),
+    /// Create a VM (as run does) without starting it.
+    Create {
+        #[command(flatten)]
+        args: cli::vm::CreateArgs,
+        #[arg(short, long, value_enum, default_value_t = cli::output::Format::Text)]
+        output: cli::output::Format,
+    },
+    /// Start a created or stopped VM (its monitor runs detached).
+    Start(cli::vm::VmArg),
+    /// Stop a VM: ask the guest (Ctrl-Alt-Del), then stop it hard after
+    /// the timeout.
+    Stop(cli::vm::StopArgs),
+    /// Pause a running VM (no guest instruction runs, no disk I/O).
+    Pause(cli::vm::VmArg),
+    /// Resume a paused VM.
+    Resume(cli::vm::VmArg),
+    /// Remove a stopped VM and every file it owns.
+    Rm(cli::vm::RmArgs),
+    /// List VMs.
+    #[command(alias = "ls")]
+    List(cli::vm::ListArgs),
+    /// Show a VM's record (and its monitor's view when it runs).
+    Inspect(cli::vm::InspectArgs),
+    /// Attach this terminal to a running VM's serial console (Ctrl-] detaches).
+    Console(cli::vm::VmArg),
+    /// Print a VM's console log.
+    Logs(cli::vm::LogsArgs),
+    /// The monitor of one VM (started by `start`; not for people).
+    #[command(name = "__monitor", hide = true)]
+    Monitor {
+        vm_dir: PathBuf,
+        lock_fd: String,
+        ready_fd: String,
     },
 }
 
@@ -82,8 +117,38 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             cli::image::run(args, &config)
         }
         Command::Boot(args) => cli::boot::run(args),
-        Command::Run { image } => {
-            anyhow::bail!("not implemented yet: run {image} (pull, convert and plan land in later releases; use `cocoon-host boot`)")
+        Command::Monitor {
+            vm_dir,
+            lock_fd,
+            ready_fd,
+        } => {
+            let lock_fd = spawn::parse_fd(&lock_fd).map_err(anyhow::Error::msg)?;
+            let ready_fd = spawn::parse_fd(&ready_fd).map_err(anyhow::Error::msg)?;
+            // SAFETY: `spawn::start` passed these two descriptors to this
+            // process and nothing else in it uses them.
+            Ok(unsafe { cocoon_host::vm::monitor::main(&vm_dir, lock_fd, ready_fd) })
+        }
+        command => {
+            let config = HostConfig::load(&overrides)?;
+            match command {
+                Command::Run(args) => cli::vm::run(args, &config),
+                Command::Create { args, output } => cli::vm::create_cmd(args, output, &config),
+                Command::Start(a) => cli::vm::start(a, &config),
+                Command::Stop(a) => cli::vm::stop(a, &config),
+                Command::Pause(a) => cli::vm::act(a, api::PATH_PAUSE, &config),
+                Command::Resume(a) => cli::vm::act(a, api::PATH_RESUME, &config),
+                Command::Rm(a) => cli::vm::rm(a, &config),
+                Command::List(a) => cli::vm::list(a, &config),
+                Command::Inspect(a) => cli::vm::inspect(a, &config),
+                Command::Console(a) => cli::vm::console(a, &config),
+                Command::Logs(a) => cli::vm::logs(a, &config),
+                Command::Plugin(_)
+                | Command::Image(_)
+                | Command::Boot(_)
+                | Command::Monitor { .. } => {
+                    unreachable!("matched above")
+                }
+            }
         }
     }
 }

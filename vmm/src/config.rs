@@ -51,7 +51,9 @@ pub enum SerialOutput {
 /// A function that receives the guest's serial output (on a vCPU thread:
 /// it must not block).
 #[derive(Clone)]
-pub struct OutputHandler(pub std::sync::Arc<dyn Fn(&[u8]) + Send + Sync>);
+pub struct OutputHandler(pub std::sync::Arc<OutputFn>);
+
+pub type OutputFn = dyn Fn(&[u8]) + Send + Sync;
 
 impl OutputHandler {
     pub fn new(f: impl Fn(&[u8]) + Send + Sync + 'static) -> Self {

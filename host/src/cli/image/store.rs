@@ -14,8 +14,8 @@ use cocoon_host::error_chain;
 use cocoon_host::http::{redact, redact_text};
 use cocoon_host::plugin::{Registry, Runtime};
 use cocoon_host::store::{
-    ConvertedImage, Digest, Found, NoRoots, PluginSources, PullPolicy, PullProgress, PullRequest,
-    RefRecord, Store, StoreError,
+    ConvertedImage, Digest, Found, PluginSources, PullPolicy, PullProgress, PullRequest, RefRecord,
+    Store, StoreError,
 };
 
 #[derive(Debug, Args)]
@@ -498,7 +498,9 @@ pub fn rm(a: RmArgs, config: &HostConfig) -> anyhow::Result<i32> {
 
 pub fn gc(a: GcArgs, config: &HostConfig) -> anyhow::Result<i32> {
     let store = Store::open(config)?;
-    let report = store.gc(&NoRoots, a.dry_run)?;
+    // VMs keep their images (and, where they exist, snapshots theirs).
+    let vms = cocoon_host::vm::Vms::open(&config.state_dir)?;
+    let report = store.gc(&cocoon_host::vm::roots::VmRoots(&vms), a.dry_run)?;
     emit(a.output, &report, |r| {
         let verb = if r.dry_run { "would remove" } else { "removed" };
         for d in &r.removed_blobs {

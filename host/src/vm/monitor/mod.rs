@@ -1,0 +1,285 @@
+//! The monitor: the process that runs one VM (`cocoon-host __monitor`,
+//! started detached by `start`). It owns the `cocoon_vmm::Vm`, the VM's
+//! writable-disk locks and its monitor lock, serves the API on
+//! `run/api.sock`, keeps the console, and writes the record's state as it
+//! changes. It loads no plugins and opens no network connection.
+
+pub mod console;
+pub mod server;
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{FromRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cocoon_vmm::{DiskConfig, ExitReason, OutputHandler, SerialOutput, Vm, VmConfig};
+
+use super::api::{self, VmInfo};
+use super::monitor_lock::MonitorLock;
+use super::record::{now, ExitInfo, ExitKind, VmRecord, VmState};
+use super::vms::{api_socket, CONSOLE_LOG};
+use crate::disk::lock::{DiskLocks, Wait};
+use console::Console;
+
+/// What the API handlers share.
+pub struct Monitor {
+    pub vm: Vm,
+    pub console: Arc<Console>,
+    dir: PathBuf,
+    record: Mutex<VmRecord>,
+}
+
+impl Monitor {
+    pub fn info(&self) -> VmInfo {
+        let r = self.record.lock().unwrap_or_else(|e| e.into_inner());
+        VmInfo {
+            name: r.name.clone(),
+            id: r.id.clone(),
+            state: r.state,
+            pid: std::process::id(),
+            cpus: r.machine.cpus,
+            memory: r.machine.memory,
+            disks: r.storage.clone(),
+            started_at: r.started_at.unwrap_or(0),
+            console_end: self.console.end(),
+        }
+    }
+
+    pub fn stopped(&self) -> bool {
+        self.vm.exit_reason().is_some()
+    }
+
+    /// Pause, resume, shutdown or stop; the new state.
+    pub fn act(&self, path: &str) -> Result<VmInfo, String> {
+        if self.stopped() {
+            return Err("the VM is stopping".into());
+        }
+        match path {
+            api::PATH_PAUSE => {
+                self.vm.pause();
+                self.set_state(VmState::Paused)?;
+            }
+            api::PATH_RESUME => {
+                self.vm.resume();
+                self.set_state(VmState::Running)?;
+            }
+            api::PATH_SHUTDOWN => {
+                // A paused guest cannot answer; it runs to hear the request.
+                if self.vm.is_paused() {
+                    self.vm.resume();
+                    self.set_state(VmState::Running)?;
+                }
+                self.vm
+                    .send_ctrl_alt_del()
+                    .map_err(|e| format!("sending Ctrl-Alt-Del: {}", crate::error_chain(&e)))?;
+            }
+            api::PATH_STOP => self.vm.stop(),
+            _ => return Err(format!("no action {path}")),
+        }
+        Ok(self.info())
+    }
+
+    fn set_state(&self, state: VmState) -> Result<(), String> {
+        let mut r = self.record.lock().unwrap_or_else(|e| e.into_inner());
+        r.state = state;
+        r.save(&self.dir).map_err(|e| crate::error_chain(&e))
+    }
+}
+
+/// The monitor process's `main`. `lock_fd` is the monitor lock its parent
+/// took; `ready_fd` the pipe on which it reports `ok` or why it failed.
+///
+/// # Safety
+/// Both descriptors must be the ones `spawn` passed, owned by nothing else.
+pub unsafe fn main(vm_dir: &Path, lock_fd: RawFd, ready_fd: RawFd) -> i32 {
+    // SAFETY: the caller passes the inherited, otherwise unused pipe.
+    let mut ready = unsafe { File::from_raw_fd(ready_fd) };
+    // SAFETY: the caller passes the inherited, otherwise unused lock file.
+    let lock = match unsafe { MonitorLock::adopt(lock_fd) } {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = writeln!(ready, "the monitor lock: {e}");
+            return 1;
+        }
+    };
+    match start(vm_dir, lock) {
+        Ok((monitor, disk_locks, lock)) => {
+            let _ = writeln!(ready, "ok");
+            drop(ready);
+            serve_until_exit(monitor, disk_locks, lock)
+        }
+        Err(e) => {
+            let msg = format!("{e:#}");
+            let _ = writeln!(ready, "{}", msg.replace('\n', " "));
+            eprintln!("cocoon-host monitor: {msg}");
+            // The record says what happened, for `list` and `inspect`.
+            if let Ok(Some(mut r)) = VmRecord::load(vm_dir) {
+                r.state = VmState::Error;
+                r.pid = None;
+                r.exit = Some(ExitInfo {
+                    kind: ExitKind::Error,
+                    reason: msg,
+                    at: now(),
+                });
+                let _ = r.save(vm_dir);
+            }
+            1
+        }
+    }
+}
+
+type Started = (Arc<Monitor>, DiskLocks, MonitorLock);
+
+fn start(vm_dir: &Path, mut lock: MonitorLock) -> anyhow::Result<Started> {
+    use anyhow::Context;
+    lock.set_note(&format!("running: monitor pid {}", std::process::id()));
+    let mut record = VmRecord::load(vm_dir)?.context("the VM record is missing")?;
+    let storage = &record.storage;
+    let roots = [vm_dir.to_path_buf(), super::create::store_root(vm_dir)];
+    let size_of = |_: usize, d: &crate::disk::model::StorageConfig| {
+        std::fs::metadata(&d.path).ok().map(|m| m.len())
+    };
+    crate::disk::rules::validate(
+        storage,
+        &crate::disk::rules::Context {
+            roots: &roots,
+            size_of: &size_of,
+        },
+    )
+    .map_err(|v| anyhow::anyhow!("the record's disks break the disk rules: {v}"))?;
+    let writable: Vec<PathBuf> = storage
+        .iter()
+        .filter(|d| !d.read_only)
+        .map(|d| d.path.clone())
+        .collect();
+    let disk_locks = DiskLocks::acquire(&writable, "run", Wait::No)?;
+
+    let console = Console::open(&vm_dir.join(CONSOLE_LOG)).context("opening the console log")?;
+    let sink = console.clone();
+    let config = VmConfig {
+        kernel: record.machine.kernel.clone(),
+        initrd: record.machine.initrd.clone(),
+        cmdline: record.machine.cmdline.clone(),
+        cpus: record.machine.cpus,
+        memory: record.machine.memory,
+        disks: storage
+            .iter()
+            .map(|d| DiskConfig {
+                path: d.path.clone(),
+                read_only: d.read_only,
+                serial: Some(d.serial.clone()),
+                direct: d.direct_io.unwrap_or(false),
+            })
+            .collect(),
+        nets: Vec::new(),
+        serial: SerialOutput::Handler(OutputHandler::new(move |b: &[u8]| sink.push(b))),
+    };
+    // Before any thread exists, so that only the watcher gets them.
+    cocoon_vmm::signals::block_termination_signals().context("blocking SIGINT/SIGTERM")?;
+    let vm = Vm::start(config).context("starting the VM")?;
+    cocoon_vmm::signals::stop_on_termination_signals(vm.stop_handle())
+        .context("watching SIGINT/SIGTERM")?;
+    record.state = VmState::Running;
+    record.pid = Some(std::process::id());
+    record.started_at = Some(now());
+    record.exit = None;
+    record.save(vm_dir)?;
+    let monitor = Arc::new(Monitor {
+        vm,
+        console,
+        dir: vm_dir.to_path_buf(),
+        record: Mutex::new(record),
+    });
+    Ok((monitor, disk_locks, lock))
+}
+
+fn serve_until_exit(monitor: Arc<Monitor>, disk_locks: DiskLocks, lock: MonitorLock) -> i32 {
+    let socket = api_socket(&monitor.dir);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cocoon-host monitor: the API runtime: {e}");
+            monitor.vm.stop();
+            return finish(&monitor, disk_locks, lock, &socket);
+        }
+    };
+    let listener = rt.block_on(async {
+        let _ = std::fs::remove_file(&socket);
+        let l = tokio::net::UnixListener::bind(&socket)?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
+        Ok::<_, std::io::Error>(l)
+    });
+    match listener {
+        Ok(l) => {
+            rt.spawn(server::serve(l, monitor.clone()));
+        }
+        Err(e) => {
+            eprintln!(
+                "cocoon-host monitor: the API socket {}: {e}",
+                socket.display()
+            );
+            monitor.vm.stop();
+        }
+    }
+    while monitor.vm.wait_timeout(Duration::from_secs(3600)).is_none() {}
+    // Wake console readers so that they see the end.
+    monitor.console.notify.notify_waiters();
+    rt.shutdown_timeout(Duration::from_millis(200));
+    finish(&monitor, disk_locks, lock, &socket)
+}
+
+fn finish(monitor: &Monitor, disk_locks: DiskLocks, lock: MonitorLock, socket: &Path) -> i32 {
+    let reason = monitor
+        .vm
+        .exit_reason()
+        .unwrap_or_else(|| ExitReason::Error("no exit reason".into()));
+    let _ = std::fs::remove_file(socket);
+    monitor.console.close();
+    let (kind, state, text) = match &reason {
+        ExitReason::PowerOff => (
+            ExitKind::PowerOff,
+            VmState::Stopped,
+            "the guest powered off".to_string(),
+        ),
+        ExitReason::Reset => (
+            ExitKind::Reset,
+            VmState::Stopped,
+            "the guest reset".to_string(),
+        ),
+        ExitReason::HostRequest => (
+            ExitKind::Stopped,
+            VmState::Stopped,
+            "stopped by the host".to_string(),
+        ),
+        ExitReason::Error(e) => (
+            ExitKind::Error,
+            VmState::Error,
+            format!("the VMM stopped: {e}"),
+        ),
+    };
+    eprintln!("cocoon-host monitor: VM stopped: {text}");
+    {
+        let mut r = monitor.record.lock().unwrap_or_else(|e| e.into_inner());
+        r.state = state;
+        r.pid = None;
+        r.exit = Some(ExitInfo {
+            kind,
+            reason: text,
+            at: now(),
+        });
+        if let Err(e) = r.save(&monitor.dir) {
+            eprintln!("cocoon-host monitor: {}", crate::error_chain(&e));
+        }
+    }
+    // The disks first: whoever sees the monitor gone may take them.
+    drop(disk_locks);
+    drop(lock);
+    i32::from(kind == ExitKind::Error)
+}

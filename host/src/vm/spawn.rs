@@ -1,0 +1,160 @@
+//! Starting a VM: its monitor, detached. The starting command takes the
+//! monitor lock, re-executes this binary as `__monitor` in a new session
+//! with stdio on the VM's `monitor.log`, hands it the lock and a pipe, and
+//! returns once the monitor says the VM runs (or why it does not).
+
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use super::monitor_lock::MonitorLock;
+use super::record::VmState;
+use super::vms::VmEntry;
+use super::VmError;
+
+/// The hidden subcommand.
+pub const MONITOR_COMMAND: &str = "__monitor";
+/// The monitor's own stderr (the console is `console.log`).
+pub const MONITOR_LOG: &str = "monitor.log";
+/// How long a monitor may take to say the VM runs.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Starts `vm`'s monitor. The VM must be created or stopped; a VM whose
+/// monitor runs, or that another command is starting, is busy.
+pub fn start(vm: &VmEntry) -> Result<u32, VmError> {
+    let name = vm.record.name.clone();
+    let _op = vm.lock("start")?;
+    let record =
+        super::VmRecord::load(&vm.dir)?.ok_or_else(|| VmError::NotFound { vm: name.clone() })?;
+    let lock = match MonitorLock::acquire(&vm.dir).map_err(VmError::io("locking", &vm.dir))? {
+        Ok(l) => l,
+        Err(holder) => {
+            return Err(VmError::Busy {
+                vm: name,
+                holder: format!("it is running ({holder})"),
+            })
+        }
+    };
+    if !matches!(
+        record.state,
+        VmState::Created | VmState::Stopped | VmState::Error
+    ) {
+        return Err(VmError::WrongState {
+            vm: name,
+            state: record.state,
+            what: "only a created or stopped VM can start",
+        });
+    }
+    let log_path = vm.dir.join(MONITOR_LOG);
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&log_path)
+        .map_err(VmError::io("opening", &log_path))?;
+    let (read_end, write_end) = pipe().map_err(VmError::io("making a pipe for", &vm.dir))?;
+    let lock_fd = lock
+        .inheritable_fd()
+        .map_err(VmError::io("passing the lock of", &vm.dir))?;
+    let ready_fd = write_end.as_raw_fd();
+    let exe =
+        std::env::current_exe().map_err(VmError::io("finding", Path::new("/proc/self/exe")))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg(MONITOR_COMMAND)
+        .arg(&vm.dir)
+        .arg(lock_fd.to_string())
+        .arg(ready_fd.to_string())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(VmError::io("opening", &log_path))?)
+        .stderr(log)
+        .env_remove("RUST_LOG_STYLE");
+    // SAFETY: between fork and exec the closure calls only setsid and
+    // fcntl, which are async-signal-safe, on descriptors it owns.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let flags = libc::fcntl(ready_fd, libc::F_GETFD);
+            if flags < 0 || libc::fcntl(ready_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(VmError::io("starting the monitor of", &vm.dir))?;
+    // Only the child writes to the pipe now; EOF means it exited.
+    drop(write_end);
+    drop(lock);
+    let pid = child.id();
+    let answer = read_ready(read_end);
+    // The monitor is not our child to wait for (a new session, reaped by
+    // init once we exit); reap it here only if it already failed.
+    match answer {
+        Ok(line) if line.trim() == "ok" => {
+            std::thread::spawn(move || {
+                let _ = child.wait();
+            });
+            Ok(pid)
+        }
+        Ok(line) => {
+            let _ = child.wait();
+            Err(VmError::MonitorStart {
+                vm: vm.record.name.clone(),
+                reason: if line.trim().is_empty() {
+                    format!("it exited without a word; see {}", log_path.display())
+                } else {
+                    line.trim().to_string()
+                },
+            })
+        }
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(VmError::MonitorStart {
+                vm: vm.record.name.clone(),
+                reason: e,
+            })
+        }
+    }
+}
+
+fn pipe() -> std::io::Result<(File, OwnedFd)> {
+    let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+    Ok((File::from(r), w))
+}
+
+/// The monitor's one line, within [`READY_TIMEOUT`].
+fn read_ready(mut pipe: File) -> Result<String, String> {
+    let fd: RawFd = pipe.as_raw_fd();
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = READY_TIMEOUT.as_millis() as libc::c_int;
+    // SAFETY: one valid pollfd for the duration of the call.
+    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+    if n == 0 {
+        return Err(format!("no answer within {} s", READY_TIMEOUT.as_secs()));
+    }
+    let mut line = String::new();
+    let _ = (&mut pipe).take(64 << 10).read_to_string(&mut line);
+    Ok(line)
+}
+
+/// Adopts the raw descriptors of `__monitor`'s arguments.
+pub fn parse_fd(arg: &str) -> Result<RawFd, String> {
+    arg.parse::<RawFd>()
+        .ok()
+        .filter(|fd| *fd > 2)
+        .ok_or_else(|| format!("not a descriptor number: {arg:?}"))
+}
