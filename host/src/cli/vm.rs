@@ -425,6 +425,16 @@ pub fn run(args: RunArgs, config: &HostConfig) -> anyhow::Result<i32> {
     let say = Say(args.output == Format::Text);
     let demo = args.create.image.is_none();
     let (mut vm, mut steps) = create_vm(&args.create, config, &say)?;
+    let log_base = vm_console::log_len(&vm);
+    // In the foreground, SIGINT/SIGTERM stop the VM rather than leave it
+    // running without its console.
+    let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if !args.detach {
+        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            signal_hook::flag::register(sig, interrupted.clone())
+                .context("watching SIGINT/SIGTERM")?;
+        }
+    }
     let pid = match spawn::start(&vm) {
         Ok(pid) => pid,
         Err(e) => {
@@ -449,7 +459,7 @@ pub fn run(args: RunArgs, config: &HostConfig) -> anyhow::Result<i32> {
     } else {
         vm_console::Out::Discard
     };
-    let transcript = vm_console::follow(&vm, console_out)?;
+    let transcript = vm_console::follow(&vm, 0, Some(log_base), console_out, Some(&interrupted))?;
     vm.reload()?;
     let exit = vm.record.exit.clone();
     steps.state = vm.record.state.to_string();
@@ -767,7 +777,8 @@ pub fn logs(a: LogsArgs, config: &HostConfig) -> anyhow::Result<i32> {
         // The log holds this run's output so far; the API has the rest.
         let c = client(&vm)?;
         let from = c.info().map_err(api_err(&vm))?.console_end;
-        vm_console::follow_from(&vm, from, vm_console::Out::Stdout)?;
+        let base = vm_console::log_len(&vm).saturating_sub(from);
+        vm_console::follow(&vm, from, Some(base), vm_console::Out::Stdout, None)?;
     }
     Ok(0)
 }

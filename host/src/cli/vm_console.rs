@@ -3,10 +3,12 @@
 //! Ctrl-] detaches).
 
 use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
 use cocoon_host::vm::client::Client;
+use cocoon_host::vm::monitor_lock::{Liveness, MonitorLock};
 use cocoon_host::vm::VmEntry;
 
 /// Where followed output goes.
@@ -18,65 +20,87 @@ pub enum Out {
 
 /// The detach key: Ctrl-], as telnet and virsh use.
 const DETACH: u8 = 0x1d;
-const POLL: Duration = Duration::from_secs(5);
+/// Each console read waits this long for output (and a SIGINT is seen
+/// within it).
+const POLL: Duration = Duration::from_millis(500);
 
-/// Follows the console from the first byte until the monitor is gone;
-/// returns everything it saw.
-pub fn follow(vm: &VmEntry, out: Out) -> anyhow::Result<Vec<u8>> {
-    follow_from(vm, 0, out)
-}
-
-pub fn follow_from(vm: &VmEntry, from: u64, out: Out) -> anyhow::Result<Vec<u8>> {
+/// Follows the console from offset `from` until the monitor is gone;
+/// returns everything it saw. `log_base` is where this run's output
+/// starts in `console.log` (its length before the monitor started): what
+/// the monitor wrote after the last read is taken from there. `stop`,
+/// once set (SIGINT), makes it stop the VM and follow it to the end.
+pub fn follow(
+    vm: &VmEntry,
+    from: u64,
+    log_base: Option<u64>,
+    out: Out,
+    stop: Option<&AtomicBool>,
+) -> anyhow::Result<Vec<u8>> {
     let client = Client::new(&vm.api_socket())?;
     let mut seen = Vec::new();
     let mut next = from;
     let mut stdout = std::io::stdout();
+    let mut stopping = false;
+    let mut emit = |bytes: &[u8], seen: &mut Vec<u8>| -> std::io::Result<()> {
+        if out == Out::Stdout {
+            stdout.write_all(bytes)?;
+            stdout.flush()?;
+        }
+        seen.extend_from_slice(bytes);
+        Ok(())
+    };
     loop {
+        if !stopping && stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
+            stopping = true;
+            let _ = client.act(cocoon_host::vm::api::PATH_STOP);
+        }
         match client.console(next, POLL) {
             Ok(chunk) => {
                 next = chunk.next();
-                if out == Out::Stdout {
-                    stdout.write_all(&chunk.data)?;
-                    stdout.flush()?;
-                }
-                seen.extend_from_slice(&chunk.data);
+                emit(&chunk.data, &mut seen)?;
             }
-            // The monitor is gone (the VM stopped): what it wrote after
-            // our last read is in the log.
+            // The monitor is going: once it is gone its log is complete
+            // and its record says how the VM ended.
             Err(_) => {
-                let rest = tail_of_log(vm, &seen);
-                if out == Out::Stdout {
-                    stdout.write_all(&rest)?;
-                    stdout.flush()?;
+                wait_gone(vm);
+                if let Some(base) = log_base {
+                    let rest = log_from(vm, base + next);
+                    emit(&rest, &mut seen)?;
                 }
-                seen.extend_from_slice(&rest);
                 return Ok(seen);
             }
         }
     }
 }
 
-/// What the log holds beyond `seen` (a suffix match: the log may hold
-/// earlier runs too).
-fn tail_of_log(vm: &VmEntry, seen: &[u8]) -> Vec<u8> {
-    let Ok(log) = std::fs::read(vm.console_log()) else {
-        return Vec::new();
-    };
-    if seen.is_empty() {
-        return Vec::new();
-    }
-    match find_last(&log, seen) {
-        Some(end) => log[end..].to_vec(),
-        None => Vec::new(),
+/// Waits (a while) until the VM's monitor holds its lock no more.
+pub fn wait_gone(vm: &VmEntry) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        match MonitorLock::probe(&vm.dir) {
+            Ok(Liveness::Alive(_)) => std::thread::sleep(Duration::from_millis(10)),
+            _ => return,
+        }
     }
 }
 
-fn find_last(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    // Match on the last 4 KiB of what was seen; enough to place it.
-    let n = &needle[needle.len().saturating_sub(4096)..];
-    hay.windows(n.len())
-        .rposition(|w| w == n)
-        .map(|i| i + n.len())
+/// The console log's length now (where a new run's output will start).
+pub fn log_len(vm: &VmEntry) -> u64 {
+    std::fs::metadata(vm.console_log())
+        .map(|m| m.len())
+        .unwrap_or(0)
+}
+
+fn log_from(vm: &VmEntry, offset: u64) -> Vec<u8> {
+    use std::io::Seek;
+    let Ok(mut f) = std::fs::File::open(vm.console_log()) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    if f.seek(std::io::SeekFrom::Start(offset)).is_ok() {
+        let _ = f.take(64 << 20).read_to_end(&mut out);
+    }
+    out
 }
 
 /// Raw mode on stdin while it lives (when stdin is a terminal).

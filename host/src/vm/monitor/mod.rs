@@ -240,8 +240,9 @@ fn finish(monitor: &Monitor, disk_locks: DiskLocks, lock: MonitorLock, socket: &
         .vm
         .exit_reason()
         .unwrap_or_else(|| ExitReason::Error("no exit reason".into()));
-    let _ = std::fs::remove_file(socket);
+    // The log complete before anyone can see the monitor gone.
     monitor.console.close();
+    let _ = std::fs::remove_file(socket);
     let (kind, state, text) = match &reason {
         ExitReason::PowerOff => (
             ExitKind::PowerOff,

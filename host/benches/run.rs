@@ -1,0 +1,263 @@
+//! `cocoon-host run -d` of a cached image to the guest's first serial line,
+//! and the monitor's resident memory beyond guest RAM, beside QEMU's
+//! microvm booting the same test guest in the same run. Run by
+//! `scripts/bench-run`, which records the table in docs/benchmarks.md.
+
+#[path = "../../vmm/tests/support/mod.rs"]
+mod vmm_support;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const GUEST_RAM_MIB: u64 = 128;
+const CMDLINE: &str = "console=ttyS0 cocoon.count=1000:0";
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Resident KiB of `pid` minus the resident part of its guest RAM
+/// mapping(s): every mapping at least as large as guest RAM.
+fn overhead_kib(pid: u32) -> Option<u64> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let (mut total, mut guest, mut size_kib) = (0u64, 0u64, 0u64);
+    for line in smaps.lines() {
+        let mut it = line.split_whitespace();
+        match (it.next(), it.next()) {
+            (Some("Size:"), Some(v)) => size_kib = v.parse().ok()?,
+            (Some("Rss:"), Some(v)) => {
+                let rss: u64 = v.parse().ok()?;
+                total += rss;
+                if size_kib >= GUEST_RAM_MIB * 1024 {
+                    guest += rss;
+                }
+            }
+            _ => {}
+        }
+    }
+    Some(total - guest)
+}
+
+struct Ours {
+    bin: PathBuf,
+    state: PathBuf,
+    image: PathBuf,
+    guest: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    /// `run -d` returned (the VM's monitor said it runs).
+    cli: Duration,
+    first_line: Duration,
+    overhead_kib: u64,
+}
+
+impl Ours {
+    fn cmd(&self) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.env("COCOON_STATE_DIR", &self.state)
+            .env("COCOON_CONFIG", "/dev/null");
+        c
+    }
+
+    fn run_one(&self, i: usize) -> Result<Sample, String> {
+        let name = format!("bench{i}");
+        let t0 = Instant::now();
+        let o = self
+            .cmd()
+            .args(["run", "-d", "--no-cidata", "--name", &name, "--memory"])
+            .arg(format!("{GUEST_RAM_MIB}M"))
+            .arg("--kernel")
+            .arg(&self.guest)
+            .args(["--cmdline", CMDLINE])
+            .arg(&self.image)
+            .output()
+            .map_err(|e| e.to_string())?;
+        let cli = t0.elapsed();
+        if !o.status.success() {
+            return Err(String::from_utf8_lossy(&o.stderr).into_owned());
+        }
+        let vm = self.vm_dir(&name)?;
+        let log = vm.join("console.log");
+        let first_line = loop {
+            if std::fs::read(&log)
+                .map(|b| b.windows(14).any(|w| w == b"cocoon-guest: "))
+                .unwrap_or(false)
+            {
+                break t0.elapsed();
+            }
+            if t0.elapsed() > TIMEOUT {
+                return Err("no serial line".into());
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        };
+        let pid = self.pid(&name)?;
+        // Once it has booted and printed, as in the VMM benchmark.
+        std::thread::sleep(Duration::from_millis(100));
+        let overhead_kib = overhead_kib(pid).ok_or("no smaps")?;
+        let rm = self
+            .cmd()
+            .args(["rm", "-f", &name])
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !rm.status.success() {
+            return Err(String::from_utf8_lossy(&rm.stderr).into_owned());
+        }
+        Ok(Sample {
+            cli,
+            first_line,
+            overhead_kib,
+        })
+    }
+
+    fn inspect(&self, name: &str) -> Result<serde_json::Value, String> {
+        let o = self
+            .cmd()
+            .args(["inspect", "-o", "json", name])
+            .output()
+            .map_err(|e| e.to_string())?;
+        serde_json::from_slice(&o.stdout).map_err(|e| e.to_string())
+    }
+
+    fn vm_dir(&self, name: &str) -> Result<PathBuf, String> {
+        let v = self.inspect(name)?;
+        v["dir"].as_str().map(PathBuf::from).ok_or("no dir".into())
+    }
+
+    fn pid(&self, name: &str) -> Result<u32, String> {
+        let v = self.inspect(name)?;
+        v["record"]["pid"]
+            .as_u64()
+            .and_then(|p| u32::try_from(p).ok())
+            .ok_or("no pid".into())
+    }
+}
+
+fn qemu_one(guest: &Path) -> Result<Sample, String> {
+    let t0 = Instant::now();
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(["-M", "microvm,acpi=off", "-enable-kvm", "-m"])
+        .arg(format!("{GUEST_RAM_MIB}M"))
+        .args([
+            "-smp",
+            "1",
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-no-reboot",
+        ])
+        .args(["-serial", "stdio", "-kernel"])
+        .arg(guest)
+        .args(["-append", CMDLINE])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("qemu: {e}"))?;
+    let pid = child.id();
+    let mut first_line = None;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    for line in BufReader::new(stdout).lines() {
+        let Ok(line) = line else { break };
+        if line.starts_with("cocoon-guest: ") {
+            first_line = Some(t0.elapsed());
+            break;
+        }
+        if t0.elapsed() > TIMEOUT {
+            break;
+        }
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let overhead_kib = overhead_kib(pid);
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok(Sample {
+        cli: Duration::ZERO,
+        first_line: first_line.ok_or("qemu: no serial line")?,
+        overhead_kib: overhead_kib.ok_or("qemu: no smaps")?,
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() {
+    let runs: usize = std::env::args()
+        .skip_while(|a| a != "--runs")
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    if cocoon_vmm::check_kvm().is_err() {
+        eprintln!("bench run: /dev/kvm is not usable");
+        std::process::exit(1);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    std::fs::write(&image, vec![7u8; 16 << 20]).unwrap();
+    let ours = Ours {
+        bin: PathBuf::from(env!("CARGO_BIN_EXE_cocoon-host")),
+        state: dir.path().join("state"),
+        image,
+        guest: vmm_support::test_guest(),
+    };
+    // The image is cached (pulled and converted) before anything is timed.
+    let o = ours
+        .cmd()
+        .args(["image", "pull", "--convert", "raw"])
+        .arg(&ours.image)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let have_qemu = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let _ = ours.run_one(1000).unwrap();
+    if have_qemu {
+        let _ = qemu_one(&ours.guest);
+    }
+    let (mut us, mut them) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        let s = ours
+            .run_one(i)
+            .unwrap_or_else(|e| panic!("ours, run {i}: {e}"));
+        eprintln!("ours  run {i}: {s:?}");
+        us.push(s);
+        if have_qemu {
+            let s = qemu_one(&ours.guest).unwrap_or_else(|e| panic!("qemu, run {i}: {e}"));
+            eprintln!("qemu  run {i}: {s:?}");
+            them.push(s);
+        }
+    }
+    let ms = |v: &[Sample], f: fn(&Sample) -> Duration| {
+        median(v.iter().map(|s| f(s).as_secs_f64() * 1e3).collect())
+    };
+    let kib = |v: &[Sample]| median(v.iter().map(|s| s.overhead_kib as f64).collect());
+    let first = ms(&us, |s| s.first_line);
+    let cli = ms(&us, |s| s.cli);
+    let mem = kib(&us) / 1024.0;
+    println!("BEGIN-RUN-BENCH");
+    println!("| measure | cocoon-host | QEMU microvm | ratio | goal |");
+    println!("|---|---:|---:|---:|---|");
+    if have_qemu {
+        let q_first = ms(&them, |s| s.first_line);
+        let q_mem = kib(&them) / 1024.0;
+        println!(
+            "| `run -d` (cached image) → first guest serial line; QEMU: process start → first line (ms) | {first:.1} | {q_first:.1} | {:.2} | < 50 ms: {} |",
+            first / q_first,
+            if first < 50.0 { "met" } else { "not met" }
+        );
+        println!(
+            "| resident memory beyond guest RAM (MiB) | {mem:.1} | {q_mem:.1} | {:.2} | < 5 MiB: {} |",
+            mem / q_mem,
+            if mem < 5.0 { "met" } else { "not met" }
+        );
+    } else {
+        println!("| `run -d` → first line (ms) | {first:.1} | (no QEMU) | | |");
+        println!("| resident memory beyond guest RAM (MiB) | {mem:.1} | (no QEMU) | | |");
+    }
+    println!("| ours: `run -d` returned (create + monitor start) (ms) | {cli:.1} | | | |");
+    println!("END-RUN-BENCH");
+}

@@ -1,0 +1,625 @@
+//! `cocoon-host run` and the lifecycle commands end to end, with the test
+//! guest as the kernel and a disk image the test makes: records, the
+//! detached monitor and its API, pause/resume seen in the guest's clock
+//! output, dead monitors, killed creates, concurrent starts, a hostile API
+//! client, 16 VMs at once, and gc roots.
+
+#[path = "../../vmm/tests/support/mod.rs"]
+mod vmm_support;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use vmm_support::{kvm_or_skip, test_guest};
+
+struct Host {
+    state: tempfile::TempDir,
+    image: PathBuf,
+}
+
+impl Host {
+    fn new() -> Host {
+        let state = tempfile::tempdir().unwrap();
+        let image = state.path().join("disk.raw");
+        let mut bytes = vec![0u8; 4 << 20];
+        for (i, b) in bytes.iter_mut().enumerate().take(1 << 20) {
+            *b = (i % 251) as u8;
+        }
+        std::fs::write(&image, bytes).unwrap();
+        Host { state, image }
+    }
+
+    fn cmd(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_cocoon-host"));
+        c.env("COCOON_STATE_DIR", self.state.path().join("state"))
+            .env("COCOON_CONFIG", "/dev/null")
+            .env_remove("RUST_LOG");
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "cocoon-host {args:?}: {:?}\nstdout: {}\nstderr: {}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        serde_json::from_str(&self.ok(args)).unwrap()
+    }
+
+    /// `run -d` of the test image with `cmdline`; the VM's name.
+    fn run_detached(&self, name: &str, cmdline: &str) -> String {
+        let guest = test_guest();
+        let out = self.ok(&[
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--memory",
+            "64M",
+            "--kernel",
+            guest.to_str().unwrap(),
+            "--cmdline",
+            cmdline,
+            "--data-disk",
+            "size=16M,name=scratch,fstype=none",
+            self.image.to_str().unwrap(),
+        ]);
+        out.trim().to_string()
+    }
+
+    fn vm(&self, name: &str) -> Value {
+        let list = self.json(&["list", "-o", "json"]);
+        list["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == name)
+            .cloned()
+            .unwrap_or(Value::Null)
+    }
+
+    fn state_of(&self, name: &str) -> String {
+        self.vm(name)["state"]
+            .as_str()
+            .unwrap_or("absent")
+            .to_string()
+    }
+
+    fn logs(&self, name: &str) -> String {
+        self.ok(&["logs", name])
+    }
+
+    fn vms_dir(&self) -> PathBuf {
+        self.state.path().join("state/vms")
+    }
+
+    /// Entries of `vms/` other than the lock file.
+    fn vm_dirs(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.vms_dir())
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| !n.starts_with('.'))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+}
+
+/// Waits until `f` holds, up to `timeout`.
+fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The last `count n=N` the guest printed.
+fn last_count(log: &str) -> Option<u64> {
+    log.lines()
+        .filter_map(|l| l.trim_end().strip_prefix("cocoon-guest: count n="))
+        .filter_map(|r| r.split(' ').next()?.parse().ok())
+        .next_back()
+}
+
+const TICKING: &str = "console=ttyS0 cocoon.count=50:0";
+
+#[test]
+fn run_detached_then_list_inspect_pause_resume_stop_and_rm() {
+    if !kvm_or_skip("run_detached_then_list_inspect_pause_resume_stop_and_rm") {
+        return;
+    }
+    let h = Host::new();
+    assert_eq!(h.run_detached("web", TICKING), "web");
+    assert_eq!(h.state_of("web"), "running");
+
+    let inspect = h.json(&["inspect", "web", "-o", "json"]);
+    let disks = inspect["record"]["storage"].as_array().unwrap();
+    let roles: Vec<&str> = disks.iter().map(|d| d["role"].as_str().unwrap()).collect();
+    assert_eq!(roles, ["cow", "data", "cidata"], "{inspect}");
+    assert_eq!(disks[1]["serial"], "scratch");
+    assert_eq!(inspect["monitor"]["state"], "running");
+    assert_eq!(inspect["monitor"]["disks"], inspect["record"]["storage"]);
+    let dir = PathBuf::from(inspect["dir"].as_str().unwrap());
+    for d in disks {
+        assert!(
+            Path::new(d["path"].as_str().unwrap()).starts_with(&dir),
+            "{d}"
+        );
+    }
+    let mode = std::fs::metadata(dir.join("run/api.sock")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(mode.permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(dir.join("run"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o700
+    );
+
+    eventually("the guest's clock output", Duration::from_secs(20), || {
+        last_count(&h.logs("web")).is_some_and(|n| n >= 3)
+    });
+    assert!(h.ok(&["pause", "web"]).contains("paused"));
+    assert_eq!(h.state_of("web"), "paused");
+    std::thread::sleep(Duration::from_millis(300));
+    let at_pause = last_count(&h.logs("web")).unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(
+        last_count(&h.logs("web")),
+        Some(at_pause),
+        "counting while paused"
+    );
+    assert!(h.ok(&["resume", "web"]).contains("running"));
+    eventually("counting after resume", Duration::from_secs(10), || {
+        last_count(&h.logs("web")).is_some_and(|n| n > at_pause + 2)
+    });
+
+    // A hard stop (the guest is never asked).
+    let out = h.ok(&["stop", "--force", "web"]);
+    assert!(out.contains("stopped"), "{out}");
+    let vm = h.vm("web");
+    assert_eq!(vm["state"], "stopped");
+    assert!(
+        vm["exit"].as_str().unwrap().contains("stopped by the host"),
+        "{vm}"
+    );
+    assert!(!dir.join("run/api.sock").exists());
+
+    let e = h.run(&["pause", "web"]);
+    assert!(!e.status.success());
+    assert!(String::from_utf8_lossy(&e.stderr).contains("VM web is stopped"));
+
+    h.ok(&["rm", "web"]);
+    assert!(!dir.exists());
+    assert!(h.vm_dirs().is_empty());
+    let e = h.run(&["inspect", "web"]);
+    assert!(String::from_utf8_lossy(&e.stderr).contains("no VM named web"));
+}
+
+#[test]
+fn a_foreground_run_exits_with_the_guests_outcome_and_rm_removes_it() {
+    if !kvm_or_skip("a_foreground_run_exits_with_the_guests_outcome_and_rm_removes_it") {
+        return;
+    }
+    let h = Host::new();
+    let guest = test_guest();
+    let o = h.run(&[
+        "run",
+        "--rm",
+        "--memory",
+        "64M",
+        "--kernel",
+        guest.to_str().unwrap(),
+        "--cmdline",
+        "console=ttyS0 cocoon.hash=0:0:8",
+        h.image.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{stdout}\n{stderr}");
+    // The console was attached: the guest's report is on stdout.
+    let bytes = std::fs::read(&h.image).unwrap();
+    use sha2::Digest;
+    let want = hex::encode(sha2::Sha256::digest(&bytes[..8 * 512]));
+    assert!(
+        stdout.contains(&format!("hash index=0 sector=0 count=8 sha256={want}")),
+        "{stdout}"
+    );
+    // It said what it did.
+    for step in [
+        "pull:", "convert:", "plan:", "cow", "start:", "stop:", "rm:",
+    ] {
+        assert!(stderr.contains(step), "no {step:?} in: {stderr}");
+    }
+    assert!(h.vm_dirs().is_empty(), "{:?}", h.vm_dirs());
+}
+
+#[test]
+fn a_killed_monitor_is_seen_as_stopped_and_the_vm_starts_again() {
+    if !kvm_or_skip("a_killed_monitor_is_seen_as_stopped_and_the_vm_starts_again") {
+        return;
+    }
+    let h = Host::new();
+    h.run_detached("k", TICKING);
+    let pid = h.vm("k")["pid"].as_u64().unwrap();
+    let disks_before = h.json(&["inspect", "k", "-o", "json"])["record"]["storage"].clone();
+    let status = Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    eventually("the dead monitor noticed", Duration::from_secs(10), || {
+        h.state_of("k") == "stopped"
+    });
+    let vm = h.vm("k");
+    assert!(
+        vm["exit"].as_str().unwrap().contains(&format!("pid {pid}")),
+        "{vm}"
+    );
+    // Nothing hangs on the dead socket.
+    let t = Instant::now();
+    let e = h.run(&["pause", "k"]);
+    assert!(!e.status.success());
+    assert!(t.elapsed() < Duration::from_secs(5));
+
+    h.ok(&["start", "k"]);
+    assert_eq!(h.state_of("k"), "running");
+    let again = h.json(&["inspect", "k", "-o", "json"]);
+    assert_eq!(again["record"]["storage"], disks_before);
+    eventually(
+        "the restarted guest's output",
+        Duration::from_secs(20),
+        || h.logs("k").matches("cocoon-guest: start").count() >= 2,
+    );
+    h.ok(&["rm", "--force", "k"]);
+    assert!(h.vm_dirs().is_empty());
+}
+
+#[test]
+fn a_create_killed_at_any_point_leaves_nothing_after_the_next_command() {
+    let h = Host::new();
+    // A kernel is only recorded at create; it need not boot.
+    let kernel = h.state.path().join("kernel");
+    std::fs::write(&kernel, b"never booted").unwrap();
+    let mut finished = 0;
+    for delay_ms in [0u64, 5, 20, 40, 80, 150, 300, 600] {
+        let mut child = h
+            .cmd()
+            .args([
+                "create",
+                "--kernel",
+                kernel.to_str().unwrap(),
+                "--data-disk",
+                "size=64M,name=a,fstype=ext4",
+                "--data-disk",
+                "size=64M,name=b,fstype=ext4",
+                h.image.to_str().unwrap(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        // The next command sweeps.
+        let list = h.json(&["list", "-o", "json"]);
+        let listed: Vec<String> = list["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["id"].as_str().unwrap().to_string())
+            .collect();
+        for v in list["vms"].as_array().unwrap() {
+            assert_eq!(v["state"], "created", "{v}");
+        }
+        // Every directory left is a finished VM's.
+        assert_eq!(
+            h.vm_dirs(),
+            listed,
+            "after a kill at {delay_ms} ms ({status})"
+        );
+        finished += listed.len();
+        for id in listed {
+            h.ok(&["rm", &id]);
+        }
+        assert!(h.vm_dirs().is_empty());
+    }
+    // Some kills came too late to interrupt anything; not all did.
+    assert!(finished < 8, "no kill interrupted a create");
+}
+
+#[test]
+fn two_concurrent_starts_one_wins_and_the_other_is_busy() {
+    if !kvm_or_skip("two_concurrent_starts_one_wins_and_the_other_is_busy") {
+        return;
+    }
+    let h = Host::new();
+    let guest = test_guest();
+    h.ok(&[
+        "create",
+        "--name",
+        "c",
+        "--memory",
+        "64M",
+        "--kernel",
+        guest.to_str().unwrap(),
+        "--cmdline",
+        TICKING,
+        h.image.to_str().unwrap(),
+    ]);
+    assert_eq!(h.state_of("c"), "created");
+    let spawn = || {
+        h.cmd()
+            .args(["start", "c"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn(), spawn());
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    let ok = [&a, &b].iter().filter(|o| o.status.success()).count();
+    assert_eq!(ok, 1, "a: {a:?}\nb: {b:?}");
+    let loser = if a.status.success() { &b } else { &a };
+    let e = String::from_utf8_lossy(&loser.stderr);
+    assert!(
+        e.contains("VM c is busy") || e.contains("VM c is running"),
+        "{e}"
+    );
+    assert_eq!(h.state_of("c"), "running");
+    h.ok(&["rm", "-f", "c"]);
+}
+
+fn raw_request(socket: &Path, request: &[u8]) -> String {
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+#[test]
+fn the_api_refuses_bad_requests_and_a_stalled_client_stalls_nothing() {
+    if !kvm_or_skip("the_api_refuses_bad_requests_and_a_stalled_client_stalls_nothing") {
+        return;
+    }
+    let h = Host::new();
+    h.run_detached("api", TICKING);
+    let dir = PathBuf::from(
+        h.json(&["inspect", "api", "-o", "json"])["dir"]
+            .as_str()
+            .unwrap(),
+    );
+    let socket = dir.join("run/api.sock");
+
+    // A client that sends half a request and waits.
+    let mut stalled = UnixStream::connect(&socket).unwrap();
+    stalled
+        .write_all(b"GET /v1/vm HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+
+    let big = format!(
+        "PUT /v1/console/input HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        10 << 20
+    );
+    let r = raw_request(&socket, big.as_bytes());
+    assert!(r.starts_with("HTTP/1.1 413"), "{r}");
+    let r = raw_request(&socket, b"GARBAGE\r\n\r\n");
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    let r = raw_request(
+        &socket,
+        b"GET /v1/console?from=x HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert!(
+        r.starts_with("HTTP/1.1 400") && r.contains("not a number"),
+        "{r}"
+    );
+    let r = raw_request(&socket, b"GET /v1/nothing HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(r.starts_with("HTTP/1.1 404"), "{r}");
+    let r = raw_request(&socket, b"DELETE /v1/vm HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(r.starts_with("HTTP/1.1 405"), "{r}");
+    let r = raw_request(
+        &socket,
+        b"PUT /v1/vm/pause HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc",
+    );
+    assert!(r.starts_with("HTTP/1.1 413"), "{r}");
+    let long_header = format!(
+        "GET /v1/vm HTTP/1.1\r\nHost: x\r\nX: {}\r\n\r\n",
+        "a".repeat(64 << 10)
+    );
+    let r = raw_request(&socket, long_header.as_bytes());
+    assert!(r.starts_with("HTTP/1.1 431") || r.is_empty(), "{r}");
+
+    // Meanwhile the VM ran and the API serves.
+    let n = last_count(&h.logs("api")).unwrap_or(0);
+    eventually("the guest still counting", Duration::from_secs(10), || {
+        last_count(&h.logs("api")).is_some_and(|m| m > n)
+    });
+    assert_eq!(
+        h.json(&["inspect", "api", "-o", "json"])["monitor"]["state"],
+        "running"
+    );
+    // The stalled client is dropped after the header deadline.
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut rest = String::new();
+    let t = Instant::now();
+    let _ = stalled.read_to_string(&mut rest);
+    assert!(
+        t.elapsed() < Duration::from_secs(14),
+        "a stalled client kept its connection"
+    );
+    h.ok(&["rm", "-f", "api"]);
+}
+
+#[test]
+fn sixteen_vms_start_at_once_and_all_stop_cleanly() {
+    if !kvm_or_skip("sixteen_vms_start_at_once_and_all_stop_cleanly") {
+        return;
+    }
+    let h = Host::new();
+    let guest = test_guest();
+    // One create first, so the pull and conversion are cached and the 16
+    // runs race on the VMs, not on the store.
+    h.ok(&[
+        "image",
+        "pull",
+        h.image.to_str().unwrap(),
+        "--convert",
+        "raw",
+    ]);
+    let children: Vec<_> = (0..16)
+        .map(|i| {
+            h.cmd()
+                .args([
+                    "run",
+                    "-d",
+                    "--name",
+                    &format!("vm{i}"),
+                    "--memory",
+                    "32M",
+                    "--kernel",
+                    guest.to_str().unwrap(),
+                    "--cmdline",
+                    "console=ttyS0 cocoon.count=100:0",
+                    "--no-cidata",
+                    h.image.to_str().unwrap(),
+                ])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let o = c.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    for i in 0..16 {
+        let name = format!("vm{i}");
+        eventually("every guest's first line", Duration::from_secs(60), || {
+            h.logs(&name).contains("cocoon-guest: start")
+        });
+    }
+    let stops: Vec<_> = (0..16)
+        .map(|i| {
+            h.cmd()
+                .args(["stop", "--force", &format!("vm{i}")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for s in stops {
+        let o = s.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    for i in 0..16 {
+        assert_eq!(h.state_of(&format!("vm{i}")), "stopped");
+        h.ok(&["rm", &format!("vm{i}")]);
+    }
+    assert!(h.vm_dirs().is_empty());
+}
+
+#[test]
+fn a_vms_image_survives_gc_until_the_vm_is_removed() {
+    let h = Host::new();
+    let kernel = h.state.path().join("kernel");
+    std::fs::write(&kernel, b"never booted").unwrap();
+    h.ok(&[
+        "create",
+        "--name",
+        "g",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        h.image.to_str().unwrap(),
+    ]);
+    let image = h.json(&["inspect", "g", "-o", "json"])["record"]["image"].clone();
+    let digest = image["digest"].as_str().unwrap().to_string();
+    let base = image["base"].as_str().unwrap().to_string();
+    // The reference is dropped, so only the VM keeps the image.
+    h.ok(&["image", "rm", h.image.to_str().unwrap()]);
+    let gc = h.json(&["image", "gc", "-o", "json"]);
+    assert!(gc["removed_blobs"].as_array().unwrap().is_empty(), "{gc}");
+    assert!(
+        gc["removed_conversions"].as_array().unwrap().is_empty(),
+        "{gc}"
+    );
+    h.ok(&["rm", "g"]);
+    let gc = h.json(&["image", "gc", "-o", "json"]);
+    let removed = gc.to_string();
+    assert!(removed.contains(&digest), "{gc}");
+    let _ = base;
+}
+
+#[test]
+fn bad_names_and_unknown_vms_are_named_in_the_error() {
+    let h = Host::new();
+    let kernel = h.state.path().join("kernel");
+    std::fs::write(&kernel, b"never booted").unwrap();
+    let e = h.run(&[
+        "create",
+        "--name",
+        "-bad",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        h.image.to_str().unwrap(),
+    ]);
+    assert!(!e.status.success());
+    let msg = String::from_utf8_lossy(&e.stderr);
+    assert!(
+        msg.contains("\"-bad\"") && msg.contains("must start"),
+        "{msg}"
+    );
+    assert!(h.vm_dirs().is_empty());
+    h.ok(&[
+        "create",
+        "--name",
+        "x",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        h.image.to_str().unwrap(),
+    ]);
+    let e = h.run(&[
+        "create",
+        "--name",
+        "x",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        h.image.to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&e.stderr).contains("a VM named x exists already"));
+    for cmd in ["start", "stop", "rm", "inspect", "logs", "console"] {
+        let e = h.run(&[cmd, "nosuch"]);
+        assert!(!e.status.success());
+        assert!(
+            String::from_utf8_lossy(&e.stderr).contains("no VM named nosuch"),
+            "{cmd}"
+        );
+    }
+}
