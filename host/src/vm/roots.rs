@@ -16,6 +16,12 @@ impl RootSet for VmRoots<'_> {
             Err(e) => return Err(StoreError::io("listing", self.0.root())(e)),
         };
         for e in rd.flatten() {
+            // VM directories only (not `.lock`).
+            if e.file_name().to_string_lossy().starts_with('.')
+                || !e.file_type().is_ok_and(|t| t.is_dir())
+            {
+                continue;
+            }
             // Every record counts, `creating` ones too: a create in
             // progress is about to copy its base. A record that cannot be
             // read stops gc rather than risk a VM's image.
