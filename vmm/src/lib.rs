@@ -25,5 +25,7 @@ pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 
-pub use config::{parse_memory_size, DiskConfig, NetConfig, SerialOutput, SpecError, VmConfig};
+pub use config::{
+    parse_memory_size, DiskConfig, NetConfig, OutputHandler, SerialOutput, SpecError, VmConfig,
+};
 pub use vm::{check_kvm, ExitReason, StopHandle, Vm, VmError};
