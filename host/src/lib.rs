@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod convert;
+pub mod demo_kernel;
 pub mod disk;
 pub mod error_chain;
 pub mod fsutil;
