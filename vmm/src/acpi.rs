@@ -1,6 +1,6 @@
 //! ACPI tables: RSDP, XSDT, FADT (hardware-reduced, with reset and sleep
 //! registers), MADT (an IOAPIC and a LAPIC per vCPU) and a DSDT with COM1,
-//! the `_S5_` sleep state and one `LNRO0005` device per virtio-mmio slot.
+//! the i8042 keyboard (`PNP0303`), the `_S5_` sleep state and one `LNRO0005` device per virtio-mmio slot.
 //!
 //! The tables are written in the BIOS area at [`ACPI_START`], where a
 //! kernel that is not told the RSDP address scans for it.
@@ -15,6 +15,7 @@ const OEM_ID: [u8; 6] = *b"COCOON";
 const OEM_TABLE_ID: [u8; 8] = *b"COCOONVM";
 const OEM_REVISION: u32 = 1;
 const COM1_IRQ: u32 = 4;
+const KEYBOARD_IRQ: u32 = crate::devices::i8042::KEYBOARD_GSI;
 
 /// A virtio-mmio slot as the DSDT describes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +52,23 @@ fn dsdt_aml(slots: &[MmioSlot]) -> Vec<u8> {
             &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501")),
             &aml::Name::new("_UID".into(), &aml::ZERO),
             &aml::Name::new("_CRS".into(), &com1_crs),
+        ],
+    )
+    .to_aml_bytes(&mut body);
+
+    // The i8042, so that Linux's i8042 driver finds it through PNP (the
+    // hardware-reduced FADT says nothing of an 8042) and atkbd gets the
+    // host's Ctrl-Alt-Del on IRQ 1, an edge as every irqfd interrupt.
+    let kbd_data = aml::IO::new(0x60, 0x60, 1, 1);
+    let kbd_command = aml::IO::new(0x64, 0x64, 1, 1);
+    let kbd_irq = aml::Interrupt::new(true, true, false, false, KEYBOARD_IRQ);
+    let kbd_crs = aml::ResourceTemplate::new(vec![&kbd_data, &kbd_command, &kbd_irq]);
+    aml::Device::new(
+        "_SB_.PS2_".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0303")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_CRS".into(), &kbd_crs),
         ],
     )
     .to_aml_bytes(&mut body);
@@ -214,6 +232,19 @@ mod tests {
         assert!(checksum_ok(dsdt));
         let lnro = dsdt.windows(8).filter(|w| w == b"LNRO0005").count();
         assert_eq!(lnro, 2);
+        // The keyboard: PNP0303 as an EISA id (0x41d0_0303 -> 41 d0 03 03),
+        // ports 0x60 and 0x64 (I/O descriptors 47 01 min max align len) and
+        // the extended interrupt descriptor of IRQ 1 (89 06 00 flags 01 irq).
+        assert!(dsdt.windows(4).any(|w| w == [0x41, 0xd0, 0x03, 0x03]));
+        assert!(dsdt
+            .windows(8)
+            .any(|w| w == [0x47, 1, 0x60, 0, 0x60, 0, 1, 1]));
+        assert!(dsdt
+            .windows(8)
+            .any(|w| w == [0x47, 1, 0x64, 0, 0x64, 0, 1, 1]));
+        assert!(dsdt
+            .windows(9)
+            .any(|w| w[..3] == [0x89, 6, 0] && w[4..] == [1, 1, 0, 0, 0]));
         // SLEEP_CONTROL_REG at offset 244: System I/O, our port.
         assert_eq!(fadt[244], 1);
         assert_eq!(

@@ -24,7 +24,7 @@ use crate::arch::{cpuid, msrs, regs};
 use crate::boot::{self, BootSpec};
 use crate::config::{DiskConfig, NetConfig, VmConfig};
 use crate::devices::acpi_pm::{AcpiPowerDevice, ACPI_PM_PORT_BASE, ACPI_PM_PORT_LEN};
-use crate::devices::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
+use crate::devices::i8042::{I8042, I8042_PORT, I8042_PORT_LEN, KEYBOARD_GSI};
 use crate::devices::serial::{SerialDevice, SerialWriter, COM1_GSI, COM1_PORT, COM1_PORT_LEN};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
@@ -130,6 +130,8 @@ pub struct Machine {
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
     pub serial: Option<Arc<Mutex<SerialDevice>>>,
+    /// The keyboard controller, for the host's Ctrl-Alt-Del.
+    pub i8042: Option<Arc<Mutex<I8042>>>,
     pub virtio: Vec<VirtioSlot>,
     /// The counters of each network device, in attach order.
     pub nets: Vec<Arc<NetCounters>>,
@@ -161,6 +163,7 @@ impl Machine {
             pio: Arc::new(Bus::new()),
             mmio: Arc::new(Bus::new()),
             serial: None,
+            i8042: None,
             virtio: Vec::new(),
             nets: Vec::new(),
             workers: Workers::new(),
@@ -190,14 +193,18 @@ impl Machine {
         self.attach_serial(|irq| Ok::<_, VmError>(SerialDevice::new(irq, out)))
     }
 
-    /// The i8042 (for its reset line) and the ACPI sleep/reset registers.
+    /// The i8042 (its reset line, and the keyboard for Ctrl-Alt-Del on IRQ
+    /// 1) and the ACPI sleep/reset registers.
     pub fn attach_power_devices(&mut self) -> Result<(), VmError> {
+        let irq = new_eventfd()?;
+        self.vm
+            .register_irqfd(&irq, KEYBOARD_GSI)
+            .map_err(|e| VmError::Kvm("register the keyboard irqfd", e))?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(self.control.clone(), irq)));
         let pio = bus_mut(&mut self.pio)?;
-        pio.insert(
-            Arc::new(Mutex::new(I8042::new(self.control.clone()))),
-            I8042_PORT,
-            I8042_PORT_LEN,
-        )?;
+        pio.insert(i8042.clone(), I8042_PORT, I8042_PORT_LEN)?;
+        self.i8042 = Some(i8042);
+        let pio = bus_mut(&mut self.pio)?;
         pio.insert(
             Arc::new(Mutex::new(AcpiPowerDevice::new(self.control.clone()))),
             ACPI_PM_PORT_BASE,

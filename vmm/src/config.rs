@@ -1,6 +1,8 @@
 //! What a VM is made of: the input of [`crate::Vm::start`].
 
+use std::fmt;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// One virtio-blk disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,32 +46,39 @@ pub enum SerialOutput {
     Stdout,
     /// Append to a file (created if missing).
     File(PathBuf),
-    /// Call a function with every byte string the guest writes.
+    /// Pass to a callback (a monitor's ring buffer and log).
     Handler(OutputHandler),
 }
 
-/// A function that receives the guest's serial output (on a vCPU thread:
-/// it must not block).
+/// A callback that gets every byte the guest writes to COM1, in order. It
+/// runs on the vCPU thread that wrote them, inside the guest's I/O exit,
+/// so it must be quick and must not block: the guest waits for it.
 #[derive(Clone)]
-pub struct OutputHandler(pub std::sync::Arc<OutputFn>);
+pub struct OutputHandler(Arc<OutputFn>);
 
-pub type OutputFn = dyn Fn(&[u8]) + Send + Sync;
+type OutputFn = dyn Fn(&[u8]) + Send + Sync;
 
 impl OutputHandler {
     pub fn new(f: impl Fn(&[u8]) + Send + Sync + 'static) -> Self {
-        OutputHandler(std::sync::Arc::new(f))
+        OutputHandler(Arc::new(f))
+    }
+
+    /// Passes `bytes` to the callback.
+    pub fn call(&self, bytes: &[u8]) {
+        (self.0)(bytes)
     }
 }
 
-impl std::fmt::Debug for OutputHandler {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("OutputHandler")
+impl fmt::Debug for OutputHandler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "OutputHandler({:p})", Arc::as_ptr(&self.0).cast::<()>())
     }
 }
 
+/// Two handlers are equal when they are clones of one callback.
 impl PartialEq for OutputHandler {
     fn eq(&self, other: &Self) -> bool {
-        std::sync::Arc::ptr_eq(&self.0, &other.0)
+        Arc::ptr_eq(&self.0, &other.0)
     }
 }
 
@@ -270,6 +279,25 @@ mod tests {
                 "error does not name the spec: {e}"
             );
         }
+    }
+
+    #[test]
+    fn output_handlers_are_equal_only_to_their_clones() {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let a = OutputHandler::new(move |b| s.lock().unwrap().extend_from_slice(b));
+        let b = OutputHandler::new(|_| {});
+        assert_eq!(a, a.clone());
+        assert_ne!(a, b);
+        assert_eq!(
+            SerialOutput::Handler(a.clone()),
+            SerialOutput::Handler(a.clone())
+        );
+        assert_ne!(SerialOutput::Handler(a.clone()), SerialOutput::Sink);
+        a.clone().call(b"hi");
+        a.call(b"!");
+        assert_eq!(*seen.lock().unwrap(), b"hi!");
+        assert!(format!("{a:?}").starts_with("OutputHandler(0x"));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use kvm_ioctls::{Cap, VcpuFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::builder::{self, Machine};
-use crate::config::{SerialOutput, VmConfig};
+use crate::config::{OutputHandler, SerialOutput, VmConfig};
 use crate::devices::lock;
 use crate::devices::serial::{SerialDevice, SerialWriter};
 use crate::devices::virtio::net::NetCounters;
@@ -61,6 +61,8 @@ pub enum VmError {
     Regs(u8, #[source] crate::arch::regs::RegsError),
     #[error("cannot {0}")]
     Io(&'static str, #[source] std::io::Error),
+    #[error("cannot send Ctrl-Alt-Del")]
+    CtrlAltDel(#[source] crate::devices::i8042::I8042Error),
 }
 
 /// A running VM.
@@ -138,24 +140,39 @@ impl Vm {
         self.control().resume();
     }
 
-    /// Queues host input for COM1; returns how many bytes fitted.
+    pub fn is_paused(&self) -> bool {
+        self.control().is_paused()
+    }
+
+    /// Queues host input in COM1's receive FIFO and raises its interrupt
+    /// (when the guest enabled it); returns how many bytes fitted (the FIFO
+    /// holds 64; 0 when it is full). Safe from any thread while the vCPUs
+    /// run: it takes the UART's lock as a vCPU's access does. Input queued
+    /// while the VM is paused waits in the FIFO, and is part of a snapshot
+    /// taken then (a restore raises its interrupt again).
     pub fn console_input(&self, bytes: &[u8]) -> usize {
         match &self.machine.serial {
-            Some(dev) => lock(dev).enqueue_input(bytes),
+            Some(serial) => lock(serial).enqueue_input(bytes),
             None => 0,
         }
     }
 
-    /// Asks the guest to shut down (STUB until the i8042 lands).
+    /// Asks the guest to shut down, as Firecracker's `SendCtrlAltDel` does:
+    /// the i8042 gets the scan codes of Ctrl-Alt-Del (pressed and released)
+    /// and raises IRQ 1. What follows is the guest's choice (Linux runs its
+    /// init's ctrl-alt-del action, a reboot or a power-off; the test guest
+    /// powers off); [`Vm::wait_timeout`] tells whether it did. Fails when the
+    /// guest has not read the keys of an earlier request. Safe from any
+    /// thread while the vCPUs run.
     pub fn send_ctrl_alt_del(&self) -> Result<(), VmError> {
-        Err(VmError::Io(
-            "send Ctrl-Alt-Del",
-            std::io::Error::from(std::io::ErrorKind::Unsupported),
-        ))
-    }
-
-    pub fn is_paused(&self) -> bool {
-        self.control().is_paused()
+        let i8042 = self
+            .machine
+            .i8042
+            .as_ref()
+            .ok_or_else(|| VmError::Config("the VM has no i8042".into()))?;
+        lock(i8042)
+            .trigger_ctrl_alt_del()
+            .map_err(VmError::CtrlAltDel)
     }
 
     /// The counters of network device `index` (in [`VmConfig::nets`] order).
@@ -276,15 +293,17 @@ pub(crate) fn serial_writer(out: &SerialOutput) -> Result<SerialWriter, VmError>
                 .open(path)
                 .map_err(|e| VmError::Io("open the serial log", e))?,
         ),
-        SerialOutput::Handler(h) => Box::new(HandlerWriter(h.clone())),
+        SerialOutput::Handler(handler) => Box::new(HandlerWriter(handler.clone())),
     })
 }
 
-struct HandlerWriter(crate::config::OutputHandler);
+/// COM1's writer for [`SerialOutput::Handler`]: every write goes straight
+/// to the callback (the UART writes one byte at a time).
+struct HandlerWriter(OutputHandler);
 
 impl std::io::Write for HandlerWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        (self.0 .0)(buf);
+        self.0.call(buf);
         Ok(buf.len())
     }
 

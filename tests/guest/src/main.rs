@@ -12,6 +12,7 @@ mod count;
 mod cpu;
 mod disk;
 mod hal;
+mod input;
 mod net;
 mod port;
 mod power;
@@ -87,10 +88,13 @@ extern "C" fn rust_main(start_info_paddr: u64) -> ! {
     let Some(buf) = disk::io_buffer() else {
         fatal("I/O buffer already taken")
     };
+    let mut input = input::Input::new();
     for action in cmdline.actions() {
+        // Between actions too, so input typed during a long one is seen.
+        input.poll();
         let Some(index) = action.disk() else {
             match action {
-                Action::Count { period_ms, ticks } => count::run(*period_ms, *ticks),
+                Action::Count { period_ms, ticks } => count::run(*period_ms, *ticks, &mut input),
                 Action::Net(net) => {
                     let index = net.nic();
                     match nics.get_mut(index).and_then(Option::as_mut) {
@@ -119,13 +123,18 @@ extern "C" fn rust_main(start_info_paddr: u64) -> ! {
     } else {
         say!("done disks={n_disks} nics={n_nics}");
     }
-    power::off(info.rsdp_paddr)
+    power_off()
+}
+
+/// Powers off the way `done` does.
+pub fn power_off() -> ! {
+    power::off(RSDP.load(Ordering::Relaxed))
 }
 
 /// Prints `error <what>` and powers off.
 pub fn fatal(what: impl fmt::Display) -> ! {
     say!("error {what}");
-    power::off(RSDP.load(Ordering::Relaxed))
+    power_off()
 }
 
 #[panic_handler]

@@ -12,6 +12,9 @@
 //!   24+N    32  sha256 of bytes 0 .. 24+N
 //! ```
 //!
+//! The payload of 1.0 is the [`MachineState`] fields up to `devices`; 1.1
+//! appends the i8042's state ([`MachineState::i8042`]).
+//!
 //! The magic and version come first and never move, so any reader can say
 //! which version a file has before anything else. A reader takes every
 //! minor version of its major: a minor version only appends to the payload
@@ -32,7 +35,7 @@ pub const MAGIC: [u8; 8] = *b"COCOONVM";
 /// The version this VMM writes.
 pub const CURRENT: FormatVersion = FormatVersion {
     major: 1,
-    minor: 0,
+    minor: 1,
     patch: 0,
 };
 pub const HEADER_LEN: usize = 24;
@@ -92,7 +95,10 @@ pub enum StateFileError {
 
 /// The whole file for `state`.
 pub fn encode(state: &MachineState) -> Result<Vec<u8>, postcard::Error> {
-    encode_payload(CURRENT, &postcard::to_allocvec(state)?)
+    let mut payload = postcard::to_allocvec(state)?;
+    // 1.1's field, after 1.0's.
+    payload.extend_from_slice(&postcard::to_allocvec(&state.i8042)?);
+    encode_payload(CURRENT, &payload)
 }
 
 /// A file of `version` around an encoded payload. Public for tests that
@@ -193,12 +199,17 @@ pub fn decode(name: &str, bytes: &[u8]) -> Result<(FormatVersion, MachineState),
             computed: hex::encode(computed),
         });
     }
-    // take_from_bytes: what a newer minor version appended stays unread.
-    let (state, _newer) = postcard::take_from_bytes::<MachineState>(&bytes[HEADER_LEN..body_end])
-        .map_err(|source| StateFileError::Decode {
+    let decode_err = |source| StateFileError::Decode {
         path: name.into(),
         source,
-    })?;
+    };
+    // take_from_bytes: what a newer minor version appended stays unread.
+    let (mut state, rest) = postcard::take_from_bytes::<MachineState>(&bytes[HEADER_LEN..body_end])
+        .map_err(decode_err)?;
+    if version.minor >= 1 {
+        let (i8042, _newer) = postcard::take_from_bytes(rest).map_err(decode_err)?;
+        state.i8042 = i8042;
+    }
     state.validate().map_err(|what| StateFileError::Invalid {
         path: name.into(),
         what,
@@ -265,6 +276,7 @@ mod tests {
             postcard::to_allocvec(&back).unwrap(),
             postcard::to_allocvec(&state).unwrap()
         );
+        assert_eq!(back.i8042, state.i8042);
     }
 
     #[test]
@@ -333,11 +345,33 @@ mod tests {
             );
         }
         // A newer minor appended something this reader does not know.
-        let mut newer_payload = payload.clone();
-        newer_payload.extend_from_slice(b"fields of 1.1");
-        let file = encode_payload(v(1, 1, 3), &newer_payload).unwrap();
-        let (version, _) = decode("state", &file).unwrap();
-        assert_eq!(version, v(1, 1, 3));
+        let current = encode(&sample_state()).unwrap();
+        let mut newer_payload = current[HEADER_LEN..current.len() - CHECKSUM_LEN].to_vec();
+        newer_payload.extend_from_slice(b"fields of 1.2");
+        let file = encode_payload(v(1, 2, 3), &newer_payload).unwrap();
+        let (version, back) = decode("state", &file).unwrap();
+        assert_eq!(version, v(1, 2, 3));
+        assert_eq!(back.i8042, sample_state().i8042);
+    }
+
+    #[test]
+    fn a_1_0_state_loads_with_the_power_on_i8042() {
+        // 1.0's payload: the state without the i8042 after it.
+        let payload = postcard::to_allocvec(&sample_state()).unwrap();
+        let v1_0 = FormatVersion {
+            major: 1,
+            minor: 0,
+            patch: 0,
+        };
+        let (version, back) = decode("state", &encode_payload(v1_0, &payload).unwrap()).unwrap();
+        assert_eq!(version, v1_0);
+        assert_eq!(back.i8042, Default::default());
+        // The same payload claiming 1.1 lacks its i8042: refused.
+        let v1_1 = FormatVersion { minor: 1, ..v1_0 };
+        assert!(matches!(
+            decode_err(&encode_payload(v1_1, &payload).unwrap()),
+            StateFileError::Decode { .. }
+        ));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! A snapshot is two files in a directory the caller names:
 //!
 //! - [`STATE_FILE`] (`state`): the machine state (vCPUs, KVM's PIT, clock
-//!   and interrupt controllers, COM1, every virtio device's transport and
+//!   and interrupt controllers, COM1, the i8042, every virtio device's transport and
 //!   queues, each disk's size, read-only flag and serial), in the versioned,
 //!   checksummed format of [`format`];
 //! - [`MEMORY_FILE`] (`memory`): guest RAM, raw, sparse (zero pages are
@@ -69,8 +69,9 @@
 //! - A snapshot restores on a host of the same CPU model: the saved CPUID
 //!   and MSRs are set as they are (KVM refuses an MSR it does not have,
 //!   which fails the restore naming it). Only the TSC rate is adapted.
-//! - The i8042 and the ACPI power registers hold no state between guest
-//!   accesses, so they are not saved.
+//! - The ACPI power registers hold no state between guest accesses, so
+//!   they are not saved. The i8042 is (since format 1.1): its control
+//!   register and any keys the guest has not read yet.
 
 pub mod cpu;
 pub mod format;

@@ -242,6 +242,9 @@ impl Vm {
             SerialDevice::from_state(irq, p.serial_out, &state.serial).map_err(RestoreError::Serial)
         })?;
         machine.attach_power_devices()?;
+        if let Some(i8042) = &machine.i8042 {
+            lock(i8042).restore(&state.i8042);
+        }
         for (index, (block, saved)) in p.blocks.into_iter().zip(&state.devices).enumerate() {
             machine.attach_virtio(Box::new(block), format!("virtio-blk{index}"), |t| {
                 t.restore(&saved.transport)
@@ -289,6 +292,9 @@ fn restore_vcpus(machine: &Machine, state: &MachineState) -> Result<Vec<VcpuFd>,
 fn kick_devices(machine: &Machine) {
     if let Some(serial) = &machine.serial {
         lock(serial).kick();
+    }
+    if let Some(i8042) = &machine.i8042 {
+        lock(i8042).kick();
     }
     for slot in &machine.virtio {
         lock(&slot.transport).kick();

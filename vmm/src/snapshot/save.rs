@@ -169,6 +169,11 @@ impl Vm {
             .and_then(|fd| lock(fd).get_tsc_khz().ok());
         let vm = kvm_vm::save(&m.vm).map_err(SnapshotError::KvmVm)?;
         let serial = lock(m.serial.as_ref().ok_or(SnapshotError::NoSerial)?).state();
+        let i8042 = m
+            .i8042
+            .as_ref()
+            .map(|d| lock(d).state())
+            .unwrap_or_default();
         let mut devices = Vec::with_capacity(m.virtio.len());
         for (index, slot) in m.virtio.iter().enumerate() {
             let t = lock(&slot.transport);
@@ -189,6 +194,7 @@ impl Vm {
             vm,
             serial,
             devices,
+            i8042,
         })
     }
 }

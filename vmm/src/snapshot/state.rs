@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::cpu::{self, VcpuState};
 use super::kvm_vm::KvmVmState;
+use crate::devices::i8042::I8042State;
 use crate::devices::serial::UartState;
 use crate::devices::virtio::block::{BlockState, VIRTIO_ID_BLOCK};
 use crate::devices::virtio::mmio::TransportState;
@@ -26,6 +27,11 @@ pub struct MachineState {
     pub serial: UartState,
     /// In virtio-mmio slot order.
     pub devices: Vec<VirtioDeviceState>,
+    /// Since format 1.1, encoded after the fields above (see
+    /// [`super::format`]); a 1.0 state has the power-on i8042, which is all
+    /// that VMM had.
+    #[serde(skip)]
+    pub i8042: I8042State,
 }
 
 /// One guest RAM region and where its bytes are in the memory file.
@@ -114,6 +120,7 @@ impl MachineState {
             }
         }
         self.vm.validate()?;
+        self.i8042.validate()?;
         if self.devices.len() > MAX_VIRTIO_DEVICES {
             return Err(format!(
                 "{} virtio devices; at most {MAX_VIRTIO_DEVICES}",
@@ -238,6 +245,11 @@ pub(crate) mod tests {
                     serial,
                 }),
             }],
+            i8042: I8042State {
+                control: 0x47,
+                buffer: vec![0x14, 0x11],
+                ..Default::default()
+            },
         }
     }
 
@@ -287,6 +299,7 @@ pub(crate) mod tests {
             ("transport of type 1", |s| {
                 s.devices[0].transport.device_type = 1
             }),
+            ("i8042 holds 17 bytes", |s| s.i8042.buffer = vec![0; 17]),
         ];
         for (want, edit) in cases {
             let mut s = sample_state();
