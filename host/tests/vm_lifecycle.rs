@@ -256,6 +256,38 @@ fn a_foreground_run_exits_with_the_guests_outcome_and_rm_removes_it() {
 }
 
 #[test]
+fn the_demo_runs_from_the_binary_alone_and_checks_the_guests_report() {
+    if !kvm_or_skip("the_demo_runs_from_the_binary_alone_and_checks_the_guests_report") {
+        return;
+    }
+    let h = Host::new();
+    let o = h.run(&["run"]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{stdout}\n{stderr}");
+    for step in [
+        "image: the built-in demo disk",
+        "pull:",
+        "convert:",
+        "qcow2",
+        "plan: 3 disks by default-policy",
+        "scratch",
+        "check: the guest read the root",
+        "check: the guest's write landed",
+        "rm: VM",
+    ] {
+        assert!(stderr.contains(step), "no {step:?} in: {stderr}");
+    }
+    assert!(stdout.contains("cocoon-guest: hash index=0"), "{stdout}");
+    assert!(h.vm_dirs().is_empty());
+    // A second run finds the image and its conversion cached.
+    let o = h.run(&["run"]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("cached)"), "{stderr}");
+}
+
+#[test]
 fn a_killed_monitor_is_seen_as_stopped_and_the_vm_starts_again() {
     if !kvm_or_skip("a_killed_monitor_is_seen_as_stopped_and_the_vm_starts_again") {
         return;

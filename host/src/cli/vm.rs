@@ -438,7 +438,7 @@ pub fn run(args: RunArgs, config: &HostConfig) -> anyhow::Result<i32> {
     let pid = match spawn::start(&vm) {
         Ok(pid) => pid,
         Err(e) => {
-            if args.rm {
+            if args.rm || (demo && !args.detach) {
                 let _ = remove(&vm);
             }
             return Err(e.into());
@@ -471,7 +471,8 @@ pub fn run(args: RunArgs, config: &HostConfig) -> anyhow::Result<i32> {
     if demo && args.create.cmdline.is_none() {
         super::demo::summarize(&vm, &transcript, &say_fn(&say))?;
     }
-    if args.rm {
+    // The demo leaves nothing behind but the cached image.
+    if args.rm || demo {
         remove(&vm)?;
         say.line(format!("rm: VM {} removed", vm.record.name));
     }
