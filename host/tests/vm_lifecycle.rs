@@ -616,8 +616,7 @@ fn bad_names_and_unknown_vms_are_named_in_the_error() {
     std::fs::write(&kernel, b"never booted").unwrap();
     let e = h.run(&[
         "create",
-        "--name",
-        "-bad",
+        "--name=-bad",
         "--kernel",
         kernel.to_str().unwrap(),
         h.image.to_str().unwrap(),
