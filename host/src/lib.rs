@@ -8,6 +8,7 @@ pub mod convert;
 pub mod disk;
 pub mod error_chain;
 pub mod fsutil;
+pub mod guest;
 pub mod http;
 pub mod net;
 pub mod plugin;
