@@ -15,6 +15,8 @@
 //! [vm]
 //! policy = "default-policy"        # the disk-policy plugin for new VMs
 //! settings = { cow_size = "20G", max_data_disks = 4 }   # passed to it
+//! kernel = "/root/.cache/cocoon-host/linux/vmlinuz"  # default Linux kernel
+//! # initrd, modules, busybox: see VmSettings
 //! ```
 
 use std::collections::BTreeMap;
@@ -92,12 +94,23 @@ pub struct VmSettings {
     /// integers and booleans; the policy sees them as strings.
     #[serde(default, deserialize_with = "scalar_strings")]
     pub settings: BTreeMap<String, String>,
-    /// The kernel of VMs that name none (`--kernel`).
+    /// The default Linux kernel (bzImage or vmlinux) when neither
+    /// `--kernel` nor the image gives one (`scripts/fetch-linux-kernel`
+    /// installs Debian's cloud kernel for it).
     #[serde(default)]
     pub kernel: Option<PathBuf>,
-    /// Its initrd.
+    /// The initrd for `kernel`; without one, the host builds the cocoon
+    /// initramfs ([`crate::guest::initramfs`]).
     #[serde(default)]
     pub initrd: Option<PathBuf>,
+    /// The kernel's `lib/modules/RELEASE` directory, when it is neither
+    /// `modules/RELEASE` beside the kernel nor `/lib/modules/RELEASE`.
+    #[serde(default)]
+    pub modules: Option<PathBuf>,
+    /// The static busybox for the cocoon initramfs (default: `/bin/busybox`
+    /// from busybox-static).
+    #[serde(default)]
+    pub busybox: Option<PathBuf>,
 }
 
 impl Default for VmSettings {
@@ -107,6 +120,8 @@ impl Default for VmSettings {
             settings: BTreeMap::new(),
             kernel: None,
             initrd: None,
+            modules: None,
+            busybox: None,
         }
     }
 }

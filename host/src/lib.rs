@@ -9,6 +9,7 @@ pub mod demo_kernel;
 pub mod disk;
 pub mod error_chain;
 pub mod fsutil;
+pub mod guest;
 pub mod http;
 pub mod net;
 pub mod plugin;

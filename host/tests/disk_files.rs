@@ -326,10 +326,20 @@ fn data_disks_ext4_pass_e2fsck_and_none_stays_blank() {
     let none = vm.join("data-data2.raw");
     assert_eq!(std::fs::metadata(&none).unwrap().len(), 16 << 20);
     assert_eq!(allocated(&none), 0, "fstype none stays a hole");
+    // The layered cow is ext4 too (the guest's init has no mkfs), and
+    // sparse.
     let cow = vm.join("cow.raw");
+    assert_eq!(std::fs::metadata(&cow).unwrap().len(), 64 << 20);
+    run(Command::new(e2fsck).arg("-fn").arg(&cow));
     assert_eq!(
-        (std::fs::metadata(&cow).unwrap().len(), allocated(&cow)),
-        (64 << 20, 0)
+        std::fs::read(&cow).unwrap()[1080..1082],
+        [0x53, 0xef],
+        "ext4 magic on the cow"
+    );
+    assert!(
+        allocated(&cow) < (64 << 20) / 4,
+        "the cow is sparse: {}",
+        allocated(&cow)
     );
 
     // The seed mounts the ext4 disks by serial, not the blank one.

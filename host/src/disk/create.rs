@@ -1,5 +1,5 @@
-//! Making the files of an accepted [`Plan`]: the blank cow or the per-VM
-//! base copy, data disks (sparse; ext4 ones formatted by the real
+//! Making the files of an accepted [`Plan`]: the blank cow (formatted
+//! ext4, as the cocoon init expects) or the per-VM base copy, data disks (sparse; ext4 ones formatted by the real
 //! `mkfs.ext4`), the cloud-init seed. Layers are the store's and are not
 //! touched.
 //!
@@ -120,7 +120,9 @@ pub fn create(
         let path = &d.config.path;
         let result = match &d.source {
             DiskSource::Layer { .. } => continue,
-            DiskSource::Blank { size } => blank(path, *size, None),
+            // The layered root's cow: the guest's init mounts it as ext4
+            // for the overlay's upper and work dirs (it has no mkfs).
+            DiskSource::Blank { size } => blank(path, *size, Some(FsType::Ext4)),
             DiskSource::Data { size, fstype } => blank(path, *size, Some(*fstype)),
             DiskSource::BaseCopy { base, size } => match copy::copy_base(base, path, *size) {
                 Ok(report) => {
@@ -209,7 +211,7 @@ pub fn mkfs_ext4(path: &Path) -> Result<(), CreateError> {
 
 /// `name` from PATH, else from the sbin directories, which a non-root
 /// PATH often lacks.
-fn find_tool(name: &str) -> PathBuf {
+pub(crate) fn find_tool(name: &str) -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))

@@ -160,7 +160,8 @@ impl DiskPolicy for crate::plugin::policy::Policy {
 pub enum DiskSource {
     /// A layer: the store's file, used read-only as is.
     Layer { digest: Digest },
-    /// A sparse, blank file.
+    /// A layered root's cow: a sparse file, formatted ext4 by the host
+    /// (the guest's init puts the overlay's upper and work dirs on it).
     Blank { size: u64 },
     /// A per-VM copy of a disk image's base, grown to `size`.
     BaseCopy { base: BaseImage, size: u64 },
