@@ -29,6 +29,10 @@ impl I8042 {
 }
 
 impl BusDevice for I8042 {
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "the bus passes offsets inside the device's few ports"
+    )]
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if let [b] = data {
             *b = self.0.read(offset as u8);
@@ -37,6 +41,10 @@ impl BusDevice for I8042 {
         }
     }
 
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "the bus passes offsets inside the device's few ports"
+    )]
     fn write(&mut self, offset: u64, data: &[u8]) {
         if let [b] = data {
             let _ = self.0.write(offset as u8, *b);
