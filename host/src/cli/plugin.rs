@@ -464,7 +464,7 @@ fn head_tail(file: &Path, n: u64) -> anyhow::Result<(Vec<u8>, Vec<u8>, u64)> {
     let input::Input { file: f, size, .. } = input::open(file, input::Accept::RegularOrBlock)
         .with_context(|| format!("opening {}", file.display()))?;
     let read = |off: u64, len: u64| -> anyhow::Result<Vec<u8>> {
-        let mut buf = vec![0; len as usize];
+        let mut buf = vec![0; cocoon_host::cast::usize_from(len)];
         f.read_exact_at(&mut buf, off)
             .with_context(|| format!("reading {}", file.display()))?;
         Ok(buf)

@@ -191,7 +191,7 @@ pub fn read_bounded(path: &Path, max: u64) -> io::Result<Vec<u8>> {
         }
         .into_io());
     }
-    let mut bytes = Vec::with_capacity(input.size as usize);
+    let mut bytes = Vec::with_capacity(crate::cast::usize_from(input.size));
     input
         .file
         .take(max.saturating_add(1))

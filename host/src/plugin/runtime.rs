@@ -400,13 +400,15 @@ impl LoadedPlugin {
 
     /// Gives the next call a full deadline.
     pub(crate) fn arm_deadline(&self, store: &mut Store<State>) {
-        let ticks = self
-            .spec
-            .limits
-            .deadline
-            .as_micros()
-            .div_ceil(TICK.as_micros()) as u64
-            + 1;
+        let ticks = u64::try_from(
+            self.spec
+                .limits
+                .deadline
+                .as_micros()
+                .div_ceil(TICK.as_micros()),
+        )
+        .unwrap_or(u64::MAX)
+        .saturating_add(1);
         store.set_epoch_deadline(ticks);
     }
 
@@ -438,7 +440,8 @@ impl LoadedPlugin {
             return PluginError::Deadline {
                 plugin,
                 call,
-                deadline_ms: self.spec.limits.deadline.as_millis() as u64,
+                deadline_ms: u64::try_from(self.spec.limits.deadline.as_millis())
+                    .unwrap_or(u64::MAX),
             };
         }
         let mut detail = match e.downcast_ref::<Trap>() {
