@@ -682,6 +682,22 @@ pub(crate) mod tests {
         assert_eq!(c[0], 3);
     }
 
+    /// QueueNum is a 32-bit register over a 16-bit size: a value past 16
+    /// bits is refused like any invalid size, not truncated into a valid
+    /// one (0x10010 would pass for 16).
+    #[test]
+    fn queue_sizes_past_16_bits_are_refused() {
+        let (mut t, _) = transport();
+        negotiate(&mut t, 1);
+        w(&mut t, REG_QUEUE_SEL, 0);
+        w(&mut t, REG_QUEUE_NUM, 8);
+        assert_eq!(t.state().queues[0].size, 8);
+        w(&mut t, REG_QUEUE_NUM, 0x1_0010);
+        assert_eq!(t.state().queues[0].size, 8);
+        w(&mut t, REG_QUEUE_NUM, 16);
+        assert_eq!(t.state().queues[0].size, 16);
+    }
+
     #[test]
     fn features_without_version_1_are_refused() {
         let (mut t, _) = transport();
