@@ -90,8 +90,8 @@ fn main() {
         "/// The engine key the embedded compiled code was made under.\n\
          pub static PRECOMPILED_ENGINE_KEY: &str = {engine_key:?};\n\
          /// First-party plugins embedded at build time: (manifest, wasm,\n\
-         /// compiled component).\n\
-         pub static BUILTIN: &[(&str, &[u8], &[u8])] = &[\n"
+         /// compiled component, sha256 of the wasm in hex).\n\
+         pub static BUILTIN: &[(&str, &[u8], &[u8], &str)] = &[\n"
     );
     let mut dirs: Vec<PathBuf> = fs::read_dir(root.join("plugins/builtin"))
         .expect("plugins/builtin")
@@ -109,8 +109,11 @@ fn main() {
             .unwrap_or_else(|e| panic!("precompiling {}: {e:?}", wasm.display()));
         let cwasm = out_dir.join(format!("{crate_name}.cwasm"));
         fs::write(&cwasm, compiled).unwrap();
+        // Hashed here, not at every start (the registry lists every
+        // built-in, so each command would hash them all).
+        let sha256 = hex::encode(sha2::Sha256::digest(&bytes));
         table.push_str(&format!(
-            "    (include_str!({:?}), include_bytes!({:?}), include_bytes!({:?})),\n",
+            "    (include_str!({:?}), include_bytes!({:?}), include_bytes!({:?}), {sha256:?}),\n",
             dir.join("plugin.toml"),
             wasm,
             cwasm

@@ -109,7 +109,7 @@ fn main() {
         ("native call", native_call),
     );
 
-    let data: Vec<u8> = (0..65536u32).map(|i| (i * 7) as u8).collect();
+    let data: Vec<u8> = (0..65536u32).map(|i| (i * 7).to_le_bytes()[0]).collect();
     let native_copy = per_iter(9, 10_000, || {
         black_box(black_box(&data).to_vec());
     });

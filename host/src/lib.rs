@@ -3,6 +3,7 @@
 //! The host does every byte of I/O, every digest check and every lock;
 //! plugins ([`plugin`]) run sandboxed behind the WIT contract in `wit/`.
 
+pub mod cast;
 pub mod config;
 pub mod convert;
 pub mod demo_kernel;

@@ -255,6 +255,72 @@ fn policy_calls_read_a_request_file() {
     );
 }
 
+/// `-` reads the request from stdin, bounded like a request file: a
+/// writer that never stops is cut off at the limit with a clear error,
+/// not read into memory without end.
+#[test]
+fn policy_calls_read_stdin_up_to_the_limit() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let host = Host::new();
+    let call = |stdin: &mut dyn FnMut(&mut std::process::ChildStdin)| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cocoon-host"))
+            .args([
+                "plugin",
+                "call",
+                "default-policy",
+                "plan",
+                "-",
+                "-o",
+                "json",
+            ])
+            .env("COCOON_STATE_DIR", host.dir.path().join("state"))
+            .env("COCOON_CONFIG", host.config())
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut pipe = child.stdin.take().unwrap();
+        stdin(&mut pipe);
+        drop(pipe);
+        child.wait_with_output().unwrap()
+    };
+
+    let out = call(&mut |p| {
+        p.write_all(br#"{"name":"vm","image":{"layered":{"layers":["sha256:a"]}}}"#)
+            .unwrap()
+    });
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(plan[0]["role"], "layer");
+
+    // Whitespace is valid JSON padding, so only the bound can refuse this:
+    // 4 MiB of it, written until the reader stops reading (a broken pipe
+    // once it has refused, which is what this test wants).
+    let out = call(&mut |p| {
+        let chunk = [b' '; 64 << 10];
+        for _ in 0..64 {
+            if p.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+    });
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("reading the VM request from stdin")
+            && err.contains("over the 1048576-byte limit"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
+}
+
 /// The code blocks of the README's "Writing a plugin" section, in order.
 fn readme_blocks() -> Vec<(String, String)> {
     let readme =

@@ -5,6 +5,7 @@
 //! byte-identical (sha256) to `qemu-img convert -f FMT -O raw`, and every
 //! zero extent the converter reports must be a hole in our output.
 
+use cocoon_host::cast::usize_from;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -61,12 +62,12 @@ fn write_source(path: &Path, size: u64) {
         .iter()
         .copied()
         .cycle()
-        .take((3 * MIB) as usize)
+        .take(usize_from(3 * MIB))
         .collect();
-    f.write_all_at(&random_bytes(1, (2 * MIB) as usize), 0)
+    f.write_all_at(&random_bytes(1, usize_from(2 * MIB)), 0)
         .unwrap();
     f.write_all_at(&text, 3 * MIB).unwrap();
-    f.write_all_at(&random_bytes(2, (MIB / 2) as usize), 6 * MIB + MIB / 2)
+    f.write_all_at(&random_bytes(2, usize_from(MIB / 2)), 6 * MIB + MIB / 2)
         .unwrap();
     for (i, at) in [
         8 * MIB + 4096,
@@ -81,7 +82,7 @@ fn write_source(path: &Path, size: u64) {
         f.write_all_at(&random_bytes(10 + i as u64, 1536), *at)
             .unwrap();
     }
-    f.write_all_at(&text[..(MIB as usize)], 20 * MIB).unwrap();
+    f.write_all_at(&text[..usize_from(MIB)], 20 * MIB).unwrap();
     // Smaller sources keep only what fits.
     f.set_len(size).unwrap();
     f.write_all_at(&random_bytes(3, 512), size - 512).unwrap();

@@ -86,7 +86,7 @@ impl Rng {
         let n = 2 + (self.next() % 3) as usize;
         let mut set = Vec::new();
         while set.len() < n {
-            let d = (self.next() % DISKS as u64) as usize;
+            let d = usize::try_from(self.next() % DISKS as u64).unwrap();
             if !set.contains(&d) {
                 set.push(d);
             }

@@ -455,7 +455,7 @@ fn converter_and_policy_round_trips() {
         ),
         "{err}"
     );
-    let data: Vec<u8> = (0..65536u32).map(|i| i as u8).collect();
+    let data: Vec<u8> = (0..65536u32).map(|i| i.to_le_bytes()[0]).collect();
     let c = cocoon_host::plugin::calls::Compressed {
         source_offset: 0,
         source_length: 65536,
@@ -480,7 +480,7 @@ fn source_reader_is_read_and_seek_over_the_host_handle() {
     let img = tmp.path().join("data");
     // Bigger than one host read, and not a multiple of anything.
     let data: Vec<u8> = (0..(9u64 << 20) + 777)
-        .map(|i| ((i * 2654435761) >> 13) as u8)
+        .map(|i| ((i * 2654435761) >> 13).to_le_bytes()[0])
         .collect();
     std::fs::write(&img, &data).unwrap();
     let mut hash = 0xcbf29ce484222325u64;

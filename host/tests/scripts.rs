@@ -205,7 +205,7 @@ fn bzimage(dir: &Path, data: &[u8], claimed: u32) -> Vec<u8> {
     image[0x1f1] = setup_sects;
     image[0x202..0x206].copy_from_slice(b"HdrS");
     image[0x248..0x24c].copy_from_slice(&100u32.to_le_bytes());
-    image[0x24c..0x250].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    image[0x24c..0x250].copy_from_slice(&u32::try_from(payload.len()).unwrap().to_le_bytes());
     image.resize(image.len() + 100, 0xcc);
     image.extend_from_slice(&payload);
     // What follows the payload in a real bzImage.
@@ -241,7 +241,8 @@ fn fetch_linux_kernel_checks_lz4_and_the_size() {
             .unwrap();
         (o.status.success(), text(&o), std::fs::read(&out).ok())
     };
-    let good = bzimage(d, &elf, elf.len() as u32);
+    let elf_len = u32::try_from(elf.len()).unwrap();
+    let good = bzimage(d, &elf, elf_len);
     let (ok, log, out) = extract(&good);
     assert!(ok, "{log}");
     assert_eq!(out.unwrap(), elf);
@@ -259,7 +260,7 @@ fn fetch_linux_kernel_checks_lz4_and_the_size() {
     assert!(!ok && log.contains("lz4 failed"), "{log}");
 
     // A whole stream of the wrong size.
-    let short = bzimage(d, &elf, elf.len() as u32 + 4096);
+    let short = bzimage(d, &elf, elf_len + 4096);
     let (ok, log, _) = extract(&short);
     assert!(!ok && log.contains("the bzImage says"), "{log}");
 }

@@ -148,19 +148,13 @@ fn run_one(ns: &Netns, mut cmd: Command) -> Result<Sample, String> {
     for line in BufReader::new(stdout).lines() {
         let Ok(line) = line else { break };
         if let Some(rest) = line.strip_prefix("cocoon-guest: net-blast ") {
-            let field = |k: &str| {
-                rest.split(' ')
-                    .find_map(|kv| kv.strip_prefix(k))
-                    .and_then(|v| v.parse::<f64>().ok())
-            };
-            if let (Some(len), Some(count), Some(ns)) =
-                (field("len="), field("count="), field("ns="))
-            {
-                blasts.push(Blast {
-                    len: len as u32,
-                    count: count as u32,
-                    ns,
-                });
+            let field = |k: &str| rest.split(' ').find_map(|kv| kv.strip_prefix(k));
+            if let (Some(len), Some(count), Some(ns)) = (
+                field("len=").and_then(|v| v.parse().ok()),
+                field("count=").and_then(|v| v.parse().ok()),
+                field("ns=").and_then(|v| v.parse().ok()),
+            ) {
+                blasts.push(Blast { len, count, ns });
             }
         }
         if line.starts_with("cocoon-guest: error") {

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use cocoon_vmm::snapshot::{RestoreConfig, VmShell, MEMORY_FILE, STATE_FILE};
 use cocoon_vmm::{SerialOutput, Vm, VmConfig};
-use common::{build_guest, median};
+use common::{build_guest, median, preflight, runs_arg};
 
 mod common;
 
@@ -280,25 +280,12 @@ fn main() {
     if let Ok(dir) = std::env::var("COCOON_BENCH_RESTORE") {
         restore_main(&dir);
     }
-    let args: Vec<String> = std::env::args().collect();
-    let runs = args
-        .iter()
-        .position(|a| a == "--runs")
-        .and_then(|i| args.get(i + 1)?.parse().ok())
-        .unwrap_or(5usize);
-    if let Err(e) = cocoon_vmm::check_kvm() {
-        eprintln!("SKIPPED: {e}");
+    let runs = runs_arg(5);
+    let Some(have_qemu) = preflight() else {
         return;
-    }
+    };
     let guest = build_guest();
     let dir = tempfile::tempdir().unwrap();
-    let have_qemu = Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !have_qemu {
-        eprintln!("qemu-system-x86_64 is missing (scripts/install-deps): measuring ours only");
-    }
     // One warm-up each, then alternate.
     let _ = ours_run(&guest, dir.path());
     if have_qemu {

@@ -168,7 +168,11 @@ fn main() {
     let disk = dir.path().join("disk.img");
     // Real data, not a sparse file, read once so both sides hit the page
     // cache alike.
-    std::fs::write(&disk, vec![0x5au8; DISK_BYTES as usize]).unwrap();
+    std::fs::write(
+        &disk,
+        vec![0x5au8; cocoon_vmm::cast::usize_from(DISK_BYTES)],
+    )
+    .unwrap();
 
     let mut o = Vec::new();
     let mut q = Vec::new();

@@ -78,11 +78,16 @@ fn dsdt_aml(slots: &[MmioSlot]) -> Vec<u8> {
 
     for (i, slot) in slots.iter().enumerate() {
         let name = format!("_SB_.V{i:03X}");
+        // The virtio-mmio window sits in the MMIO gap below 4 GiB.
+        #[allow(
+            clippy::cast_possible_truncation,
+            reason = "slots are in the 32-bit MMIO gap (memory::mmio_slot)"
+        )]
         let window = aml::Memory32Fixed::new(true, slot.addr as u32, VIRTIO_MMIO_SIZE as u32);
         // irqfd interrupts are edge-triggered.
         let irq = aml::Interrupt::new(true, true, false, false, slot.irq);
         let crs = aml::ResourceTemplate::new(vec![&window, &irq]);
-        let uid = i as u32;
+        let uid = u32::try_from(i).expect("at most a few dozen devices");
         aml::Device::new(
             name.as_str().into(),
             vec![
@@ -182,7 +187,7 @@ mod tests {
     use super::*;
 
     fn table_at(image: &[u8], base: u64, addr: u64) -> &[u8] {
-        let off = (addr - base) as usize;
+        let off = crate::cast::usize_from(addr - base);
         let len = u32::from_le_bytes(image[off + 4..off + 8].try_into().unwrap()) as usize;
         &image[off..off + len]
     }

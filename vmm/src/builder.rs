@@ -60,7 +60,7 @@ pub fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
     let vm = kvm
         .create_vm()
         .map_err(|e| VmError::Kvm("create a VM", e))?;
-    vm.set_tss_address(memory::KVM_TSS_ADDR as usize)
+    vm.set_tss_address(crate::cast::usize_from(memory::KVM_TSS_ADDR))
         .map_err(|e| VmError::Kvm("set the TSS address", e))?;
     vm.set_identity_map_address(memory::KVM_IDENTITY_MAP_ADDR)
         .map_err(|e| VmError::Kvm("set the identity map address", e))?;
@@ -79,7 +79,7 @@ pub fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
 pub fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
     for (slot, region) in mem.iter().enumerate() {
         let r = kvm_userspace_memory_region {
-            slot: slot as u32,
+            slot: u32::try_from(slot).expect("guest memory has a few regions"),
             flags: 0,
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
@@ -98,7 +98,7 @@ pub fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> 
 pub fn register_reserved(vm: &VmFd, reserved: &Reservation) -> Result<(), VmError> {
     for (slot, r) in reserved.regions().iter().enumerate() {
         let region = kvm_userspace_memory_region {
-            slot: slot as u32,
+            slot: u32::try_from(slot).expect("guest memory has a few regions"),
             flags: 0,
             guest_phys_addr: r.guest_addr.0,
             memory_size: r.size as u64,
@@ -254,7 +254,7 @@ impl Machine {
                 .register_ioevent(
                     &evt,
                     &IoEventAddress::Mmio(addr + REG_QUEUE_NOTIFY),
-                    q as u32,
+                    u32::try_from(q).expect("a virtio device has a few queues"),
                 )
                 .map_err(|e| VmError::Kvm("register a virtio ioeventfd", e))?;
             queue_evts.push(evt);
@@ -345,7 +345,7 @@ impl Machine {
         let mut threads = Vec::new();
         for (index, fd) in fds.into_iter().enumerate() {
             let ctx = vcpu::VcpuContext {
-                index: index as u8,
+                index: u8::try_from(index).expect("create_vcpus makes at most 255"),
                 fd,
                 pio: self.pio.clone(),
                 mmio: self.mmio.clone(),
@@ -406,7 +406,7 @@ pub fn configure_boot_vcpus(
     entry: regs::EntryMode,
 ) -> Result<(), VmError> {
     for (index, fd) in fds.iter().enumerate() {
-        let index = index as u8;
+        let index = u8::try_from(index).expect("create_vcpus makes at most 255");
         let msrs = msrs::boot_msrs();
         let n = fd
             .set_msrs(&msrs)

@@ -17,6 +17,7 @@ pub mod acpi;
 pub mod arch;
 pub mod boot;
 pub mod builder;
+pub mod cast;
 pub mod config;
 pub mod devices;
 pub mod memory;

@@ -6,6 +6,8 @@
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
+use crate::cast::usize_from;
+
 /// Where the GDT for the boot vCPU state lives.
 pub const GDT_ADDR: u64 = 0x500;
 /// PVH `hvm_start_info`, followed by its memory map.
@@ -143,7 +145,7 @@ pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
     }
     let ranges: Vec<(GuestAddress, usize)> = ram_regions(size)
         .into_iter()
-        .map(|(a, s)| (a, s as usize))
+        .map(|(a, s)| (a, usize_from(s)))
         .collect();
     let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(MemoryError::Map)?;
     for region in mem.iter() {
@@ -156,7 +158,7 @@ pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
         unsafe {
             libc::madvise(
                 region.as_ptr().cast(),
-                region.len() as usize,
+                usize_from(region.len()),
                 libc::MADV_HUGEPAGE,
             );
         }
@@ -200,7 +202,7 @@ impl Reservation {
             let p = unsafe {
                 libc::mmap(
                     std::ptr::null_mut(),
-                    len as usize,
+                    usize_from(len),
                     libc::PROT_NONE,
                     libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
                     -1,
@@ -213,7 +215,7 @@ impl Reservation {
             r.regions.push(ReservedRegion {
                 guest_addr,
                 host_addr: p.cast(),
-                size: len as usize,
+                size: usize_from(len),
             });
         }
         Ok(r)
@@ -268,7 +270,7 @@ pub fn e820_map(size: u64) -> Vec<E820Entry> {
 pub fn virtio_mmio_slot(index: usize) -> (u64, u32) {
     (
         VIRTIO_MMIO_BASE + index as u64 * VIRTIO_MMIO_SIZE,
-        VIRTIO_IRQ_BASE + index as u32,
+        VIRTIO_IRQ_BASE + u32::try_from(index).expect("a few dozen devices"),
     )
 }
 

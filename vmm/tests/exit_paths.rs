@@ -54,7 +54,11 @@ fn pvh_elf(code: &[u8]) -> Vec<u8> {
     put(&mut f, NOTE_OFF + 4, &4u32.to_le_bytes());
     put(&mut f, NOTE_OFF + 8, &18u32.to_le_bytes());
     put(&mut f, NOTE_OFF + 12, b"Xen\0");
-    put(&mut f, NOTE_OFF + 16, &(LOAD_ADDR as u32).to_le_bytes());
+    put(
+        &mut f,
+        NOTE_OFF + 16,
+        &u32::try_from(LOAD_ADDR).unwrap().to_le_bytes(),
+    );
     f.extend_from_slice(code);
     f
 }
@@ -153,7 +157,7 @@ fn unknown_ports_read_as_all_ones_and_writes_are_ignored() {
     // fail: jmp $ (the test then times out into a host stop).
     let power_off = acpi_power_off();
     let mut code = vec![0xe4, 0x99, 0x3c, 0xff, 0x75, 0x00, 0xe6, 0x99];
-    code[5] = (2 + power_off.len()) as u8; // from after jne, past out and power-off
+    code[5] = u8::try_from(2 + power_off.len()).unwrap(); // from after jne, past out and power-off
     code.extend(power_off);
     code.extend(SPIN);
     let (reason, _) = run(code, 1);

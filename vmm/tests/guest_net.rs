@@ -48,7 +48,7 @@ fn ip_str(a: [u8; 4]) -> String {
 
 /// The guest's payload pattern (tests/guest/src/frames.rs).
 fn payload_byte(i: usize) -> u8 {
-    (i as u8).wrapping_mul(31).wrapping_add(7)
+    i.to_le_bytes()[0].wrapping_mul(31).wrapping_add(7)
 }
 
 fn sum16(mut sum: u32, data: &[u8]) -> u32 {
@@ -62,11 +62,11 @@ fn fold(mut sum: u32) -> u16 {
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
-    sum as u16
+    u16::try_from(sum).unwrap()
 }
 
 fn udp_pseudo(src: &[u8], dst: &[u8], len: usize) -> u32 {
-    sum16(sum16(0, src), dst) + 17 + len as u32
+    sum16(sum16(0, src), dst) + 17 + u32::try_from(len).unwrap()
 }
 
 /// An IPv4/UDP frame with correct checksums (or a broken UDP one).
@@ -77,7 +77,7 @@ fn udp_frame(dst_mac: [u8; 6], port: u16, payload: &[u8], break_udp_csum: bool) 
     f.extend_from_slice(&0x0800u16.to_be_bytes());
     let udp_len = 8 + payload.len();
     let mut ip = vec![0x45, 0, 0, 0, 0, 7, 0x40, 0, 64, 17, 0, 0];
-    ip[2..4].copy_from_slice(&((20 + udp_len) as u16).to_be_bytes());
+    ip[2..4].copy_from_slice(&u16::try_from(20 + udp_len).unwrap().to_be_bytes());
     ip.extend_from_slice(&PEER_IP);
     ip.extend_from_slice(&GUEST_IP);
     let c = !fold(sum16(0, &ip));
@@ -85,7 +85,7 @@ fn udp_frame(dst_mac: [u8; 6], port: u16, payload: &[u8], break_udp_csum: bool) 
     let mut udp = Vec::new();
     udp.extend_from_slice(&port.to_be_bytes());
     udp.extend_from_slice(&port.to_be_bytes());
-    udp.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    udp.extend_from_slice(&u16::try_from(udp_len).unwrap().to_be_bytes());
     udp.extend_from_slice(&[0, 0]);
     udp.extend_from_slice(payload);
     let mut c = !fold(sum16(udp_pseudo(&PEER_IP, &GUEST_IP, udp_len), &udp));

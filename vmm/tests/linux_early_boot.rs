@@ -30,7 +30,7 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 /// Table addresses as our builder lays them out: (XSDT, FACP, APIC, DSDT).
 fn table_addresses(slots: &[MmioSlot]) -> (u64, u64, u64, u64) {
     let (rsdp, image) = build_tables(ACPI_START, CPUS, slots);
-    let at = |addr: u64| (addr - ACPI_START) as usize;
+    let at = |addr: u64| cocoon_vmm::cast::usize_from(addr - ACPI_START);
     let xsdt = u64_at(&image, at(rsdp) + 24);
     let facp = u64_at(&image, at(xsdt) + 36);
     let apic = u64_at(&image, at(xsdt) + 44);

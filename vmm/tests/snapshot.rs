@@ -146,7 +146,8 @@ fn sha256_of_sector(byte: u8) -> String {
 
 fn sector(disk: &Path, n: u64) -> Vec<u8> {
     let data = std::fs::read(disk).unwrap();
-    data[(n * 512) as usize..((n + 1) * 512) as usize].to_vec()
+    let n = cocoon_vmm::cast::usize_from(n);
+    data[n * 512..(n + 1) * 512].to_vec()
 }
 
 #[test]

@@ -1,6 +1,5 @@
 //! `cocoon-host plugin …`: list, inspect, verify, install and call plugins.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -448,9 +447,11 @@ fn inspect(
 
 fn read_request(path: &Path) -> anyhow::Result<PolicyRequest> {
     let text = if path == Path::new("-") {
-        let mut s = String::new();
-        std::io::stdin().read_to_string(&mut s)?;
-        s
+        // Bounded like a request file: a pipe that never ends must not
+        // grow this process without limit.
+        let bytes = input::read_stream_bounded(std::io::stdin().lock(), input::limits::REQUEST)
+            .context("reading the VM request from stdin")?;
+        String::from_utf8(bytes).context("the VM request on stdin is not UTF-8")?
     } else {
         input::read_to_string_bounded(path, input::limits::REQUEST)
             .with_context(|| format!("reading VM request {}", path.display()))?
@@ -464,7 +465,7 @@ fn head_tail(file: &Path, n: u64) -> anyhow::Result<(Vec<u8>, Vec<u8>, u64)> {
     let input::Input { file: f, size, .. } = input::open(file, input::Accept::RegularOrBlock)
         .with_context(|| format!("opening {}", file.display()))?;
     let read = |off: u64, len: u64| -> anyhow::Result<Vec<u8>> {
-        let mut buf = vec![0; len as usize];
+        let mut buf = vec![0; cocoon_host::cast::usize_from(len)];
         f.read_exact_at(&mut buf, off)
             .with_context(|| format!("reading {}", file.display()))?;
         Ok(buf)

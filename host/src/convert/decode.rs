@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Mutex, PoisonError};
 
+use crate::cast::usize_from;
 use crate::plugin::calls::{Compressed, MAX_DECODED};
 use crate::plugin::LoadedPlugin;
 
@@ -169,12 +170,15 @@ fn decode_one<'p>(
         detail,
     };
     // The runtime bounds compressed extents; these guard the arithmetic.
-    if job.decoded > MAX_DECODED as u64 || job.skip + job.length > job.decoded {
-        return Err(invalid(format!(
-            "compressed piece {}+{} of a {}-byte extent",
-            job.skip, job.length, job.decoded
-        )));
-    }
+    let decoded_len = match u32::try_from(job.decoded) {
+        Ok(d) if d <= MAX_DECODED && job.skip + job.length <= job.decoded => d,
+        _ => {
+            return Err(invalid(format!(
+                "compressed piece {}+{} of a {}-byte extent",
+                job.skip, job.length, job.decoded
+            )))
+        }
+    };
     if job.extent.source_length > MAX_COMPRESSED {
         return Err(invalid(format!(
             "compressed extent at {} claims {} bytes, over the {MAX_COMPRESSED}-byte limit",
@@ -189,8 +193,8 @@ fn decode_one<'p>(
         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
         std::collections::hash_map::Entry::Vacant(v) => v.insert(plugin.converter_instance()?),
     };
-    let decoded = session.decode(job.extent, &input, job.decoded as u32)?;
-    let wanted = &decoded[job.skip as usize..(job.skip + job.length) as usize];
+    let decoded = session.decode(job.extent, &input, decoded_len)?;
+    let wanted = &decoded[usize_from(job.skip)..usize_from(job.skip + job.length)];
     out.write_at(wanted, job.offset)
 }
 

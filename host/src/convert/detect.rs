@@ -91,7 +91,7 @@ pub fn outranks(a: &str, b: &str, head: &[u8], tail: &[u8]) -> bool {
 pub fn head_and_tail(path: &Path) -> Result<(Vec<u8>, Vec<u8>, u64), ConvertError> {
     let crate::fsutil::input::Input { file, size, .. } = super::decompress::open_image(path)?;
     let read = |offset: u64, len: u64| -> Result<Vec<u8>, ConvertError> {
-        let mut buf = vec![0u8; len as usize];
+        let mut buf = vec![0u8; crate::cast::usize_from(len)];
         file.read_exact_at(&mut buf, offset)
             .map_err(ConvertError::io("reading", path))?;
         Ok(buf)

@@ -19,6 +19,7 @@ use std::thread::JoinHandle;
 use rustix::fs::SeekFrom;
 
 use super::ConvertError;
+use crate::cast::usize_from;
 use crate::fsutil::output::check_replaceable;
 use crate::fsutil::temp::{self, Temp};
 
@@ -282,7 +283,7 @@ fn nonzero_runs(data: &[u8], offset: u64) -> Vec<(usize, usize)> {
     let mut start = 0;
     while start < data.len() {
         let next_boundary = ZERO_BLOCK - (offset + start as u64) % ZERO_BLOCK;
-        let end = (start + next_boundary as usize).min(data.len());
+        let end = (start + usize_from(next_boundary)).min(data.len());
         if !is_zero(&data[start..end]) {
             match runs.last_mut() {
                 Some(last) if last.1 == start => last.1 = end,
@@ -382,7 +383,7 @@ mod tests {
         let src_path = dir.path().join("src");
         let src = File::create(&src_path).unwrap();
         // Written zeros: the source's filesystem reports them as data.
-        src.write_all_at(&vec![0u8; CHUNK as usize + 8192], 0)
+        src.write_all_at(&vec![0u8; usize_from(CHUNK) + 8192], 0)
             .unwrap();
         src.write_all_at(&[7u8; 4096], CHUNK).unwrap();
         let src = File::open(&src_path).unwrap();
@@ -391,9 +392,10 @@ mod tests {
         out.copy_from(&src, &src_path, 0, 0, CHUNK + 8192).unwrap();
         let allocated = out.finish().unwrap();
         let bytes = std::fs::read(&dest).unwrap();
-        assert_eq!(bytes[CHUNK as usize..CHUNK as usize + 4096], [7u8; 4096]);
-        assert!(bytes[..CHUNK as usize].iter().all(|&b| b == 0));
-        assert!(bytes[CHUNK as usize + 4096..].iter().all(|&b| b == 0));
+        let chunk = usize_from(CHUNK);
+        assert_eq!(bytes[chunk..chunk + 4096], [7u8; 4096]);
+        assert!(bytes[..chunk].iter().all(|&b| b == 0));
+        assert!(bytes[chunk + 4096..].iter().all(|&b| b == 0));
         // Blocks really on disk (st_blocks counts preallocated ones too):
         // the 4 KiB of sevens, not the 8 MiB of zeros.
         let on_disk = std::fs::metadata(&dest).unwrap().blocks() * 512;
@@ -403,7 +405,7 @@ mod tests {
 
     #[test]
     fn nonzero_runs_follow_output_blocks() {
-        let b = ZERO_BLOCK as usize;
+        let b = usize_from(ZERO_BLOCK);
         let mut data = vec![0u8; 4 * b];
         // Blocks 1 and 2 hold data, and merge into one run.
         data[b + 5] = 1;

@@ -560,7 +560,10 @@ mod tests {
             assert!(e.contains(want), "{name}: {e}");
             assert!(e.contains(name), "{name}: the error names the file: {e}");
         }
-        let big = write("big", &vec![b'#'; MAX_SSH_KEY_FILE as usize + 1]);
+        let big = write(
+            "big",
+            &vec![b'#'; crate::cast::usize_from(MAX_SSH_KEY_FILE) + 1],
+        );
         assert!(read_ssh_keys(&big)
             .unwrap_err()
             .to_string()

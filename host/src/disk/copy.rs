@@ -19,6 +19,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::newfile::NewFile;
 use super::plan::BaseImage;
+use crate::cast::usize_from;
 use crate::convert::output::data_run;
 use crate::store::digest::Digest;
 
@@ -141,7 +142,7 @@ pub fn copy_base(base: &BaseImage, dest: &Path, size: u64) -> Result<CopyReport,
 fn hash_zeros(hash: &mut Sha256, mut len: u64) {
     static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
     while len > 0 {
-        let n = len.min(ZEROS.len() as u64) as usize;
+        let n = usize_from(len.min(ZEROS.len() as u64));
         hash.update(&ZEROS[..n]);
         len -= n as u64;
     }
@@ -195,7 +196,7 @@ fn read_hashed(
 ) -> Result<(), CopyError> {
     let mut at = start;
     while at < end {
-        let n = (end - at).min(buf.len() as u64) as usize;
+        let n = usize_from((end - at).min(buf.len() as u64));
         file.read_exact_at(&mut buf[..n], at)
             .map_err(io_err("reading", path))?;
         hash.update(&buf[..n]);
@@ -251,7 +252,7 @@ fn kernel_copy(
 ) -> Result<(), CopyError> {
     let (mut from, mut to) = (start, start);
     while from < end {
-        let step = (end - from).min(CHUNK as u64 * 16) as usize;
+        let step = usize_from((end - from).min(CHUNK as u64 * 16));
         match rustix::fs::copy_file_range(src, Some(&mut from), dst, Some(&mut to), step) {
             Ok(0) => {
                 return Err(io_err("copying from", src_path)(io::Error::new(
@@ -265,7 +266,7 @@ fn kernel_copy(
             Err(_) => {
                 let mut buf = vec![0u8; CHUNK];
                 while from < end {
-                    let n = (end - from).min(CHUNK as u64) as usize;
+                    let n = usize_from((end - from).min(CHUNK as u64));
                     src.read_exact_at(&mut buf[..n], from)
                         .map_err(io_err("reading", src_path))?;
                     dst.write_all_at(&buf[..n], from)

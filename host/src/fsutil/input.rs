@@ -105,6 +105,10 @@ pub enum InputError {
     TooLarge { size: u64, max: u64 },
     #[error("it grew past the {max}-byte limit while it was read")]
     Grew { max: u64 },
+    /// A stream (stdin, a pipe) has no size to check first: it is read up
+    /// to the limit and refused at the first byte past it.
+    #[error("it is over the {max}-byte limit (more than {max} bytes were read)")]
+    StreamTooLarge { max: u64 },
 }
 
 impl InputError {
@@ -116,7 +120,9 @@ impl InputError {
     fn into_io(self) -> io::Error {
         let kind = match self {
             InputError::Kind { .. } => io::ErrorKind::InvalidInput,
-            InputError::TooLarge { .. } | InputError::Grew { .. } => io::ErrorKind::FileTooLarge,
+            InputError::TooLarge { .. }
+            | InputError::Grew { .. }
+            | InputError::StreamTooLarge { .. } => io::ErrorKind::FileTooLarge,
         };
         io::Error::new(kind, self)
     }
@@ -191,7 +197,7 @@ pub fn read_bounded(path: &Path, max: u64) -> io::Result<Vec<u8>> {
         }
         .into_io());
     }
-    let mut bytes = Vec::with_capacity(input.size as usize);
+    let mut bytes = Vec::with_capacity(crate::cast::usize_from(input.size));
     input
         .file
         .take(max.saturating_add(1))
@@ -208,13 +214,27 @@ pub fn read_to_string_bounded(path: &Path, max: u64) -> io::Result<String> {
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.utf8_error()))
 }
 
+/// The whole of a stream (stdin, a pipe), refused once more than `max`
+/// bytes arrive: at most `max + 1` bytes are read, so a writer that never
+/// stops costs no more memory than the limit.
+pub fn read_stream_bounded(reader: impl Read, max: u64) -> io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    reader.take(max.saturating_add(1)).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Err(InputError::StreamTooLarge { max }.into_io());
+    }
+    Ok(bytes)
+}
+
 /// Size bounds of the files read whole.
 pub mod limits {
     /// A plugin manifest or the host config file.
     pub const TOML: u64 = 1 << 20;
     /// A plugin's wasm component (first-party ones are under 3 MB).
     pub const WASM: u64 = 64 << 20;
-    /// A VM request (JSON) for `plugin call … plan|validate`.
+    /// A VM request (JSON) for `plugin call … plan|validate`, from a file
+    /// or from stdin. A request names a handful of disks and settings: a
+    /// few KiB; 1 MiB leaves room for any real one.
     pub const REQUEST: u64 = 1 << 20;
 }
 
@@ -281,6 +301,22 @@ mod tests {
                 .unwrap_err()
                 .kind(),
             io::ErrorKind::NotFound
+        );
+    }
+
+    #[test]
+    fn streams_are_read_up_to_the_limit_and_no_further() {
+        assert_eq!(read_stream_bounded(&[7u8; 16][..], 16).unwrap(), [7; 16]);
+        // An endless writer (io::repeat) is cut off one byte past the limit.
+        let e = read_stream_bounded(io::repeat(b'x'), 16).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::FileTooLarge);
+        assert!(matches!(
+            InputError::of(&e),
+            Some(InputError::StreamTooLarge { max: 16 })
+        ));
+        assert_eq!(
+            e.to_string(),
+            "it is over the 16-byte limit (more than 16 bytes were read)"
         );
     }
 }

@@ -44,7 +44,7 @@ impl SourceFile {
             ));
         }
         let end = offset.saturating_add(len as u64).min(self.size);
-        let want = end.saturating_sub(offset) as usize;
+        let want = crate::cast::usize_from(end.saturating_sub(offset));
         let mut buf = vec![0u8; want];
         let mut done = 0;
         while done < want {

@@ -29,6 +29,10 @@ pub const GDT_32: [u64; 4] = [
 /// The KVM segment register matching a descriptor at `table_index`.
 pub fn kvm_segment(entry: u64, table_index: u8) -> kvm_bindings::kvm_segment {
     let base = ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000);
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "masked to the 20 bits of a descriptor's limit"
+    )]
     let mut limit = ((entry & 0xffff) | ((entry >> 32) & 0x000f_0000)) as u32;
     let g = ((entry >> 55) & 1) as u8;
     if g == 1 {

@@ -48,7 +48,8 @@ pub fn setup_boot_vcpu(
             .map_err(RegsError::GuestMemory)?;
     }
     sregs.gdt.base = GDT_ADDR;
-    sregs.gdt.limit = (std::mem::size_of_val(gdt) - 1) as u16;
+    sregs.gdt.limit =
+        u16::try_from(std::mem::size_of_val(gdt) - 1).expect("a GDT of a few entries");
     // No IDT: the kernel installs its own before enabling interrupts.
     sregs.idt.base = 0;
     sregs.idt.limit = 0;

@@ -16,6 +16,7 @@ use linux_loader::loader::{self, BzImage, Elf, KernelLoader};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::arch::regs::EntryMode;
+use crate::cast::usize_from;
 use crate::memory::{
     e820_map, CMDLINE_ADDR, CMDLINE_MAX_SIZE, HIMEM_START, MMIO_GAP_START, PVH_INFO_ADDR,
     PVH_MEMMAP_ADDR, PVH_MODLIST_ADDR, ZERO_PAGE_ADDR,
@@ -103,7 +104,8 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec<'_>) -> Result<EntryMode, Boo
         }
         None => None,
     };
-    let cmdline_len = spec.cmdline.len() as u32 + 1;
+    // write_cmdline refused anything of CMDLINE_MAX_SIZE (4 KiB) or more.
+    let cmdline_len = u32::try_from(spec.cmdline.len() + 1).expect("checked by write_cmdline");
     match kind {
         KernelKind::Pvh(entry) => {
             write_pvh_info(mem, spec, initrd)?;
@@ -242,7 +244,7 @@ fn load_initrd(
     if addr < kernel_end {
         return Err(too_large);
     }
-    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, usize_from(size))
         .map_err(BootError::GuestMemory)?;
     Ok((addr, size))
 }
@@ -270,7 +272,7 @@ fn write_pvh_info(
         cmdline_paddr: CMDLINE_ADDR,
         rsdp_paddr: spec.rsdp_addr,
         memmap_paddr: PVH_MEMMAP_ADDR,
-        memmap_entries: map.len() as u32,
+        memmap_entries: u32::try_from(map.len()).expect("the E820 map has a few entries"),
         ..Default::default()
     };
     if let Some((addr, size)) = initrd {
@@ -309,11 +311,14 @@ fn write_boot_params(
         ..Default::default()
     };
     params.hdr.type_of_loader = LOADER_TYPE_UNDEFINED;
-    params.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
+    params.hdr.cmd_line_ptr =
+        u32::try_from(CMDLINE_ADDR).expect("the command line is in low memory");
     params.hdr.cmdline_size = cmdline_len;
     if let Some((addr, size)) = initrd {
-        params.hdr.ramdisk_image = addr as u32;
-        params.hdr.ramdisk_size = size as u32;
+        // load_initrd placed it below MMIO_GAP_START (3 GiB).
+        let below_4g = |v: u64| u32::try_from(v).expect("the initrd ends below the MMIO gap");
+        params.hdr.ramdisk_image = below_4g(addr);
+        params.hdr.ramdisk_size = below_4g(size);
     }
     params.acpi_rsdp_addr = spec.rsdp_addr;
     let map = e820_map(spec.memory_size);
@@ -322,7 +327,8 @@ fn write_boot_params(
         slot.size = e.size;
         slot.r#type = e.kind;
     }
-    params.e820_entries = map.len().min(params.e820_table.len()) as u8;
+    params.e820_entries = u8::try_from(map.len().min(params.e820_table.len()))
+        .expect("the zero page's table has 128 entries");
     mem.write_obj(params, GuestAddress(ZERO_PAGE_ADDR))
         .map_err(BootError::GuestMemory)?;
     // The zero page must not overlap the page tables right above it.

@@ -48,6 +48,10 @@ impl BusDevice for AcpiPowerDevice {
         data.fill(0);
     }
 
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "the bus passes offsets inside the device's few ports"
+    )]
     fn write(&mut self, offset: u64, data: &[u8]) {
         if let [v] = data {
             if let Some(reason) = decode_write(SLEEP_CONTROL_PORT + offset as u16, *v) {

@@ -253,6 +253,10 @@ impl I8042 {
 }
 
 impl BusDevice for I8042 {
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "the bus passes offsets inside the device's few ports"
+    )]
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         match (offset, &mut *data) {
             (DATA, [b]) => *b = self.read_data(),
@@ -261,6 +265,10 @@ impl BusDevice for I8042 {
         }
     }
 
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "the bus passes offsets inside the device's few ports"
+    )]
     fn write(&mut self, offset: u64, data: &[u8]) {
         match (offset, data) {
             (DATA, [b]) => self.write_data(*b),

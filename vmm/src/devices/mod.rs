@@ -109,6 +109,10 @@ mod tests {
 
     struct Echo(Vec<(u64, Vec<u8>)>);
     impl BusDevice for Echo {
+        #[allow(
+            clippy::cast_possible_truncation,
+            reason = "the test devices are a few bytes long"
+        )]
         fn read(&mut self, offset: u64, data: &mut [u8]) {
             data.fill(offset as u8);
         }

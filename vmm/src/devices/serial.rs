@@ -114,6 +114,10 @@ impl SerialDevice {
 }
 
 impl BusDevice for SerialDevice {
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "the bus passes offsets inside the device's few ports"
+    )]
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if let [b] = data {
             *b = self.serial.read(offset as u8);
@@ -122,6 +126,10 @@ impl BusDevice for SerialDevice {
         }
     }
 
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "the bus passes offsets inside the device's few ports"
+    )]
     fn write(&mut self, offset: u64, data: &[u8]) {
         if let [b] = data {
             // An output error (a closed log file) must not stop the guest.

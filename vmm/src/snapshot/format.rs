@@ -174,7 +174,7 @@ pub fn decode(name: &str, bytes: &[u8]) -> Result<(FormatVersion, MachineState),
             len,
         });
     }
-    let body_end = HEADER_LEN + len as usize;
+    let body_end = HEADER_LEN + crate::cast::usize_from(len);
     let need = (body_end + CHECKSUM_LEN) as u64;
     let found = bytes.len() as u64;
     if found < need {

@@ -77,7 +77,7 @@ pub fn write(
     };
     let mut written = 0u64;
     for (region, layout) in mem.iter().zip(regions) {
-        let len = region.len() as usize;
+        let len = crate::cast::usize_from(region.len());
         let touched = match backing {
             Backing::Anonymous => touched_pages(region.as_ptr(), len)
                 .inspect_err(|e| tracing::debug!(error = %e, "pagemap unreadable; reading all of guest memory"))
@@ -164,7 +164,7 @@ pub fn map(
             path: path.to_string(),
             source,
         })?;
-        let mapping = MmapRegionBuilder::new(r.size as usize)
+        let mapping = MmapRegionBuilder::new(crate::cast::usize_from(r.size))
             .with_file_offset(FileOffset::new(clone, r.file_offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
@@ -278,7 +278,7 @@ mod tests {
     #[test]
     fn pagemap_tells_touched_pages() {
         let len = 64 * PAGE;
-        // SAFETY (test): a fresh private anonymous mapping, unmapped below.
+        // SAFETY: (test) a fresh private anonymous mapping, unmapped below.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -291,7 +291,7 @@ mod tests {
         }
         .cast::<u8>();
         assert_ne!(p.cast(), libc::MAP_FAILED);
-        // SAFETY (test): inside the mapping.
+        // SAFETY: (test) inside the mapping.
         unsafe {
             p.add(3 * PAGE).write(1);
             p.add(40 * PAGE + 7).write(2);
@@ -300,7 +300,7 @@ mod tests {
         assert_eq!(t.len(), 64);
         let touched: Vec<usize> = (0..64).filter(|&i| t[i]).collect();
         assert_eq!(touched, vec![3, 40]);
-        // SAFETY (test): the mapping made above.
+        // SAFETY: (test) the mapping made above.
         unsafe { libc::munmap(p.cast(), len) };
     }
 

@@ -186,7 +186,7 @@ impl Vm {
         }
         let memory_bytes = self.memory_bytes();
         Ok(MachineState {
-            cpus: self.vcpus.len() as u8,
+            cpus: u8::try_from(self.vcpus.len()).expect("create_vcpus makes at most 255"),
             memory_bytes,
             tsc_khz,
             memory: memory_layout(memory_bytes),

@@ -142,10 +142,14 @@ pub struct PacketSocket {
     ifindex: i32,
 }
 
+/// sizeof(sockaddr_ll), as the socklen_t the calls take.
+#[allow(clippy::cast_possible_truncation, reason = "sockaddr_ll is 20 bytes")]
+const SOCKADDR_LL_LEN: libc::socklen_t =
+    std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
 impl PacketSocket {
     /// Opens one on `ifname` in the calling thread's namespace.
     pub fn open(ifname: &str) -> io::Result<PacketSocket> {
-        let proto = (libc::ETH_P_ALL as u16).to_be();
+        let proto = u16::try_from(libc::ETH_P_ALL).unwrap().to_be();
         // SAFETY: plain socket(2); the descriptor is owned right after.
         let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
         if fd < 0 {
@@ -161,7 +165,7 @@ impl PacketSocket {
         }
         // SAFETY: sockaddr_ll is plain data; zero is a valid start.
         let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_family = u16::try_from(libc::AF_PACKET).unwrap();
         sll.sll_protocol = proto;
         sll.sll_ifindex = ifindex;
         // SAFETY: binds our socket to a sockaddr_ll of the stated size.
@@ -169,7 +173,7 @@ impl PacketSocket {
             libc::bind(
                 fd.as_raw_fd(),
                 (&sll as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                SOCKADDR_LL_LEN,
             )
         };
         if r < 0 {
@@ -205,7 +209,7 @@ impl PacketSocket {
             }
             // SAFETY: sockaddr_ll is plain data.
             let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            let mut from_len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+            let mut from_len = SOCKADDR_LL_LEN;
             // SAFETY: receives into a live buffer and sockaddr of the
             // stated sizes.
             let n = unsafe {

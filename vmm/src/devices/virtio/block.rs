@@ -17,6 +17,8 @@ use serde::{Deserialize, Serialize};
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap};
 
+use crate::cast::usize_from;
+
 use super::{
     drain_queue, read_config_from, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
@@ -24,6 +26,9 @@ use super::{
 
 pub const VIRTIO_ID_BLOCK: u32 = 2;
 pub const SECTOR_SIZE: u64 = 512;
+/// SECTOR_SIZE as the config space's 32-bit blk_size field.
+const BLK_SIZE: u32 = 512;
+const _: () = assert!(BLK_SIZE as u64 == SECTOR_SIZE);
 const SECTOR_SHIFT: u32 = 9;
 pub const QUEUE_SIZE: u16 = 256;
 /// Bytes of a GET_ID answer.
@@ -154,7 +159,7 @@ fn read_segments(mem: &GuestMemoryMmap, segs: &[Segment], buf: &mut [u8]) -> boo
         if at == buf.len() {
             break;
         }
-        let n = (buf.len() - at).min(s.len as usize);
+        let n = (buf.len() - at).min(usize_from(s.len));
         if mem.read_slice(&mut buf[at..at + n], s.addr).is_err() {
             return false;
         }
@@ -190,7 +195,7 @@ where
         }
         // The whole descriptor must be inside a single region of guest
         // memory; get_slice checks that without touching it.
-        if mem.get_slice(seg.addr, seg.len as usize).is_err() {
+        if mem.get_slice(seg.addr, usize_from(seg.len)).is_err() {
             malformed.get_or_insert("descriptor outside guest memory");
             continue;
         }
@@ -207,7 +212,7 @@ where
         // The status byte itself was checked with its descriptor.
         return Err((Some(status), RequestError::Malformed(why)));
     }
-    let mut header = [0u8; REQUEST_HEADER_LEN as usize];
+    let mut header = [0u8; usize_from(REQUEST_HEADER_LEN)];
     if total(&readable) < REQUEST_HEADER_LEN || !read_segments(mem, &readable, &mut header) {
         return Err((
             Some(status),
@@ -300,7 +305,7 @@ impl Block {
             |off: usize, bytes: &[u8]| config[off..off + bytes.len()].copy_from_slice(bytes);
         put(0, &(capacity >> SECTOR_SHIFT).to_le_bytes()); // capacity
         put(12, &u32::from(QUEUE_SIZE - 2).to_le_bytes()); // seg_max
-        put(20, &(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
+        put(20, &BLK_SIZE.to_le_bytes()); // blk_size
         put(34, &1u16.to_le_bytes()); // num_queues
         put(36, &u32::MAX.to_le_bytes()); // max_discard_sectors
         put(40, &MAX_DISCARD_SEG.to_le_bytes()); // max_discard_seg
@@ -411,13 +416,13 @@ impl Block {
                 Ok(0)
             }
             VIRTIO_BLK_T_GET_ID => {
-                let n = (SERIAL_LEN as u64).min(total(&req.data_in)) as usize;
+                let n = SERIAL_LEN.min(usize_from(total(&req.data_in)));
                 let mut at = 0usize;
                 for s in &req.data_in {
                     if at == n {
                         break;
                     }
-                    let k = (n - at).min(s.len as usize);
+                    let k = (n - at).min(usize_from(s.len));
                     mem.write_slice(&self.serial[at..at + k], s.addr)
                         .map_err(|_| RequestError::Io)?;
                     at += k;
@@ -463,13 +468,13 @@ impl Block {
         if count > u64::from(MAX_DISCARD_SEG) {
             return Err(RequestError::Malformed("too many discard segments"));
         }
-        let mut payload = vec![0u8; len as usize];
+        let mut payload = vec![0u8; usize_from(len)];
         if !read_segments(mem, &req.data_out, &mut payload) {
             return Err(RequestError::Io);
         }
         // Check every segment before changing anything.
-        let mut ranges = Vec::with_capacity(count as usize);
-        for seg in payload.chunks_exact(DISCARD_SEGMENT_LEN as usize) {
+        let mut ranges = Vec::with_capacity(usize_from(count));
+        for seg in payload.chunks_exact(usize_from(DISCARD_SEGMENT_LEN)) {
             let sector = u64::from_le_bytes(seg[0..8].try_into().unwrap_or_default());
             let num = u32::from_le_bytes(seg[8..12].try_into().unwrap_or_default());
             let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap_or_default());
@@ -512,17 +517,17 @@ impl Block {
         let mut iovecs = Vec::with_capacity(segs.len());
         for s in segs {
             let slice = mem
-                .get_slice(s.addr, s.len as usize)
+                .get_slice(s.addr, usize_from(s.len))
                 .map_err(|_| RequestError::Malformed("descriptor outside guest memory"))?;
             iovecs.push(libc::iovec {
                 iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                iov_len: s.len as usize,
+                iov_len: usize_from(s.len),
             });
         }
         let direct_ok = self.buffered.is_some()
             && iovecs.iter().all(|v| {
-                (v.iov_base as usize).is_multiple_of(SECTOR_SIZE as usize)
-                    && v.iov_len.is_multiple_of(SECTOR_SIZE as usize)
+                (v.iov_base as usize).is_multiple_of(usize_from(SECTOR_SIZE))
+                    && v.iov_len.is_multiple_of(usize_from(SECTOR_SIZE))
             });
         let result = match (&self.buffered, direct_ok) {
             (Some(buffered), false) => rw_all(buffered, &mut iovecs, offset, write),
@@ -542,12 +547,16 @@ impl Block {
     }
 }
 
+/// The most iovecs one preadv/pwritev takes (Linux's UIO_MAXIOV).
+const IOV_MAX: usize = 1024;
+
 /// preadv/pwritev until every byte moved. The iovecs point into guest
 /// memory that stays mapped for as long as `mem` lives.
 fn rw_all(file: &File, iovecs: &mut [libc::iovec], mut offset: u64, write: bool) -> io::Result<()> {
     let mut start = 0usize;
     while start < iovecs.len() {
-        let chunk = &iovecs[start..(start + 1024).min(iovecs.len())];
+        let chunk = &iovecs[start..(start + IOV_MAX).min(iovecs.len())];
+        let count = libc::c_int::try_from(chunk.len()).expect("at most IOV_MAX iovecs");
         // SAFETY: every iovec covers a range of guest memory that
         // GuestMemoryMmap::get_slice vouched for and that stays mapped
         // while the caller holds `mem`; the kernel only reads or writes
@@ -558,14 +567,14 @@ fn rw_all(file: &File, iovecs: &mut [libc::iovec], mut offset: u64, write: bool)
                 libc::pwritev(
                     file.as_raw_fd(),
                     chunk.as_ptr(),
-                    chunk.len() as libc::c_int,
+                    count,
                     offset as libc::off_t,
                 )
             } else {
                 libc::preadv(
                     file.as_raw_fd(),
                     chunk.as_ptr(),
-                    chunk.len() as libc::c_int,
+                    count,
                     offset as libc::off_t,
                 )
             }

@@ -357,8 +357,8 @@ impl MmioTransport {
             REG_DEVICE_ID => self.device.device_type(),
             REG_VENDOR_ID => VENDOR_ID,
             REG_DEVICE_FEATURES => match self.device_features_sel {
-                0 => self.device.features() as u32,
-                1 => (self.device.features() >> 32) as u32,
+                0 => low_half(self.device.features()),
+                1 => low_half(self.device.features() >> 32),
                 _ => 0,
             },
             REG_QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| u32::from(q.max_size())),
@@ -396,7 +396,10 @@ impl MmioTransport {
             REG_QUEUE_SEL => self.queue_sel = v,
             REG_QUEUE_NUM if setup => {
                 if let Some(q) = self.selected_queue() {
-                    q.set_size(v as u16);
+                    // A size past 16 bits is as invalid as 0: refused,
+                    // the queue left as it was (truncated, 0x10010 would
+                    // pass for 16).
+                    q.set_size(u16::try_from(v).unwrap_or(0));
                 }
             }
             REG_QUEUE_READY if setup => {
@@ -509,6 +512,16 @@ impl BusDevice for MmioTransport {
     }
 }
 
+/// The low 32 bits of a 64-bit feature word (the registers show it in
+/// halves, selected by DeviceFeaturesSel).
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "the truncation is the point: the low half"
+)]
+fn low_half(features: u64) -> u32 {
+    features as u32
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -589,6 +602,10 @@ pub(crate) mod tests {
         fn queue_max_sizes(&self) -> &[u16] {
             &[16]
         }
+        #[allow(
+            clippy::cast_possible_truncation,
+            reason = "the test device's config space is a few bytes long"
+        )]
         fn read_config(&self, offset: u64, data: &mut [u8]) {
             data.fill(offset as u8);
         }
@@ -663,6 +680,22 @@ pub(crate) mod tests {
         let mut c = [0u8; 1];
         t.read(CONFIG_SPACE + 3, &mut c);
         assert_eq!(c[0], 3);
+    }
+
+    /// QueueNum is a 32-bit register over a 16-bit size: a value past 16
+    /// bits is refused like any invalid size, not truncated into a valid
+    /// one (0x10010 would pass for 16).
+    #[test]
+    fn queue_sizes_past_16_bits_are_refused() {
+        let (mut t, _) = transport();
+        negotiate(&mut t, 1);
+        w(&mut t, REG_QUEUE_SEL, 0);
+        w(&mut t, REG_QUEUE_NUM, 8);
+        assert_eq!(t.state().queues[0].size, 8);
+        w(&mut t, REG_QUEUE_NUM, 0x1_0010);
+        assert_eq!(t.state().queues[0].size, 8);
+        w(&mut t, REG_QUEUE_NUM, 16);
+        assert_eq!(t.state().queues[0].size, 16);
     }
 
     #[test]

@@ -29,10 +29,16 @@ struct Fixture {
     block: Block,
 }
 
+/// The disk's contents: byte `i` is `i % 251` (a prime, so no two
+/// sectors match).
+fn pattern_byte(i: usize) -> u8 {
+    u8::try_from(i % 251).unwrap()
+}
+
 fn fixture_with(disk_len: usize, read_only: bool, direct: bool, serial: Option<&str>) -> Fixture {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
     let mut file = tempfile::NamedTempFile::new().unwrap();
-    let pattern: Vec<u8> = (0..disk_len).map(|i| (i % 251) as u8).collect();
+    let pattern: Vec<u8> = (0..disk_len).map(pattern_byte).collect();
     file.write_all(&pattern).unwrap();
     file.flush().unwrap();
     let block = Block::open(file.path(), read_only, direct, serial).unwrap();
@@ -392,7 +398,7 @@ fn process_queue_completes_requests_and_honours_event_idx() {
             s.addr().0,
             s.len(),
             flags,
-            i as u16 + 1,
+            u16::try_from(i + 1).unwrap(),
         )));
     }
     vq.add_desc_chains(&linked, 0).unwrap();
@@ -487,7 +493,7 @@ fn discard_and_write_zeroes_punch_holes() {
     let bytes = file_bytes(&f);
     assert!(bytes[..MIB].iter().all(|b| *b == 0));
     assert!(bytes[2 * MIB..3 * MIB].iter().all(|b| *b == 0));
-    assert_eq!(bytes[MIB + 7], ((MIB + 7) % 251) as u8);
+    assert_eq!(bytes[MIB + 7], pattern_byte(MIB + 7));
 }
 
 #[test]

@@ -46,12 +46,23 @@ pub const OFFLOAD_FEATURES: u64 = F_CSUM
     | F_HOST_TSO6
     | F_HOST_ECN;
 
-pub const FLAG_NEEDS_CSUM: u8 = vn::VIRTIO_NET_HDR_F_NEEDS_CSUM as u8;
-pub const FLAG_DATA_VALID: u8 = vn::VIRTIO_NET_HDR_F_DATA_VALID as u8;
-pub const GSO_NONE: u8 = vn::VIRTIO_NET_HDR_GSO_NONE as u8;
-pub const GSO_TCPV4: u8 = vn::VIRTIO_NET_HDR_GSO_TCPV4 as u8;
-pub const GSO_TCPV6: u8 = vn::VIRTIO_NET_HDR_GSO_TCPV6 as u8;
-pub const GSO_ECN: u8 = vn::VIRTIO_NET_HDR_GSO_ECN as u8;
+pub const FLAG_NEEDS_CSUM: u8 = byte(vn::VIRTIO_NET_HDR_F_NEEDS_CSUM);
+pub const FLAG_DATA_VALID: u8 = byte(vn::VIRTIO_NET_HDR_F_DATA_VALID);
+pub const GSO_NONE: u8 = byte(vn::VIRTIO_NET_HDR_GSO_NONE);
+pub const GSO_TCPV4: u8 = byte(vn::VIRTIO_NET_HDR_GSO_TCPV4);
+pub const GSO_TCPV6: u8 = byte(vn::VIRTIO_NET_HDR_GSO_TCPV6);
+pub const GSO_ECN: u8 = byte(vn::VIRTIO_NET_HDR_GSO_ECN);
+
+/// A header flag or GSO type (a u32 in virtio_bindings) as the header's
+/// u8 field; used in consts, so a value that does not fit fails the build.
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "asserted to fit in the line before"
+)]
+const fn byte(v: u32) -> u8 {
+    assert!(v <= 0xff);
+    v as u8
+}
 
 /// `virtio_net_hdr_v1`, decoded (all fields little-endian on the wire).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

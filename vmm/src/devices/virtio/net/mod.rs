@@ -50,7 +50,12 @@ pub const QUEUE_SIZE: u16 = 256;
 const MAX_DESCRIPTORS: usize = 1024;
 /// mac, status, max_virtqueue_pairs.
 const CONFIG_LEN: usize = 10;
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "VIRTIO_NET_S_LINK_UP is 1, a bit of the 16-bit status field"
+)]
 const LINK_UP: u16 = virtio_bindings::virtio_net::VIRTIO_NET_S_LINK_UP as u16;
+const _: () = assert!(LINK_UP as u32 == virtio_bindings::virtio_net::VIRTIO_NET_S_LINK_UP);
 
 /// What the device needs of the other end: a tap, or a fake in tests.
 pub trait Backend: Send {

@@ -329,7 +329,7 @@ impl Net {
             buffers += 1;
             used.push(Used {
                 head,
-                len: n as u32,
+                len: u32::try_from(n).expect("a frame is under 64 KiB and a header"),
             });
             if first.is_none() {
                 first = Some(rx);
@@ -349,6 +349,10 @@ impl Net {
 
     /// Undoes the pops of a frame that was not delivered, except for the
     /// unusable chains at the front (`bad`), which are returned empty.
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "at most one queue of chains (u16 sized); ring indices wrap mod 2^16 anyway"
+    )]
     fn give_back(&self, mem: &GuestMemoryMmap, queue: &mut Queue, start: u16, bad: &[Used]) {
         queue.set_next_avail(start.wrapping_add(bad.len() as u16));
         publish(mem, queue, bad);

@@ -84,7 +84,8 @@ fn ifreq(name: &CString, flags: libc::c_int) -> libc::ifreq {
     for (dst, src) in req.ifr_name.iter_mut().zip(name.as_bytes()) {
         *dst = *src as libc::c_char;
     }
-    req.ifr_ifru.ifru_flags = flags as libc::c_short;
+    req.ifr_ifru.ifru_flags =
+        libc::c_short::try_from(flags).expect("IFF_ flags are defined in 16 bits");
     req
 }
 
@@ -203,7 +204,7 @@ impl Tap {
             name: name.to_string(),
             offload: false,
         };
-        let hdr_len = HDR_LEN as libc::c_int;
+        let hdr_len = libc::c_int::try_from(HDR_LEN).expect("a 12-byte header");
         ioctl_int_ref(&tap.file, libc::TUNSETVNETHDRSZ, &hdr_len)
             .map_err(|e| tap.ioctl_error("set the vnet header size", e))?;
         let offload = tap.set_offload_flags(PROBE_OFFLOAD).is_ok();

@@ -93,7 +93,9 @@ impl<'a> Driver<'a> {
         let vq = MockSplitQueue::create(mem, GuestAddress(at), size);
         let mut queue = vq.create_queue::<Queue>().unwrap();
         let used_addr = GuestAddress(at + 0x8000);
-        queue.set_used_ring_address(Some(used_addr.0 as u32), Some((used_addr.0 >> 32) as u32));
+        let [lo, hi] =
+            [used_addr.0 & 0xffff_ffff, used_addr.0 >> 32].map(|v| u32::try_from(v).unwrap());
+        queue.set_used_ring_address(Some(lo), Some(hi));
         Driver {
             mem,
             vq,
@@ -115,13 +117,16 @@ impl<'a> Driver<'a> {
                 let (flags, next) = if last {
                     (flags, 0)
                 } else {
-                    (flags | F_NEXT, (head + i as u16 + 1) % self.size)
+                    (
+                        flags | F_NEXT,
+                        (head + u16::try_from(i).unwrap() + 1) % self.size,
+                    )
                 };
                 RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
             })
             .collect();
         self.vq.add_desc_chains(&descs, head).unwrap();
-        self.next_desc = (head + chain.len() as u16) % self.size;
+        self.next_desc = (head + u16::try_from(chain.len()).unwrap()) % self.size;
         head
     }
 
@@ -172,9 +177,16 @@ fn fixture() -> Fixture {
     fixture_with(true, 0)
 }
 
+/// A test buffer's length as a descriptor's.
+fn len32(b: &[u8]) -> u32 {
+    u32::try_from(b.len()).unwrap()
+}
+
 /// An Ethernet frame of `len` bytes with a recognisable payload.
 fn frame(len: usize, seed: u8) -> Vec<u8> {
-    let mut f: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(7) ^ seed).collect();
+    let mut f: Vec<u8> = (0..len)
+        .map(|i| i.to_le_bytes()[0].wrapping_mul(7) ^ seed)
+        .collect();
     f[..6].copy_from_slice(&MAC);
     f
 }
@@ -208,7 +220,7 @@ fn tx_sends_a_frame_split_over_descriptors() {
         .unwrap();
     let mem = f.mem.clone();
     let mut d = Driver::new(&mem, 0, 16);
-    d.post(&[(BUF, 20, 0), (BUF + 0x1000, packet.len() as u32 - 20, 0)]);
+    d.post(&[(BUF, 20, 0), (BUF + 0x1000, len32(&packet) - 20, 0)]);
     f.net.process_queue(&f.mem, TX_QUEUE, &mut d.queue);
     assert_eq!(f.wire.lock().unwrap().sent, vec![packet]);
     assert_eq!(d.used_idx(), 1);
@@ -248,7 +260,7 @@ fn tx_malformed_chains_are_dropped_and_counted() {
     f.mem
         .write_slice(&bad_hdr, GuestAddress(BUF + 0x2_0000))
         .unwrap();
-    d.post(&[(BUF + 0x2_0000, bad_hdr.len() as u32, 0)]);
+    d.post(&[(BUF + 0x2_0000, len32(&bad_hdr), 0)]);
     // A checksum that points past the frame.
     let mut bad_csum = good.clone();
     bad_csum[..HDR_LEN].copy_from_slice(
@@ -263,12 +275,12 @@ fn tx_malformed_chains_are_dropped_and_counted() {
     f.mem
         .write_slice(&bad_csum, GuestAddress(BUF + 0x3_0000))
         .unwrap();
-    d.post(&[(BUF + 0x3_0000, bad_csum.len() as u32, 0)]);
+    d.post(&[(BUF + 0x3_0000, len32(&bad_csum), 0)]);
     // And then a good frame still goes out.
-    d.post(&[(BUF, good.len() as u32, 0)]);
+    d.post(&[(BUF, len32(&good), 0)]);
 
     f.net.process_queue(&f.mem, TX_QUEUE, &mut d.queue);
-    let total = cases.len() as u16 + 3;
+    let total = u16::try_from(cases.len()).unwrap() + 3;
     assert_eq!(d.used_idx(), total, "every chain is returned");
     for i in 0..total {
         assert_eq!(d.used(i).1, 0);
@@ -300,7 +312,7 @@ fn tx_gso_needs_the_acked_feature() {
         f.mem.write_slice(&gso, GuestAddress(BUF)).unwrap();
         let mem = f.mem.clone();
         let mut d = Driver::new(&mem, 0, 16);
-        d.post(&[(BUF, gso.len() as u32, 0)]);
+        d.post(&[(BUF, len32(&gso), 0)]);
         f.net.process_queue(&f.mem, TX_QUEUE, &mut d.queue);
         assert_eq!(f.wire.lock().unwrap().sent.len(), sent, "{acked:#x}");
         assert_eq!(stats(&f).tx_dropped_bad_header, 1 - sent as u64);
@@ -314,8 +326,8 @@ fn tx_waits_for_a_full_tap_and_counts_a_refusing_one() {
     f.mem.write_slice(&good, GuestAddress(BUF)).unwrap();
     let mem = f.mem.clone();
     let mut d = Driver::new(&mem, 0, 16);
-    d.post(&[(BUF, good.len() as u32, 0)]);
-    d.post(&[(BUF, good.len() as u32, 0)]);
+    d.post(&[(BUF, len32(&good), 0)]);
+    d.post(&[(BUF, len32(&good), 0)]);
     f.wire.lock().unwrap().would_block = true;
     f.net.process_queue(&f.mem, TX_QUEUE, &mut d.queue);
     assert_eq!(d.used_idx(), 0, "the chain stays with the device");
@@ -330,7 +342,7 @@ fn tx_waits_for_a_full_tap_and_counts_a_refusing_one() {
     assert_eq!(f.wire.lock().unwrap().sent.len(), 2);
     // A tap that refuses (down): dropped, counted, chain returned.
     f.wire.lock().unwrap().refuse = true;
-    d.post(&[(BUF, good.len() as u32, 0)]);
+    d.post(&[(BUF, len32(&good), 0)]);
     f.net.process_queue(&f.mem, TX_QUEUE, &mut d.queue);
     assert_eq!(d.used_idx(), 3);
     assert_eq!(stats(&f).tx_tap_errors, 1);
@@ -556,7 +568,10 @@ fn rx_interrupts_follow_used_event() {
     f.mem.write_obj(5u16.to_le(), used_event).unwrap();
     let mut interrupts = Vec::new();
     for i in 0..7u64 {
-        push_rx(&f, with_header(NetHdr::default(), &frame(60, i as u8)));
+        push_rx(
+            &f,
+            with_header(NetHdr::default(), &frame(60, u8::try_from(i).unwrap())),
+        );
         d.post(&[(BUF + i * 0x1000, 1526, F_WRITE)]);
         interrupts.push(f.net.process_queue(&f.mem, RX_QUEUE, &mut d.queue));
     }
@@ -680,7 +695,7 @@ fn the_tap_is_polled_only_while_the_guest_has_room() {
     f.mem
         .write_slice(&good, GuestAddress(BUF + 0x8000))
         .unwrap();
-    tx.post(&[(BUF + 0x8000, good.len() as u32, 0)]);
+    tx.post(&[(BUF + 0x8000, len32(&good), 0)]);
     f.net.process_queue(&f.mem, TX_QUEUE, &mut tx.queue);
     assert!(f.net.backend_interest().write);
 }
