@@ -11,6 +11,7 @@ pub mod fsutil;
 pub mod http;
 pub mod net;
 pub mod plugin;
+pub mod snapshot;
 pub mod store;
 
 pub use error_chain::error_chain;
