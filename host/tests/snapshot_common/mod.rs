@@ -23,7 +23,7 @@ pub mod disk_common;
 #[path = "../../../vmm/tests/support/mod.rs"]
 pub mod vmm_support;
 
-pub use vmm_support::{count_lines, counts, kvm_or_skip, test_guest, wait_for_log};
+pub use vmm_support::{counts, kvm_or_skip, test_guest, wait_for_log};
 
 /// The guest's memory: small, so 8 clones fit anywhere.
 pub const MEMORY: u64 = 64 << 20;
