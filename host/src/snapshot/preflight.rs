@@ -704,6 +704,8 @@ mod tests {
         ));
     }
 
+    type Disks<'a> = &'a [(DiskRole, &'a str)];
+
     #[test]
     fn roles_against_the_vm() {
         use DiskRole::*;
@@ -721,7 +723,7 @@ mod tests {
             (Data, "logs"),
             (Cidata, "cocoon-cidata"),
         ];
-        let ok: [(&[(DiskRole, &str)], &[(DiskRole, &str)]); 4] = [
+        let ok: [(Disks, Disks); 4] = [
             (&base, &base),
             (&base, &with_seed),
             (&with_seed, &base),
@@ -730,7 +732,7 @@ mod tests {
         for (snap, vm) in ok {
             check_roles(&d(snap), &d(vm)).unwrap();
         }
-        let bad: [(&[(DiskRole, &str)], &[(DiskRole, &str)]); 5] = [
+        let bad: [(Disks, Disks); 5] = [
             (&base[..2], &base),
             (&base, &base[..2]),
             (
