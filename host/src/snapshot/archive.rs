@@ -269,7 +269,7 @@ pub struct Imported {
 
 /// Writes `reader`'s bytes into `file`, leaving all-zero blocks as holes,
 /// and returns (bytes, sha256).
-fn copy_sparse(
+pub(crate) fn copy_sparse(
     reader: &mut impl Read,
     file: &File,
     path: &Path,

@@ -26,11 +26,13 @@
 //! - clone: [`clone::clone`];
 //! - restore: [`restore::prepare`], [`restore::Prepared::stage`],
 //!   [`restore::Staged::commit`];
-//! - export / import: [`archive::export`], [`archive::import`].
+//! - export / import: [`archive::export`], [`archive::import`];
+//! - push / pull: [`registry::push`], [`registry::pull`].
 
 pub mod archive;
 pub mod clone;
 pub mod preflight;
+pub mod registry;
 pub mod restore;
 pub mod save;
 pub mod sidecar;
