@@ -14,6 +14,7 @@ pub mod guest;
 pub mod http;
 pub mod net;
 pub mod plugin;
+pub mod snapshot;
 pub mod store;
 pub mod vm;
 

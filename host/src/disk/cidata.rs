@@ -383,6 +383,58 @@ pub fn read_image(bytes: &[u8]) -> Result<BTreeMap<String, Vec<u8>>, CidataError
     Ok(out)
 }
 
+/// The seed image `bytes` (one this module wrote) with a new identity: its
+/// `instance-id` and hostname replaced, everything else (keys, mounts,
+/// network) kept. A clone gets its snapshot's seed this way, so
+/// cloud-init on the clone runs its once-per-instance modules again.
+pub fn with_identity(
+    bytes: &[u8],
+    instance_id: &str,
+    hostname: &str,
+) -> Result<Vec<u8>, CidataError> {
+    check_non_empty("instance-id", instance_id)?;
+    check_non_empty("hostname", hostname)?;
+    let mut files = read_image(bytes)?;
+    let mut take = |name: &'static str| -> Result<String, CidataError> {
+        let data = files.remove(name).ok_or_else(|| CidataError::Invalid {
+            field: name,
+            value: String::new(),
+            reason: "is missing from the seed image".into(),
+        })?;
+        String::from_utf8(data).map_err(|_| CidataError::Invalid {
+            field: name,
+            value: String::new(),
+            reason: "is not UTF-8".into(),
+        })
+    };
+    let (meta, user, network_config) = (
+        take("meta-data")?,
+        take("user-data")?,
+        take("network-config")?,
+    );
+    let not_ours = |field: &'static str, value: &str| CidataError::Invalid {
+        field,
+        value: truncate(value, 40),
+        reason: "is not a JSON object as cocoon writes it".into(),
+    };
+    let mut meta_v: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&meta).map_err(|_| not_ours("meta-data", &meta))?;
+    meta_v.insert("instance-id".into(), instance_id.into());
+    meta_v.insert("local-hostname".into(), hostname.into());
+    let body = user
+        .strip_prefix("#cloud-config\n")
+        .ok_or_else(|| not_ours("user-data", &user))?;
+    let mut user_v: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(body).map_err(|_| not_ours("user-data", &user))?;
+    user_v.insert("hostname".into(), hostname.into());
+    let files = SeedFiles {
+        meta_data: json(&meta_v, "meta-data")?,
+        user_data: format!("#cloud-config\n{}", json(&user_v, "user-data")?),
+        network_config,
+    };
+    image(&files)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -403,6 +455,40 @@ mod tests {
             mount_point: "/var/log".into(),
             fstype: FsType::Ext4,
         }]
+    }
+
+    #[test]
+    fn a_new_identity_keeps_everything_else() {
+        let f = render(&input(), &mounts()).unwrap();
+        let old = image(&f).unwrap();
+        let new = with_identity(&old, "i-clone", "web2").unwrap();
+        assert_eq!(new.len(), old.len(), "the disk keeps its size");
+        let files = read_image(&new).unwrap();
+        let meta: serde_json::Value = serde_json::from_slice(&files["meta-data"]).unwrap();
+        assert_eq!(
+            meta,
+            serde_json::json!({"instance-id": "i-clone", "local-hostname": "web2"})
+        );
+        let user = String::from_utf8(files["user-data"].clone()).unwrap();
+        let want = render(
+            &SeedInput {
+                instance_id: "i-clone".into(),
+                hostname: "web2".into(),
+                ..input()
+            },
+            &mounts(),
+        )
+        .unwrap();
+        assert_eq!(user, want.user_data, "keys and mounts kept");
+        assert_eq!(files["network-config"], f.network_config.as_bytes());
+        assert!(matches!(
+            with_identity(&new, "bad\u{1}", "web2"),
+            Err(CidataError::Invalid {
+                field: "instance-id",
+                ..
+            })
+        ));
+        assert!(with_identity(&[0u8; 4096], "i", "h").is_err());
     }
 
     #[test]

@@ -138,6 +138,42 @@ pub fn copy_base(base: &BaseImage, dest: &Path, size: u64) -> Result<CopyReport,
     })
 }
 
+/// Copies the regular file `src` to `dest` (which must not exist), whole
+/// and crash-safely: a reflink where the filesystem shares extents, else
+/// a sparse copy of its data runs. Nothing is at `dest` unless the whole
+/// copy is. Snapshots copy a VM's writable disks with it, and clones
+/// their snapshot's.
+pub fn copy_file(src: &Path, dest: &Path) -> Result<CopyMethod, CopyError> {
+    let from = File::open(src).map_err(io_err("opening", src))?;
+    let len = from.metadata().map_err(io_err("reading", src))?.len();
+    let out = NewFile::create(dest).map_err(io_err("creating a temp file for", dest))?;
+    let method = match rustix::fs::ioctl_ficlone(out.file(), &from) {
+        Ok(()) => CopyMethod::Reflink,
+        Err(_) => {
+            out.file()
+                .set_len(len)
+                .map_err(io_err("sizing", out.path()))?;
+            sparse_copy(&from, src, out.file(), out.path(), len, None)?;
+            CopyMethod::Sparse
+        }
+    };
+    out.commit().map_err(io_err("creating", dest))?;
+    Ok(method)
+}
+
+/// The length of `path` and the sha256 of all of it, reading only its
+/// data runs (a hole hashes as the zeros it reads as).
+pub fn sha256_file(path: &Path) -> Result<(u64, Digest), CopyError> {
+    let file = File::open(path).map_err(io_err("opening", path))?;
+    let len = file.metadata().map_err(io_err("reading", path))?.len();
+    let mut hash = Sha256::new();
+    hash_file(&file, path, len, &mut hash)?;
+    let digest = format!("sha256:{}", hex::encode(hash.finalize()))
+        .parse()
+        .expect("a sha256 is a digest");
+    Ok((len, digest))
+}
+
 /// Feeds `len` zero bytes to `hash` (a hole reads as zeros).
 fn hash_zeros(hash: &mut Sha256, mut len: u64) {
     static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
@@ -150,7 +186,7 @@ fn hash_zeros(hash: &mut Sha256, mut len: u64) {
 
 /// The data runs of the first `len` bytes of `file`, in order (all of it
 /// where the filesystem cannot tell).
-fn data_runs(file: &File, path: &Path, len: u64) -> Result<Vec<(u64, u64)>, CopyError> {
+pub fn data_runs(file: &File, path: &Path, len: u64) -> Result<Vec<(u64, u64)>, CopyError> {
     let mut runs = Vec::new();
     let mut at = 0;
     while at < len {

@@ -106,6 +106,12 @@ impl Registry {
         Some(reg)
     }
 
+    /// The registry's storage directory (for tests that tamper with a
+    /// stored blob).
+    pub fn storage(&self) -> std::path::PathBuf {
+        self._dir.path().join("storage")
+    }
+
     pub fn base(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
