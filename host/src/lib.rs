@@ -9,6 +9,7 @@ pub mod disk;
 pub mod error_chain;
 pub mod fsutil;
 pub mod http;
+pub mod layer;
 pub mod net;
 pub mod plugin;
 pub mod store;
