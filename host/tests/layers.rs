@@ -405,6 +405,7 @@ fn assert_refused(e: &Env, tar: &[u8], entry: &str, why: &str) {
     let image = e.image_of(tar);
     let err = e.prepare(&image).unwrap_err();
     let msg = cocoon_host::error_chain(&err);
+    eprintln!("refused: {msg}");
     assert!(
         msg.contains(entry) && msg.contains(why),
         "{entry}, {why}: {msg}"
