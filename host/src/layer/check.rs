@@ -296,9 +296,11 @@ impl Tree {
                             other.what()
                         ))
                     }
-                    None => return Err(format!(
+                    None => {
+                        return Err(format!(
                         "is a hard link to {target:?}, which is not an earlier entry of this layer"
-                    )),
+                    ))
+                    }
                 }
             }
             EntryKind::CharDevice | EntryKind::BlockDevice => {

@@ -78,7 +78,7 @@ impl OciConfig {
             }
         }
         for e in &config.env {
-            if !e.split_once('=').is_some_and(|(k, _)| !k.is_empty()) {
+            if e.split_once('=').is_none_or(|(k, _)| k.is_empty()) {
                 return Err(format!("Env: {e:?} is not KEY=VALUE"));
             }
         }

@@ -73,13 +73,13 @@ pub enum LayerError {
         layer: Digest,
         plugin: String,
         #[source]
-        source: PluginError,
+        source: Box<PluginError>,
     },
     #[error("layer {layer}: decompressing")]
     Decompress {
         layer: Digest,
         #[source]
-        source: crate::convert::ConvertError,
+        source: Box<crate::convert::ConvertError>,
     },
     #[error("{reference}: not an OCI image (no image config among its artifacts)")]
     NotAnImage { reference: String },
@@ -101,7 +101,7 @@ pub enum LayerError {
     LoadReader {
         plugin: String,
         #[source]
-        source: PluginError,
+        source: Box<PluginError>,
     },
     #[error("running {tool} (install squashfs-tools: scripts/install-deps)")]
     Tool {
@@ -125,7 +125,7 @@ pub enum LayerError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Store(StoreError),
+    Store(Box<StoreError>),
 }
 
 impl From<StoreError> for LayerError {
@@ -133,7 +133,7 @@ impl From<StoreError> for LayerError {
         match e {
             // A build refused inside the cache: the layer's own error.
             StoreError::Layer { source, .. } => *source,
-            other => LayerError::Store(other),
+            other => LayerError::Store(Box::new(other)),
         }
     }
 }
@@ -231,7 +231,7 @@ fn reader(runtime: &Runtime, registry: &Registry) -> Result<(LoadedPlugin, Strin
         .load(runtime, info.name())
         .map_err(|source| LayerError::LoadReader {
             plugin: info.name().to_string(),
-            source,
+            source: Box::new(source),
         })?;
     Ok((plugin, info.sha256.clone()))
 }
@@ -245,7 +245,7 @@ pub fn read_tree(
     let reader_err = |source| LayerError::Reader {
         layer: layer.clone(),
         plugin: plugin.name().to_string(),
-        source,
+        source: Box::new(source),
     };
     let mut session = plugin.open_layer(tar).map_err(reader_err)?;
     let mut tree = Tree::default();
@@ -280,7 +280,7 @@ impl LayerBackend<'_> {
             crate::convert::decompress::unpack(blob.path(), scratch).map_err(|source| {
                 LayerError::Decompress {
                     layer: layer.clone(),
-                    source,
+                    source: Box::new(source),
                 }
             })?;
         let tar_path = unpacked.file.as_ref().map_or(blob.path(), |t| t.path());
