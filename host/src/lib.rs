@@ -12,6 +12,7 @@ pub mod error_chain;
 pub mod fsutil;
 pub mod guest;
 pub mod http;
+pub mod layer;
 pub mod net;
 pub mod plugin;
 pub mod snapshot;

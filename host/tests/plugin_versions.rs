@@ -1,5 +1,6 @@
-//! Plugin API versions: the host implements cocoon:plugin@0.2.0, still
-//! loads image sources and converters built against 0.1.x (their
+//! Plugin API versions: the host implements cocoon:plugin@0.2.1, loads
+//! 0.2.0 plugins unchanged (0.2.1 only added the layer-reader world),
+//! still loads image sources and converters built against 0.1.x (their
 //! interfaces did not change), and refuses a 0.1 disk policy or an unknown
 //! version with an error naming both versions.
 
@@ -152,13 +153,68 @@ fn assert_version_refused(err: PluginError, plugin_api: &str) {
             ..
         } => {
             assert_eq!(v, plugin_api);
-            assert_eq!(host_api, "0.2.0");
+            assert_eq!(host_api, "0.2.1");
         }
         other => panic!("expected a version refusal, got {other}"),
     }
     assert!(
-        msg.contains(&format!("cocoon:plugin@{plugin_api}")) && msg.contains("cocoon:plugin@0.2.0"),
+        msg.contains(&format!("cocoon:plugin@{plugin_api}")) && msg.contains("cocoon:plugin@0.2.1"),
         "{msg}"
+    );
+}
+
+#[test]
+fn a_0_2_0_disk_policy_loads_and_answers_on_the_0_2_1_host() {
+    use cocoon_host::plugin::policy::{ImageKind, PolicyRequest};
+    let rt = Runtime::new(None).unwrap();
+    let p = load(&rt, "v020-policy", PluginKind::DiskPolicy).unwrap();
+    assert_eq!(p.api(), ApiVersion(0, 2, 0));
+    assert!(p.imports().iter().any(|i| i == "cocoon:plugin/host@0.2.0"));
+    let request = |name: &str| PolicyRequest {
+        name: name.into(),
+        image: ImageKind::Disk {
+            digest: format!("sha256:{}", "0".repeat(64)),
+            virtual_size: 1 << 30,
+        },
+        cow_size: None,
+        data_disks: Vec::new(),
+        cidata: false,
+        settings: BTreeMap::new(),
+    };
+    let mut policy = p.policy_instance().unwrap();
+    let (v, logs) = capture_logs(|| policy.validate(&request("refused")));
+    let v = v.unwrap();
+    assert_eq!(v.len(), 1);
+    assert_eq!(v[0].message, "refused by the 0.2.0 policy");
+    assert!(policy.validate(&request("fine")).unwrap().is_empty());
+    let _ = logs;
+    let (plan, logs) = capture_logs(|| p.policy_instance().unwrap().plan(&request("fine")));
+    assert!(logs.contains("v0.2.0 policy planning"), "{logs}");
+    let plan = plan.unwrap();
+    assert_eq!(plan.len(), 1);
+    assert_eq!(plan[0].name, "cocoon-root");
+}
+
+#[test]
+fn a_layer_reader_needs_0_2_1() {
+    // The built-in tar-layer is one, built against this host's version.
+    let config = HostConfig::at(tempfile::tempdir().unwrap().path());
+    let rt = Runtime::new(None).unwrap();
+    let p = Registry::discover(&config).load(&rt, "tar-layer").unwrap();
+    assert_eq!(
+        (p.kind(), p.api()),
+        (PluginKind::LayerReader, ApiVersion(0, 2, 1))
+    );
+    // A 0.2.0 component cannot be one: the world is new in 0.2.1.
+    let err = load(&rt, "v020-policy", PluginKind::LayerReader)
+        .err()
+        .unwrap();
+    assert!(
+        matches!(&err, PluginError::ApiVersion { plugin_api, .. } if plugin_api == "0.2.0")
+            && err
+                .to_string()
+                .contains("layer-reader plugins of 0.2.x from 0.2.1"),
+        "{err}"
     );
 }
 

@@ -1,12 +1,14 @@
 //! The plugin API versions this host links, and the calls of each kind
 //! over whichever version a plugin was built against.
 //!
-//! The host implements `cocoon:plugin@0.2.0`. Image-source and
+//! The host implements `cocoon:plugin@0.2.1`. Image-source and
 //! format-converter plugins built against 0.1.x keep loading: those
 //! interfaces did not change, so the host links the 0.1 imports too and
 //! converts 0.1 answers into the 0.2 types the rest of the host uses. Disk
-//! policies must be 0.2 (their interface changed); any other version is
-//! refused with both versions named.
+//! policies must be 0.2 (their interface changed), layer readers 0.2.1 or
+//! later 0.2.x (their world is new in 0.2.1); any other version is refused
+//! with both versions named. 0.2.0 plugins load on this 0.2.1 host as they
+//! are: wasmtime resolves 0.2.x names by semver, both ways.
 //!
 //! Everything here is unchecked plumbing: the checks on what a plugin
 //! answers live in [`super::calls`], which every caller goes through.
@@ -16,7 +18,7 @@ use std::fmt;
 use wasmtime::component::{HasSelf, Linker, Resource, ResourceAny};
 use wasmtime::Store;
 
-use super::bindings::{disk_policy, format_converter, image_source, v0_1, WitError};
+use super::bindings::{disk_policy, format_converter, image_source, layer_reader, v0_1, WitError};
 use super::manifest::PluginKind;
 use super::source::SourceFile;
 use super::state::State;
@@ -31,7 +33,7 @@ use image_source::exports::cocoon::plugin::resolver::{Artifact, Platform};
 pub struct ApiVersion(pub u64, pub u64, pub u64);
 
 /// The version this host implements.
-pub const HOST_API: ApiVersion = ApiVersion(0, 2, 0);
+pub const HOST_API: ApiVersion = ApiVersion(0, 2, 1);
 
 impl ApiVersion {
     /// Parses `MAJOR.MINOR.PATCH` (pre-release and build suffixes ignored).
@@ -59,6 +61,7 @@ impl ApiVersion {
     /// only add host imports.
     pub fn supported_for(self, kind: PluginKind) -> bool {
         match (self.0, self.1) {
+            (0, 2) if kind == PluginKind::LayerReader => self.2 >= 1,
             (0, 2) => true,
             (0, 1) => matches!(kind, PluginKind::ImageSource | PluginKind::FormatConverter),
             _ => false,
@@ -69,6 +72,7 @@ impl ApiVersion {
     pub fn supported_text(kind: PluginKind) -> &'static str {
         match kind {
             PluginKind::DiskPolicy => "0.2.x",
+            PluginKind::LayerReader => "0.2.x from 0.2.1",
             PluginKind::ImageSource | PluginKind::FormatConverter => "0.1.x and 0.2.x",
         }
     }
@@ -90,6 +94,7 @@ pub fn export_interface(kind: PluginKind) -> &'static str {
         PluginKind::ImageSource => "cocoon:plugin/resolver",
         PluginKind::FormatConverter => "cocoon:plugin/converter",
         PluginKind::DiskPolicy => "cocoon:plugin/policy",
+        PluginKind::LayerReader => "cocoon:plugin/layer",
     }
 }
 
@@ -130,6 +135,7 @@ pub(crate) enum KindPre {
     FormatConverter(format_converter::FormatConverterPre<State>),
     FormatConverterV0_1(v0_1::format_converter::FormatConverterPre<State>),
     DiskPolicy(disk_policy::DiskPolicyPre<State>),
+    LayerReader(layer_reader::LayerReaderPre<State>),
 }
 
 impl KindPre {
@@ -155,6 +161,9 @@ impl KindPre {
             }
             (PluginKind::DiskPolicy, _) => {
                 KindPre::DiskPolicy(disk_policy::DiskPolicyPre::new(pre)?)
+            }
+            (PluginKind::LayerReader, _) => {
+                KindPre::LayerReader(layer_reader::LayerReaderPre::new(pre)?)
             }
         })
     }
@@ -187,6 +196,18 @@ impl KindPre {
     ) -> Option<wasmtime::Result<disk_policy::DiskPolicy>> {
         match self {
             KindPre::DiskPolicy(p) => Some(p.instantiate(store)),
+            _ => None,
+        }
+    }
+}
+
+impl KindPre {
+    pub(crate) fn layer_reader(
+        &self,
+        store: &mut Store<State>,
+    ) -> Option<wasmtime::Result<layer_reader::LayerReader>> {
+        match self {
+            KindPre::LayerReader(p) => Some(p.instantiate(store)),
             _ => None,
         }
     }
@@ -575,10 +596,17 @@ mod tests {
             (ApiVersion(0, 3, 0), ImageSource, false),
             (ApiVersion(1, 2, 0), FormatConverter, false),
             (ApiVersion(0, 0, 1), DiskPolicy, false),
+            (ApiVersion(0, 2, 1), LayerReader, true),
+            (ApiVersion(0, 2, 5), LayerReader, true),
+            (ApiVersion(0, 2, 0), LayerReader, false),
+            (ApiVersion(0, 1, 0), LayerReader, false),
+            (ApiVersion(0, 2, 0), FormatConverter, true),
         ];
         for (v, kind, ok) in cases {
             assert_eq!(v.supported_for(kind), ok, "{v} {kind}");
         }
-        assert!(HOST_API.supported_for(DiskPolicy));
+        for kind in PluginKind::ALL {
+            assert!(HOST_API.supported_for(kind), "{kind}");
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! Host-side bindings of the plugin worlds, for every plugin API version
 //! the host links.
 //!
-//! The current version (0.2) is generated at the top level; its types are
+//! The current version (0.2.1) is generated at the top level; its types are
 //! the ones the rest of the host sees. The shared interfaces (types, host)
 //! are generated once, with the image-source world, and reused by the
 //! other worlds so one `Host` implementation serves every kind.
@@ -38,6 +38,19 @@ pub mod disk_policy {
         with: {
             "cocoon:plugin/types": super::image_source::cocoon::plugin::types,
             "cocoon:plugin/host": super::image_source::cocoon::plugin::host,
+        },
+    });
+}
+
+pub mod layer_reader {
+    wasmtime::component::bindgen!({
+        world: "layer-reader",
+        path: "../wit",
+        additional_derives: [PartialEq, Eq],
+        with: {
+            "cocoon:plugin/types": super::image_source::cocoon::plugin::types,
+            "cocoon:plugin/host": super::image_source::cocoon::plugin::host,
+            "cocoon:plugin/source": super::format_converter::cocoon::plugin::source,
         },
     });
 }

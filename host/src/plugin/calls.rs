@@ -15,7 +15,8 @@ use wasmtime::Store;
 
 use super::api::{ConverterBindings, KindPre, SourceBindings};
 use super::bindings::disk_policy::DiskPolicy as PolicyBindings;
-use super::bindings::{format_converter, image_source, WitError};
+use super::bindings::layer_reader::LayerReader as LayerBindings;
+use super::bindings::{format_converter, image_source, layer_reader, WitError};
 use super::error::PluginError;
 use super::manifest::PluginKind;
 use super::policy::{
@@ -29,6 +30,9 @@ pub use format_converter::exports::cocoon::plugin::converter::{
     Compressed, Extent, ExtentKind, ProbeResult,
 };
 pub use image_source::exports::cocoon::plugin::resolver::{Artifact, Platform};
+pub use layer_reader::exports::cocoon::plugin::layer::{
+    Device, Entry as LayerEntry, EntryKind, Extent as TarExtent, Xattr,
+};
 
 /// Most artifacts one reference may resolve to (layers of an image).
 pub const MAX_ARTIFACTS: usize = 1024;
@@ -38,6 +42,16 @@ pub const MAX_SCHEMES: usize = 64;
 pub const MAX_EXTENTS_PER_PAGE: u32 = 4096;
 /// Largest decoded extent.
 pub const MAX_DECODED: u32 = 16 << 20;
+/// Most entries one page of a layer may hold.
+pub const MAX_ENTRIES_PER_PAGE: u32 = 4096;
+/// Longest entry name or link target a layer reader may answer (the host's
+/// own path rules, in `crate::layer::check`, are stricter).
+pub const MAX_LAYER_NAME: usize = 64 << 10;
+/// Most extents of one file (a plain tar stores a file in one).
+pub const MAX_FILE_EXTENTS: usize = 1024;
+/// Most extended attributes of one entry, and their largest value.
+pub const MAX_XATTRS: usize = 64;
+pub const MAX_XATTR_VALUE: usize = 64 << 10;
 
 impl Platform {
     /// linux/amd64, what this host runs.
@@ -66,6 +80,8 @@ pub type SourceInstance<'p> = Instance<'p, SourceBindings>;
 pub type ConverterInstance<'p> = Instance<'p, ConverterBindings>;
 /// A disk policy instance.
 pub type PolicyInstance<'p> = Instance<'p, PolicyBindings>;
+/// A layer reader instance.
+pub type LayerInstance<'p> = Instance<'p, LayerBindings>;
 
 impl<'p, B> Instance<'p, B> {
     pub fn plugin(&self) -> &'p LoadedPlugin {
@@ -157,6 +173,17 @@ impl LoadedPlugin {
     /// A fresh disk-policy instance.
     pub fn policy_instance(&self) -> Result<PolicyInstance<'_>, PluginError> {
         self.instance(PluginKind::DiskPolicy, KindPre::policy)
+    }
+
+    /// A fresh layer-reader instance.
+    pub fn layer_instance(&self) -> Result<LayerInstance<'_>, PluginError> {
+        self.instance(PluginKind::LayerReader, KindPre::layer_reader)
+    }
+
+    /// layer-reader: opens the (uncompressed) tar at `path` in a session
+    /// that keeps its store for the `next` calls that follow.
+    pub fn open_layer(&self, path: &Path) -> Result<LayerSession<'_>, PluginError> {
+        self.layer_instance()?.open(path)
     }
 
     /// image-source: the schemes the plugin resolves.
@@ -314,6 +341,63 @@ impl PolicyInstance<'_> {
             });
         }
         Ok(plan)
+    }
+}
+
+impl<'p> LayerInstance<'p> {
+    /// Opens `path` on this instance, which the session keeps.
+    pub fn open(mut self, path: &Path) -> Result<LayerSession<'p>, PluginError> {
+        let src = SourceFile::open(path).map_err(PluginError::io("opening layer", path))?;
+        let source_size = src.size();
+        let handle =
+            self.store
+                .data_mut()
+                .push_source(src)
+                .map_err(|e| PluginError::Instantiate {
+                    plugin: self.plugin.name().to_string(),
+                    detail: format!("{e:#}"),
+                })?;
+        let layer = self.run_fallible("open", |b, s| {
+            b.cocoon_plugin_layer().layer().call_open(s, handle)
+        })?;
+        Ok(LayerSession {
+            instance: self,
+            layer,
+            source_size,
+            done: false,
+        })
+    }
+}
+
+/// An opened layer: one instance kept across the `next` calls. After a
+/// trap the session is spent.
+pub struct LayerSession<'p> {
+    instance: LayerInstance<'p>,
+    layer: ResourceAny,
+    source_size: u64,
+    done: bool,
+}
+
+impl LayerSession<'_> {
+    /// The next page of entries, checked by [`check_entries`]; empty at
+    /// the end, and empty ever after.
+    pub fn next(&mut self, max: u32) -> Result<Vec<LayerEntry>, PluginError> {
+        if self.done {
+            return Ok(Vec::new());
+        }
+        let max = max.clamp(1, MAX_ENTRIES_PER_PAGE);
+        let layer = self.layer;
+        let entries = self.instance.run_fallible("next", |b, s| {
+            b.cocoon_plugin_layer().layer().call_next(s, layer, max)
+        })?;
+        check_entries(&entries, max, self.source_size)
+            .map_err(|detail| self.instance.invalid("next", detail))?;
+        self.done = entries.is_empty();
+        Ok(entries)
+    }
+
+    pub fn plugin(&self) -> &LoadedPlugin {
+        self.instance.plugin
     }
 }
 
@@ -518,6 +602,113 @@ pub fn check_page(
     Ok(())
 }
 
+/// The shape of a page of layer entries: at most `max`; names and link
+/// targets non-empty and at most [`MAX_LAYER_NAME`] bytes; a link target
+/// exactly on links, a device exactly on devices; a file's extents inside
+/// the tar, in order, not overlapping, adding up to its size; nothing but
+/// files with a size or extents; bounded xattrs. Names, links between
+/// entries and limits over the whole layer are checked by
+/// `crate::layer::check`, which every page goes through next.
+pub fn check_entries(entries: &[LayerEntry], max: u32, source_size: u64) -> Result<(), String> {
+    if entries.len() > max as usize {
+        return Err(format!(
+            "{} entries, asked for at most {max}",
+            entries.len()
+        ));
+    }
+    for e in entries {
+        check_entry(e, source_size).map_err(|why| {
+            let mut name = e.name.clone();
+            if name.len() > 256 {
+                let mut end = 256;
+                while !name.is_char_boundary(end) {
+                    end -= 1;
+                }
+                name.truncate(end);
+                name.push('…');
+            }
+            format!("entry {name:?}: {why}")
+        })?;
+    }
+    Ok(())
+}
+
+fn check_entry(e: &LayerEntry, source_size: u64) -> Result<(), String> {
+    if e.name.is_empty() || e.name.len() > MAX_LAYER_NAME {
+        return Err(format!(
+            "a name of {} bytes (1 to {MAX_LAYER_NAME})",
+            e.name.len()
+        ));
+    }
+    if e.mode > 0o7777 {
+        return Err(format!("mode {:o} has bits beyond 07777", e.mode));
+    }
+    let is_link = matches!(e.kind, EntryKind::Symlink | EntryKind::Hardlink);
+    match (&e.link_target, is_link) {
+        (Some(t), true) if t.is_empty() || t.len() > MAX_LAYER_NAME => {
+            return Err(format!(
+                "a link target of {} bytes (1 to {MAX_LAYER_NAME})",
+                t.len()
+            ))
+        }
+        (Some(_), true) | (None, false) => {}
+        (None, true) => return Err(format!("a {:?} without a target", e.kind)),
+        (Some(_), false) => return Err(format!("a {:?} with a link target", e.kind)),
+    }
+    let is_device = matches!(e.kind, EntryKind::CharDevice | EntryKind::BlockDevice);
+    if e.device.is_some() != is_device {
+        return Err(format!("a {:?} with device {:?}", e.kind, e.device));
+    }
+    if e.kind != EntryKind::File && (e.size != 0 || !e.extents.is_empty()) {
+        return Err(format!("a {:?} with contents", e.kind));
+    }
+    if e.extents.len() > MAX_FILE_EXTENTS {
+        return Err(format!(
+            "{} extents, at most {MAX_FILE_EXTENTS}",
+            e.extents.len()
+        ));
+    }
+    let mut total = 0u64;
+    let mut at = 0u64;
+    for x in &e.extents {
+        let end = x
+            .offset
+            .checked_add(x.length)
+            .filter(|&end| end <= source_size)
+            .ok_or_else(|| {
+                format!(
+                    "contents at {}+{} are past the end of the tar ({source_size} bytes)",
+                    x.offset, x.length
+                )
+            })?;
+        if x.offset < at {
+            return Err(format!("extents overlap or go backwards at {}", x.offset));
+        }
+        at = end;
+        total += x.length;
+    }
+    if total != e.size {
+        return Err(format!("extents of {total} bytes for a size of {}", e.size));
+    }
+    if e.xattrs.len() > MAX_XATTRS {
+        return Err(format!("{} xattrs, at most {MAX_XATTRS}", e.xattrs.len()));
+    }
+    for x in &e.xattrs {
+        if x.name.is_empty()
+            || x.name.len() > 255
+            || x.name.contains('\0')
+            || x.value.len() > MAX_XATTR_VALUE
+        {
+            return Err(format!(
+                "xattr {:?} of {} bytes",
+                x.name.chars().take(64).collect::<String>(),
+                x.value.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -629,6 +820,97 @@ mod tests {
         assert!(check_decode_length(MAX_DECODED + 1).is_err());
         assert!(check_decoded(&[0; 4], 4).is_ok());
         assert!(check_decoded(&[0; 3], 4).is_err());
+    }
+
+    #[test]
+    fn layer_entry_rules() {
+        let file = |name: &str, size: u64, extents: Vec<TarExtent>| LayerEntry {
+            kind: EntryKind::File,
+            name: name.into(),
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            link_target: None,
+            size,
+            extents,
+            device: None,
+            xattrs: Vec::new(),
+        };
+        let x = |offset, length| TarExtent { offset, length };
+        let tar = 10_240;
+        assert!(check_entries(&[file("a", 5, vec![x(512, 5)])], 4, tar).is_ok());
+        assert!(check_entries(&[file("empty", 0, vec![])], 4, tar).is_ok());
+        let symlink = LayerEntry {
+            kind: EntryKind::Symlink,
+            link_target: Some("b".into()),
+            ..file("l", 0, vec![])
+        };
+        assert!(check_entries(std::slice::from_ref(&symlink), 4, tar).is_ok());
+        let long = "n".repeat(MAX_LAYER_NAME + 1);
+        let cases: Vec<(LayerEntry, &str)> = vec![
+            (
+                file("a", 5, vec![x(10_000, 500)]),
+                "past the end of the tar",
+            ),
+            (
+                file("a", 5, vec![x(u64::MAX, 5)]),
+                "past the end of the tar",
+            ),
+            (
+                file("a", 6, vec![x(512, 5)]),
+                "extents of 5 bytes for a size of 6",
+            ),
+            (file("a", 10, vec![x(512, 5), x(514, 5)]), "overlap"),
+            (file("", 0, vec![]), "a name of 0 bytes"),
+            (file(&long, 0, vec![]), "a name of 65537 bytes"),
+            (
+                LayerEntry {
+                    mode: 0o17777,
+                    ..file("m", 0, vec![])
+                },
+                "beyond 07777",
+            ),
+            (
+                LayerEntry {
+                    link_target: None,
+                    ..symlink.clone()
+                },
+                "without a target",
+            ),
+            (
+                LayerEntry {
+                    kind: EntryKind::Directory,
+                    ..symlink.clone()
+                },
+                "with a link target",
+            ),
+            (
+                LayerEntry {
+                    kind: EntryKind::Directory,
+                    ..file("d", 5, vec![x(512, 5)])
+                },
+                "with contents",
+            ),
+            (
+                LayerEntry {
+                    kind: EntryKind::CharDevice,
+                    ..file("c", 0, vec![])
+                },
+                "with device None",
+            ),
+        ];
+        for (e, want) in cases {
+            let err = check_entries(std::slice::from_ref(&e), 4, tar).unwrap_err();
+            assert!(err.contains(want), "{want}: {err}");
+            if !e.name.is_empty() && e.name.len() < 100 {
+                assert!(err.starts_with(&format!("entry {:?}", e.name)), "{err}");
+            }
+        }
+        let page = vec![file("a", 0, vec![]); 5];
+        assert!(check_entries(&page, 4, tar)
+            .unwrap_err()
+            .contains("at most 4"));
     }
 
     #[test]

@@ -52,7 +52,7 @@ pub fn refusal(kind: PluginKind, api: ApiVersion, import: &str) -> Option<&'stat
     }
     let kind_specific = match kind {
         PluginKind::ImageSource => "cocoon:plugin/fetch",
-        PluginKind::FormatConverter => "cocoon:plugin/source",
+        PluginKind::FormatConverter | PluginKind::LayerReader => "cocoon:plugin/source",
         PluginKind::DiskPolicy => "",
     };
     if COMMON.contains(&name) || name == kind_specific {
@@ -60,7 +60,7 @@ pub fn refusal(kind: PluginKind, api: ApiVersion, import: &str) -> Option<&'stat
     }
     Some(match name {
         "cocoon:plugin/fetch" => "only image-source plugins may fetch",
-        "cocoon:plugin/source" => "only format-converter plugins read sources",
+        "cocoon:plugin/source" => "only format converters and layer readers read sources",
         _ => "not in the allowlist of this plugin kind",
     })
 }
@@ -81,6 +81,9 @@ mod tests {
             (FormatConverter, "cocoon:plugin/source@0.1.3", true),
             (FormatConverter, "cocoon:plugin/fetch@0.1.0", false),
             (DiskPolicy, "cocoon:plugin/fetch@0.1.0", false),
+            (LayerReader, "cocoon:plugin/source@0.1.0", true),
+            (LayerReader, "cocoon:plugin/fetch@0.1.0", false),
+            (DiskPolicy, "cocoon:plugin/source@0.1.0", false),
             (DiskPolicy, "wasi:io/streams@0.2.6", true),
             (DiskPolicy, "wasi:filesystem/preopens@0.2.0", true),
             (ImageSource, "wasi:sockets/tcp@0.2.6", false),

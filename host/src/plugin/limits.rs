@@ -26,12 +26,14 @@ fn as_millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error
 impl Limits {
     /// The defaults of a plugin kind. Image sources wait on the network
     /// through the host; converters decode large clusters; policies only
-    /// compute over a small request.
+    /// compute over a small request; layer readers parse headers.
     pub fn for_kind(kind: PluginKind) -> Self {
         let (deadline_ms, memory_mib) = match kind {
             PluginKind::ImageSource => (30_000, 64),
             PluginKind::FormatConverter => (10_000, 256),
             PluginKind::DiskPolicy => (1_000, 32),
+            // One call reads one page of tar headers.
+            PluginKind::LayerReader => (10_000, 128),
         };
         Limits {
             deadline: Duration::from_millis(deadline_ms),

@@ -4,7 +4,7 @@
 //! ```toml
 //! name = "site-source"
 //! version = "0.1.0"
-//! kind = "image-source"            # or format-converter, disk-policy
+//! kind = "image-source"            # or format-converter, disk-policy, layer-reader
 //! api = "0.2.0"                    # the cocoon:plugin WIT version built against
 //! description = "…"
 //! wasm = "site_source.wasm"        # beside the manifest
@@ -33,13 +33,15 @@ pub enum PluginKind {
     ImageSource,
     FormatConverter,
     DiskPolicy,
+    LayerReader,
 }
 
 impl PluginKind {
-    pub const ALL: [PluginKind; 3] = [
+    pub const ALL: [PluginKind; 4] = [
         PluginKind::ImageSource,
         PluginKind::FormatConverter,
         PluginKind::DiskPolicy,
+        PluginKind::LayerReader,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -47,6 +49,7 @@ impl PluginKind {
             PluginKind::ImageSource => "image-source",
             PluginKind::FormatConverter => "format-converter",
             PluginKind::DiskPolicy => "disk-policy",
+            PluginKind::LayerReader => "layer-reader",
         }
     }
 
@@ -167,7 +170,7 @@ impl Manifest {
             invalid(
                 "kind",
                 &raw.kind,
-                "must be image-source, format-converter or disk-policy".into(),
+                "must be image-source, format-converter, disk-policy or layer-reader".into(),
             )
         })?;
         let api = ApiVersion::parse(&raw.api)
@@ -347,6 +350,7 @@ mod tests {
                 "",
                 1,
             );
+        let layer = policy.replacen("kind = \"disk-policy\"", "kind = \"layer-reader\"", 1);
         let cases = [
             (GOOD, "0.1.0", true),
             (GOOD, "0.2.0", true),
@@ -354,6 +358,9 @@ mod tests {
             (GOOD, "0.3.0", false),
             (policy.as_str(), "0.2.0", true),
             (policy.as_str(), "0.1.0", false),
+            (layer.as_str(), "0.2.1", true),
+            (layer.as_str(), "0.2.0", false),
+            (layer.as_str(), "0.1.0", false),
         ];
         for (text, api, ok) in cases {
             let text = text.replacen("api = \"0.2.0\"", &format!("api = \"{api}\""), 1);
@@ -363,7 +370,7 @@ mod tests {
                 let msg = e.to_string();
                 assert!(
                     msg.contains(&format!("api = \"{api}\""))
-                        && msg.contains("cocoon:plugin@0.2.0"),
+                        && msg.contains("cocoon:plugin@0.2.1"),
                     "{msg}"
                 );
             }

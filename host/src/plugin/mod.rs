@@ -12,6 +12,8 @@
 //! - [`registry`]: embedded first-party plugins plus the plugin directory.
 //! - [`calls`]: the one layer of checked calls, cold and warm.
 //! - [`policy`]: disk policies in host types, called by name.
+//! - layer readers are called through [`calls::LayerSession`] by
+//!   [`crate::layer`].
 
 pub mod api;
 pub mod bindings;
@@ -31,7 +33,10 @@ pub mod state;
 pub mod template;
 
 pub use api::{ApiVersion, HOST_API};
-pub use calls::{ConverterInstance, ImageSession, Instance, PolicyInstance, SourceInstance};
+pub use calls::{
+    ConverterInstance, ImageSession, Instance, LayerInstance, LayerSession, PolicyInstance,
+    SourceInstance,
+};
 pub use error::PluginError;
 pub use limits::Limits;
 pub use manifest::{Manifest, PluginKind};

@@ -418,6 +418,16 @@ fn smoke(plugin: &LoadedPlugin) -> Result<String, PluginError> {
             let violations = plugin.policy_instance()?.validate(&req)?;
             format!("validate(a bare disk image) = {violations:?}")
         }
+        PluginKind::LayerReader => {
+            // An empty tar: no entries, and nothing read but its size.
+            let dir =
+                tempfile::tempdir().map_err(PluginError::io("creating a temp dir", "/tmp"))?;
+            let empty = dir.path().join("empty.tar");
+            std::fs::write(&empty, [0u8; 1024])
+                .map_err(PluginError::io("writing", empty.clone()))?;
+            let entries = plugin.open_layer(&empty)?.next(16)?;
+            format!("next(an empty tar) = {} entries", entries.len())
+        }
     })
 }
 

@@ -25,6 +25,8 @@ pub enum TemplateError {
     Exists(PathBuf),
     #[error("the plugin SDK is not at {} (give its path with --sdk)", .0.display())]
     NoSdk(PathBuf),
+    #[error("there is no template for {0} plugins; start from plugins/builtin/tar-layer")]
+    NoTemplate(PluginKind),
     #[error("{what} {}", path.display())]
     Io {
         what: &'static str,
@@ -64,6 +66,7 @@ pub fn render(
         ),
         PluginKind::FormatConverter => (FORMAT_CONVERTER, format!("{name} disk images"), ""),
         PluginKind::DiskPolicy => (DISK_POLICY, "the standard disk plan, at most max_data_disks data disks".into(), ""),
+        PluginKind::LayerReader => return Err(TemplateError::NoTemplate(kind)),
     };
     let fill = |template: &str| {
         template
@@ -214,7 +217,7 @@ mod tests {
                 .unwrap();
             assert_eq!(
                 (m.name.as_str(), m.kind, m.api.as_str()),
-                ("demo", kind, "0.2.0")
+                ("demo", kind, HOST_API.to_string().as_str())
             );
         }
     }

@@ -282,7 +282,20 @@ impl Store {
             }
         }
         let work = base.join(format!(".work-{}", std::process::id()));
-        let converter = backend.convert(&blob, &work, target)?;
+        let converter = match backend.convert(&blob, &work, target) {
+            Ok(c) => c,
+            Err(e) => {
+                // A refused source leaves nothing: no work file, and no
+                // empty key directories when nothing else is there.
+                let _ = fs::remove_file(&work);
+                if fs::remove_dir(&base).is_ok() {
+                    if let Some(parent) = base.parent() {
+                        let _ = fs::remove_dir(parent);
+                    }
+                }
+                return Err(e);
+            }
+        };
         if !converter.sha256.bytes().all(|b| b.is_ascii_hexdigit()) || converter.sha256.len() != 64
         {
             let _ = fs::remove_file(&work);

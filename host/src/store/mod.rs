@@ -147,6 +147,12 @@ pub enum StoreError {
     SourceGone { digest: Digest },
     #[error("no format-converter plugin is available")]
     NoConverter,
+    #[error("building a layer from {digest}")]
+    Layer {
+        digest: Digest,
+        #[source]
+        source: Box<crate::layer::LayerError>,
+    },
 }
 
 impl StoreError {

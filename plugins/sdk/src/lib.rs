@@ -1,7 +1,8 @@
 //! The cocoon-host plugin SDK.
 //!
 //! Enable the feature of the plugin kind you write (`image-source`,
-//! `format-converter` or `disk-policy`), implement that kind's trait, and
+//! `format-converter`, `disk-policy` or `layer-reader`), implement that
+//! kind's trait, and
 //! export your type with the kind's macro:
 //!
 //! ```ignore
@@ -435,6 +436,77 @@ pub mod disk_policy {
                 }
                 $crate::disk_policy::bindings::__export_disk_policy_world!(
                     __CocoonExport with_types_in $crate::disk_policy::bindings
+                );
+            };
+        };
+    }
+}
+
+/// Layer readers: read an image layer (a plain tar) into entries whose
+/// contents are extents of the tar. The host checks them and builds the
+/// filesystem.
+#[cfg(feature = "layer-reader")]
+pub mod layer_reader {
+    #[doc(hidden)]
+    pub mod bindings {
+        wit_bindgen::generate!({
+            world: "layer-reader",
+            path: "../../wit",
+            pub_export_macro: true,
+            export_macro_name: "__export_layer_reader_world",
+        });
+    }
+
+    common_api!();
+
+    pub use bindings::cocoon::plugin::source::{max_read, Source};
+    pub use bindings::exports::cocoon::plugin::layer::{Device, Entry, EntryKind, Extent, Xattr};
+
+    /// A layer-reader plugin.
+    pub trait LayerReader {
+        /// The opened layer.
+        type Layer: ReaderLayer;
+        /// Opens `src`, a plain tar.
+        fn open(src: Source) -> Result<Self::Layer, Error>;
+    }
+
+    /// An opened layer: a cursor over its entries.
+    pub trait ReaderLayer: 'static {
+        /// The next entries, at most `max`; empty at the end.
+        fn next(&self, max: u32) -> Result<Vec<Entry>, Error>;
+    }
+
+    /// Exports a type implementing [`LayerReader`] as this component's
+    /// layer implementation.
+    #[macro_export]
+    macro_rules! export_layer_reader {
+        ($t:ty) => {
+            const _: () = {
+                use $crate::layer_reader::bindings::exports::cocoon::plugin::layer as __l;
+                use $crate::layer_reader::{LayerReader as _, ReaderLayer as _};
+                struct __CocoonExport;
+                struct __CocoonLayer(<$t as $crate::layer_reader::LayerReader>::Layer);
+                impl __l::GuestLayer for __CocoonLayer {
+                    fn open(
+                        src: $crate::layer_reader::Source,
+                    ) -> ::std::result::Result<__l::Layer, $crate::layer_reader::Error> {
+                        <$t>::open(src).map(|l| __l::Layer::new(__CocoonLayer(l)))
+                    }
+                    fn next(
+                        &self,
+                        max: u32,
+                    ) -> ::std::result::Result<
+                        ::std::vec::Vec<__l::Entry>,
+                        $crate::layer_reader::Error,
+                    > {
+                        self.0.next(max)
+                    }
+                }
+                impl __l::Guest for __CocoonExport {
+                    type Layer = __CocoonLayer;
+                }
+                $crate::layer_reader::bindings::__export_layer_reader_world!(
+                    __CocoonExport with_types_in $crate::layer_reader::bindings
                 );
             };
         };

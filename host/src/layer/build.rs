@@ -1,0 +1,263 @@
+//! The read-only filesystem of a layer, built from its checked [`Tree`]
+//! by Debian's `mksquashfs`.
+//!
+//! squashfs-tools 4.5 reads a tar on its standard input (`-tar`); the tar
+//! it is given is written here from the tree, never the layer's own: every
+//! name is one the checks accepted, parents come before children, hard
+//! links after what they link to, whiteouts are written as 0/0 character
+//! devices and opaque directories carry `trusted.overlay.opaque=y` as a
+//! PAX xattr record. File contents are copied from the layer's tar by
+//! their extents (the kernel moves them: sendfile/splice into the pipe).
+//! The root directory's attributes go on the command line (`-root-*`).
+//! Debian 12's erofs-utils (1.5) has no tar input, so squashfs it is.
+
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use sha2::Digest as _;
+
+use super::check::{Attrs, Kind, Tree, OPAQUE_XATTR};
+use super::LayerError;
+
+/// The builder's tool.
+pub const MKSQUASHFS: &str = "mksquashfs";
+
+/// What changes the bytes of a built layer besides the tool's version: a
+/// change here (flags, how the tar is written) must change this.
+const RECIPE: &str = "cocoon layer recipe 1: tar from the checked tree; \
+    mksquashfs - OUT -tar -no-strip -noappend -comp gzip -mkfs-time 0 -root-*";
+
+/// The most stderr kept from a failed build.
+const MAX_STDERR: usize = 8 << 10;
+
+/// mksquashfs, found on PATH, with its version.
+#[derive(Debug, Clone)]
+pub struct Squashfs {
+    pub tool: PathBuf,
+    /// `mksquashfs -version`'s first line.
+    pub version: String,
+}
+
+impl Squashfs {
+    /// Finds mksquashfs and reads its version (which is part of the cache
+    /// key: another build of the tool makes other bytes).
+    pub fn detect() -> Result<Self, LayerError> {
+        let out = Command::new(MKSQUASHFS)
+            .arg("-version")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|source| LayerError::Tool {
+                tool: MKSQUASHFS,
+                source,
+            })?;
+        let version = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        if !version.starts_with("mksquashfs version ") {
+            return Err(LayerError::ToolVersion {
+                tool: MKSQUASHFS,
+                found: version,
+            });
+        }
+        Ok(Squashfs {
+            tool: PathBuf::from(MKSQUASHFS),
+            version,
+        })
+    }
+
+    /// sha256 hex of everything that decides the bytes built from a tree:
+    /// the reader plugin (it decides the tree), the tool, the recipe.
+    pub fn builder_digest(&self, reader_sha256: &str) -> String {
+        let mut h = sha2::Sha256::new();
+        for part in [reader_sha256, &self.version, RECIPE] {
+            h.update(part.as_bytes());
+            h.update(b"\n");
+        }
+        hex::encode(h.finalize())
+    }
+
+    /// Builds `dest` (which must not exist) from `tree`, whose file
+    /// extents are in `tar`. On failure `dest` is removed.
+    pub fn build(&self, tree: &Tree, tar: &File, dest: &Path) -> Result<(), LayerError> {
+        let r = self.run(tree, tar, dest);
+        if r.is_err() {
+            let _ = std::fs::remove_file(dest);
+        }
+        r
+    }
+
+    fn run(&self, tree: &Tree, tar: &File, dest: &Path) -> Result<(), LayerError> {
+        let root = &tree.root;
+        let mut child = Command::new(&self.tool)
+            .arg("-")
+            .arg(dest)
+            .args(["-tar", "-no-strip", "-noappend", "-no-progress", "-quiet"])
+            .args(["-comp", "gzip", "-mkfs-time", "0", "-exit-on-error"])
+            .args(["-root-mode", &format!("{:o}", root.mode)])
+            .args(["-root-uid", &root.uid.to_string()])
+            .args(["-root-gid", &root.gid.to_string()])
+            .args(["-root-time", &squash_time(root.mtime).to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| LayerError::Tool {
+                tool: MKSQUASHFS,
+                source,
+            })?;
+        let mut stderr = child.stderr.take().expect("piped");
+        let errors = std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = (&mut stderr).take(MAX_STDERR as u64).read_to_end(&mut buf);
+            // Drain the rest so the tool never blocks on a full pipe.
+            let _ = io::copy(&mut stderr, &mut io::sink());
+            buf
+        });
+        let mut stdin = child.stdin.take().expect("piped");
+        let written = write_tar(tree, tar, &mut stdin);
+        drop(stdin);
+        let status = child.wait().map_err(|source| LayerError::Tool {
+            tool: MKSQUASHFS,
+            source,
+        })?;
+        let stderr = String::from_utf8_lossy(&errors.join().unwrap_or_default()).into_owned();
+        if !status.success() {
+            return Err(LayerError::Build {
+                tool: MKSQUASHFS,
+                status: status.to_string(),
+                stderr: stderr.trim().to_string(),
+            });
+        }
+        // The tool succeeded: a write error is ours (reading the tar).
+        written.map_err(|source| LayerError::Io {
+            op: "writing the checked tar for",
+            path: dest.to_path_buf(),
+            source,
+        })
+    }
+}
+
+/// squashfs times are unsigned 32-bit seconds.
+fn squash_time(t: i64) -> u32 {
+    t.clamp(0, u32::MAX as i64) as u32
+}
+
+/// The largest id an ustar/GNU octal field holds; larger ones go in PAX.
+const MAX_OCTAL_ID: u32 = 0o7777777;
+
+/// Writes the tree as a tar into `out`.
+pub fn write_tar(tree: &Tree, tar: &File, out: &mut impl Write) -> io::Result<()> {
+    let mut headers = tar::Builder::new(Vec::with_capacity(1 << 20));
+    let mut links = Vec::new();
+    for (path, node) in &tree.nodes {
+        if let Kind::Hardlink(_) = node.kind {
+            links.push((path, node));
+            continue;
+        }
+        append(&mut headers, path, &node.kind, &node.attrs)?;
+        if let Kind::File { size, extents } = &node.kind {
+            out.write_all(headers.get_ref())?;
+            headers.get_mut().clear();
+            let mut f = tar;
+            for x in extents {
+                f.seek(SeekFrom::Start(x.offset))?;
+                let n = io::copy(&mut f.take(x.length), out)?;
+                if n != x.length {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("the tar ends inside the contents of {path:?}"),
+                    ));
+                }
+            }
+            let pad = (512 - size % 512) % 512;
+            out.write_all(&[0u8; 512][..pad as usize])?;
+        } else if headers.get_ref().len() >= 1 << 20 {
+            out.write_all(headers.get_ref())?;
+            headers.get_mut().clear();
+        }
+    }
+    for (path, node) in links {
+        append(&mut headers, path, &node.kind, &node.attrs)?;
+    }
+    let mut rest = headers.into_inner()?;
+    out.write_all(&rest)?;
+    rest.clear();
+    out.flush()
+}
+
+/// Appends the header(s) of one node; a file's contents follow, written
+/// by the caller.
+fn append(b: &mut tar::Builder<Vec<u8>>, path: &str, kind: &Kind, attrs: &Attrs) -> io::Result<()> {
+    let mut pax: Vec<(String, Vec<u8>)> = attrs
+        .xattrs
+        .iter()
+        .map(|(k, v)| (format!("SCHILY.xattr.{k}"), v.clone()))
+        .collect();
+    if let Kind::Dir { opaque: true } = kind {
+        pax.push((format!("SCHILY.xattr.{OPAQUE_XATTR}"), b"y".to_vec()));
+    }
+    let mut h = tar::Header::new_gnu();
+    let (uid, gid) = (attrs.uid, attrs.gid);
+    if uid > MAX_OCTAL_ID {
+        pax.push(("uid".into(), uid.to_string().into_bytes()));
+    }
+    if gid > MAX_OCTAL_ID {
+        pax.push(("gid".into(), gid.to_string().into_bytes()));
+    }
+    h.set_uid(uid.min(MAX_OCTAL_ID).into());
+    h.set_gid(gid.min(MAX_OCTAL_ID).into());
+    h.set_mtime(squash_time(attrs.mtime).into());
+    h.set_mode(attrs.mode);
+    h.set_size(0);
+    if !pax.is_empty() {
+        b.append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
+    }
+    match kind {
+        Kind::Dir { .. } => {
+            h.set_entry_type(tar::EntryType::Directory);
+            b.append_data(&mut h, path, io::empty())
+        }
+        Kind::File { size, .. } => {
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_size(*size);
+            // The contents are the caller's to write: append copies none.
+            b.append_data(&mut h, path, io::empty())
+        }
+        Kind::Symlink(target) => {
+            h.set_entry_type(tar::EntryType::Symlink);
+            b.append_link(&mut h, path, target)
+        }
+        Kind::Hardlink(target) => {
+            h.set_entry_type(tar::EntryType::Link);
+            b.append_link(&mut h, path, target)
+        }
+        Kind::Device { char, major, minor } => {
+            h.set_entry_type(if *char {
+                tar::EntryType::Char
+            } else {
+                tar::EntryType::Block
+            });
+            h.set_device_major(*major)?;
+            h.set_device_minor(*minor)?;
+            b.append_data(&mut h, path, io::empty())
+        }
+        Kind::Fifo => {
+            h.set_entry_type(tar::EntryType::Fifo);
+            b.append_data(&mut h, path, io::empty())
+        }
+        Kind::Whiteout => {
+            h.set_entry_type(tar::EntryType::Char);
+            h.set_mode(0);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_device_major(0)?;
+            h.set_device_minor(0)?;
+            b.append_data(&mut h, path, io::empty())
+        }
+    }
+}
