@@ -89,7 +89,8 @@ fn a_bad_stream_imports_nothing() {
     let sidecar_len = {
         let s = std::fs::metadata(snaps.join("s1/snapshot.json"))
             .unwrap()
-            .len() as usize;
+            .len();
+        let s = usize::try_from(s).unwrap();
         512 + s.div_ceil(512) * 512
     };
     // The state file's data starts one header after the sidecar entry.

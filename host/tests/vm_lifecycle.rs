@@ -27,7 +27,7 @@ impl Host {
         let image = state.path().join("disk.raw");
         let mut bytes = vec![0u8; 4 << 20];
         for (i, b) in bytes.iter_mut().enumerate().take(1 << 20) {
-            *b = (i % 251) as u8;
+            *b = u8::try_from(i % 251).expect("below 251");
         }
         std::fs::write(&image, bytes).unwrap();
         Host { state, image }
@@ -120,6 +120,22 @@ impl Host {
             .unwrap_or_default();
         v.sort();
         v
+    }
+}
+
+/// A failed test leaves no VM running: its monitors are detached and
+/// would outlive the test.
+impl Drop for Host {
+    fn drop(&mut self) {
+        if let Ok(o) = self.cmd().args(["list", "-o", "json"]).output() {
+            if let Ok(v) = serde_json::from_slice::<Value>(&o.stdout) {
+                for vm in v["vms"].as_array().into_iter().flatten() {
+                    if let Some(id) = vm["id"].as_str() {
+                        let _ = self.cmd().args(["rm", "-f", id]).output();
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -65,7 +65,8 @@ impl Archive {
             0, // devminor
             rdev.0,
             rdev.1,
-            name.len() as u32 + 1,
+            u32::try_from(name.len() + 1)
+                .expect("the initramfs holds host-chosen paths of a few dozen bytes"),
             0, // check (newc has none)
         ];
         self.out.extend_from_slice(b"070701");

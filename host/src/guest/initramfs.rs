@@ -118,7 +118,7 @@ fn check_busybox(path: &Path) -> Result<(), InitramfsError> {
     if u16_at(18) != 62 {
         return Err(bad("not x86-64"));
     }
-    let phoff = u64::from_le_bytes(bytes[32..40].try_into().unwrap()) as usize;
+    let phoff = crate::cast::usize_from(u64::from_le_bytes(bytes[32..40].try_into().unwrap()));
     let (phentsize, phnum) = (u16_at(54), u16_at(56));
     for i in 0..phnum {
         let at = phoff.saturating_add(i.saturating_mul(phentsize));

@@ -234,7 +234,7 @@ pub fn candidate_offsets(raw: &Path) -> Result<Vec<u64>, KernelError> {
         let count = u32_at(&hdr, 80).min(256);
         let size = u32_at(&hdr, 84) as u64;
         if (128..=4096).contains(&size) {
-            let mut e = vec![0u8; size as usize];
+            let mut e = vec![0u8; crate::cast::usize_from(size)];
             for i in 0..count as u64 {
                 let at = entries.saturating_mul(512).saturating_add(i * size);
                 if f.read_exact_at(&mut e, at).is_err() {

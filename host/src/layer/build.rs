@@ -144,7 +144,7 @@ impl Squashfs {
 
 /// squashfs times are unsigned 32-bit seconds.
 fn squash_time(t: i64) -> u32 {
-    t.clamp(0, u32::MAX as i64) as u32
+    u32::try_from(t.clamp(0, i64::from(u32::MAX))).unwrap_or(u32::MAX)
 }
 
 /// The largest id an ustar/GNU octal field holds; larger ones go in PAX.

@@ -110,7 +110,7 @@ pub struct ExportReport {
 fn number<const N: usize>(v: u64) -> [u8; N] {
     let mut out = [0u8; N];
     let digits = N - 1;
-    if v < 1u64 << (3 * digits as u32).min(63) {
+    if v < 1u64 << u32::try_from(3 * digits).unwrap_or(63).min(63) {
         let s = format!("{v:0digits$o}");
         out[..digits].copy_from_slice(s.as_bytes());
     } else {
@@ -201,7 +201,7 @@ fn write_file<W: Write>(
     for (start, end) in ranges {
         let mut at = start;
         while at < end {
-            let n = (end - at).min(CHUNK as u64) as usize;
+            let n = crate::cast::usize_from((end - at).min(CHUNK as u64));
             file.read_exact_at(&mut buf[..n], at)
                 .map_err(io_err("read", path))?;
             out.write_all(&buf[..n]).map_err(ArchiveError::Write)?;
@@ -209,7 +209,7 @@ fn write_file<W: Write>(
             written += n as u64;
         }
     }
-    let pad = (BLOCK - (written % BLOCK as u64) as usize) % BLOCK;
+    let pad = (BLOCK - crate::cast::usize_from(written % BLOCK as u64)) % BLOCK;
     out.write_all(&[0u8; BLOCK][..pad])
         .map_err(ArchiveError::Write)?;
     Ok((written, len))

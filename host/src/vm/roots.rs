@@ -44,3 +44,17 @@ impl RootSet for VmRoots<'_> {
         Ok(out)
     }
 }
+
+/// Everything on this host that keeps images: VMs and snapshots.
+pub struct HostRoots<'a> {
+    pub vms: VmRoots<'a>,
+    pub snapshots: crate::snapshot::SnapshotRoots,
+}
+
+impl RootSet for HostRoots<'_> {
+    fn roots(&self) -> Result<Vec<Digest>, StoreError> {
+        let mut out = self.vms.roots()?;
+        out.extend(self.snapshots.roots()?);
+        Ok(out)
+    }
+}

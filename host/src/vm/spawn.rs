@@ -140,7 +140,7 @@ fn read_ready(mut pipe: File) -> Result<String, String> {
         events: libc::POLLIN,
         revents: 0,
     };
-    let ms = READY_TIMEOUT.as_millis() as libc::c_int;
+    let ms = libc::c_int::try_from(READY_TIMEOUT.as_millis()).unwrap_or(libc::c_int::MAX);
     // SAFETY: one valid pollfd for the duration of the call.
     let n = unsafe { libc::poll(&mut pfd, 1, ms) };
     if n == 0 {

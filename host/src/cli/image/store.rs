@@ -498,9 +498,16 @@ pub fn rm(a: RmArgs, config: &HostConfig) -> anyhow::Result<i32> {
 
 pub fn gc(a: GcArgs, config: &HostConfig) -> anyhow::Result<i32> {
     let store = Store::open(config)?;
-    // VMs keep their images (and, where they exist, snapshots theirs).
+    // VMs and snapshots keep their images.
     let vms = cocoon_host::vm::Vms::open(&config.state_dir)?;
-    let report = store.gc(&cocoon_host::vm::roots::VmRoots(&vms), a.dry_run)?;
+    let snapshots = cocoon_host::snapshot::SnapshotRoots {
+        snapshots_dir: cocoon_host::snapshot::snapshots_dir(&config.state_dir),
+    };
+    let roots = cocoon_host::vm::roots::HostRoots {
+        vms: cocoon_host::vm::roots::VmRoots(&vms),
+        snapshots,
+    };
+    let report = store.gc(&roots, a.dry_run)?;
     emit(a.output, &report, |r| {
         let verb = if r.dry_run { "would remove" } else { "removed" };
         for d in &r.removed_blobs {

@@ -89,8 +89,9 @@ impl Console {
             let over = r.buf.len().saturating_sub(self.cap);
             if over > 0 {
                 let unlogged = (r.start + over as u64).saturating_sub(r.logged.max(r.start));
-                let keep = (unlogged as usize).min(SPILL_BYTES.saturating_sub(r.spill.len()));
-                let skip = over - unlogged as usize;
+                let keep = crate::cast::usize_from(unlogged)
+                    .min(SPILL_BYTES.saturating_sub(r.spill.len()));
+                let skip = over - crate::cast::usize_from(unlogged);
                 let dropped: Vec<u8> = r.buf.drain(..over).skip(skip).take(keep).collect();
                 r.spill.extend(dropped);
                 r.start += over as u64;
@@ -105,7 +106,7 @@ impl Console {
     pub fn read(&self, from: u64, max: usize) -> Chunk {
         let r = self.ring.lock().unwrap_or_else(|e| e.into_inner());
         let start = from.clamp(r.start, r.end());
-        let skip = (start - r.start) as usize;
+        let skip = crate::cast::usize_from(start - r.start);
         let data: Vec<u8> = r.buf.iter().skip(skip).take(max).copied().collect();
         Chunk { start, data }
     }
@@ -135,7 +136,7 @@ impl Console {
                     r = self.wrote.wait(r).unwrap_or_else(|e| e.into_inner());
                 }
                 let mut bytes = std::mem::take(&mut r.spill);
-                let skip = (r.logged.max(r.start) - r.start) as usize;
+                let skip = crate::cast::usize_from(r.logged.max(r.start) - r.start);
                 bytes.extend(r.buf.iter().skip(skip));
                 r.logged = r.end();
                 // Everything taken: a close seen now ends the writer.

@@ -206,12 +206,12 @@ async fn console(monitor: &Monitor, req: &Request<Incoming>) -> Result<Response<
         // wait is not missed.
         let mut notified = std::pin::pin!(console.notify.notified());
         notified.as_mut().enable();
-        let chunk = console.read(from, max as usize);
+        let chunk = console.read(from, crate::cast::usize_from(max));
         if !chunk.data.is_empty() || wait == 0 || monitor.stopped() {
             break chunk;
         }
         if tokio::time::timeout_at(deadline, notified).await.is_err() {
-            break console.read(from, max as usize);
+            break console.read(from, crate::cast::usize_from(max));
         }
     };
     Ok(Response::builder()
