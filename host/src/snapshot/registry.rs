@@ -140,7 +140,10 @@ impl Reference {
         };
         let repo_ok = !repo.is_empty()
             && repo.split('/').all(|c| {
-                !c.is_empty()
+                // The distribution grammar: components start and end with
+                // a letter or digit (so never `.` or `..`).
+                c.starts_with(|ch: char| ch.is_ascii_alphanumeric())
+                    && c.ends_with(|ch: char| ch.is_ascii_alphanumeric())
                     && c.bytes().all(|b| {
                         b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b)
                     })

@@ -377,7 +377,11 @@ pub(crate) mod tests {
         assert_eq!(Sidecar::read(dir.path()).unwrap(), s);
         let text = std::fs::read_to_string(dir.path().join(SIDECAR_FILE)).unwrap();
         assert!(text.contains(r#""version": "1.0""#), "{text}");
-        assert!(text.contains(r#""vmm_state_version": "1.0.0""#), "{text}");
+        let vmm = cocoon_vmm::snapshot::FORMAT_VERSION.to_string();
+        assert!(
+            text.contains(&format!(r#""vmm_state_version": "{vmm}""#)),
+            "{text}"
+        );
         // Only the sidecar: the temp file was renamed.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
         assert_eq!(
@@ -428,7 +432,11 @@ pub(crate) mod tests {
                 "not MAJOR.MINOR",
             ),
             (
-                json.replacen(r#""1.0.0""#, r#""1.0""#, 1),
+                json.replacen(
+                    &format!(r#""{}""#, cocoon_vmm::snapshot::FORMAT_VERSION),
+                    r#""1.0""#,
+                    1,
+                ),
                 "not MAJOR.MINOR.PATCH",
             ),
             (

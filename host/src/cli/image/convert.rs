@@ -65,7 +65,13 @@ pub fn run(args: ConvertArgs, config: &HostConfig) -> anyhow::Result<i32> {
     // signal.
     cocoon_host::fsutil::cleanup::remove_temps_on_termination()
         .context("handling SIGINT, SIGTERM and SIGHUP")?;
-    let runtime = Runtime::new(Some(config.state_dir.join("plugin-cache")))?;
+    // The instance pool holds one instance per decoder and image of the
+    // chain (two per job covers a base and one overlay; the pool's spare
+    // instances the rest), so `--jobs 80` works on any host.
+    let runtime = Runtime::with_options(cocoon_host::plugin::runtime::RuntimeOptions {
+        cache_dir: Some(config.state_dir.join("plugin-cache")),
+        concurrency: args.jobs.saturating_mul(2),
+    })?;
     let registry = Registry::discover(config);
     let resolver: Box<dyn BackingResolver> = match &args.backing_dir {
         Some(dir) => Box::new(
