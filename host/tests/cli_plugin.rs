@@ -196,9 +196,10 @@ fn refusals_are_clear_and_exit_nonzero() {
     assert!(String::from_utf8_lossy(&out.stderr)
         .contains("is a disk-policy plugin, not a image-source one"));
 
-    let out = host.run(&["run", "demo"]);
+    // An image reference no source resolves is refused, naming it.
+    let out = host.run(&["run", "no-such-image"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not implemented yet"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-image"));
 }
 
 #[test]

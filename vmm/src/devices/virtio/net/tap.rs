@@ -84,8 +84,10 @@ fn ifreq(name: &CString, flags: libc::c_int) -> libc::ifreq {
     for (dst, src) in req.ifr_name.iter_mut().zip(name.as_bytes()) {
         *dst = *src as libc::c_char;
     }
-    req.ifr_ifru.ifru_flags =
-        libc::c_short::try_from(flags).expect("IFF_ flags are defined in 16 bits");
+    // The kernel's ifr_flags is a 16-bit field of bits (IFF_TUN_EXCL is
+    // 0x8000): the bits are kept, not the signed value.
+    let bits = u16::try_from(flags).expect("IFF_ flags are defined in 16 bits");
+    req.ifr_ifru.ifru_flags = libc::c_short::from_ne_bytes(bits.to_ne_bytes());
     req
 }
 
