@@ -23,3 +23,19 @@ pub fn emit<T: Serialize>(format: Format, value: &T, text: impl FnOnce(&T)) -> a
     }
     Ok(())
 }
+
+/// A byte count for people: `512 B`, `1.5 MiB`.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}

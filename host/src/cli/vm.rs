@@ -21,7 +21,7 @@ use cocoon_host::vm::create::{create, CreateRequest};
 use cocoon_host::vm::record::{ImageInfo, Machine};
 use cocoon_host::vm::{spawn, ExitKind, VmEntry, VmError, VmState, Vms};
 
-use super::output::{emit, Format};
+use super::output::{emit, human, Format};
 use super::vm_console;
 
 /// How a new VM is made (`run` and `create`).
@@ -399,21 +399,6 @@ fn create_vm(
         say.line(format!("  root copied from the base by {:?}", c.method));
     }
     Ok((vm, steps))
-}
-
-fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }
 
 pub fn run(args: RunArgs, config: &HostConfig) -> anyhow::Result<i32> {
