@@ -3,6 +3,8 @@
 //! microvm booting the same test guest in the same run. Run by
 //! `scripts/bench-run`, which records the table in docs/benchmarks.md.
 
+#[path = "../../vmm/benches/common/mod.rs"]
+mod common;
 #[path = "../../vmm/tests/support/mod.rs"]
 mod vmm_support;
 
@@ -14,28 +16,6 @@ use std::time::{Duration, Instant};
 const GUEST_RAM_MIB: u64 = 128;
 const CMDLINE: &str = "console=ttyS0 cocoon.count=1000:0";
 const TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Resident KiB of `pid` minus the resident part of its guest RAM
-/// mapping(s): every mapping at least as large as guest RAM.
-fn overhead_kib(pid: u32) -> Option<u64> {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
-    let (mut total, mut guest, mut size_kib) = (0u64, 0u64, 0u64);
-    for line in smaps.lines() {
-        let mut it = line.split_whitespace();
-        match (it.next(), it.next()) {
-            (Some("Size:"), Some(v)) => size_kib = v.parse().ok()?,
-            (Some("Rss:"), Some(v)) => {
-                let rss: u64 = v.parse().ok()?;
-                total += rss;
-                if size_kib >= GUEST_RAM_MIB * 1024 {
-                    guest += rss;
-                }
-            }
-            _ => {}
-        }
-    }
-    Some(total - guest)
-}
 
 struct Ours {
     bin: PathBuf,
@@ -94,7 +74,7 @@ impl Ours {
         let pid = self.pid(&name)?;
         // Once it has booted and printed, as in the VMM benchmark.
         std::thread::sleep(Duration::from_millis(100));
-        let overhead_kib = overhead_kib(pid).ok_or("no smaps")?;
+        let overhead_kib = common::overhead_kib(pid, GUEST_RAM_MIB).ok_or("no smaps")?;
         let rm = self
             .cmd()
             .args(["rm", "-f", &name])
@@ -168,7 +148,7 @@ fn qemu_one(guest: &Path) -> Result<Sample, String> {
         }
     }
     std::thread::sleep(Duration::from_millis(100));
-    let overhead_kib = overhead_kib(pid);
+    let overhead_kib = common::overhead_kib(pid, GUEST_RAM_MIB);
     let _ = child.kill();
     let _ = child.wait();
     Ok(Sample {
@@ -178,17 +158,8 @@ fn qemu_one(guest: &Path) -> Result<Sample, String> {
     })
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 fn main() {
-    let runs: usize = std::env::args()
-        .skip_while(|a| a != "--runs")
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+    let runs = common::runs_arg(5);
     if cocoon_vmm::check_kvm().is_err() {
         eprintln!("bench run: /dev/kvm is not usable");
         std::process::exit(1);
@@ -232,9 +203,9 @@ fn main() {
         }
     }
     let ms = |v: &[Sample], f: fn(&Sample) -> Duration| {
-        median(v.iter().map(|s| f(s).as_secs_f64() * 1e3).collect())
+        common::median(v.iter().map(|s| f(s).as_secs_f64() * 1e3).collect())
     };
-    let kib = |v: &[Sample]| median(v.iter().map(|s| s.overhead_kib as f64).collect());
+    let kib = |v: &[Sample]| common::median(v.iter().map(|s| s.overhead_kib as f64).collect());
     let first = ms(&us, |s| s.first_line);
     let cli = ms(&us, |s| s.cli);
     let mem = kib(&us) / 1024.0;

@@ -406,7 +406,7 @@ fn saves_and_clones_of_one_source_at_once_under_the_disk_locks() {
 /// process: boots a VM under `COCOON_TEST_SNAPSHOT_STATE` and saves it,
 /// with `COCOON_CRASH_AT` set so the save SIGKILLs itself half-way.
 #[test]
-#[ignore = "a child process of sigkill_during_save_leaves_no_half_snapshot"]
+#[ignore = "runs only as the child that sigkill_during_save_leaves_no_half_snapshot starts (with --ignored --exact) in every run"]
 fn sigkill_child() {
     let Some(root) = std::env::var_os("COCOON_TEST_SNAPSHOT_STATE") else {
         return;

@@ -44,29 +44,6 @@ struct Sample {
     overhead_kib: u64,
 }
 
-/// Resident KiB of the process minus the resident part of its guest RAM
-/// mapping(s): every mapping at least as large as guest RAM.
-fn overhead_kib(pid: u32) -> Option<u64> {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
-    let (mut total, mut guest) = (0u64, 0u64);
-    let mut size_kib = 0u64;
-    for line in smaps.lines() {
-        let mut it = line.split_whitespace();
-        match (it.next(), it.next()) {
-            (Some("Size:"), Some(v)) => size_kib = v.parse().ok()?,
-            (Some("Rss:"), Some(v)) => {
-                let rss: u64 = v.parse().ok()?;
-                total += rss;
-                if size_kib >= GUEST_RAM_MIB * 1024 {
-                    guest += rss;
-                }
-            }
-            _ => {}
-        }
-    }
-    Some(total - guest)
-}
-
 fn run_one(mut cmd: Command) -> Result<Sample, String> {
     let t0 = Instant::now();
     let mut child = cmd
@@ -82,7 +59,7 @@ fn run_one(mut cmd: Command) -> Result<Sample, String> {
         let (done, peak) = (done.clone(), peak.clone());
         std::thread::spawn(move || {
             while !done.load(Ordering::SeqCst) {
-                if let Some(kib) = overhead_kib(pid) {
+                if let Some(kib) = common::overhead_kib(pid, GUEST_RAM_MIB) {
                     let mut p = peak.lock().unwrap();
                     *p = (*p).max(kib);
                 }

@@ -80,3 +80,25 @@ pub fn run_vmm_process(config: cocoon_vmm::VmConfig) -> ! {
         }
     });
 }
+
+/// Resident KiB of process `pid` minus the resident part of its guest RAM
+/// mapping(s): every mapping at least as large as guest RAM.
+pub fn overhead_kib(pid: u32, guest_ram_mib: u64) -> Option<u64> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let (mut total, mut guest, mut size_kib) = (0u64, 0u64, 0u64);
+    for line in smaps.lines() {
+        let mut it = line.split_whitespace();
+        match (it.next(), it.next()) {
+            (Some("Size:"), Some(v)) => size_kib = v.parse().ok()?,
+            (Some("Rss:"), Some(v)) => {
+                let rss: u64 = v.parse().ok()?;
+                total += rss;
+                if size_kib >= guest_ram_mib * 1024 {
+                    guest += rss;
+                }
+            }
+            _ => {}
+        }
+    }
+    Some(total - guest)
+}
