@@ -310,6 +310,27 @@ fn an_image_from_a_registry_becomes_checked_squashfs_layers() {
         );
     }
 
+    // The root's time is the tree's, not the build's clock: the base's
+    // own `./` entry (1_700_000_000), the top's implied root (0).
+    for (l, when) in p
+        .layers
+        .iter()
+        .zip([" 2023-11-14 22:13 ", " 1970-01-01 00:00 "])
+    {
+        let out = Command::new("unsquashfs")
+            .arg("-lln")
+            .arg(&l.path)
+            .env("TZ", "UTC")
+            .output()
+            .unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        let root = text
+            .lines()
+            .find(|l| l.ends_with(" squashfs-root"))
+            .unwrap();
+        assert!(root.contains(when), "{root}");
+    }
+
     // The base, as unsquashfs lists it.
     let base = listing(&p.layers[0].path);
     assert_eq!(entry(&base, "").0, "drwxr-xr-x");

@@ -8,7 +8,12 @@
 //! devices and opaque directories carry `trusted.overlay.opaque=y` as a
 //! PAX xattr record. File contents are copied from the layer's tar by
 //! their extents (the kernel moves them: sendfile/splice into the pipe).
-//! The root directory's attributes go on the command line (`-root-*`).
+//! The root directory's mode and owner go on the command line
+//! (`-root-mode/-uid/-gid`). Its time does not: in tar mode 4.5.1 ignores
+//! `-root-time` and stamps the root with the build's wall clock, which
+//! made a rebuild differ from the first build. So the inode table is
+//! written uncompressed (`-noI`) and [`pin_root_time`] writes the root's
+//! time into the built image: every byte then follows from the tree.
 //! Debian 12's erofs-utils (1.5) has no tar input, so squashfs it is.
 
 use std::fs::File;
@@ -26,8 +31,9 @@ pub const MKSQUASHFS: &str = "mksquashfs";
 
 /// What changes the bytes of a built layer besides the tool's version: a
 /// change here (flags, how the tar is written) must change this.
-const RECIPE: &str = "cocoon layer recipe 1: tar from the checked tree; \
-    mksquashfs - OUT -tar -no-strip -noappend -comp gzip -mkfs-time 0 -root-*";
+const RECIPE: &str = "cocoon layer recipe 2: tar from the checked tree; \
+    mksquashfs - OUT -tar -no-strip -noappend -noI -comp gzip -mkfs-time 0 -root-*; \
+    root inode time pinned";
 
 /// The most stderr kept from a failed build.
 const MAX_STDERR: usize = 8 << 10;
@@ -96,12 +102,18 @@ impl Squashfs {
         let mut child = Command::new(&self.tool)
             .arg("-")
             .arg(dest)
-            .args(["-tar", "-no-strip", "-noappend", "-no-progress", "-quiet"])
+            .args([
+                "-tar",
+                "-no-strip",
+                "-noappend",
+                "-noI",
+                "-no-progress",
+                "-quiet",
+            ])
             .args(["-comp", "gzip", "-mkfs-time", "0", "-exit-on-error"])
             .args(["-root-mode", &format!("{:o}", root.mode)])
             .args(["-root-uid", &root.uid.to_string()])
             .args(["-root-gid", &root.gid.to_string()])
-            .args(["-root-time", &squash_time(root.mtime).to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -138,8 +150,116 @@ impl Squashfs {
             op: "writing the checked tar for",
             path: dest.to_path_buf(),
             source,
-        })
+        })?;
+        pin_root_time(dest, squash_time(root.mtime))
     }
+}
+
+/// squashfs superblock fields (little endian): flags, the root inode's
+/// reference (metadata block offset << 16 | offset in the block), where
+/// the inode table starts.
+const SB_MAGIC: u32 = 0x7371_7368;
+const SB_FLAGS: usize = 24;
+const SB_ROOT_INODE: usize = 32;
+const SB_INODE_TABLE: usize = 64;
+const SB_LEN: usize = 96;
+/// Superblock flag: inodes are stored uncompressed (`-noI`).
+const NOI: u16 = 0x0001;
+/// A metadata block header's bit for "stored uncompressed".
+const META_UNCOMPRESSED: u16 = 0x8000;
+/// In an inode's header: the type (u16 at 0) and the time (u32 at 8).
+const INODE_MTIME: usize = 8;
+const DIR_TYPES: [u16; 2] = [1, 8];
+
+/// Writes `mtime` into the root inode of the image at `path`, which was
+/// built with `-noI`, so the inode is stored as is in its metadata block
+/// (or across two, when it starts near a block's end).
+fn pin_root_time(path: &Path, mtime: u32) -> Result<(), LayerError> {
+    let bad = |reason: String| LayerError::Output {
+        tool: MKSQUASHFS,
+        path: path.to_path_buf(),
+        reason,
+    };
+    let io = |source| LayerError::Io {
+        op: "pinning the root time of",
+        path: path.to_path_buf(),
+        source,
+    };
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(io)?;
+    let len = f.metadata().map_err(io)?.len();
+    let mut sb = [0u8; SB_LEN];
+    read_at(&f, 0, &mut sb).map_err(io)?;
+    let u16_at = |b: &[u8], at: usize| u16::from_le_bytes([b[at], b[at + 1]]);
+    let u64_at = |at: usize| u64::from_le_bytes(sb[at..at + 8].try_into().expect("8 bytes"));
+    if u32::from_le_bytes(sb[..4].try_into().expect("4 bytes")) != SB_MAGIC {
+        return Err(bad("no squashfs magic".into()));
+    }
+    if u16_at(&sb, SB_FLAGS) & NOI == 0 {
+        return Err(bad("its inodes are compressed".into()));
+    }
+    let root = u64_at(SB_ROOT_INODE);
+    let mut block = u64_at(SB_INODE_TABLE) + (root >> 16);
+    let mut offset = u64::from(u16::try_from(root & 0xffff).expect("masked"));
+    // The inode's first 12 bytes (type .. mtime), gathered across blocks;
+    // `at[i]` is where byte i lives in the file.
+    let mut at = Vec::with_capacity(INODE_MTIME + 4);
+    while at.len() < INODE_MTIME + 4 {
+        let mut h = [0u8; 2];
+        if block + 2 > len {
+            return Err(bad(format!(
+                "the root inode's block at {block} is past the end"
+            )));
+        }
+        read_at(&f, block, &mut h).map_err(io)?;
+        let h = u16::from_le_bytes(h);
+        if h & META_UNCOMPRESSED == 0 {
+            return Err(bad(format!("the metadata block at {block} is compressed")));
+        }
+        let size = u64::from(h & !META_UNCOMPRESSED);
+        if offset >= size && at.is_empty() {
+            return Err(bad(format!(
+                "the root inode's offset {offset} is outside its block"
+            )));
+        }
+        let data = block + 2;
+        while offset < size && at.len() < INODE_MTIME + 4 {
+            at.push(data + offset);
+            offset += 1;
+        }
+        block = data + size;
+        offset = 0;
+    }
+    if at.last().is_some_and(|&a| a >= len) {
+        return Err(bad("the root inode runs past the end".into()));
+    }
+    let mut kind = [0u8; 2];
+    for (i, b) in kind.iter_mut().enumerate() {
+        let mut one = [0u8];
+        read_at(&f, at[i], &mut one).map_err(io)?;
+        *b = one[0];
+    }
+    let kind = u16::from_le_bytes(kind);
+    if !DIR_TYPES.contains(&kind) {
+        return Err(bad(format!(
+            "the root inode has type {kind}, not a directory"
+        )));
+    }
+    for (i, b) in mtime.to_le_bytes().into_iter().enumerate() {
+        write_at(&f, at[INODE_MTIME + i], &[b]).map_err(io)?;
+    }
+    Ok(())
+}
+
+fn read_at(f: &File, at: u64, buf: &mut [u8]) -> io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(f, buf, at)
+}
+
+fn write_at(f: &File, at: u64, buf: &[u8]) -> io::Result<()> {
+    std::os::unix::fs::FileExt::write_all_at(f, buf, at)
 }
 
 /// squashfs times are unsigned 32-bit seconds.

@@ -117,6 +117,12 @@ pub enum LayerError {
         status: String,
         stderr: String,
     },
+    #[error("{tool} wrote {path}, which is not the squashfs expected: {reason}")]
+    Output {
+        tool: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
     #[error("{op} {path}")]
     Io {
         op: &'static str,
