@@ -46,7 +46,8 @@ impl SourceReader {
     pub fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
         let mut done = 0;
         while done < buf.len() {
-            let want = (buf.len() - done).min(self.max) as u32;
+            // One host call reads at most u32::MAX bytes: saturate, then loop.
+            let want = u32::try_from((buf.len() - done).min(self.max)).unwrap_or(u32::MAX);
             let at = offset + done as u64;
             let chunk = self.src.read_at(at, want)?;
             if chunk.is_empty() {
@@ -68,7 +69,7 @@ impl Read for SourceReader {
         if buf.is_empty() || self.pos >= self.size {
             return Ok(0);
         }
-        let want = buf.len().min(self.max) as u32;
+        let want = u32::try_from(buf.len().min(self.max)).unwrap_or(u32::MAX);
         let chunk = self
             .src
             .read_at(self.pos, want)

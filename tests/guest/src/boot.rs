@@ -249,10 +249,10 @@ pub unsafe fn read_start_info(paddr: u64) -> Result<StartInfo, &'static str> {
     } else {
         let max = CMDLINE_MAX.min((MAPPED_END - info.cmdline_paddr) as usize);
         let base = info.cmdline_paddr as *const u8;
+        let mut len = 0;
         // SAFETY: the loader put a NUL-terminated string at cmdline_paddr in
         // guest RAM; we read at most `max` bytes, all below 4 GiB (mapped),
         // and nothing writes that memory while the guest runs.
-        let mut len = 0;
         while len < max && unsafe { base.add(len).read_volatile() } != 0 {
             len += 1;
         }

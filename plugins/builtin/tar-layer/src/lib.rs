@@ -65,7 +65,8 @@ impl Read for Window<'_> {
                 return Ok(0);
             }
         }
-        let off = (self.pos - self.buf_at) as usize;
+        // Inside the buffer (checked above), so it fits.
+        let off = usize::try_from(self.pos - self.buf_at).unwrap_or(usize::MAX);
         let n = out.len().min(self.buf.len() - off);
         out[..n].copy_from_slice(&self.buf[off..off + n]);
         self.pos += n as u64;

@@ -138,9 +138,28 @@ pub fn read_range(
             src.size()
         )));
     }
-    let mut buf = vec![0u8; len as usize];
+    let mut buf = vec![0u8; fits(len, what)?];
     src.read_exact_at(offset, &mut buf)?;
     Ok(buf)
+}
+
+/// A length from the file as a `usize`. Plugins run on wasm32, where a
+/// u64 can exceed the address space: such a length is refused, never cut
+/// to a smaller one that would read the wrong bytes.
+pub fn fits(len: u64, what: &str) -> Result<usize, FormatError> {
+    usize::try_from(len).map_err(|_| {
+        FormatError::limit(format!(
+            "{what}: {len} bytes do not fit in the plugin's memory"
+        ))
+    })
+}
+
+/// An index into a table already in memory. It saturates: a value past
+/// `usize` can only be out of the table's bounds, so it must stay out of
+/// them (and panic as any out-of-bounds index does) rather than wrap onto
+/// another entry.
+pub fn index(i: u64) -> usize {
+    usize::try_from(i).unwrap_or(usize::MAX)
 }
 
 /// Fixed-width integers at a byte offset of a header the caller has
@@ -250,9 +269,10 @@ pub fn check_walk<F: Format>(data: &[u8]) {
                     );
                     if decodes < MAX_DECODES {
                         decodes += 1;
-                        let input = &data[source_offset as usize
-                            ..source_offset as usize + source_length as usize];
-                        if let Ok(out) = F::decode(codec, input, e.length as u32) {
+                        let start = index(source_offset);
+                        let input = &data[start..start + index(source_length.into())];
+                        let length = u32::try_from(e.length).expect("a compressed run's length");
+                        if let Ok(out) = F::decode(codec, input, length) {
                             assert_eq!(out.len() as u64, e.length, "decode of {e:?}");
                         }
                     }

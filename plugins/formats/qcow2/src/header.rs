@@ -79,7 +79,7 @@ impl Header {
             )));
         }
         let mut b = [0u8; V3_MIN_HEADER as usize + 8];
-        let have = (b.len() as u64).min(file) as usize;
+        let have = b.len().min(usize::try_from(file).unwrap_or(usize::MAX));
         src.read_exact_at(0, &mut b[..have])?;
         if b[..4] != MAGIC {
             return Err(FormatError::invalid(format!(

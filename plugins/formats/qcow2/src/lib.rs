@@ -12,6 +12,7 @@
 
 use std::cell::RefCell;
 
+use cocoon_format_common::{fits, index};
 pub use cocoon_format_common::{push_merged, ErrorKind, Extent, Format, FormatError, ReadAt, Run};
 
 mod codec;
@@ -124,7 +125,7 @@ impl Qcow2 {
         let mut l2_reads = 0;
         'walk: while pos < size {
             let l1_index = pos / l1_span;
-            let entry = self.l1[l1_index as usize];
+            let entry = self.l1[index(l1_index)];
             let span_end = ((l1_index + 1) * l1_span).min(size);
             if entry & L1_RESERVED != 0 {
                 return Err(FormatError::invalid(format!(
@@ -163,7 +164,7 @@ impl Qcow2 {
             let cache = self.l2.borrow();
             let words = &cache.as_ref().expect("filled above").words;
             while pos < span_end {
-                let index = ((pos % l1_span) >> cb) as usize;
+                let index = index((pos % l1_span) >> cb);
                 let cluster_start = pos & !(cluster - 1);
                 let cluster_end = (cluster_start + cluster).min(size);
                 let runs = self.cluster_runs(src, words, index, cluster_start, cluster_end, pos)?;
@@ -210,7 +211,7 @@ impl Qcow2 {
                 "L1 entry {l1_index}: L2 table at {l2_offset:#x} (+{cluster}) is past the end of the {file}-byte file"
             )));
         }
-        let mut buf = vec![0u8; cluster as usize];
+        let mut buf = vec![0u8; fits(cluster, "L2 table")?];
         src.read_exact_at(l2_offset, &mut buf)?;
         Ok(buf
             .chunks_exact(8)
@@ -264,12 +265,14 @@ impl Qcow2 {
             // compressed cluster of a file may claim bytes past its end.
             let claimed = sectors * 512 - (host & 511);
             let length = claimed.min(file - host);
+            let length = u32::try_from(length)
+                .map_err(|_| at(format!("a compressed length of {length} bytes")))?;
             return Ok(vec![Extent {
                 offset: pos,
                 length: cluster_end - pos,
                 run: Run::Compressed {
                     source_offset: host,
-                    source_length: length as u32,
+                    source_length: length,
                     codec: self.codec(),
                 },
             }]);
@@ -312,7 +315,7 @@ impl Qcow2 {
         }
         // Extended L2: 32 subclusters, an allocation bit (low word half)
         // and a zero bit (high half) each.
-        let alloc = bitmap as u32;
+        let alloc = (bitmap & 0xffff_ffff) as u32;
         let zero = (bitmap >> 32) as u32;
         if alloc & zero != 0 {
             return Err(at(format!(
@@ -326,7 +329,8 @@ impl Qcow2 {
         }
         let sub = cluster / 32;
         let mut runs = Vec::new();
-        let first = ((pos - cluster_start) / sub) as u32;
+        // Below 32 (pos is inside the cluster); saturated, the loop is empty.
+        let first = u32::try_from((pos - cluster_start) / sub).unwrap_or(u32::MAX);
         for i in first..32 {
             let start = (cluster_start + i as u64 * sub).max(pos);
             let end = (cluster_start + (i as u64 + 1) * sub).min(cluster_end);
@@ -430,7 +434,7 @@ fn read_l1(src: &dyn ReadAt, h: &Header) -> Result<Vec<u64>, FormatError> {
     }
     // Only the entries the virtual size needs are read: the rest can never
     // be reached.
-    let mut buf = vec![0u8; bytes as usize];
+    let mut buf = vec![0u8; fits(bytes, "L1 table")?];
     src.read_exact_at(h.l1_table_offset, &mut buf)?;
     Ok(buf
         .chunks_exact(8)

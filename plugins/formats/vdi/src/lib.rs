@@ -8,7 +8,7 @@
 //! Differencing images (a parent UUID) are refused.
 
 use cocoon_format_common::bytes::{le32, le64};
-use cocoon_format_common::{push_merged, read_range, Extent, FormatError, ReadAt, Run};
+use cocoon_format_common::{index, push_merged, read_range, Extent, FormatError, ReadAt, Run};
 
 pub const FORMAT: &str = "vdi";
 
@@ -184,7 +184,7 @@ impl Vdi {
                 )?;
                 window = (block, raw.chunks_exact(4).map(|c| le32(c, 0)).collect());
             }
-            let entry = window.1[(block - window.0) as usize];
+            let entry = window.1[index(block - window.0)];
             let start = block * self.block_size;
             let end = (start + self.block_size).min(self.virtual_size);
             let run = if entry >= FIRST_UNALLOCATED {

@@ -16,7 +16,7 @@
 //! is read, as qemu does.
 
 use cocoon_format_common::bytes::{le16, le32, le64};
-use cocoon_format_common::{push_merged, read_range, Extent, FormatError, ReadAt, Run};
+use cocoon_format_common::{index, push_merged, read_range, Extent, FormatError, ReadAt, Run};
 
 pub const FORMAT: &str = "vhdx";
 
@@ -134,9 +134,9 @@ pub fn probe(head: &[u8]) -> Option<u8> {
 pub fn crc32c(data: &[u8]) -> u32 {
     const fn table() -> [u32; 256] {
         let mut t = [0u32; 256];
-        let mut i = 0;
+        let mut i: u32 = 0;
         while i < 256 {
-            let mut c = i as u32;
+            let mut c = i;
             let mut k = 0;
             while k < 8 {
                 c = if c & 1 != 0 {
@@ -146,7 +146,7 @@ pub fn crc32c(data: &[u8]) -> u32 {
                 };
                 k += 1;
             }
-            t[i] = c;
+            t[i as usize] = c;
             i += 1;
         }
         t
@@ -452,7 +452,7 @@ impl Vhdx {
                 let count = BAT_WINDOW.min(bat_entries - index);
                 window = (index, self.bat_window(src, index, count)?);
             }
-            let entry = window.1[(index - window.0) as usize];
+            let entry = window.1[self::index(index - window.0)];
             let end = ((block + 1) * self.block_size).min(self.virtual_size);
             let run = self.block_run(block, entry, pos, end)?;
             push_merged(

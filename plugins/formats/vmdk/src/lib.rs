@@ -12,7 +12,9 @@
 //! another path such as `/etc/shadow`.
 
 use cocoon_format_common::bytes::{le16, le32, le64};
-use cocoon_format_common::{push_merged, read_range, ErrorKind, Extent, FormatError, ReadAt, Run};
+use cocoon_format_common::{
+    fits, index, push_merged, read_range, ErrorKind, Extent, FormatError, ReadAt, Run,
+};
 
 pub const FORMAT: &str = "vmdk";
 
@@ -54,6 +56,10 @@ const GD_WINDOW: u64 = 8192;
 const CODEC_ZLIB: u32 = 1;
 
 /// The codec tag for a zlib grain of `grain_sectors` sectors.
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "grain_sectors <= MAX_GRAIN_SECTORS (checked at open), far below 2^24"
+)]
 pub fn zlib_codec(grain_sectors: u64) -> u32 {
     // grain_sectors <= MAX_GRAIN_SECTORS, so the shift cannot overflow.
     CODEC_ZLIB | ((grain_sectors as u32) << 8)
@@ -251,7 +257,7 @@ impl Vmdk {
                 "not a VMDK: no KDMV magic at offset 0",
             ));
         }
-        if head.len() < SECTOR as usize {
+        if (head.len() as u64) < SECTOR {
             return Err(FormatError::invalid(format!(
                 "VMDK header truncated: the file has {file_size} bytes, the header needs 512"
             )));
@@ -584,7 +590,7 @@ impl Vmdk {
                 )?;
                 gd_window = (gd_index, raw.chunks_exact(4).map(|c| le32(c, 0)).collect());
             }
-            let gt_sector = gd_window.1[(gd_index - gd_window.0) as usize];
+            let gt_sector = gd_window.1[index(gd_index - gd_window.0)];
             let (run, end) = if gt_sector == 0 {
                 // No grain table: the whole span it would cover is
                 // unallocated.
@@ -597,7 +603,7 @@ impl Vmdk {
                     table = Some((gd_index, self.grain_table(src, gd_index, gt_sector)?));
                 }
                 let gt = &table.as_ref().expect("loaded above").1;
-                let entry = gt[(grain_index % self.gtes_per_gt) as usize];
+                let entry = gt[index(grain_index % self.gtes_per_gt)];
                 self.grain_run(src, pos, grain_index, entry)?
             };
             push_merged(
@@ -632,7 +638,7 @@ pub fn decode(codec: u32, input: &[u8], length: u32) -> Result<Vec<u8>, FormatEr
             "codec {codec:#x} names a grain of {grain_sectors} sectors (1 to {MAX_GRAIN_SECTORS})"
         )));
     }
-    let grain = (grain_sectors * SECTOR) as usize;
+    let grain = fits(grain_sectors * SECTOR, "a grain")?;
     if length as usize > grain {
         return Err(FormatError::invalid(format!(
             "decode length {length} is larger than the {grain}-byte grain"

@@ -15,7 +15,7 @@
 //! Differencing disks are refused.
 
 use cocoon_format_common::bytes::{be32, be64};
-use cocoon_format_common::{push_merged, read_range, Extent, FormatError, ReadAt, Run};
+use cocoon_format_common::{index, push_merged, read_range, Extent, FormatError, ReadAt, Run};
 
 pub const FORMAT: &str = "vpc";
 
@@ -48,7 +48,7 @@ pub fn probe(head: &[u8], tail: &[u8], file_size: u64) -> Option<u8> {
     if head.starts_with(COOKIE) {
         return Some(100);
     }
-    let footer = tail.get(tail.len().checked_sub(FOOTER_LEN as usize)?..)?;
+    let footer = tail.get(tail.len().checked_sub(usize::try_from(FOOTER_LEN).ok()?)?..)?;
     if !footer.starts_with(COOKIE) {
         return None;
     }
@@ -276,7 +276,7 @@ impl Vpc {
                 let raw = read_range(src, bat_offset + block * 4, count * 4, "VHD BAT")?;
                 window = (block, raw.chunks_exact(4).map(|c| be32(c, 0)).collect());
             }
-            let entry = window.1[(block - window.0) as usize];
+            let entry = window.1[index(block - window.0)];
             let start = block * block_size;
             let end = (start + block_size).min(self.virtual_size);
             if entry == UNALLOCATED {

@@ -67,13 +67,13 @@ impl ReadAt for HostSource {
         let (start, bytes) = &*window;
         let hit = offset >= *start && offset + buf.len() as u64 <= start + bytes.len() as u64;
         if !hit {
-            let len = WINDOW.min(size - offset) as usize;
+            let len = cocoon_format_common::index(WINDOW.min(size - offset));
             let mut fresh = vec![0u8; len];
             self.host_read(offset, &mut fresh)?;
             *window = (offset, fresh);
         }
         let (start, bytes) = &*window;
-        let at = (offset - start) as usize;
+        let at = cocoon_format_common::index(offset - start);
         buf.copy_from_slice(&bytes[at..at + buf.len()]);
         Ok(())
     }

@@ -34,6 +34,8 @@ impl ImageSource for Hostile {
                 // Volatile so the optimiser keeps a loop that never ends.
                 let mut n = 0u64;
                 loop {
+                    // SAFETY: `n` is a live, aligned local read through a
+                    // reference; volatile only keeps the read.
                     n = unsafe { core::ptr::read_volatile(&n) }.wrapping_add(1);
                 }
             }

@@ -17,6 +17,8 @@ use exports::cocoon::plugin::converter::{
 
 const MAGIC: &[u8] = b"LEGACY01";
 const HEADER: u64 = 16;
+/// The header's length as a host read takes it.
+const HEADER_LEN: u32 = 16;
 
 struct LegacyConverter;
 
@@ -55,8 +57,8 @@ impl GuestImage for LegacyImage {
         if format != "legacy" {
             return Err(err(ErrorKind::Unsupported, format!("format {format:?}")));
         }
-        let header = src.read_at(0, HEADER as u32)?;
-        if header.len() < HEADER as usize || !header.starts_with(MAGIC) {
+        let header = src.read_at(0, HEADER_LEN)?;
+        if header.len() < HEADER_LEN as usize || !header.starts_with(MAGIC) {
             return Err(err(ErrorKind::InvalidInput, "no LEGACY01 header".into()));
         }
         let virtual_size = u64::from_le_bytes(header[8..16].try_into().unwrap());
@@ -85,7 +87,7 @@ impl GuestImage for LegacyImage {
             });
         }
         let from = offset.max(self.stored);
-        if from < self.virtual_size && (out.len() as u32) < max {
+        if from < self.virtual_size && u32::try_from(out.len()).is_ok_and(|n| n < max) {
             out.push(Extent {
                 offset: from,
                 length: self.virtual_size - from,
