@@ -54,10 +54,7 @@ impl Ours {
     fn ok(&self, args: &[&str]) -> Result<String, String> {
         let o = self.cmd().args(args).output().map_err(|e| e.to_string())?;
         if !o.status.success() {
-            return Err(format!(
-                "{args:?}: {}",
-                String::from_utf8_lossy(&o.stderr)
-            ));
+            return Err(format!("{args:?}: {}", String::from_utf8_lossy(&o.stderr)));
         }
         Ok(String::from_utf8_lossy(&o.stdout).into_owned())
     }
@@ -109,12 +106,13 @@ impl Ours {
 
         let snap = format!("snap{i}");
         let t0 = Instant::now();
-        let taken: serde_json::Value = serde_json::from_str(&self.ok(&[
-            "snapshot", "save", &src, "--name", &snap, "-o", "json",
-        ])?)
+        let taken: serde_json::Value = serde_json::from_str(
+            &self.ok(&["snapshot", "save", &src, "--name", &snap, "-o", "json"])?,
+        )
         .map_err(|e| e.to_string())?;
         s.save_cli = t0.elapsed();
-        s.save_paused = Duration::from_secs_f64(taken["paused_ms"].as_f64().ok_or("paused_ms")? / 1e3);
+        s.save_paused =
+            Duration::from_secs_f64(taken["paused_ms"].as_f64().ok_or("paused_ms")? / 1e3);
 
         let t0 = Instant::now();
         self.ok(&["restore", &src, &snap])?;
@@ -194,12 +192,7 @@ fn main() {
     let anchor = med(|s| s.run_first_line);
     let row = |what: &str, value: f64, goal: Option<f64>| {
         let verdict = goal
-            .map(|g| {
-                format!(
-                    "< {g} ms: {}",
-                    if value < g { "met" } else { "not met" }
-                )
-            })
+            .map(|g| format!("< {g} ms: {}", if value < g { "met" } else { "not met" }))
             .unwrap_or_default();
         println!(
             "| {what} (ms) | {value:.1} | {:.2} | {verdict} |",

@@ -90,10 +90,11 @@ pub enum SnapshotVmError {
     Snapshot(#[from] StoreError),
     #[error("the image store")]
     Store(#[source] crate::store::StoreError),
+    // Boxed: the preflight's errors are large, and these travel far.
     #[error(transparent)]
-    Cloning(#[from] CloneError),
+    Cloning(Box<CloneError>),
     #[error(transparent)]
-    Restore(#[from] RestoreError),
+    Restore(Box<RestoreError>),
     #[error(
         "snapshot {snapshot} has {snap_cpus} vCPUs and {snap_memory} bytes of memory, VM {vm} \
          {vm_cpus} and {vm_memory}; a restore keeps the VM's shape (the VM was not touched)"
@@ -112,6 +113,18 @@ pub enum SnapshotVmError {
         #[source]
         source: crate::disk::lock::LockError,
     },
+}
+
+impl From<CloneError> for SnapshotVmError {
+    fn from(e: CloneError) -> Self {
+        SnapshotVmError::Cloning(Box::new(e))
+    }
+}
+
+impl From<RestoreError> for SnapshotVmError {
+    fn from(e: RestoreError) -> Self {
+        SnapshotVmError::Restore(Box::new(e))
+    }
 }
 
 /// The preflight options of the host whose state directory holds
