@@ -73,6 +73,7 @@ pub struct ListArgs {
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
+    /// The snapshot's name (as `snapshot list` shows it).
     pub snapshot: String,
     /// Also run the preflight a clone runs (every rule, the small files
     /// hashed); exits 1 when it fails.
@@ -84,12 +85,14 @@ pub struct InspectArgs {
 
 #[derive(Debug, Args)]
 pub struct RmArgs {
+    /// The snapshots' names.
     #[arg(required = true)]
     pub snapshots: Vec<String>,
 }
 
 #[derive(Debug, Args)]
 pub struct ExportArgs {
+    /// The snapshot's name (as `snapshot list` shows it).
     pub snapshot: String,
     /// The file to write [default: stdout, which must not be a terminal].
     #[arg(short, long, value_name = "FILE")]
@@ -110,6 +113,7 @@ pub struct ImportArgs {
 
 #[derive(Debug, Args)]
 pub struct PushArgs {
+    /// The snapshot's name (as `snapshot list` shows it).
     pub snapshot: String,
     /// `oci://HOST[:PORT]/REPO:TAG`.
     pub reference: String,
@@ -127,6 +131,7 @@ pub struct PullArgs {
 /// `clone SNAP`.
 #[derive(Debug, Args)]
 pub struct CloneArgs {
+    /// The snapshot's name (as `snapshot list` shows it).
     pub snapshot: String,
     /// The new VM's name (generated when omitted).
     #[arg(long)]
@@ -143,6 +148,7 @@ pub struct CloneArgs {
 pub struct RestoreArgs {
     /// The VM's name or id.
     pub vm: String,
+    /// The snapshot's name (as `snapshot list` shows it).
     pub snapshot: String,
 }
 
