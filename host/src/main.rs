@@ -76,6 +76,17 @@ enum Command {
     Console(cli::vm::VmArg),
     /// Print a VM's console log.
     Logs(cli::vm::LogsArgs),
+    /// Snapshots of running VMs: save, list, inspect, rm, export, import,
+    /// push, pull.
+    Snapshot(cli::snapshot::SnapshotArgs),
+    /// A new VM from a snapshot, started from the snapshot's state (its
+    /// own disks, a new identity): no boot.
+    #[command(name = "clone")]
+    CloneVm(cli::snapshot::CloneArgs),
+    /// Put a VM back to a snapshot: checked first (a bad snapshot leaves
+    /// the VM running), then the VM is stopped, its disks replaced (all or
+    /// none) and it is started from the snapshot's state.
+    Restore(cli::snapshot::RestoreArgs),
     /// The monitor of one VM (started by `start`; not for people).
     #[command(name = "__monitor", hide = true)]
     Monitor {
@@ -142,6 +153,9 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 Command::Inspect(a) => cli::vm::inspect(a, &config),
                 Command::Console(a) => cli::vm::console(a, &config),
                 Command::Logs(a) => cli::vm::logs(a, &config),
+                Command::Snapshot(a) => cli::snapshot::run(a, &config),
+                Command::CloneVm(a) => cli::snapshot::clone(a, &config),
+                Command::Restore(a) => cli::snapshot::restore(a, &config),
                 Command::Plugin(_)
                 | Command::Image(_)
                 | Command::Boot(_)

@@ -5,5 +5,6 @@ pub mod demo;
 pub mod image;
 pub mod output;
 pub mod plugin;
+pub mod snapshot;
 pub mod vm;
 pub mod vm_console;

@@ -535,7 +535,11 @@ fn wait_stopped(vm: &VmEntry, timeout: Duration) -> bool {
     }
 }
 
-fn stop_vm(vm: &VmEntry, force: bool, timeout: Duration) -> anyhow::Result<&'static str> {
+pub(crate) fn stop_vm(
+    vm: &VmEntry,
+    force: bool,
+    timeout: Duration,
+) -> anyhow::Result<&'static str> {
     let c = client(vm)?;
     if !force {
         match c.act(api::PATH_SHUTDOWN) {

@@ -1,6 +1,8 @@
 //! The monitor's REST API, as both sides see it (docs/api.md). JSON
 //! bodies; the console is raw bytes.
 
+use std::path::PathBuf;
+
 use serde::{Deserialize, Serialize};
 
 use super::record::VmState;
@@ -11,6 +13,7 @@ pub const PATH_PAUSE: &str = "/v1/vm/pause";
 pub const PATH_RESUME: &str = "/v1/vm/resume";
 pub const PATH_SHUTDOWN: &str = "/v1/vm/shutdown";
 pub const PATH_STOP: &str = "/v1/vm/stop";
+pub const PATH_SNAPSHOT: &str = "/v1/vm/snapshot";
 pub const PATH_CONSOLE: &str = "/v1/console";
 pub const PATH_CONSOLE_INPUT: &str = "/v1/console/input";
 
@@ -56,4 +59,39 @@ pub struct ApiError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InputAccepted {
     pub accepted: usize,
+}
+
+/// `PUT /v1/vm/snapshot`: the snapshot to write under
+/// `STATE/snapshots/NAME`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    pub name: String,
+}
+
+/// The answer to `PUT /v1/vm/snapshot`: the snapshot exists, whole.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotTaken {
+    pub name: String,
+    pub dir: PathBuf,
+    /// How long the guest was paused for the snapshot, in milliseconds (0
+    /// when it was paused already: it stays paused).
+    pub paused_ms: f64,
+    /// Writing the VMM's files and copying the disks (inside the pause).
+    pub capture_ms: f64,
+    /// Hashing every file, the sidecar and the rename (the guest runs).
+    pub finish_ms: f64,
+    pub memory_bytes: u64,
+    /// Bytes of the memory file that hold data (the rest are holes).
+    pub memory_data_bytes: u64,
+    /// How each disk was copied: serial and `reflink` or `sparse`.
+    pub copies: Vec<DiskCopy>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskCopy {
+    pub serial: String,
+    pub method: String,
 }

@@ -10,12 +10,14 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 
-use super::api::{self, ApiError, InputAccepted, VmInfo};
+use super::api::{self, ApiError, InputAccepted, SnapshotRequest, SnapshotTaken, VmInfo};
 use super::monitor::console::Chunk;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Beyond a console read's own wait.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// A snapshot copies the memory and disks: minutes for a big guest.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(1800);
 /// An answer bigger than this is not from our monitor.
 const MAX_ANSWER_BYTES: usize = api::MAX_CONSOLE_READ + (64 << 10);
 
@@ -167,6 +169,21 @@ impl Client {
         let r = self.request(Method::PUT, path, Bytes::new(), Duration::ZERO)?;
         let (_, body) = self.checked(path, r)?;
         self.json(path, &body)
+    }
+
+    /// Takes snapshot `name` (`STATE/snapshots/NAME`); returns once it is
+    /// whole and listed.
+    pub fn snapshot(&self, name: &str) -> Result<SnapshotTaken, ClientError> {
+        let body = serde_json::to_vec(&SnapshotRequest { name: name.into() })
+            .expect("a request serialises");
+        let r = self.request(
+            Method::PUT,
+            api::PATH_SNAPSHOT,
+            Bytes::from(body),
+            SNAPSHOT_TIMEOUT,
+        )?;
+        let (_, body) = self.checked("snapshot", r)?;
+        self.json("snapshot", &body)
     }
 
     /// Console output from `from`, waiting up to `wait` for some.

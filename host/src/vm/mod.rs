@@ -10,6 +10,7 @@ pub mod monitor_lock;
 pub mod name;
 pub mod record;
 pub mod roots;
+pub mod snapshot;
 pub mod spawn;
 pub mod vms;
 

@@ -6,11 +6,13 @@
 
 pub mod console;
 pub mod server;
+pub mod snapshot;
 
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{FromRawFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,6 +31,13 @@ pub struct Monitor {
     pub console: Arc<Console>,
     dir: PathBuf,
     record: Mutex<VmRecord>,
+    /// The VM's writable-disk locks, held for its whole life; taken out
+    /// (released) when it stops. A snapshot holds the slot while it
+    /// copies the disks.
+    disk_locks: Mutex<Option<DiskLocks>>,
+    /// A snapshot is being taken: pause, resume and shutdown are refused
+    /// meanwhile (the snapshot pauses and resumes the guest itself).
+    snapshotting: AtomicBool,
 }
 
 impl Monitor {
@@ -55,6 +64,9 @@ impl Monitor {
     pub fn act(&self, path: &str) -> Result<VmInfo, String> {
         if self.stopped() {
             return Err("the VM is stopping".into());
+        }
+        if path != api::PATH_STOP && self.snapshotting.load(Ordering::SeqCst) {
+            return Err("a snapshot is being taken; try again when it is done".into());
         }
         match path {
             api::PATH_PAUSE => {
@@ -105,10 +117,10 @@ pub unsafe fn main(vm_dir: &Path, lock_fd: RawFd, ready_fd: RawFd) -> i32 {
         }
     };
     match start(vm_dir, lock) {
-        Ok((monitor, disk_locks, lock)) => {
+        Ok((monitor, lock)) => {
             let _ = writeln!(ready, "ok");
             drop(ready);
-            serve_until_exit(monitor, disk_locks, lock)
+            serve_until_exit(monitor, lock)
         }
         Err(e) => {
             let msg = format!("{e:#}");
@@ -130,7 +142,7 @@ pub unsafe fn main(vm_dir: &Path, lock_fd: RawFd, ready_fd: RawFd) -> i32 {
     }
 }
 
-type Started = (Arc<Monitor>, DiskLocks, MonitorLock);
+type Started = (Arc<Monitor>, MonitorLock);
 
 fn start(vm_dir: &Path, mut lock: MonitorLock) -> anyhow::Result<Started> {
     use anyhow::Context;
@@ -178,7 +190,11 @@ fn start(vm_dir: &Path, mut lock: MonitorLock) -> anyhow::Result<Started> {
     };
     // Before any thread exists, so that only the watcher gets them.
     cocoon_vmm::signals::block_termination_signals().context("blocking SIGINT/SIGTERM")?;
-    let vm = Vm::start(config).context("starting the VM")?;
+    // A clone's or a restored VM's first start restores its snapshot.
+    let vm = match super::snapshot::StartFrom::load(vm_dir)? {
+        Some(from) => snapshot::restore(vm_dir, &from, config)?,
+        None => Vm::start(config).context("starting the VM")?,
+    };
     cocoon_vmm::signals::stop_on_termination_signals(vm.stop_handle())
         .context("watching SIGINT/SIGTERM")?;
     record.state = VmState::Running;
@@ -191,11 +207,13 @@ fn start(vm_dir: &Path, mut lock: MonitorLock) -> anyhow::Result<Started> {
         console,
         dir: vm_dir.to_path_buf(),
         record: Mutex::new(record),
+        disk_locks: Mutex::new(Some(disk_locks)),
+        snapshotting: AtomicBool::new(false),
     });
-    Ok((monitor, disk_locks, lock))
+    Ok((monitor, lock))
 }
 
-fn serve_until_exit(monitor: Arc<Monitor>, disk_locks: DiskLocks, lock: MonitorLock) -> i32 {
+fn serve_until_exit(monitor: Arc<Monitor>, lock: MonitorLock) -> i32 {
     let socket = api_socket(&monitor.dir);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -206,7 +224,7 @@ fn serve_until_exit(monitor: Arc<Monitor>, disk_locks: DiskLocks, lock: MonitorL
         Err(e) => {
             eprintln!("cocoon-host monitor: the API runtime: {e}");
             monitor.vm.stop();
-            return finish(&monitor, disk_locks, lock, &socket);
+            return finish(&monitor, lock, &socket);
         }
     };
     let listener = rt.block_on(async {
@@ -232,10 +250,10 @@ fn serve_until_exit(monitor: Arc<Monitor>, disk_locks: DiskLocks, lock: MonitorL
     // Wake console readers so that they see the end.
     monitor.console.notify.notify_waiters();
     rt.shutdown_timeout(Duration::from_millis(200));
-    finish(&monitor, disk_locks, lock, &socket)
+    finish(&monitor, lock, &socket)
 }
 
-fn finish(monitor: &Monitor, disk_locks: DiskLocks, lock: MonitorLock, socket: &Path) -> i32 {
+fn finish(monitor: &Monitor, lock: MonitorLock, socket: &Path) -> i32 {
     let reason = monitor
         .vm
         .exit_reason()
@@ -279,8 +297,15 @@ fn finish(monitor: &Monitor, disk_locks: DiskLocks, lock: MonitorLock, socket: &
             eprintln!("cocoon-host monitor: {}", crate::error_chain(&e));
         }
     }
-    // The disks first: whoever sees the monitor gone may take them.
-    drop(disk_locks);
+    // The disks first: whoever sees the monitor gone may take them (after
+    // a snapshot that is copying them, which holds their slot).
+    drop(
+        monitor
+            .disk_locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take(),
+    );
     drop(lock);
     i32::from(kind == ExitKind::Error)
 }

@@ -145,7 +145,7 @@ fn number(q: &HashMap<String, String>, key: &str, default: u64) -> Result<u64, F
     }
 }
 
-async fn handle(monitor: &Monitor, req: Request<Incoming>) -> Response<Body> {
+async fn handle(monitor: &Arc<Monitor>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     let result = match (method.clone(), path.as_str()) {
@@ -163,6 +163,7 @@ async fn handle(monitor: &Monitor, req: Request<Incoming>) -> Response<Body> {
                     .map_err(|e| error(StatusCode::CONFLICT, e)),
             }
         }
+        (Method::PUT, api::PATH_SNAPSHOT) => snapshot(monitor, req).await,
         (Method::GET, api::PATH_CONSOLE) => console(monitor, &req).await,
         (Method::PUT, api::PATH_CONSOLE_INPUT) => match body(req, api::MAX_INPUT_BYTES).await {
             Err(r) => Err(r),
@@ -180,6 +181,7 @@ async fn handle(monitor: &Monitor, req: Request<Incoming>) -> Response<Body> {
             | api::PATH_RESUME
             | api::PATH_SHUTDOWN
             | api::PATH_STOP
+            | api::PATH_SNAPSHOT
             | api::PATH_CONSOLE
             | api::PATH_CONSOLE_INPUT,
         ) => Err(error(
@@ -192,6 +194,30 @@ async fn handle(monitor: &Monitor, req: Request<Incoming>) -> Response<Body> {
         )),
     };
     result.unwrap_or_else(Fail::response)
+}
+
+/// `PUT /v1/vm/snapshot`: the work (disk copies, hashing) runs on the
+/// blocking pool, so the API's thread keeps serving the console.
+async fn snapshot(monitor: &Arc<Monitor>, req: Request<Incoming>) -> Result<Response<Body>, Fail> {
+    let bytes = body(req, api::MAX_BODY_BYTES).await?;
+    let request: api::SnapshotRequest = serde_json::from_slice(&bytes)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("the request body: {e}")))?;
+    let m = monitor.clone();
+    let taken = tokio::task::spawn_blocking(move || super::snapshot::take(&m, &request.name))
+        .await
+        .map_err(|e| {
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("the snapshot task: {e}"),
+            )
+        })?;
+    use super::snapshot::Refused;
+    match taken {
+        Ok(t) => Ok(json(StatusCode::CREATED, &t)),
+        Err(Refused::Bad(e)) => Err(error(StatusCode::BAD_REQUEST, e)),
+        Err(Refused::Conflict(e)) => Err(error(StatusCode::CONFLICT, e)),
+        Err(Refused::Failed(e)) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, e)),
+    }
 }
 
 async fn console(monitor: &Monitor, req: &Request<Incoming>) -> Result<Response<Body>, Fail> {
