@@ -12,6 +12,7 @@
 
 use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -24,6 +25,15 @@ use crate::convert::output::data_run;
 use crate::store::digest::Digest;
 
 const CHUNK: usize = 4 << 20;
+/// Bytes per read when the bytes are hashed: small enough that the buffer
+/// stays in the CPU's L2 cache from the read through the hash to the
+/// write (with 4 MiB chunks each pass went out to memory; copying and
+/// hashing were half of `run`'s CPU time).
+const HASH_CHUNK: usize = 128 << 10;
+/// Bytes written to a copy after which their writeback is started, so the
+/// device writes while the rest is read and hashed and the fsync of
+/// [`NewFile::commit`] waits only for the tail.
+const WRITEBACK_STEP: u64 = 4 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
@@ -208,7 +218,7 @@ pub fn data_runs(file: &File, path: &Path, len: u64) -> Result<Vec<(u64, u64)>, 
 
 /// Hashes the first `len` bytes of `file`, reading only its data runs.
 fn hash_file(file: &File, path: &Path, len: u64, hash: &mut Sha256) -> Result<(), CopyError> {
-    let mut buf = vec![0u8; CHUNK];
+    let mut buf = vec![0u8; HASH_CHUNK];
     let mut at = 0;
     for (start, end) in data_runs(file, path, len)? {
         hash_zeros(hash, start - at);
@@ -261,8 +271,10 @@ fn sparse_copy(
         }
         return Ok(());
     };
-    let mut buf = vec![0u8; CHUNK];
+    let mut buf = vec![0u8; HASH_CHUNK];
     let mut at = 0;
+    // Start of the written range whose writeback is not started yet.
+    let mut unflushed = 0;
     for (start, end) in runs {
         hash_zeros(hash, start - at);
         read_hashed(src, src_path, start, end, &mut buf, hash, |off, bytes| {
@@ -270,12 +282,32 @@ fn sparse_copy(
                 return Ok(());
             }
             dst.write_all_at(bytes, off)
-                .map_err(io_err("writing", dst_path))
+                .map_err(io_err("writing", dst_path))?;
+            let written = off + bytes.len() as u64;
+            if written - unflushed >= WRITEBACK_STEP {
+                start_writeback(dst, unflushed, written);
+                unflushed = written;
+            }
+            Ok(())
         })?;
         at = end;
     }
     hash_zeros(hash, len - at);
     Ok(())
+}
+
+/// Starts the writeback of bytes [from, to) of `file` without waiting for
+/// it. Only a head start for the fsync that follows, which is what makes
+/// the copy durable: a failure here loses the overlap, nothing else.
+fn start_writeback(file: &File, from: u64, to: u64) {
+    let (Ok(offset), Ok(len)) = (i64::try_from(from), i64::try_from(to - from)) else {
+        return;
+    };
+    // SAFETY: sync_file_range takes no pointers, only the descriptor of a
+    // file open for the duration of the call and two integers.
+    let _ = unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE)
+    };
 }
 
 fn kernel_copy(

@@ -162,7 +162,7 @@ impl Layout {
             file.set_permissions(fs::Permissions::from_mode(0o400))
                 .map_err(StoreError::io("chmod", &path))?;
         }
-        let (actual, size) = match hash_reader(io::BufReader::with_capacity(1 << 20, file)) {
+        let (actual, size) = match hash_reader(file) {
             Ok(r) => r,
             // fs-verity refuses to return a changed block: corrupt.
             Err(e)

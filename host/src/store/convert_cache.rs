@@ -126,8 +126,7 @@ impl ConvertedImage {
         if !f.metadata().is_ok_and(|m| m.is_file()) {
             return Ok(false);
         }
-        let (d, n) = hash_reader(io::BufReader::with_capacity(1 << 20, f))
-            .map_err(StoreError::io("hashing", &self.path))?;
+        let (d, n) = hash_reader(f).map_err(StoreError::io("hashing", &self.path))?;
         Ok(d == self.digest && n == self.size)
     }
 }
@@ -303,8 +302,7 @@ impl Store {
         }
         let f = fs::File::open(&work).map_err(StoreError::io("opening", &work))?;
         f.sync_all().map_err(StoreError::io("syncing", &work))?;
-        let (digest, size) = hash_reader(io::BufReader::with_capacity(1 << 20, f))
-            .map_err(StoreError::io("hashing", &work))?;
+        let (digest, size) = hash_reader(f).map_err(StoreError::io("hashing", &work))?;
         let dir = base.join(&converter.sha256);
         private_dirs(&dir)?;
         // Read-only and private, like the blobs.
