@@ -41,11 +41,18 @@ pub enum NicsError {
     Check {
         index: usize,
         what: String,
+        // Boxed: netlink's errors are large, and results carry this one.
         #[source]
-        source: TapError,
+        source: Box<TapError>,
     },
     #[error(transparent)]
-    Tap(#[from] TapError),
+    Tap(Box<TapError>),
+}
+
+impl From<TapError> for NicsError {
+    fn from(e: TapError) -> Self {
+        NicsError::Tap(Box::new(e))
+    }
 }
 
 /// The NICs of a new VM, in order (every `--nic`, then every `--network
@@ -106,7 +113,7 @@ pub fn check(nics: &[Nic], free: bool) -> Result<(), NicsError> {
         let err = |source: TapError| NicsError::Check {
             index,
             what: describe(&nic.attach),
-            source,
+            source: Box::new(source),
         };
         match &nic.attach {
             Attachment::Tap(name) => {
