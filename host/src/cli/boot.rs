@@ -8,7 +8,7 @@ use clap::Args;
 use cocoon_host::disk::lock::{DiskLocks, Wait};
 use cocoon_vmm::{DiskConfig, ExitReason, SerialOutput, Vm, VmConfig};
 
-use cocoon_host::net::{self, Addressing, Netlink, NetworkSpec, NicSpec};
+use cocoon_host::net::{self, Addressing, Netlink};
 
 /// Boot a kernel directly on the built-in VMM.
 ///
@@ -45,16 +45,8 @@ pub struct BootArgs {
     /// Guest RAM: 512 (MiB), 512M, 2G.
     #[arg(long, default_value = "256M", value_parser = cocoon_vmm::parse_memory_size)]
     pub memory: u64,
-    /// A virtio-net NIC on an existing tap (repeatable); the MAC is random
-    /// (locally administered) unless given. ip=/gw= are for VMs with a
-    /// cloud-init seed and are refused here.
-    #[arg(long = "nic", value_name = "tap=NAME[,mac=MAC]", value_parser = with_causes::<NicSpec>)]
-    pub nics: Vec<NicSpec>,
-    /// `bridge=BR[,mac=MAC]`: a NIC on a tap that is created on the existing
-    /// bridge BR and deleted when the VM stops (repeatable); `none` (the
-    /// default) for no NIC.
-    #[arg(long = "network", value_name = "bridge=BR[,mac=MAC]|none", value_parser = with_causes::<NetworkSpec>)]
-    pub networks: Vec<NetworkSpec>,
+    #[command(flatten)]
+    pub net: super::net::NetArgs,
     /// Append COM1 output to this file instead of the terminal.
     #[arg(long, value_name = "FILE")]
     pub serial_log: Option<PathBuf>,
@@ -89,7 +81,7 @@ pub fn lock_disks(disks: &[DiskConfig]) -> anyhow::Result<DiskLocks> {
 }
 
 pub fn run(args: BootArgs) -> anyhow::Result<i32> {
-    let specs = net::spec::plan(&args.nics, &args.networks)?;
+    let specs = net::spec::plan(&args.net.nics, &args.net.networks)?;
     if let Some(s) = specs.iter().find(|s| s.addressing != Addressing::Dhcp) {
         anyhow::bail!(
             "NIC {s}: boot writes no cloud-init seed, so ip= and gw= have nothing to configure"
@@ -113,24 +105,6 @@ pub fn run(args: BootArgs) -> anyhow::Result<i32> {
         net::release(nl, &attached).context("delete the taps created for the VM")?;
     }
     result
-}
-
-/// Parses a value, its error with the whole cause chain (clap prints only
-/// the error's own message).
-fn with_causes<T>(s: &str) -> Result<T, String>
-where
-    T: std::str::FromStr,
-    T::Err: std::error::Error,
-{
-    s.parse().map_err(|e: T::Err| {
-        let mut msg = e.to_string();
-        let mut cause = std::error::Error::source(&e);
-        while let Some(c) = cause {
-            msg.push_str(&format!(": {c}"));
-            cause = c.source();
-        }
-        msg
-    })
 }
 
 fn boot(args: BootArgs, nets: Vec<cocoon_vmm::NetConfig>) -> anyhow::Result<i32> {

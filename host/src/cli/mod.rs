@@ -3,6 +3,7 @@
 pub mod boot;
 pub mod demo;
 pub mod image;
+pub mod net;
 pub mod output;
 pub mod plugin;
 pub mod snapshot;

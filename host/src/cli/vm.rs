@@ -18,6 +18,7 @@ use cocoon_host::store::{PluginSources, PullPolicy, PullRequest, Store, StoreErr
 use cocoon_host::vm::api;
 use cocoon_host::vm::client::Client;
 use cocoon_host::vm::create::{create, CreateRequest};
+use cocoon_host::vm::nics::{self, NicView};
 use cocoon_host::vm::record::{ImageInfo, Machine};
 use cocoon_host::vm::{spawn, ExitKind, VmEntry, VmError, VmState, Vms};
 
@@ -70,6 +71,8 @@ pub struct CreateArgs {
     /// A file of SSH public keys for the seed's default user.
     #[arg(long, value_name = "FILE")]
     pub ssh_authorized_keys: Option<PathBuf>,
+    #[command(flatten)]
+    pub net: super::net::NetArgs,
 }
 
 /// Pull, convert, plan, create and start a VM.
@@ -142,6 +145,7 @@ pub struct Steps {
     pub disks: Vec<DiskStep>,
     pub kernel: PathBuf,
     pub policy: String,
+    pub nics: Vec<NicView>,
     pub state: String,
     /// The guest's outcome, for a foreground run.
     pub exit: Option<cocoon_host::vm::record::ExitInfo>,
@@ -286,12 +290,23 @@ fn prepare_image(
     })
 }
 
-/// Creates the VM (`run` and `create`).
+/// Creates the VM (`run` and `create`); `starting` when it starts right
+/// after (its taps must be free now, not only exist).
 fn create_vm(
     args: &CreateArgs,
     config: &HostConfig,
     say: &Say,
+    starting: bool,
 ) -> anyhow::Result<(VmEntry, Steps)> {
+    // The network first: a wrong flag or a missing tap or bridge fails
+    // before anything is pulled or made.
+    let planned = nics::plan(
+        &args.net.nics,
+        &args.net.networks,
+        !args.no_cidata,
+        &nics::taken_macs(&vms(config)?)?,
+    )?;
+    nics::check(&planned, starting)?;
     let runtime = Runtime::new(Some(config.state_dir.join("plugin-cache")))?;
     let registry = Registry::discover(config);
     let prepared = prepare_image(args, config, &runtime, &registry, say)?;
@@ -354,6 +369,7 @@ fn create_vm(
             cidata: !args.no_cidata,
             ssh_authorized_keys,
             settings: config.vm.settings.clone(),
+            nics: planned,
         },
         &policy,
     )?;
@@ -364,6 +380,7 @@ fn create_vm(
         image: prepared.step,
         kernel,
         policy: report.plan.policy.clone(),
+        nics: nics::views(&vm.record.id, &vm.record.nics),
         state: vm.record.state.to_string(),
         ..Steps::default()
     };
@@ -398,6 +415,9 @@ fn create_vm(
     if let Some(c) = &report.created.base_copy {
         say.line(format!("  root copied from the base by {:?}", c.method));
     }
+    for n in &steps.nics {
+        say.line(format!("  {n}"));
+    }
     Ok((vm, steps))
 }
 
@@ -409,7 +429,7 @@ pub fn run(args: RunArgs, config: &HostConfig) -> anyhow::Result<i32> {
     }
     let say = Say(args.output == Format::Text);
     let demo = args.create.image.is_none();
-    let (mut vm, mut steps) = create_vm(&args.create, config, &say)?;
+    let (mut vm, mut steps) = create_vm(&args.create, config, &say, true)?;
     let log_base = vm_console::log_len(&vm);
     // In the foreground, SIGINT/SIGTERM stop the VM rather than leave it
     // running without its console.
@@ -484,7 +504,7 @@ pub fn exit_code(kind: Option<ExitKind>) -> i32 {
 
 pub fn create_cmd(args: CreateArgs, output: Format, config: &HostConfig) -> anyhow::Result<i32> {
     let say = Say(output == Format::Text);
-    let (_, steps) = create_vm(&args, config, &say)?;
+    let (_, steps) = create_vm(&args, config, &say, false)?;
     emit(output, &steps, |s| println!("{}", s.name))?;
     Ok(0)
 }
@@ -605,6 +625,14 @@ fn remove(vm: &VmEntry) -> anyhow::Result<()> {
         "rm",
         cocoon_host::disk::lock::Wait::No,
     )?;
+    // The taps a killed monitor left (a monitor that exited deleted its
+    // own); before anything is removed, so a failure leaves the VM whole.
+    nics::release_leftovers(&now.record.id, &now.record.nics).with_context(|| {
+        format!(
+            "VM {}: deleting the taps the host made for it",
+            now.record.name
+        )
+    })?;
     locks.remove()?;
     std::fs::remove_dir_all(&vm.dir).with_context(|| format!("removing {}", vm.dir.display()))?;
     Ok(())
@@ -693,9 +721,11 @@ pub fn inspect(a: InspectArgs, config: &HostConfig) -> anyhow::Result<i32> {
     } else {
         None
     };
+    let nic_views = nics::views(&vm.record.id, &vm.record.nics);
     let doc = serde_json::json!({
         "record": vm.record,
         "dir": vm.dir,
+        "nics": nic_views,
         "monitor": live,
     });
     emit(a.output, &doc, |_| {
@@ -737,6 +767,12 @@ pub fn inspect(a: InspectArgs, config: &HostConfig) -> anyhow::Result<i32> {
                     .map(|m| format!(" mount {m}"))
                     .unwrap_or_default()
             );
+        }
+        if !nic_views.is_empty() {
+            println!("nics:");
+            for n in &nic_views {
+                println!("  {n}");
+            }
         }
     })?;
     Ok(0)

@@ -10,6 +10,7 @@ use ipnet::IpNet;
 use super::mac::MacAddr;
 use super::spec::Addressing;
 use super::Nic;
+use crate::disk::cidata::{Ethernet, MacMatch, NetworkConfig, Route};
 
 /// One `ethernets:` entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,10 +60,78 @@ pub fn entries(nics: &[Nic]) -> Vec<EthernetEntry> {
         .collect()
 }
 
+/// The seed's `network-config` for `nics`: one `ethernets:` entry per
+/// NIC ([`entries`]), matched by MAC, with no `set-name` (the guest names
+/// its interfaces).
+pub fn network_config(nics: &[Nic]) -> NetworkConfig {
+    let ethernets = entries(nics)
+        .into_iter()
+        .map(|e| {
+            let ethernet = Ethernet {
+                matches: MacMatch {
+                    macaddress: e.mac.to_string(),
+                },
+                set_name: None,
+                dhcp4: Some(e.dhcp4),
+                // netplan's default; said only when asked for.
+                dhcp6: e.dhcp6.then_some(true),
+                addresses: e.addresses.iter().map(ToString::to_string).collect(),
+                routes: e
+                    .default_route
+                    .map(|(to, via)| Route {
+                        to: to.to_string(),
+                        via: via.to_string(),
+                    })
+                    .into_iter()
+                    .collect(),
+                nameservers: None,
+                mtu: None,
+            };
+            (e.id, ethernet)
+        })
+        .collect();
+    NetworkConfig { ethernets }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::net::spec::Attachment;
+
+    #[test]
+    fn the_seed_network_config_is_matched_by_mac() {
+        let nics = [
+            nic("02:00:00:00:00:01", Addressing::Dhcp),
+            nic(
+                "02:00:00:00:00:02",
+                Addressing::Static {
+                    address: "10.0.0.2/24".parse().unwrap(),
+                    gateway: Some("10.0.0.1".parse().unwrap()),
+                },
+            ),
+        ];
+        let input = crate::disk::cidata::SeedInput {
+            instance_id: "i-1".into(),
+            hostname: "h".into(),
+            ssh_authorized_keys: Vec::new(),
+            network: network_config(&nics),
+        };
+        let files = crate::disk::cidata::render(&input, &[]).unwrap();
+        let got: serde_json::Value = serde_json::from_str(&files.network_config).unwrap();
+        assert_eq!(
+            got,
+            serde_json::json!({"version": 2, "ethernets": {
+                "nic0": {"match": {"macaddress": "02:00:00:00:00:01"}, "dhcp4": true},
+                "nic1": {
+                    "match": {"macaddress": "02:00:00:00:00:02"},
+                    "dhcp4": false,
+                    "addresses": ["10.0.0.2/24"],
+                    "routes": [{"to": "0.0.0.0/0", "via": "10.0.0.1"}],
+                },
+            }})
+        );
+        assert!(network_config(&[]).ethernets.is_empty());
+    }
 
     fn nic(mac: &str, addressing: Addressing) -> Nic {
         Nic {

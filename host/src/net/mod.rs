@@ -22,6 +22,7 @@ pub use tap::{Netlink, TapError};
 
 /// A NIC with its MAC fixed: what a VM record keeps.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Nic {
     pub attach: Attachment,
     pub mac: MacAddr,
@@ -61,6 +62,23 @@ impl AttachedNic {
     }
 }
 
+/// The NICs of a clone of a VM (or of a snapshot) that had `nics`: the
+/// same attachments and addressing, and every MAC new, given ones too (a
+/// clone on the same bridge as its origin must not answer for the
+/// origin's addresses). The new MACs are random locally administered
+/// unicast addresses, distinct from each other, from the origin's and from
+/// everything in `taken` (the host's other VMs' NICs).
+pub fn clone_nics(nics: &[Nic], taken: &HashSet<MacAddr>) -> Result<Vec<Nic>, MacError> {
+    let mut avoid = taken.clone();
+    avoid.extend(nics.iter().map(|n| n.mac));
+    let macs = mac::assign(&vec![None; nics.len()], &avoid)?;
+    Ok(nics
+        .iter()
+        .zip(macs)
+        .map(|(n, mac)| Nic { mac, ..n.clone() })
+        .collect())
+}
+
 /// Puts a tap behind every NIC: a given tap is checked (it exists, is a
 /// tap, nobody holds it), a bridge NIC gets a new tap named from
 /// `tap_pattern` (`cctap%d`) on that bridge. All or nothing: on an error
@@ -70,12 +88,22 @@ pub fn attach(
     nics: &[Nic],
     tap_pattern: &str,
 ) -> Result<Vec<AttachedNic>, TapError> {
+    attach_named(netlink, nics, |_| tap_pattern.to_string())
+}
+
+/// [`attach`] with the name (or `%d` pattern) of each bridge NIC's new
+/// tap given by NIC index.
+pub fn attach_named(
+    netlink: &Netlink,
+    nics: &[Nic],
+    tap_name: impl Fn(usize) -> String,
+) -> Result<Vec<AttachedNic>, TapError> {
     let mut done: Vec<AttachedNic> = Vec::new();
-    for nic in nics {
+    for (i, nic) in nics.iter().enumerate() {
         let step = match &nic.attach {
             Attachment::Tap(name) => netlink.check_tap(name).map(|()| (name.clone(), false)),
             Attachment::Bridge(bridge) => netlink
-                .create_on_bridge(bridge, tap_pattern)
+                .create_on_bridge(bridge, &tap_name(i))
                 .map(|name| (name, true)),
         };
         match step {
@@ -104,4 +132,47 @@ pub fn release(netlink: &Netlink, nics: &[AttachedNic]) -> Result<(), TapError> 
         }
     }
     first.map_or(Ok(()), Err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_clone_keeps_its_nics_but_gets_new_macs() {
+        let nics = resolve(
+            vec![
+                "tap=mine0,mac=02:00:00:00:00:01".parse().unwrap(),
+                NicSpec {
+                    attach: Attachment::Bridge("br0".into()),
+                    mac: None,
+                    addressing: Addressing::Static {
+                        address: "10.0.0.2/24".parse().unwrap(),
+                        gateway: Some("10.0.0.1".parse().unwrap()),
+                    },
+                },
+            ],
+            &HashSet::new(),
+        )
+        .unwrap();
+        let other: MacAddr = "02:00:00:00:00:99".parse().unwrap();
+        let taken: HashSet<MacAddr> = [other].into();
+        for _ in 0..64 {
+            let clone = clone_nics(&nics, &taken).unwrap();
+            assert_eq!(clone.len(), nics.len());
+            for (c, n) in clone.iter().zip(&nics) {
+                assert_eq!(c.attach, n.attach);
+                assert_eq!(c.addressing, n.addressing);
+                assert!(c.mac.is_locally_administered() && !c.mac.is_multicast());
+                assert!(
+                    nics.iter().all(|n| n.mac != c.mac),
+                    "{} is the origin's",
+                    c.mac
+                );
+                assert_ne!(c.mac, other);
+            }
+            assert_ne!(clone[0].mac, clone[1].mac);
+        }
+        assert!(clone_nics(&[], &taken).unwrap().is_empty());
+    }
 }

@@ -33,7 +33,7 @@ pub enum Attachment {
 
 /// How the guest configures the NIC (its cidata `network-config`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
 pub enum Addressing {
     Dhcp,
     Static {

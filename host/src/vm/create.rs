@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use super::record::{ImageInfo, Machine};
 use super::vms::{VmEntry, Vms};
 use super::VmError;
-use crate::disk::cidata::{NetworkConfig, SeedInput};
+use crate::disk::cidata::SeedInput;
 use crate::disk::create::Created;
 use crate::disk::lock::{DiskLocks, Wait};
 use crate::disk::plan::{DiskPolicy, DiskRequest, ImageDisks, Plan};
@@ -37,6 +37,8 @@ pub struct CreateRequest<'a> {
     pub cidata: bool,
     pub ssh_authorized_keys: Vec<String>,
     pub settings: std::collections::BTreeMap<String, String>,
+    /// The NICs, MACs fixed ([`super::nics::plan`]) and checked.
+    pub nics: Vec<crate::net::Nic>,
 }
 
 /// What `create` made, for the CLI to report.
@@ -69,12 +71,13 @@ pub fn create(
         instance_id: creating.record.id.clone(),
         hostname: creating.record.name.clone(),
         ssh_authorized_keys: req.ssh_authorized_keys,
-        network: NetworkConfig::default(),
+        network: crate::net::cidata::network_config(&req.nics),
     };
     let created = crate::disk::create::create(&plan, &locks, Some(&seed))?;
     creating.record.storage = plan.storage();
     creating.record.policy = plan.policy.clone();
     creating.record.image = req.image_info;
+    creating.record.nics = req.nics;
     // The record is finished while the disks are still locked: no other
     // command sees the files before the record names them.
     let vm = creating.finish()?;

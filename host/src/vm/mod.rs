@@ -8,6 +8,7 @@ pub mod create;
 pub mod monitor;
 pub mod monitor_lock;
 pub mod name;
+pub mod nics;
 pub mod record;
 pub mod roots;
 pub mod snapshot;

@@ -124,6 +124,10 @@ pub struct VmRecord {
     pub policy: String,
     /// The disks in plan order (layers, cow, data, cidata).
     pub storage: Vec<StorageConfig>,
+    /// The NICs in device order, MACs fixed at create. Absent when there
+    /// are none, so a record without NICs is what version 1 always was.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<crate::net::Nic>,
     pub created_at: u64,
     pub started_at: Option<u64>,
     pub exit: Option<ExitInfo>,
@@ -235,6 +239,7 @@ mod tests {
             image: None,
             policy: "default-policy".into(),
             storage: Vec::new(),
+            nics: Vec::new(),
             created_at: 1,
             started_at: None,
             exit: None,
@@ -255,6 +260,32 @@ mod tests {
         let e = VmRecord::load(dir.path()).unwrap_err();
         assert!(matches!(e, RecordError::Parse { .. }), "{e}");
         assert!(crate::error_chain(&e).contains("surprise"), "{e}");
+
+        // NICs are kept, and a record without them has no `nics` field
+        // (what the records written before NICs existed look like).
+        assert!(v.get("nics").is_none());
+        let mut with = r.clone();
+        with.nics = crate::net::resolve(
+            vec!["tap=t0,mac=02:00:00:00:00:01".parse().unwrap()],
+            &Default::default(),
+        )
+        .unwrap();
+        with.save(dir.path()).unwrap();
+        assert_eq!(VmRecord::load(dir.path()).unwrap(), Some(with.clone()));
+        let mut w: serde_json::Value = serde_json::to_value(&with).unwrap();
+        assert_eq!(
+            w["nics"],
+            serde_json::json!([{"attach": {"tap": "t0"}, "mac": "02:00:00:00:00:01", "addressing": "dhcp"}])
+        );
+        w["nics"][0]["vlan"] = 3.into();
+        std::fs::write(VmRecord::path(dir.path()), w.to_string()).unwrap();
+        let e = VmRecord::load(dir.path()).unwrap_err();
+        assert!(crate::error_chain(&e).contains("vlan"), "{e}");
+        w["nics"][0].as_object_mut().unwrap().remove("vlan");
+        w["nics"][0]["mac"] = "01:00:00:00:00:01".into();
+        std::fs::write(VmRecord::path(dir.path()), w.to_string()).unwrap();
+        let e = VmRecord::load(dir.path()).unwrap_err();
+        assert!(crate::error_chain(&e).contains("multicast"), "{e}");
 
         v["version"] = 2.into();
         std::fs::write(VmRecord::path(dir.path()), v.to_string()).unwrap();

@@ -218,6 +218,7 @@ impl Vms {
             image: None,
             policy: String::new(),
             storage: Vec::new(),
+            nics: Vec::new(),
             created_at: now(),
             started_at: None,
             exit: None,

@@ -2,7 +2,9 @@
 //! started detached by `start`). It owns the `cocoon_vmm::Vm`, the VM's
 //! writable-disk locks and its monitor lock, serves the API on
 //! `run/api.sock`, keeps the console, and writes the record's state as it
-//! changes. It loads no plugins and opens no network connection.
+//! changes. It loads no plugins and opens no network connection; its one
+//! netlink socket (to the kernel) puts the VM's NICs on their taps at
+//! start and deletes the taps it created before it exits.
 
 pub mod console;
 pub mod server;
@@ -202,20 +204,40 @@ fn start(vm_dir: &Path, mut lock: MonitorLock) -> anyhow::Result<Started> {
         nets: Vec::new(),
         serial: SerialOutput::Handler(OutputHandler::new(move |b: &[u8]| sink.push(b))),
     };
-    // Before any thread exists, so that only the watcher gets them.
-    cocoon_vmm::signals::block_termination_signals().context("blocking SIGINT/SIGTERM")?;
-    // A clone's or a restored VM's first start restores its snapshot.
-    let vm = match super::snapshot::StartFrom::load(vm_dir)? {
-        Some(from) => snapshot::restore(vm_dir, &from, config)?,
-        None => Vm::start(config).context("starting the VM")?,
+    // The taps last: nothing that can fail without deleting them again
+    // comes between here and the VM's start (netlink runs on this thread
+    // alone, so the signal mask below still reaches every VM thread).
+    let attached = super::nics::attach(&record.id, &record.nics).context("the VM's NICs")?;
+    for (i, a) in attached.iter().enumerate() {
+        eprintln!(
+            "cocoon-host monitor: nic{i} tap {} mac {}{}",
+            a.tap,
+            a.nic.mac,
+            if a.created { " (created)" } else { "" }
+        );
+    }
+    let config = VmConfig {
+        nets: attached.iter().map(|a| a.vmm_config()).collect(),
+        ..config
     };
-    cocoon_vmm::signals::stop_on_termination_signals(vm.stop_handle())
-        .context("watching SIGINT/SIGTERM")?;
-    record.state = VmState::Running;
-    record.pid = Some(std::process::id());
-    record.started_at = Some(now());
-    record.exit = None;
-    record.save(vm_dir)?;
+    let started = start_vm(vm_dir, config).and_then(|vm| {
+        record.state = VmState::Running;
+        record.pid = Some(std::process::id());
+        record.started_at = Some(now());
+        record.exit = None;
+        record.save(vm_dir)?;
+        Ok(vm)
+    });
+    let vm = match started {
+        Ok(vm) => vm,
+        Err(e) => {
+            // While the monitor lock is still held (see `finish`).
+            if let Err(e) = super::nics::release(&record.id, &record.nics) {
+                eprintln!("cocoon-host monitor: {}", crate::error_chain(&e));
+            }
+            return Err(e);
+        }
+    };
     let monitor = Arc::new(Monitor {
         vm,
         console,
@@ -225,6 +247,20 @@ fn start(vm_dir: &Path, mut lock: MonitorLock) -> anyhow::Result<Started> {
         snapshotting: AtomicBool::new(false),
     });
     Ok((monitor, lock))
+}
+
+fn start_vm(vm_dir: &Path, config: VmConfig) -> anyhow::Result<Vm> {
+    use anyhow::Context;
+    // Before any thread exists, so that only the watcher gets them.
+    cocoon_vmm::signals::block_termination_signals().context("blocking SIGINT/SIGTERM")?;
+    // A clone's or a restored VM's first start restores its snapshot.
+    let vm = match super::snapshot::StartFrom::load(vm_dir)? {
+        Some(from) => snapshot::restore(vm_dir, &from, config)?,
+        None => Vm::start(config).context("starting the VM")?,
+    };
+    cocoon_vmm::signals::stop_on_termination_signals(vm.stop_handle())
+        .context("watching SIGINT/SIGTERM")?;
+    Ok(vm)
 }
 
 fn serve_until_exit(monitor: Arc<Monitor>, lock: MonitorLock) -> i32 {
@@ -300,6 +336,14 @@ fn finish(monitor: &Monitor, lock: MonitorLock, socket: &Path) -> i32 {
     eprintln!("cocoon-host monitor: VM stopped: {text}");
     {
         let mut r = monitor.record.lock().unwrap_or_else(|e| e.into_inner());
+        // Before the monitor lock goes: the next start makes taps of the
+        // same names.
+        if let Err(e) = super::nics::release(&r.id, &r.nics) {
+            eprintln!(
+                "cocoon-host monitor: deleting the VM's taps: {}",
+                crate::error_chain(&e)
+            );
+        }
         r.state = state;
         r.pid = None;
         r.exit = Some(ExitInfo {

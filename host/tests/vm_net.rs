@@ -1,0 +1,512 @@
+//! The VM lifecycle's NICs end to end, every command run inside a network
+//! namespace the test makes and removes: two VMs `run -d --network
+//! bridge=` on one bridge exchange datagrams (the test guest sends and
+//! reports them, checksums verified), each gets a tap the host made and
+//! named after it, `stop` and a guest's power-off delete it, a killed
+//! monitor's tap is replaced by the next start and deleted by `rm`, and
+//! the seed's `network-config` names the NICs' MACs. Mistakes (a missing,
+//! busy or wrong tap, a missing bridge, a bad MAC) are refused with the
+//! reason, leaving no VM and no tap.
+
+#[path = "../../vmm/tests/support/netns.rs"]
+mod netns;
+#[path = "../../vmm/tests/support/mod.rs"]
+mod vmm_support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use netns::{skip, Netns};
+use serde_json::Value;
+use vmm_support::{fields, kvm_or_skip, report, test_guest};
+
+/// A state dir and a disk image, with every command run in `ns`.
+struct Host {
+    state: tempfile::TempDir,
+    image: PathBuf,
+    ns: Netns,
+}
+
+impl Host {
+    fn new(ns: Netns) -> Host {
+        let state = tempfile::tempdir().unwrap();
+        let image = state.path().join("disk.raw");
+        std::fs::write(&image, vec![7u8; 1 << 20]).unwrap();
+        Host { state, image, ns }
+    }
+
+    fn try_run(&self, args: &[&str]) -> std::io::Result<Output> {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns.name])
+            .arg(env!("CARGO_BIN_EXE_cocoon-host"))
+            .args(args)
+            .env("COCOON_STATE_DIR", self.state.path().join("state"))
+            .env("COCOON_CONFIG", "/dev/null")
+            .env_remove("RUST_LOG")
+            .output()
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.try_run(args).unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "cocoon-host {args:?}: {:?}\nstdout: {}\nstderr: {}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// The command fails, and its stderr (which must hold `want`).
+    fn fails(&self, args: &[&str], want: &str) -> String {
+        let o = self.run(args);
+        let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(!o.status.success(), "cocoon-host {args:?} succeeded");
+        assert!(stderr.contains(want), "cocoon-host {args:?}: {stderr}");
+        stderr
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        serde_json::from_str(&self.ok(args)).unwrap()
+    }
+
+    /// The arguments of `run -d`/`create` of the test image booting the
+    /// test guest with `cmdline`, then `extra`.
+    fn vm_args<'a>(&'a self, guest: &'a Path, name: &'a str, cmdline: &'a str) -> Vec<&'a str> {
+        vec![
+            "--name",
+            name,
+            "--memory",
+            "64M",
+            "--kernel",
+            guest.to_str().unwrap(),
+            "--cmdline",
+            cmdline,
+            self.image.to_str().unwrap(),
+        ]
+    }
+
+    fn vm(&self, name: &str) -> Value {
+        self.json(&["list", "-o", "json"])["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == name)
+            .cloned()
+            .unwrap_or(Value::Null)
+    }
+
+    fn vm_dirs(&self) -> Vec<String> {
+        std::fs::read_dir(self.state.path().join("state/vms"))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| !n.starts_with('.'))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The namespace's interfaces whose names start with `prefix`.
+    fn links(&self, prefix: &str) -> Vec<String> {
+        let out = self.ns.exec(&["ip", "-o", "link", "show"]).unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_string())
+            .filter(|n| n.starts_with(prefix))
+            .collect()
+    }
+
+    fn link(&self, name: &str) -> Option<String> {
+        let out = self.ns.exec(&["ip", "-d", "link", "show", name]).unwrap();
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// No VM of a failed test outlives it (monitors are detached), and their
+/// taps are deleted from inside the namespace before it goes.
+impl Drop for Host {
+    fn drop(&mut self) {
+        if let Ok(o) = self.try_run(&["list", "-o", "json"]) {
+            if let Ok(v) = serde_json::from_slice::<Value>(&o.stdout) {
+                for vm in v["vms"].as_array().into_iter().flatten() {
+                    if let Some(id) = vm["id"].as_str() {
+                        let _ = self.try_run(&["rm", "-f", id]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn netns_or_skip(test: &str) -> Option<Netns> {
+    match Netns::new("vmnet") {
+        Ok(ns) => Some(ns),
+        Err(reason) if std::env::var_os("CI").is_none() => {
+            skip(test, &reason);
+            None
+        }
+        Err(reason) => panic!("{test}: {reason} (and CI is set)"),
+    }
+}
+
+fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+const MAC_A: &str = "02:cc:00:00:01:0a";
+const MAC_B: &str = "02:cc:00:00:01:0b";
+
+/// The one datagram a guest received, checked: from `from` to `to`,
+/// checksums good, the guest's payload pattern. Other frames the guest
+/// saw (the namespace's own IGMP reports) are not the test's.
+fn check_datagram(log: &str, to: &str, from: &str, src_ip: &str, both: &str) {
+    let lines = report(log);
+    let rx: Vec<_> = fields(&lines, "net-rx")
+        .into_iter()
+        .filter(|f| f.get("proto").map(String::as_str) == Some("17"))
+        .collect();
+    let log = both;
+    assert_eq!(rx.len(), 1, "{log}");
+    let f = &rx[0];
+    assert_eq!(f["dst"], to, "{log}");
+    assert_eq!(f["src"], from, "{log}");
+    assert_eq!(f["src_ip"], src_ip, "{log}");
+    assert_eq!(f["ip_csum"], "ok", "{log}");
+    assert_eq!(f["udp_csum"], "ok", "{log}");
+    assert_eq!(f["dport"], "7000", "{log}");
+    // 120-byte frame: 42 bytes of headers, 78 of payload, i*31+7.
+    assert_eq!(f["payload_len"], "78", "{log}");
+    let want: String = (0..32u32)
+        .map(|i| format!("{:02x}", (i * 31 + 7) % 256))
+        .collect();
+    assert_eq!(f["payload"], want, "{log}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("net-recv nic=0 frames=")),
+        "{log}"
+    );
+}
+
+#[test]
+fn two_vms_on_a_bridge_exchange_datagrams_and_their_taps_go_with_them() {
+    let test = "two_vms_on_a_bridge_exchange_datagrams_and_their_taps_go_with_them";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let Some(ns) = netns_or_skip(test) else {
+        return;
+    };
+    ns.bridge("br0");
+    let h = Host::new(ns);
+    let guest = test_guest();
+    let dash = |m: &str| m.replace(':', "-");
+    // B listens for 30 s, then answers; A sends after 2 s, then listens
+    // for 60 s; both then keep counting, so they run until stopped. Each
+    // takes up to 4 frames: the namespace's interfaces send IGMP reports
+    // of their own. A waits because a bridge port forwards only once the
+    // kernel's link watch has seen the tap's carrier (it comes when the
+    // VMM opens the tap, and may take a second or more on a loaded
+    // machine); a frame before that is dropped.
+    let cmd_b = format!(
+        "cocoon.net.recv=0:4:30000 cocoon.net.udp=0:10.98.0.11:10.98.0.10:7000:120:{} cocoon.count=100:0",
+        dash(MAC_A)
+    );
+    let cmd_a = format!(
+        "cocoon.count=100:20 cocoon.net.udp=0:10.98.0.10:10.98.0.11:7000:120:{} cocoon.net.recv=0:4:60000 cocoon.count=100:0",
+        dash(MAC_B)
+    );
+    let net_b = format!("bridge=br0,mac={MAC_B}");
+    let mut args = vec!["run", "-d"];
+    args.extend(h.vm_args(&guest, "b", &cmd_b));
+    args.extend(["--network", net_b.as_str()]);
+    assert_eq!(h.ok(&args).trim(), "b");
+    // A sends only once B's receive buffers are posted (the `nic` line).
+    eventually("B's NIC", Duration::from_secs(30), || {
+        h.ok(&["logs", "b"]).contains("cocoon-guest: nic index=0")
+    });
+    let net_a = format!("bridge=br0,mac={MAC_A}");
+    let mut args = vec!["run", "-d", "-o", "json"];
+    args.extend(h.vm_args(&guest, "a", &cmd_a));
+    args.extend(["--network", net_a.as_str()]);
+    let steps: Value = serde_json::from_str(&h.ok(&args)).unwrap();
+    assert_eq!(steps["nics"][0]["mac"], MAC_A, "{steps}");
+    assert_eq!(steps["nics"][0]["bridge"], "br0", "{steps}");
+    assert_eq!(steps["nics"][0]["host_tap"], true, "{steps}");
+
+    // Both guests say when their exchange is over (received or not).
+    for vm in ["a", "b"] {
+        eventually(
+            &format!("{vm}'s exchange"),
+            Duration::from_secs(150),
+            || h.ok(&["logs", vm]).contains("cocoon-guest: net-recv nic=0"),
+        );
+    }
+    let both = format!("A:\n{}\nB:\n{}", h.ok(&["logs", "a"]), h.ok(&["logs", "b"]));
+    for (vm, me, from, src_ip) in [
+        ("a", MAC_A, MAC_B, "10.98.0.11"),
+        ("b", MAC_B, MAC_A, "10.98.0.10"),
+    ] {
+        let log = h.ok(&["logs", vm]);
+        let nic = &fields(&report(&log), "nic")[0];
+        assert_eq!(nic["mac"], me, "the guest sees the record's MAC: {both}");
+        check_datagram(&log, me, from, src_ip, &both);
+    }
+
+    // Each VM's tap: the host's, named after the VM, on the bridge, up.
+    let tap_of = |vm: &str| -> (String, Value) {
+        let inspect = h.json(&["inspect", vm, "-o", "json"]);
+        let id = inspect["record"]["id"].as_str().unwrap().to_string();
+        let tap = inspect["nics"][0]["tap"].as_str().unwrap().to_string();
+        assert_eq!(tap, format!("cc{}n0", &id[..10]), "{inspect}");
+        assert_eq!(inspect["record"]["nics"][0]["attach"]["bridge"], "br0");
+        (tap, inspect)
+    };
+    let (tap_a, inspect_a) = tap_of("a");
+    let (tap_b, _) = tap_of("b");
+    assert_eq!(inspect_a["record"]["nics"][0]["mac"], MAC_A);
+    for tap in [&tap_a, &tap_b] {
+        let link = h.link(tap).unwrap_or_else(|| panic!("{tap} exists"));
+        assert!(
+            link.contains("master br0") && link.contains("tun type tap"),
+            "{link}"
+        );
+    }
+    let text = h.ok(&["inspect", "a"]);
+    assert!(
+        text.contains(&format!(
+            "nic0 bridge=br0 tap {tap_a} (made at start) mac {MAC_A} dhcp"
+        )),
+        "{text}"
+    );
+
+    // The seed tells cloud-init the NIC by its MAC.
+    let seed = inspect_a["record"]["storage"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["role"] == "cidata")
+        .map(|d| PathBuf::from(d["path"].as_str().unwrap()))
+        .expect("a seed disk");
+    let files = cocoon_host::disk::cidata::read_image(&std::fs::read(seed).unwrap()).unwrap();
+    let net: Value = serde_json::from_slice(&files["network-config"]).unwrap();
+    assert_eq!(
+        net,
+        serde_json::json!({"version": 2, "ethernets": {
+            "nic0": {"match": {"macaddress": MAC_A}, "dhcp4": true}}})
+    );
+
+    // stop: the tap is gone when stop returns; B's is untouched.
+    h.ok(&["stop", "a"]);
+    assert_eq!(h.vm("a")["state"], "stopped");
+    assert!(h.link(&tap_a).is_none(), "stop deleted {tap_a}");
+    assert!(h.link(&tap_b).is_some());
+
+    // A killed monitor leaves its tap; the next start replaces it.
+    let pid = h.vm("b")["pid"].as_u64().unwrap();
+    assert!(Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    eventually("the dead monitor noticed", Duration::from_secs(10), || {
+        h.vm("b")["state"] == "stopped"
+    });
+    assert!(h.link(&tap_b).is_some(), "a killed monitor deletes nothing");
+    h.ok(&["start", "b"]);
+    assert_eq!(h.vm("b")["state"], "running");
+    assert!(h.link(&tap_b).is_some());
+    // A second start of B's names while it runs is refused, and touches
+    // nothing of B's.
+    h.fails(&["start", "b"], "busy");
+    assert!(h.link(&tap_b).is_some());
+
+    // rm (of a running VM, with --force) and of a stopped one: no tap left.
+    h.ok(&["rm", "-f", "b"]);
+    h.ok(&["rm", "a"]);
+    assert!(h.vm_dirs().is_empty());
+    assert_eq!(h.links("cc"), Vec::<String>::new());
+    assert!(h.link("br0").is_some());
+}
+
+#[test]
+fn a_guest_that_powers_off_takes_its_tap_and_a_users_tap_stays() {
+    let test = "a_guest_that_powers_off_takes_its_tap_and_a_users_tap_stays";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let Some(ns) = netns_or_skip(test) else {
+        return;
+    };
+    ns.bridge("br0");
+    ns.tap_on("mine0", "br0");
+    let h = Host::new(ns);
+    let guest = test_guest();
+    let mut args = vec!["run", "-d"];
+    args.extend(h.vm_args(&guest, "p", "cocoon.net.arp=0:10.97.0.2:10.97.0.1"));
+    args.extend([
+        "--nic",
+        "tap=mine0,ip=10.97.0.2/24,gw=10.97.0.1",
+        "--network",
+        "bridge=br0",
+    ]);
+    h.ok(&args);
+    eventually("the guest's power-off", Duration::from_secs(30), || {
+        h.vm("p")["state"] == "stopped"
+    });
+    let log = h.ok(&["logs", "p"]);
+    assert!(
+        report(&log).contains(&"net-tx nic=0 kind=arp len=42 outcome=ok".to_string()),
+        "{log}"
+    );
+    let nics = fields(&report(&log), "nic");
+    assert_eq!(nics.len(), 2, "{log}");
+    let inspect = h.json(&["inspect", "p", "-o", "json"]);
+    let views = inspect["nics"].as_array().unwrap();
+    for (seen, view) in nics.iter().zip(views) {
+        assert_eq!(seen["mac"], view["mac"].as_str().unwrap(), "{inspect}");
+    }
+    assert_ne!(views[0]["mac"], views[1]["mac"]);
+    assert_eq!(views[0]["tap"], "mine0");
+    assert_eq!(views[0]["host_tap"], false);
+    assert_eq!(views[0]["address"], "10.97.0.2/24");
+    assert_eq!(views[0]["gateway"], "10.97.0.1");
+    let host_tap = views[1]["tap"].as_str().unwrap();
+    assert!(
+        h.link(host_tap).is_none(),
+        "the monitor deleted {host_tap} on exit"
+    );
+    assert!(h.link("mine0").is_some(), "the user's tap is left alone");
+    // The static NIC's entry in the seed.
+    let seed = inspect["record"]["storage"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["role"] == "cidata")
+        .map(|d| PathBuf::from(d["path"].as_str().unwrap()))
+        .unwrap();
+    let files = cocoon_host::disk::cidata::read_image(&std::fs::read(seed).unwrap()).unwrap();
+    let net: Value = serde_json::from_slice(&files["network-config"]).unwrap();
+    assert_eq!(
+        net["ethernets"]["nic0"],
+        serde_json::json!({"match": {"macaddress": views[0]["mac"]}, "dhcp4": false,
+            "addresses": ["10.97.0.2/24"], "routes": [{"to": "0.0.0.0/0", "via": "10.97.0.1"}]})
+    );
+    h.ok(&["rm", "p"]);
+    assert!(h.link("mine0").is_some(), "rm leaves the user's tap too");
+    assert_eq!(h.links("cc"), Vec::<String>::new());
+}
+
+#[test]
+fn network_mistakes_are_refused_and_leave_no_vm_and_no_tap() {
+    let test = "network_mistakes_are_refused_and_leave_no_vm_and_no_tap";
+    let Some(ns) = netns_or_skip(test) else {
+        return;
+    };
+    ns.bridge("br0");
+    ns.ip("link add ve0 type veth peer name ve0p");
+    ns.ip("tuntap add dev free0 mode tap");
+    ns.ip("tuntap add dev held0 mode tap");
+    let h = Host::new(ns);
+    // The kernel is never read: every case fails before it is needed.
+    let guest = PathBuf::from("/nonexistent-kernel");
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--nic", "tap=nosuch0"],
+            "nic0 (tap=nosuch0): there is no network interface named nosuch0",
+        ),
+        (
+            &["--nic", "tap=free0", "--nic", "tap=ve0"],
+            "nic1 (tap=ve0): network interface ve0 is not a tap device",
+        ),
+        (
+            &["--network", "bridge=nobr"],
+            "nic0 (bridge=nobr): there is no bridge named nobr",
+        ),
+        (
+            &["--network", "bridge=ve0"],
+            "network interface ve0 is not a bridge",
+        ),
+        (
+            &["--nic", "tap=free0,mac=01:00:00:00:00:01"],
+            "01:00:00:00:00:01 is a multicast address",
+        ),
+        (&["--nic", "tap=free0,mac=02:00:00:00:00"], "is malformed"),
+        (
+            &[
+                "--network",
+                "bridge=br0,mac=02:00:00:00:00:05",
+                "--network",
+                "bridge=br0,mac=02:00:00:00:00:05",
+            ],
+            "MAC address 02:00:00:00:00:05 is given to two NICs",
+        ),
+        (
+            &["--network", "none", "--network", "bridge=br0"],
+            "--network none cannot be combined with another NIC",
+        ),
+        (
+            &["--no-cidata", "--nic", "tap=free0,ip=10.0.0.2/24"],
+            "--no-cidata writes no cloud-init seed",
+        ),
+    ];
+    for (extra, want) in cases {
+        for cmd in ["run", "create"] {
+            let mut args = vec![cmd];
+            if cmd == "run" {
+                args.push("-d");
+            }
+            args.extend(h.vm_args(&guest, "x", "console=ttyS0"));
+            args.extend_from_slice(extra);
+            h.fails(&args, want);
+        }
+    }
+    // A tap some process holds: `run` refuses it at once; `create` only
+    // needs it to exist, and its `start` says it is busy (the record then
+    // says why, whole).
+    let holder =
+        h.ns.enter(|| cocoon_vmm::devices::virtio::net::tap::Tap::open("held0").unwrap());
+    let mut args = vec!["run", "-d"];
+    args.extend(h.vm_args(&guest, "x", "console=ttyS0"));
+    args.extend(["--nic", "tap=held0"]);
+    h.fails(&args, "nic0 (tap=held0): tap held0 is busy");
+    // Nothing was pulled either: the network is checked first.
+    assert_eq!(
+        h.json(&["image", "list", "-o", "json"]),
+        serde_json::json!([])
+    );
+    assert!(h.vm_dirs().is_empty(), "no VM record was left");
+
+    let real_guest = test_guest();
+    let mut args = vec!["create"];
+    args.extend(h.vm_args(&real_guest, "c", "console=ttyS0"));
+    args.extend(["--nic", "tap=held0", "--network", "bridge=br0"]);
+    h.ok(&args);
+    assert_eq!(h.vm("c")["state"], "created");
+    h.fails(&["start", "c"], "tap held0 is busy");
+    let vm = h.vm("c");
+    assert_eq!(vm["state"], "error", "{vm}");
+    assert!(vm["exit"].as_str().unwrap().contains("busy"), "{vm}");
+    drop(holder);
+    let links = h.links("");
+    assert!(
+        links.iter().all(|l| !l.starts_with("cc")),
+        "no tap is left: {links:?}"
+    );
+    h.ok(&["rm", "c"]);
+    assert!(h.vm_dirs().is_empty());
+}
