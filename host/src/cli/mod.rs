@@ -7,3 +7,4 @@ pub mod output;
 pub mod plugin;
 pub mod vm;
 pub mod vm_console;
+pub mod vm_guest;

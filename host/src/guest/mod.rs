@@ -8,6 +8,7 @@
 pub mod cmdline;
 mod cpio;
 pub mod exec;
+pub mod gpt;
 pub mod initramfs;
 pub mod kernel;
 pub mod modules;
