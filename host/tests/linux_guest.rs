@@ -525,38 +525,6 @@ fn gzip(data: &[u8]) -> Vec<u8> {
     e.finish().unwrap()
 }
 
-/// Pushes an image of `layers` (base first) with `config` as its process
-/// under `repo:tag`.
-fn push_image(
-    reg: &Registry,
-    repo: &str,
-    tag: &str,
-    layers: &[(Desc, String)],
-    process: serde_json::Value,
-) {
-    let config = serde_json::json!({
-        "architecture": "amd64", "os": "linux", "config": process,
-        "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|l| &l.1).collect::<Vec<_>>()},
-    });
-    let config = reg.push_blob(
-        repo,
-        "application/vnd.oci.image.config.v1+json",
-        &serde_json::to_vec(&config).unwrap(),
-    );
-    let manifest = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": config.json(),
-        "layers": layers.iter().map(|l| l.0.json()).collect::<Vec<_>>(),
-    });
-    reg.push_manifest(
-        repo,
-        tag,
-        "application/vnd.oci.image.manifest.v1+json",
-        &serde_json::to_vec(&manifest).unwrap(),
-    );
-}
-
 /// The guest's report of a layered root (run as the OCI process).
 const REPORT_SCRIPT: &str = r#"#!/bin/sh
 echo "report: greeting=$GREETING pwd=$(pwd) id=$(id -u):$(id -g) home=$HOME"
@@ -640,10 +608,12 @@ fn a_container_image_from_a_registry_boots_on_its_layers_with_data_disks() {
         "Entrypoint": ["/bin/sh"], "Cmd": ["/report.sh"],
         "Env": ["PATH=/bin", "GREETING=hello layers"], "WorkingDir": "/etc",
     });
-    push_image(&reg, repo, "v1", &layers, process.clone());
+    let layer_refs: Vec<(&Desc, String)> = layers.iter().map(|(d, id)| (d, id.clone())).collect();
+    let config = |process: serde_json::Value| serde_json::json!({"architecture": "amd64", "os": "linux", "config": process});
+    reg.push_config_and_manifest(repo, "v1", config(process.clone()), &layer_refs);
     let mut as_app = process;
     as_app["User"] = "app:staff".into();
-    push_image(&reg, repo, "app", &layers, as_app);
+    reg.push_config_and_manifest(repo, "app", config(as_app), &layer_refs);
     let reference = |tag: &str| format!("oci://127.0.0.1:{}/{repo}:{tag}", reg.port);
 
     let cli = host(dir.path(), &kernel);
