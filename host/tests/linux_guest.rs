@@ -751,8 +751,8 @@ fn a_container_image_from_a_registry_boots_on_its_layers_with_data_disks() {
         "{serial}"
     );
 
-    // Without a kernel anywhere, a container image is refused before any
-    // VM is made.
+    // Without a kernel anywhere (its layers carry none), a container image
+    // is refused, and no VM is left.
     let bare = Cli {
         state: cli.state.clone(),
         config: None,
@@ -760,7 +760,7 @@ fn a_container_image_from_a_registry_boots_on_its_layers_with_data_disks() {
     let out = bare.run(&["create", "--name", "none", &reference("v1")]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && stderr.contains("a container image brings none"),
+        !out.status.success() && stderr.contains("no kernel: give --kernel"),
         "{stderr}"
     );
     assert_eq!(cli.json(&["list"])["vms"].as_array().unwrap().len(), 2);

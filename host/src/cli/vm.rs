@@ -343,17 +343,6 @@ fn create_vm(
                 .guest
                 .clone()
                 .context("the image has no boot kind")?;
-            // A layered image brings no kernel of its own: refused before
-            // any disk is made.
-            if args.kernel.is_none()
-                && config.vm.kernel.is_none()
-                && matches!(image, GuestImage::Layered { .. })
-            {
-                anyhow::bail!(
-                    "no kernel: a container image brings none; give --kernel, or set [vm] kernel \
-                     in the config (scripts/fetch-linux-kernel installs Debian's cloud kernel)"
-                );
-            }
             let boot = BootRequest {
                 kernel: args.kernel.clone(),
                 initrd: args.initrd.clone(),

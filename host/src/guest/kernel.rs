@@ -47,6 +47,18 @@ pub enum KernelError {
         #[source]
         source: std::io::Error,
     },
+    #[error("running unsquashfs (from squashfs-tools) on {path}")]
+    Unsquashfs {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("unsquashfs could not extract {file} from {path}: {stderr}")]
+    Extract {
+        path: PathBuf,
+        file: String,
+        stderr: String,
+    },
     #[error("debugfs could not dump {file} from {path}: {stderr}")]
     Dump {
         path: PathBuf,
@@ -245,7 +257,7 @@ pub fn candidate_offsets(raw: &Path) -> Result<Vec<u64>, KernelError> {
 
 /// Compares kernel releases numerically where they are numbers
 /// (`6.1.0-10` after `6.1.0-9`).
-fn release_key(r: &str) -> Vec<(u64, String)> {
+pub(crate) fn release_key(r: &str) -> Vec<(u64, String)> {
     let mut out = Vec::new();
     let mut rest = r;
     while !rest.is_empty() {
@@ -259,7 +271,7 @@ fn release_key(r: &str) -> Vec<(u64, String)> {
     out
 }
 
-fn good_name(s: &str) -> bool {
+pub(crate) fn good_name(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._+-".contains(&b))

@@ -11,6 +11,7 @@ pub mod exec;
 pub mod gpt;
 pub mod initramfs;
 pub mod kernel;
+pub mod layer_kernel;
 pub mod modules;
 
 pub use cmdline::{BootPlan, GuestDisk, RootKind, RootPartition};

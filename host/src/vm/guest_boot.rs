@@ -2,10 +2,11 @@
 //! command line names them by serial, and a disk image's kernel is read
 //! from the VM's own copy):
 //!
-//! 1. the kernel: `--kernel`/`--initrd`, else a disk image's own
-//!    `/boot/vmlinuz-RELEASE` with its initrd (copied into the VM's
-//!    directory), else `[vm] kernel`/`[vm] initrd`
-//!    ([`crate::guest::kernel::pick`]);
+//! 1. the kernel: `--kernel`/`--initrd`, else the image's own, copied
+//!    into the VM's `boot/`: a disk image's `/boot/vmlinuz-RELEASE` with
+//!    its initrd ([`crate::guest::kernel::from_disk_image`]), a container
+//!    image's with its modules ([`crate::guest::layer_kernel`]); else
+//!    `[vm] kernel`/`[vm] initrd` ([`crate::guest::kernel::pick`]);
 //! 2. a kernel that is not Linux (no bzImage header, no "Linux version"
 //!    banner: the test guest, a unikernel) boots as given, with `--cmdline`
 //!    or `console=ttyS0`;
@@ -28,7 +29,8 @@ use crate::config::VmSettings;
 use crate::disk::model::{DiskRole, StorageConfig};
 use crate::guest::cmdline::CmdlineError;
 use crate::guest::initramfs::{self, Initramfs, InitramfsError};
-use crate::guest::kernel::{self, ImageKernel, KernelError, KernelSource};
+use crate::guest::kernel::{self, KernelError, KernelSource};
+use crate::guest::layer_kernel;
 use crate::guest::{gpt, BootPlan, ExecConfig, RootKind, RootPartition};
 
 /// The VM's own initrd, in its directory.
@@ -114,15 +116,35 @@ pub fn prepare(
 ) -> Result<Booted, BootError> {
     let cow = storage.iter().find(|d| d.role == DiskRole::Cow);
     let image_kernel = match (&req.image, &req.kernel, cow) {
-        (GuestImage::Disk, None, Some(cow)) => image_kernel(&cow.path, vm_dir)?,
+        // A disk image's own kernel and initrd, from its ext4 root (the
+        // VM's copy).
+        (GuestImage::Disk, None, Some(cow)) => {
+            in_boot_dir(vm_dir, |dir| kernel::from_disk_image(&cow.path, dir))?
+        }
         _ => None,
     };
-    let (picked, initrd, source) = kernel::pick(
-        req.kernel.as_deref(),
-        req.initrd.as_deref(),
-        image_kernel.as_ref(),
-        &req.vm,
-    )?;
+    let layer_kernel = match (&req.image, &req.kernel) {
+        // A container image's own kernel, with its modules.
+        (GuestImage::Layered { .. }, None) => {
+            let layers: Vec<PathBuf> = storage
+                .iter()
+                .filter(|d| d.role == DiskRole::Layer)
+                .map(|d| d.path.clone())
+                .collect();
+            in_boot_dir(vm_dir, |dir| layer_kernel::from_layers(&layers, dir))?
+        }
+        _ => None,
+    };
+    let (picked, initrd, source) = match layer_kernel {
+        // The image's kernel with its modules: the cocoon initramfs.
+        Some(k) if req.initrd.is_none() => (k, None, KernelSource::Image),
+        _ => kernel::pick(
+            req.kernel.as_deref(),
+            req.initrd.as_deref(),
+            image_kernel.as_ref(),
+            &req.vm,
+        )?,
+    };
     // The record names the files themselves; the modules are looked for
     // beside the path as given (a symlink to a kernel in a cache keeps its
     // modules beside the link).
@@ -196,6 +218,10 @@ pub fn prepare(
                     source,
                 }
             })?;
+            // The image's modules were copied out for this build only.
+            if source == KernelSource::Image {
+                let _ = std::fs::remove_dir_all(vm_dir.join(IMAGE_BOOT_DIR).join("modules"));
+            }
             (path, Some(base))
         }
     };
@@ -211,14 +237,17 @@ pub fn prepare(
     })
 }
 
-/// A disk image's own kernel and initrd, copied from its ext4 root (the
-/// VM's copy) into `vm_dir/boot`.
-fn image_kernel(raw: &Path, vm_dir: &Path) -> Result<Option<ImageKernel>, BootError> {
+/// Runs `find` (a search of the image for its kernel) on `vm_dir/boot`,
+/// made for it and removed when it finds nothing.
+fn in_boot_dir<T>(
+    vm_dir: &Path,
+    find: impl FnOnce(&Path) -> Result<Option<T>, KernelError>,
+) -> Result<Option<T>, BootError> {
     let dir = vm_dir.join(IMAGE_BOOT_DIR);
     crate::fsutil::create_private_dir(&dir, 0o700).map_err(io("creating", &dir))?;
-    let found = kernel::from_disk_image(raw, &dir)?;
+    let found = find(&dir)?;
     if found.is_none() {
-        let _ = std::fs::remove_dir(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
     }
     Ok(found)
 }
@@ -384,6 +413,66 @@ mod tests {
                 "console=ttyS0 panic=-1 root=PARTUUID={uuid} cocoon.root=disk \
                  cocoon.rootpart=PARTUUID={uuid} cocoon.disk=cocoon-root:cow"
             )
+        );
+    }
+
+    /// A container image whose layers carry a kernel boots it with the
+    /// cocoon initramfs built from the modules beside it in the VM's
+    /// `boot/` (here a modules directory without the modules the init
+    /// needs: the build says so, naming that directory).
+    #[test]
+    fn a_container_images_own_kernel_takes_its_modules_from_the_layers() {
+        let d = tempfile::tempdir().unwrap();
+        let tree = d.path().join("tree");
+        let release = "6.1.0-10-amd64";
+        std::fs::create_dir_all(tree.join("boot")).unwrap();
+        std::fs::write(
+            tree.join(format!("boot/vmlinuz-{release}")),
+            bzimage(release),
+        )
+        .unwrap();
+        let mods = tree.join(format!("lib/modules/{release}"));
+        std::fs::create_dir_all(&mods).unwrap();
+        std::fs::write(mods.join("modules.order"), "").unwrap();
+        std::fs::write(mods.join("modules.builtin"), "").unwrap();
+        let Some(layers) = crate::guest::layer_kernel::fixture::layers(d.path(), &[(&tree, None)])
+        else {
+            return;
+        };
+        let cow = d.path().join("cow.raw");
+        std::fs::write(&cow, b"").unwrap();
+        let storage = [
+            disk("cocoon-layer0", DiskRole::Layer, &layers[0]),
+            disk("cocoon-root", DiskRole::Cow, &cow),
+        ];
+        let vm_dir = d.path().join("vm");
+        std::fs::create_dir(&vm_dir).unwrap();
+        let mut req = request(
+            None,
+            GuestImage::Layered {
+                exec: ExecConfig::default(),
+            },
+            d.path(),
+        );
+        req.vm.kernel = Some(d.path().join("unused"));
+        let Err(e) = prepare(&req, &vm_dir, &storage) else {
+            panic!("built an initramfs without modules");
+        };
+        let chain = crate::error_chain(&e);
+        assert!(
+            matches!(e, BootError::Initramfs(_))
+                && chain.contains(
+                    &vm_dir
+                        .join("boot/modules")
+                        .join(release)
+                        .display()
+                        .to_string()
+                ),
+            "{chain}"
+        );
+        assert_eq!(
+            std::fs::read(vm_dir.join("boot/vmlinuz")).unwrap(),
+            bzimage(release)
         );
     }
 }
