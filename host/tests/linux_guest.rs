@@ -1,10 +1,9 @@
-//! Real Linux guests booted from the very files the host prepares: the
-//! kernel chosen by `guest::kernel::select` (Debian's cloud kernel from
-//! `scripts/fetch-linux-kernel`, as `[vm] kernel`), the cocoon initramfs
-//! built by `guest::initramfs::build`, and the disks of a
-//! `disk::plan::Plan` made by `disk::create`, in plan order with their
-//! serials, with the cidata seed; the plan reaches the init through
-//! `guest::cmdline::BootPlan`.
+//! Real Linux guests booted from the very files `cocoon-host create`
+//! prepared: the kernel it chose (Debian's cloud kernel from
+//! `scripts/fetch-linux-kernel`, as `[vm] kernel`), the VM's initrd (the
+//! cocoon initramfs with the image's OCI process), the command line in the
+//! VM's record, and the VM's disks in plan order with their serials, the
+//! cidata seed included.
 //!
 //! The VMM is ours when /dev/kvm has EPT or NPT; otherwise (this
 //! machine's nested KVM has neither, and Linux cannot boot on it) QEMU's
@@ -13,38 +12,34 @@
 //!
 //! - a disk image (GPT made with sfdisk, an ext4 root made with
 //!   `mkfs.ext4 -d` from a busybox tree), as qcow2 by qemu-img, converted
-//!   back by the host's conversion engine, booted to its own /sbin/init,
-//!   by PARTUUID and by the first-ext4 fallback;
-//! - a layered root (two squashfs layers by mksquashfs, the top one
-//!   deleting a file of the base through an overlayfs whiteout), the cow
-//!   and two ext4 data disks: the OCI process reports the overlay root,
-//!   the layers' files, the deleted file absent, the cow writable, the data
+//!   by `create`, booted to its own /sbin/init by the PARTUUID the host
+//!   found, and by the init's first-ext4 fallback;
+//! - a container image (two layer tars, the top one deleting a file of the
+//!   base through an OCI whiteout) pushed to docker-registry, created with
+//!   two ext4 data disks: the OCI process reports the overlay root, the
+//!   layers' files, the deleted file absent, the cow writable, the data
 //!   disks where the plan mounts them, the seed readable; after power-off
 //!   the host reads back with debugfs the file the guest wrote on a data
-//!   disk and the one it wrote on the cow's upper dir. A second boot runs
-//!   the process as a named user and group.
+//!   disk and the one it wrote on the cow's upper dir. A second VM of the
+//!   same layers (cached) runs the process as a named user and group; gc
+//!   keeps the layers while the VMs exist.
 
 mod disk_common;
+mod store_common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use cocoon_host::config::{HostConfig, VmSettings};
-use cocoon_host::convert::{self, ConvertRequest, Converters, NoBacking, Silent};
-use cocoon_host::disk::cidata::SeedInput;
-use cocoon_host::disk::lock::{DiskLocks, Wait};
-use cocoon_host::disk::plan::{BaseImage, ImageDisks, Plan};
-use cocoon_host::disk::spec::{resolve, DataDiskSpec};
-use cocoon_host::disk::{create, plan, StorageConfig};
+use cocoon_host::config::VmSettings;
+use cocoon_host::disk::StorageConfig;
 use cocoon_host::guest::initramfs::{self, Initramfs};
-use cocoon_host::guest::{
-    kernel, BootPlan, ExecConfig, KernelChoice, KernelSource, RootKind, RootPartition,
-};
-use cocoon_host::plugin::{Registry, Runtime};
-use cocoon_host::store::digest::{hash_reader, Digest};
-use disk_common::{require, run, DefaultShape, State};
+use cocoon_host::guest::{kernel, BootPlan, ExecConfig, KernelChoice, KernelSource, RootKind};
+use cocoon_host::store::digest::Digest;
+use disk_common::{require, run};
+use store_common::registry::{Desc, Registry};
+use store_common::Cli;
 
 /// One boot under TCG takes 5 to 15 s here; a generous bound.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
@@ -297,22 +292,6 @@ fn write_exec(path: &Path, text: &str) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
-fn seed() -> SeedInput {
-    SeedInput {
-        instance_id: "iid-linux".into(),
-        hostname: "linux-guest".into(),
-        ssh_authorized_keys: vec![],
-        network: Default::default(),
-    }
-}
-
-fn created(req: &cocoon_host::disk::DiskRequest) -> Plan {
-    let plan = plan(req, &DefaultShape).unwrap();
-    let locks = DiskLocks::acquire(&plan.writable(), "create", Wait::No).unwrap();
-    create(&plan, &locks, Some(&seed())).unwrap();
-    plan
-}
-
 fn the_initramfs(state_dir: &Path, kernel: &KernelChoice) -> Initramfs {
     let busybox = initramfs::find_busybox(None).unwrap();
     initramfs::build(state_dir, kernel, &busybox).unwrap()
@@ -333,13 +312,62 @@ fn cocoon_tool(name: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(name))
 }
 
-fn converters(state: &Path) -> &'static Converters {
-    static C: OnceLock<Converters> = OnceLock::new();
-    C.get_or_init(|| {
-        let runtime = Box::leak(Box::new(Runtime::new(None).unwrap()));
-        let registry = Registry::discover(&HostConfig::at(state));
-        Converters::load(runtime, &registry).unwrap()
-    })
+/// The real binary with a state dir under `dir` and a config whose `[vm]
+/// kernel` is the fetched Linux kernel.
+fn host(dir: &Path, kernel: &KernelChoice) -> Cli {
+    let config = dir.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[vm]\nkernel = {}\n",
+            serde_json::to_string(&kernel.kernel).unwrap()
+        ),
+    )
+    .unwrap();
+    Cli {
+        state: dir.join("state"),
+        config: Some(config),
+    }
+}
+
+/// What `create` recorded for VM `name`: the files the test boots.
+struct Recorded {
+    dir: PathBuf,
+    kernel: PathBuf,
+    initrd: PathBuf,
+    cmdline: String,
+    disks: Vec<StorageConfig>,
+    layers: Vec<String>,
+}
+
+fn recorded(cli: &Cli, name: &str) -> Recorded {
+    let doc = cli.json(&["inspect", name]);
+    let r = &doc["record"];
+    let m = &r["machine"];
+    Recorded {
+        dir: PathBuf::from(doc["dir"].as_str().unwrap()),
+        kernel: PathBuf::from(m["kernel"].as_str().unwrap()),
+        initrd: PathBuf::from(m["initrd"].as_str().expect("an initrd")),
+        cmdline: m["cmdline"].as_str().unwrap().to_string(),
+        disks: serde_json::from_value(r["storage"].clone()).unwrap(),
+        layers: serde_json::from_value(r["image"]["layers"].clone()).unwrap(),
+    }
+}
+
+impl Recorded {
+    /// Boots the very files create prepared, in plan order.
+    fn boot(&self, vmm: Vmm, cmdline: &str, work: &Path) -> String {
+        assert!(
+            self.initrd.starts_with(&self.dir),
+            "the VM's own initrd: {}",
+            self.initrd.display()
+        );
+        boot(vmm, &self.kernel, &self.initrd, cmdline, &self.disks, work)
+    }
+
+    fn disk(&self, serial: &str) -> &Path {
+        &self.disks.iter().find(|d| d.serial == serial).unwrap().path
+    }
 }
 
 #[test]
@@ -358,12 +386,13 @@ fn a_gpt_disk_image_from_qcow2_boots_to_its_own_init() {
         return;
     };
     let vmm = pick_vmm(t);
-    let state = State::new();
-    let work = state.dir.path().join("work");
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
     std::fs::create_dir_all(&work).unwrap();
 
     // The image: an ESP-typed blank partition first (not ext4, so the
-    // fallback must pass it), then the ext4 root from a busybox tree.
+    // host's root search and the init's fallback must pass it), then the
+    // ext4 root from a busybox tree.
     let root = work.join("root");
     busybox_tree(&root);
     std::fs::create_dir_all(root.join("sbin")).unwrap();
@@ -413,56 +442,54 @@ fn a_gpt_disk_image_from_qcow2_boots_to_its_own_init() {
         .unwrap()
         .write_all_at(&std::fs::read(&part).unwrap(), 6144 * 512)
         .unwrap();
+    let qcow2 = work.join("disk.qcow2");
     run(Command::new("qemu-img")
         .args(["convert", "-f", "raw", "-O", "qcow2"])
         .arg(&raw)
-        .arg(work.join("disk.qcow2")));
+        .arg(&qcow2));
 
-    // Back through the host's conversion engine, then planned and
-    // created like any disk-image VM (the cow is the per-VM copy).
-    let converted = work.join("converted.raw");
-    let report = convert::convert_with(
-        converters(state.dir.path()),
-        &ConvertRequest {
-            source: &work.join("disk.qcow2"),
-            dest: &converted,
-            format: None,
-            backing: &NoBacking,
-            jobs: 2,
-        },
-        &Silent,
-    )
-    .unwrap();
-    assert_eq!(report.format, "qcow2");
-    let digest: Digest = hash_reader(std::fs::File::open(&converted).unwrap())
+    // `create` pulls it, converts it back to raw with the qcow2 plugin,
+    // copies it as the VM's cow, finds no kernel in it (so `[vm] kernel`),
+    // builds the cocoon initramfs and finds the root partition.
+    let cli = host(dir.path(), &kernel);
+    let out = cli.json(&[
+        "create",
+        "--name",
+        "gpt",
+        "--cmdline",
+        "quiet",
+        qcow2.to_str().unwrap(),
+    ]);
+    assert_eq!(out["image"]["format"], "qcow2", "{out}");
+    assert_eq!(out["image"]["conversion"], "converted", "{out}");
+    assert_eq!(out["boot"]["kernel_source"], "config", "{out}");
+    assert_eq!(out["boot"]["release"], kernel.release.as_str(), "{out}");
+    assert_eq!(
+        out["boot"]["root_partition"],
+        format!("PARTUUID={ROOT_PARTUUID}"),
+        "{out}"
+    );
+    let vm = recorded(&cli, "gpt");
+    assert_eq!(vm.kernel, kernel.kernel.canonicalize().unwrap());
+    let roles: Vec<&str> = vm.disks.iter().map(|d| d.role.as_str()).collect();
+    assert_eq!(roles, ["cow", "cidata"]);
+    assert!(
+        vm.cmdline
+            .starts_with("console=ttyS0 panic=-1 quiet cocoon.root=disk cocoon.rootpart=PARTUUID="),
+        "{}",
+        vm.cmdline
+    );
+
+    // By the partition the host found, then by the init's own fallback.
+    let fallback = BootPlan::new(RootKind::Disk { part: None }, &vm.disks)
         .unwrap()
-        .0;
-    let mut req = state.request(ImageDisks::Disk {
-        base: BaseImage {
-            path: converted.clone(),
-            digest,
-            size: report.virtual_size,
-            verify: true,
-        },
-    });
-    req.cow_size = None;
-    req.cidata = true;
-    let plan = created(&req);
-    let disks = plan.storage();
-    let initrd = the_initramfs(state.dir.path(), &kernel);
-
-    for (how, part) in [
-        (
-            "by PARTUUID",
-            Some(RootPartition::PartUuid(ROOT_PARTUUID.to_uppercase())),
-        ),
-        ("the first ext4", None),
+        .kernel_cmdline("quiet")
+        .unwrap();
+    for (how, cmdline) in [
+        ("by the recorded PARTUUID", vm.cmdline.as_str()),
+        ("the first ext4", fallback.as_str()),
     ] {
-        let cmdline = BootPlan::new(RootKind::Disk { part }, &disks)
-            .unwrap()
-            .kernel_cmdline("quiet")
-            .unwrap();
-        let serial = boot(vmm, &kernel.kernel, &initrd.path, &cmdline, &disks, &work);
+        let serial = vm.boot(vmm, cmdline, &work);
         let init = lines(&serial, "cocoon-init: ");
         assert!(
             init.iter().all(|l| !l.starts_with("fatal")),
@@ -482,18 +509,58 @@ fn a_gpt_disk_image_from_qcow2_boots_to_its_own_init() {
     }
 }
 
+/// A layer tar of the tree at `dir` (symlinks stay links; the root has
+/// no entry of its own).
+fn layer_tar(dir: &Path) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    b.follow_symlinks(false);
+    b.append_dir_all("", dir).unwrap();
+    b.into_inner().unwrap()
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+/// The guest's report of a layered root (run as the OCI process).
+const REPORT_SCRIPT: &str = r#"#!/bin/sh
+echo "report: greeting=$GREETING pwd=$(pwd) id=$(id -u):$(id -g) home=$HOME"
+echo "report: root=$(grep ' / ' /proc/mounts | cut -d' ' -f1,3)"
+echo "report: base=$(cat /etc/base) top=$(cat /etc/top) motd=$(cat /etc/motd)"
+if [ -e /etc/gone ]; then echo "report: gone=present"; else echo "report: gone=absent"; fi
+[ "$(id -u)" = 0 ] || exit 0
+echo written-on-the-cow > /cow-test && echo "report: cow=$(cat /cow-test)"
+grep ' ext4 ' /proc/mounts | while read -r dev mp fs rest; do echo "report: mount $mp $fs"; done
+echo "from the guest" > /srv/data/hello.txt && echo "report: wrote"
+for s in /sys/block/vd*/serial; do
+    if [ "$(cat "$s")" = cocoon-cidata ]; then d=${s%/serial}; dev=/dev/${d##*/}; fi
+done
+mkdir -p /mnt/seed && mount -t vfat -o ro "$dev" /mnt/seed && echo "report: cidata $(ls /mnt/seed | tr '\n' ' ')"
+umount /mnt/seed
+"#;
+
+/// The issue's end-to-end case, driven through the CLI: a busybox image
+/// of two layers (the top one deleting a base file by a whiteout) pushed
+/// to docker-registry, `cocoon-host create` with two data disks, and the
+/// files it prepared booted.
 #[test]
-fn a_layered_root_with_a_whiteout_a_cow_and_data_disks() {
-    let t = "a_layered_root_with_a_whiteout_a_cow_and_data_disks";
+fn a_container_image_from_a_registry_boots_on_its_layers_with_data_disks() {
+    let t = "a_container_image_from_a_registry_boots_on_its_layers_with_data_disks";
     if !tools(t, &[("command -v mksquashfs", "squashfs-tools")]) {
         return;
     }
+    let Some(reg) = Registry::start() else {
+        return;
+    };
     let Some(kernel) = linux_kernel(t) else {
         return;
     };
     let vmm = pick_vmm(t);
-    let state = State::new();
-    let work = state.dir.path().join("work");
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
     std::fs::create_dir_all(&work).unwrap();
 
     // Base layer: busybox, files, a user; top layer: a new file, a
@@ -518,89 +585,95 @@ fn a_layered_root_with_a_whiteout_a_cow_and_data_disks() {
     std::fs::create_dir_all(l1.join("etc")).unwrap();
     std::fs::write(l1.join("etc/top"), "from-top\n").unwrap();
     std::fs::write(l1.join("etc/motd"), "new\n").unwrap();
-    write_exec(
-        &l1.join("report.sh"),
-        r#"#!/bin/sh
-echo "report: greeting=$GREETING pwd=$(pwd) id=$(id -u):$(id -g) home=$HOME"
-echo "report: root=$(grep ' / ' /proc/mounts | cut -d' ' -f1,3)"
-echo "report: base=$(cat /etc/base) top=$(cat /etc/top) motd=$(cat /etc/motd)"
-if [ -e /etc/gone ]; then echo "report: gone=present"; else echo "report: gone=absent"; fi
-[ "$(id -u)" = 0 ] || exit 0
-echo written-on-the-cow > /cow-test && echo "report: cow=$(cat /cow-test)"
-grep ' ext4 ' /proc/mounts | while read -r dev mp fs rest; do echo "report: mount $mp $fs"; done
-echo "from the guest" > /srv/data/hello.txt && echo "report: wrote"
-for s in /sys/block/vd*/serial; do
-    if [ "$(cat "$s")" = cocoon-cidata ]; then d=${s%/serial}; dev=/dev/${d##*/}; fi
-done
-mkdir -p /mnt/seed && mount -t vfat -o ro "$dev" /mnt/seed && echo "report: cidata $(ls /mnt/seed | tr '\n' ' ')"
-umount /mnt/seed
-"#,
-    );
-    let mut layers = Vec::new();
-    for (dir, pseudo) in [(&l0, None), (&l1, Some("etc/gone c 0 0 0 0 0"))] {
-        let out = work.join(format!(
-            "{}.sqfs",
-            dir.file_name().unwrap().to_string_lossy()
-        ));
-        let mut cmd = Command::new("mksquashfs");
-        cmd.arg(dir)
-            .arg(&out)
-            .args(["-quiet", "-noappend", "-all-root", "-no-progress"]);
-        if let Some(p) = pseudo {
-            // An overlayfs whiteout: a 0/0 character device (a pseudo
-            // file, so the test needs no mknod privilege).
-            cmd.args(["-p", p]);
-        }
-        run(&mut cmd);
-        layers.push(state.layer(&std::fs::read(&out).unwrap()));
-    }
+    std::fs::write(l1.join("etc/.wh.gone"), "").unwrap();
+    write_exec(&l1.join("report.sh"), REPORT_SCRIPT);
+    let repo = "test/busybox";
+    let base = layer_tar(&l0);
+    let top = layer_tar(&l1);
+    let layers = [
+        (
+            reg.push_blob(repo, "application/vnd.oci.image.layer.v1.tar", &base),
+            store_common::sha256(&base),
+        ),
+        (
+            reg.push_blob(
+                repo,
+                "application/vnd.oci.image.layer.v1.tar+gzip",
+                &gzip(&top),
+            ),
+            store_common::sha256(&top),
+        ),
+    ];
+    let process = serde_json::json!({
+        "Entrypoint": ["/bin/sh"], "Cmd": ["/report.sh"],
+        "Env": ["PATH=/bin", "GREETING=hello layers"], "WorkingDir": "/etc",
+    });
+    let layer_refs: Vec<(&Desc, String)> = layers.iter().map(|(d, id)| (d, id.clone())).collect();
+    let config = |process: serde_json::Value| serde_json::json!({"architecture": "amd64", "os": "linux", "config": process});
+    reg.push_config_and_manifest(repo, "v1", config(process.clone()), &layer_refs);
+    let mut as_app = process;
+    as_app["User"] = "app:staff".into();
+    reg.push_config_and_manifest(repo, "app", config(as_app), &layer_refs);
+    let reference = |tag: &str| format!("oci://127.0.0.1:{}/{repo}:{tag}", reg.port);
 
-    let mut req = state.request(ImageDisks::Layered { layers });
-    req.cow_size = Some(64 << 20);
-    let specs: Vec<DataDiskSpec> = [
+    let cli = host(dir.path(), &kernel);
+    let out = cli.json(&[
+        "create",
+        "--name",
+        "layered",
+        "--cow-size",
+        "64M",
+        "--data-disk",
         "size=32M,name=logs,mount=/var/log",
+        "--data-disk",
         "size=32M,name=store,mount=/srv/data",
-    ]
-    .iter()
-    .map(|s| s.parse().unwrap())
-    .collect();
-    req.data_disks = resolve(&specs, &[]).unwrap();
-    req.cidata = true;
-    let plan = created(&req);
-    let disks = plan.storage();
-    let base = the_initramfs(state.dir.path(), &kernel);
-    let exec = ExecConfig {
-        entrypoint: Some(vec!["/bin/sh".into()]),
-        cmd: Some(vec!["/report.sh".into()]),
-        env: Some(vec!["PATH=/bin".into(), "GREETING=hello layers".into()]),
-        working_dir: Some("/etc".into()),
-        user: None,
-    };
-    let initrd = state.vm_dir.join("initrd.img");
-    initramfs::write_vm_initrd(&base, Some(&exec), &initrd).unwrap();
-    let cmdline = BootPlan::new(RootKind::Layered, &disks)
-        .unwrap()
-        .kernel_cmdline("quiet")
-        .unwrap();
-    let serial = boot(vmm, &kernel.kernel, &initrd, &cmdline, &disks, &work);
+        "--cmdline",
+        "quiet",
+        &reference("v1"),
+    ]);
+    let steps = out["image"]["layers"].as_array().unwrap();
+    let built: Vec<(&str, &str)> = steps
+        .iter()
+        .map(|l| (l["source"].as_str().unwrap(), l["build"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        built,
+        [
+            (layers[0].0.digest.as_str(), "built"),
+            (layers[1].0.digest.as_str(), "built")
+        ],
+        "{out}"
+    );
+    assert_eq!(out["boot"]["kernel_source"], "config", "{out}");
+    assert_eq!(out["boot"]["initramfs_build"], "built", "{out}");
+    let vm = recorded(&cli, "layered");
+    let squashfs: Vec<&str> = steps
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap())
+        .collect();
+    assert_eq!(vm.layers, squashfs, "the record keeps the built layers");
+    assert!(vm.cmdline.contains("cocoon.root=layered"), "{}", vm.cmdline);
+    let serials: Vec<&str> = vm.disks.iter().map(|d| d.serial.as_str()).collect();
+    let plan_order = [
+        "cocoon-layer0",
+        "cocoon-layer1",
+        "cocoon-root",
+        "logs",
+        "store",
+        "cocoon-cidata",
+    ];
+    assert_eq!(serials, plan_order);
 
+    let serial = vm.boot(vmm, &vm.cmdline, &work);
     let init = lines(&serial, "cocoon-init: ");
     assert!(init.iter().all(|l| !l.starts_with("fatal")), "{serial}");
-    let serials: Vec<&str> = init
+    let found: Vec<&str> = init
         .iter()
         .filter_map(|l| l.strip_prefix("disk "))
         .map(|l| l.split(' ').next().unwrap())
         .collect();
     assert_eq!(
-        serials,
-        [
-            "cocoon-layer0",
-            "cocoon-layer1",
-            "cocoon-root",
-            "logs",
-            "store",
-            "cocoon-cidata"
-        ],
+        found, plan_order,
         "every disk found by serial, in plan order:\n{serial}"
     );
     assert!(
@@ -611,9 +684,8 @@ umount /mnt/seed
         init.contains(&"the OCI process exited with status 0"),
         "{serial}"
     );
-    let report = lines(&serial, "report: ");
     assert_eq!(
-        report,
+        lines(&serial, "report: "),
         [
             "greeting=hello layers pwd=/etc id=0:0 home=/",
             "root=overlay overlay",
@@ -630,29 +702,42 @@ umount /mnt/seed
 
     // After power-off: the data disk holds the guest's file, and the
     // cow's upper dir the file written on the root.
-    let store = disks.iter().find(|d| d.serial == "store").unwrap();
-    assert_eq!(debugfs_cat(&store.path, "/hello.txt"), "from the guest\n");
-    let cow = disks.iter().find(|d| d.serial == "cocoon-root").unwrap();
     assert_eq!(
-        debugfs_cat(&cow.path, "/upper/cow-test"),
+        debugfs_cat(vm.disk("store"), "/hello.txt"),
+        "from the guest\n"
+    );
+    assert_eq!(
+        debugfs_cat(vm.disk("cocoon-root"), "/upper/cow-test"),
         "written-on-the-cow\n"
     );
-    let logs = disks.iter().find(|d| d.serial == "logs").unwrap();
-    run(Command::new(cocoon_tool("e2fsck"))
-        .arg("-fn")
-        .arg(&logs.path));
-    run(Command::new(cocoon_tool("e2fsck"))
-        .arg("-fn")
-        .arg(&store.path));
+    for data in ["logs", "store"] {
+        run(Command::new(cocoon_tool("e2fsck"))
+            .arg("-fn")
+            .arg(vm.disk(data)));
+    }
 
-    // The same VM again, its process as a named user and group: the cow
-    // keeps what the first boot wrote.
-    let exec = ExecConfig {
-        user: Some("app:staff".into()),
-        ..exec
-    };
-    initramfs::write_vm_initrd(&base, Some(&exec), &initrd).unwrap();
-    let serial = boot(vmm, &kernel.kernel, &initrd, &cmdline, &disks, &work);
+    // The same layers with another config: a second VM finds them (and
+    // the initramfs) in the cache, and its process runs as a named user
+    // and group.
+    let out = cli.json(&[
+        "create",
+        "--name",
+        "app",
+        "--cmdline",
+        "quiet",
+        &reference("app"),
+    ]);
+    let cached: Vec<&str> = out["image"]["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["build"].as_str().unwrap())
+        .collect();
+    assert_eq!(cached, ["cached", "cached"], "{out}");
+    assert_eq!(out["boot"]["initramfs_build"], "cached", "{out}");
+    let app = recorded(&cli, "app");
+    assert_eq!(app.layers, vm.layers);
+    let serial = app.boot(vmm, &app.cmdline, &work);
     assert!(
         lines(&serial, "cocoon-init: ").contains(&"running the OCI process as 1000:50"),
         "{serial}"
@@ -664,6 +749,40 @@ umount /mnt/seed
             "root=overlay overlay"
         ],
         "{serial}"
+    );
+
+    // Without a kernel anywhere (its layers carry none), a container image
+    // is refused, and no VM is left.
+    let bare = Cli {
+        state: cli.state.clone(),
+        config: None,
+    };
+    let out = bare.run(&["create", "--name", "none", &reference("v1")]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("no kernel: give --kernel"),
+        "{stderr}"
+    );
+    assert_eq!(cli.json(&["list"])["vms"].as_array().unwrap().len(), 2);
+
+    // The VMs keep their layers through gc once the image is forgotten;
+    // removed, they let them go.
+    let conversions = |gc: &serde_json::Value| gc["removed_conversions"].to_string();
+    assert!(cli.run(&["image", "rm", &reference("v1")]).status.success());
+    assert!(cli
+        .run(&["image", "rm", &reference("app")])
+        .status
+        .success());
+    let gc = cli.json(&["image", "gc"]);
+    assert!(!conversions(&gc).contains("squashfs"), "{gc}");
+    for name in ["layered", "app"] {
+        assert!(cli.run(&["rm", name]).status.success());
+    }
+    let gc = cli.json(&["image", "gc"]);
+    assert_eq!(
+        gc["removed_conversions"].as_array().unwrap().len(),
+        2,
+        "{gc}"
     );
 }
 

@@ -9,3 +9,4 @@ pub mod plugin;
 pub mod snapshot;
 pub mod vm;
 pub mod vm_console;
+pub mod vm_guest;

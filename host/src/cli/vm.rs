@@ -19,6 +19,7 @@ use cocoon_host::vm::api;
 use cocoon_host::vm::client::Client;
 use cocoon_host::vm::create::{create, CreateRequest};
 use cocoon_host::vm::nics::{self, NicView};
+use cocoon_host::vm::guest_boot::{BootRequest, GuestImage};
 use cocoon_host::vm::record::{ImageInfo, Machine};
 use cocoon_host::vm::{spawn, ExitKind, VmEntry, VmError, VmState, Vms};
 
@@ -50,13 +51,16 @@ pub struct CreateArgs {
     /// `size=SIZE[,name=NAME][,fstype=ext4|none][,mount=/PATH][,directio=on|off|auto]`.
     #[arg(long = "data-disk", value_name = "SPEC")]
     pub data_disks: Vec<DataDiskSpec>,
-    /// Kernel to boot (an ELF with a PVH note, or a bzImage); default: the
-    /// config's `[vm] kernel`, or the test guest for the demo.
+    /// Kernel to boot (an ELF with a PVH note, or a bzImage); default: a
+    /// disk image's own `/boot/vmlinuz-*`, else the config's `[vm] kernel`
+    /// (the test guest for the demo). A Linux kernel without `--initrd`
+    /// boots the cocoon initramfs.
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
-    /// Kernel command line.
+    /// Kernel command line: for a Linux kernel, arguments put before the
+    /// disk plan the host adds; for any other kernel, the whole line.
     #[arg(long)]
     pub cmdline: Option<String>,
     /// The disk-policy plugin [default: `[vm] policy`, else default-policy].
@@ -144,6 +148,8 @@ pub struct Steps {
     pub image: Option<ImageStep>,
     pub disks: Vec<DiskStep>,
     pub kernel: PathBuf,
+    /// What a Linux guest boots (kernel, initramfs, root).
+    pub boot: Option<super::vm_guest::BootStep>,
     pub policy: String,
     pub nics: Vec<NicView>,
     pub state: String,
@@ -161,6 +167,8 @@ pub struct ImageStep {
     /// `converted` or `cached`.
     pub conversion: Option<&'static str>,
     pub format: Option<String>,
+    /// A container image's layers, base first.
+    pub layers: Vec<super::vm_guest::LayerStep>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -174,10 +182,10 @@ pub struct DiskStep {
 }
 
 /// Progress lines for people, on stderr, unless the output is JSON.
-struct Say(bool);
+pub(super) struct Say(bool);
 
 impl Say {
-    fn line(&self, s: impl AsRef<str>) {
+    pub(super) fn line(&self, s: impl AsRef<str>) {
         if self.0 {
             eprintln!("{}", s.as_ref());
         }
@@ -188,13 +196,16 @@ fn vms(config: &HostConfig) -> anyhow::Result<Vms> {
     Ok(Vms::open(&config.state_dir)?)
 }
 
-/// The image as disks, pulled and converted through the store.
-struct Prepared {
-    disks: ImageDisks,
-    info: Option<ImageInfo>,
-    step: Option<ImageStep>,
+/// The image as disks, pulled and converted (or built as layers) through
+/// the store.
+pub(super) struct Prepared {
+    pub(super) disks: ImageDisks,
+    pub(super) info: Option<ImageInfo>,
+    pub(super) step: Option<ImageStep>,
     /// The demo's kernel and command line.
-    demo: Option<super::demo::Demo>,
+    pub(super) demo: Option<super::demo::Demo>,
+    /// What the guest boots from (not the demo).
+    pub(super) guest: Option<GuestImage>,
 }
 
 fn prepare_image(
@@ -246,6 +257,9 @@ fn prepare_image(
         report.digest,
         report.size
     ));
+    if demo.is_none() && cocoon_host::layer::is_layered(&report.record) {
+        return super::vm_guest::prepare_layered(&store, &report, pulled, runtime, registry, say);
+    }
     let disk_digest = |r: &cocoon_host::store::PullReport| {
         r.record
             .disk()
@@ -284,8 +298,10 @@ fn prepare_image(
             base: Some(converted.digest.to_string()),
             conversion: Some(how),
             format: Some(converted.converter.name.clone()),
+            layers: Vec::new(),
         }),
         disks: ImageDisks::Disk { base },
+        guest: demo.is_none().then_some(GuestImage::Disk),
         demo,
     })
 }
@@ -310,36 +326,60 @@ fn create_vm(
     let runtime = Runtime::new(Some(config.state_dir.join("plugin-cache")))?;
     let registry = Registry::discover(config);
     let prepared = prepare_image(args, config, &runtime, &registry, say)?;
-    let (kernel, cmdline, data_disks) = match &prepared.demo {
-        Some(demo) => (
-            args.kernel
+    let (kernel, initrd, cmdline, data_disks, boot) = match &prepared.demo {
+        Some(demo) => {
+            let kernel = args
+                .kernel
                 .clone()
-                .unwrap_or_else(|| demo.kernel_path.clone()),
-            args.cmdline.clone().unwrap_or_else(|| demo.cmdline()),
-            if args.data_disks.is_empty() {
-                vec![demo.data_disk()]
-            } else {
-                args.data_disks.clone()
-            },
-        ),
-        None => (
-            args.kernel
+                .unwrap_or_else(|| demo.kernel_path.clone());
+            let kernel = std::fs::canonicalize(&kernel)
+                .with_context(|| format!("the kernel {}", kernel.display()))?;
+            let initrd = match &args.initrd {
+                Some(p) => Some(
+                    std::fs::canonicalize(p)
+                        .with_context(|| format!("the initrd {}", p.display()))?,
+                ),
+                None => None,
+            };
+            (
+                kernel,
+                initrd,
+                args.cmdline.clone().unwrap_or_else(|| demo.cmdline()),
+                if args.data_disks.is_empty() {
+                    vec![demo.data_disk()]
+                } else {
+                    args.data_disks.clone()
+                },
+                None,
+            )
+        }
+        None => {
+            let image = prepared
+                .guest
+                .clone()
+                .context("the image has no boot kind")?;
+            let boot = BootRequest {
+                kernel: args.kernel.clone(),
+                initrd: args.initrd.clone(),
+                cmdline: args.cmdline.clone(),
+                vm: config.vm.clone(),
+                state_dir: config.state_dir.clone(),
+                image,
+            };
+            // The placeholder's machine; create writes the chosen one.
+            let kernel = args
+                .kernel
                 .clone()
                 .or_else(|| config.vm.kernel.clone())
-                .context("no kernel: give --kernel, or set `kernel` in the config's [vm] table")?,
-            args.cmdline
-                .clone()
-                .unwrap_or_else(|| "console=ttyS0".into()),
-            args.data_disks.clone(),
-        ),
-    };
-    let kernel = std::fs::canonicalize(&kernel)
-        .with_context(|| format!("the kernel {}", kernel.display()))?;
-    let initrd = match &args.initrd {
-        Some(p) => {
-            Some(std::fs::canonicalize(p).with_context(|| format!("the initrd {}", p.display()))?)
+                .unwrap_or_default();
+            (
+                kernel,
+                None,
+                String::new(),
+                args.data_disks.clone(),
+                Some(boot),
+            )
         }
-        None => None,
     };
     let policy_name = args
         .policy
@@ -358,7 +398,7 @@ fn create_vm(
             machine: Machine {
                 cpus: args.cpus,
                 memory: args.memory,
-                kernel: kernel.clone(),
+                kernel,
                 initrd,
                 cmdline,
             },
@@ -370,6 +410,7 @@ fn create_vm(
             ssh_authorized_keys,
             settings: config.vm.settings.clone(),
             nics: planned,
+            boot,
         },
         &policy,
     )?;
@@ -378,7 +419,11 @@ fn create_vm(
         name: vm.record.name.clone(),
         id: vm.record.id.clone(),
         image: prepared.step,
-        kernel,
+        kernel: vm.record.machine.kernel.clone(),
+        boot: report
+            .boot
+            .as_ref()
+            .map(|b| super::vm_guest::report_boot(b, say)),
         policy: report.plan.policy.clone(),
         nics: nics::views(&vm.record.id, &vm.record.nics),
         state: vm.record.state.to_string(),
@@ -745,6 +790,9 @@ pub fn inspect(a: InspectArgs, config: &HostConfig) -> anyhow::Result<i32> {
         println!("cmdline:  {}", r.machine.cmdline);
         if let Some(i) = &r.image {
             println!("image:    {} {}", i.reference, i.digest);
+            for (k, l) in i.layers.iter().enumerate() {
+                println!("  layer {k}: {l}");
+            }
         }
         println!("policy:   {}", r.policy);
         println!("created:  {}", date(r.created_at));

@@ -153,6 +153,22 @@ impl ExecConfig {
     }
 }
 
+/// A pulled image's checked config ([`crate::layer::OciConfig`]): empty
+/// fields are the image's silence, not empty values.
+impl From<&crate::layer::OciConfig> for ExecConfig {
+    fn from(c: &crate::layer::OciConfig) -> Self {
+        let some = |v: &Vec<String>| (!v.is_empty()).then(|| v.clone());
+        let text = |s: &String| (!s.is_empty()).then(|| s.clone());
+        ExecConfig {
+            entrypoint: some(&c.entrypoint),
+            cmd: some(&c.cmd),
+            env: some(&c.env),
+            working_dir: text(&c.working_dir),
+            user: text(&c.user),
+        }
+    }
+}
+
 /// `s` as one single-quoted sh word.
 fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))

@@ -47,6 +47,18 @@ pub enum KernelError {
         #[source]
         source: std::io::Error,
     },
+    #[error("running unsquashfs (from squashfs-tools) on {path}")]
+    Unsquashfs {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("unsquashfs could not extract {file} from {path}: {stderr}")]
+    Extract {
+        path: PathBuf,
+        file: String,
+        stderr: String,
+    },
     #[error("debugfs could not dump {file} from {path}: {stderr}")]
     Dump {
         path: PathBuf,
@@ -103,6 +115,26 @@ pub fn select(
     image: Option<&ImageKernel>,
     vm: &VmSettings,
 ) -> Result<KernelChoice, KernelError> {
+    let (kernel, initrd, source) = pick(flag_kernel, flag_initrd, image, vm)?;
+    let release = release_of(&kernel)?;
+    let modules = find_modules(&kernel, &release, vm.modules.as_deref())?;
+    Ok(KernelChoice {
+        kernel,
+        initrd,
+        source,
+        release,
+        modules,
+    })
+}
+
+/// The files [`select`] chooses, before it reads them: the kernel, its
+/// initrd if any, and where they came from.
+pub fn pick(
+    flag_kernel: Option<&Path>,
+    flag_initrd: Option<&Path>,
+    image: Option<&ImageKernel>,
+    vm: &VmSettings,
+) -> Result<(PathBuf, Option<PathBuf>, KernelSource), KernelError> {
     if flag_initrd.is_some() && flag_kernel.is_none() {
         return Err(KernelError::InitrdWithoutKernel {
             flag: "--initrd",
@@ -115,32 +147,23 @@ pub fn select(
             needs: "[vm] kernel",
         });
     }
-    let (kernel, initrd, source) = if let Some(k) = flag_kernel {
-        (
+    if let Some(k) = flag_kernel {
+        Ok((
             k.to_path_buf(),
             flag_initrd.map(Path::to_path_buf),
             KernelSource::Flag,
-        )
+        ))
     } else if let Some(img) = image {
-        (
+        Ok((
             img.kernel.clone(),
             Some(img.initrd.clone()),
             KernelSource::Image,
-        )
+        ))
     } else if let Some(k) = &vm.kernel {
-        (k.clone(), vm.initrd.clone(), KernelSource::Config)
+        Ok((k.clone(), vm.initrd.clone(), KernelSource::Config))
     } else {
-        return Err(KernelError::NoKernel);
-    };
-    let release = release_of(&kernel)?;
-    let modules = find_modules(&kernel, &release, vm.modules.as_deref())?;
-    Ok(KernelChoice {
-        kernel,
-        initrd,
-        source,
-        release,
-        modules,
-    })
+        Err(KernelError::NoKernel)
+    }
 }
 
 /// The kernel release a bzImage's setup header or a vmlinux's banner
@@ -217,46 +240,24 @@ pub fn find_modules(
 /// Byte offsets of the filesystems that may hold `/boot` on a raw disk:
 /// each GPT partition's start (in table order), then the whole disk.
 pub fn candidate_offsets(raw: &Path) -> Result<Vec<u64>, KernelError> {
-    use std::os::unix::fs::FileExt;
     let io = |source| KernelError::Io {
         what: "reading",
         path: raw.to_path_buf(),
         source,
     };
     let f = std::fs::File::open(raw).map_err(io)?;
-    let len = f.metadata().map_err(io)?.len();
-    let mut out = Vec::new();
-    let mut hdr = [0u8; 92];
-    if len >= 1024 && f.read_exact_at(&mut hdr, 512).is_ok() && &hdr[..8] == b"EFI PART" {
-        let u32_at = |b: &[u8], at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
-        let u64_at = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
-        let entries = u64_at(&hdr, 72);
-        let count = u32_at(&hdr, 80).min(256);
-        let size = u32_at(&hdr, 84) as u64;
-        if (128..=4096).contains(&size) {
-            let mut e = vec![0u8; crate::cast::usize_from(size)];
-            for i in 0..count as u64 {
-                let at = entries.saturating_mul(512).saturating_add(i * size);
-                if f.read_exact_at(&mut e, at).is_err() {
-                    break;
-                }
-                if e[..16].iter().all(|&b| b == 0) {
-                    continue;
-                }
-                let first = u64_at(&e, 32).saturating_mul(512);
-                if first < len {
-                    out.push(first);
-                }
-            }
-        }
-    }
+    let mut out: Vec<u64> = super::gpt::partitions(&f)
+        .map_err(io)?
+        .into_iter()
+        .map(|p| p.start)
+        .collect();
     out.push(0);
     Ok(out)
 }
 
 /// Compares kernel releases numerically where they are numbers
 /// (`6.1.0-10` after `6.1.0-9`).
-fn release_key(r: &str) -> Vec<(u64, String)> {
+pub(crate) fn release_key(r: &str) -> Vec<(u64, String)> {
     let mut out = Vec::new();
     let mut rest = r;
     while !rest.is_empty() {
@@ -270,7 +271,7 @@ fn release_key(r: &str) -> Vec<(u64, String)> {
     out
 }
 
-fn good_name(s: &str) -> bool {
+pub(crate) fn good_name(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._+-".contains(&b))
@@ -354,17 +355,8 @@ fn debugfs(
 
 #[cfg(test)]
 mod tests {
+    use super::super::gpt::fixture::{self, bzimage};
     use super::*;
-
-    fn bzimage(version: &str) -> Vec<u8> {
-        let mut b = vec![0u8; 0x400];
-        b[0x202..0x206].copy_from_slice(b"HdrS");
-        let off: u16 = 0x100;
-        b[0x20e..0x210].copy_from_slice(&off.to_le_bytes());
-        let s = format!("{version} (debian-kernel@lists.debian.org) #1 SMP\0");
-        b[0x300..0x300 + s.len()].copy_from_slice(s.as_bytes());
-        b
-    }
 
     #[test]
     fn release_from_bzimage_and_vmlinux() {
@@ -470,50 +462,13 @@ mod tests {
         std::fs::write(root.join("initrd.img-6.1.0-10-amd64"), b"initrd 10").unwrap();
         // Newest, but without an initrd: not bootable on its own.
         std::fs::write(root.join("vmlinuz-6.2.0-1-amd64"), bzimage("6.2.0-1-amd64")).unwrap();
-        let part = d.path().join("part.img");
-        std::fs::File::create(&part)
-            .unwrap()
-            .set_len(8 << 20)
-            .unwrap();
-        let mkfs = Command::new(crate::disk::create::find_tool("mkfs.ext4"))
-            .args(["-q", "-F", "-d"])
-            .arg(d.path().join("root"))
-            .arg(&part)
-            .status();
-        let Ok(s) = mkfs else {
-            eprintln!("SKIPPED: no mkfs.ext4");
+        let Some(disk) = fixture::disk(
+            d.path(),
+            "start=2048, size=16384, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4\n",
+            Some((&d.path().join("root"), 2048)),
+        ) else {
             return;
         };
-        assert!(s.success());
-        let disk = d.path().join("disk.img");
-        std::fs::File::create(&disk)
-            .unwrap()
-            .set_len(12 << 20)
-            .unwrap();
-        let mut sfdisk = Command::new(crate::disk::create::find_tool("sfdisk"))
-            .arg("-q")
-            .arg(&disk)
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        sfdisk
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(
-                b"label: gpt\nstart=2048, size=16384, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4\n",
-            )
-            .unwrap();
-        assert!(sfdisk.wait().unwrap().success());
-        let data = std::fs::read(&part).unwrap();
-        use std::os::unix::fs::FileExt;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&disk)
-            .unwrap()
-            .write_all_at(&data, 2048 * 512)
-            .unwrap();
         assert_eq!(candidate_offsets(&disk).unwrap(), [2048 * 512, 0]);
         let out = d.path().join("out");
         std::fs::create_dir(&out).unwrap();

@@ -8,8 +8,10 @@
 pub mod cmdline;
 mod cpio;
 pub mod exec;
+pub mod gpt;
 pub mod initramfs;
 pub mod kernel;
+pub mod layer_kernel;
 pub mod modules;
 
 pub use cmdline::{BootPlan, GuestDisk, RootKind, RootPartition};

@@ -180,6 +180,17 @@ pub struct PreparedImage {
     pub built: Vec<BuiltLayer>,
 }
 
+/// Whether `image` is a container image to boot as layers: it has an
+/// image config, and no artifact is a disk image (a disk pushed as an OCI
+/// artifact names its format in its media type, and boots as a disk).
+pub fn is_layered(image: &RefRecord) -> bool {
+    image
+        .artifacts
+        .iter()
+        .any(|a| CONFIG_TYPES.contains(&a.media_type.as_str()))
+        && image.artifacts.iter().all(|a| a.format_hint.is_none())
+}
+
 /// The layer artifacts of an image, base first, and its config.
 fn classify(image: &RefRecord) -> Result<(Digest, Vec<(Digest, String)>), LayerError> {
     let reference = crate::http::redact(&image.reference).into_owned();
@@ -405,6 +416,14 @@ mod tests {
             layers.iter().map(|(d, _)| d.clone()).collect::<Vec<_>>(),
             [art("", 3).digest, art("", 4).digest]
         );
+        assert!(is_layered(&rec(vec![
+            art(CONFIG_TYPES[0], 2),
+            art(LAYER_TYPES[1], 3)
+        ])));
+        let mut disk = art("application/vnd.cocoon.disk.qcow2", 3);
+        disk.format_hint = Some("qcow2".into());
+        assert!(!is_layered(&rec(vec![art(CONFIG_TYPES[0], 2), disk])));
+        assert!(!is_layered(&rec(vec![art("application/octet-stream", 1)])));
         let err = classify(&rec(vec![art("application/octet-stream", 1)])).unwrap_err();
         assert!(matches!(err, LayerError::NotAnImage { .. }), "{err}");
         let err = classify(&rec(vec![

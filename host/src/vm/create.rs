@@ -39,6 +39,9 @@ pub struct CreateRequest<'a> {
     pub settings: std::collections::BTreeMap<String, String>,
     /// The NICs, MACs fixed ([`super::nics::plan`]) and checked.
     pub nics: Vec<crate::net::Nic>,
+    /// What a Linux guest boots, decided once the disks exist
+    /// ([`super::guest_boot`]); `None` keeps `machine` as given (the demo).
+    pub boot: Option<super::guest_boot::BootRequest>,
 }
 
 /// What `create` made, for the CLI to report.
@@ -46,6 +49,7 @@ pub struct CreateReport {
     pub vm: VmEntry,
     pub plan: Plan,
     pub created: Created,
+    pub boot: Option<super::guest_boot::Booted>,
 }
 
 pub fn create(
@@ -77,12 +81,28 @@ pub fn create(
     creating.record.storage = plan.storage();
     creating.record.policy = plan.policy.clone();
     creating.record.image = req.image_info;
+    let boot = match &req.boot {
+        Some(b) => {
+            let booted = super::guest_boot::prepare(b, &creating.dir, &creating.record.storage)?;
+            let m = &mut creating.record.machine;
+            m.kernel.clone_from(&booted.kernel);
+            m.initrd.clone_from(&booted.initrd);
+            m.cmdline.clone_from(&booted.cmdline);
+            Some(booted)
+        }
+        None => None,
+    };
     creating.record.nics = req.nics;
     // The record is finished while the disks are still locked: no other
     // command sees the files before the record names them.
     let vm = creating.finish()?;
     drop(locks);
-    Ok(CreateReport { vm, plan, created })
+    Ok(CreateReport {
+        vm,
+        plan,
+        created,
+        boot,
+    })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +115,8 @@ pub enum CreateError {
     Plan(#[from] crate::disk::plan::PlanError),
     #[error(transparent)]
     Disks(#[from] crate::disk::create::CreateError),
+    #[error(transparent)]
+    Boot(#[from] super::guest_boot::BootError),
 }
 
 impl From<super::record::RecordError> for CreateError {

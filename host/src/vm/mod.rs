@@ -5,6 +5,7 @@
 pub mod api;
 pub mod client;
 pub mod create;
+pub mod guest_boot;
 pub mod monitor;
 pub mod monitor_lock;
 pub mod name;

@@ -175,9 +175,30 @@ impl Registry {
         layer: &[u8],
     ) -> (Desc, Desc, Desc) {
         let layer = self.push_blob(repo, "application/vnd.oci.image.layer.v1.tar", layer);
-        let config = serde_json::json!({
-            "architecture": arch, "os": "linux",
-            "rootfs": {"type": "layers", "diff_ids": [layer.digest]},
+        let diff_id = layer.digest.clone();
+        let (m, config) = self.push_config_and_manifest(
+            repo,
+            tag,
+            serde_json::json!({"architecture": arch, "os": "linux"}),
+            &[(&layer, diff_id)],
+        );
+        (m, config, layer)
+    }
+
+    /// Pushes the image config `config` (its `rootfs` added: the layers'
+    /// `diff_ids`, the digests of their uncompressed tars) and the manifest
+    /// of `layers` (pushed already, base first) under `repo:tag`; returns
+    /// (manifest, config).
+    pub fn push_config_and_manifest(
+        &self,
+        repo: &str,
+        tag: &str,
+        mut config: serde_json::Value,
+        layers: &[(&Desc, String)],
+    ) -> (Desc, Desc) {
+        config["rootfs"] = serde_json::json!({
+            "type": "layers",
+            "diff_ids": layers.iter().map(|l| &l.1).collect::<Vec<_>>(),
         });
         let config = self.push_blob(
             repo,
@@ -188,7 +209,7 @@ impl Registry {
             "schemaVersion": 2,
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
             "config": config.json(),
-            "layers": [layer.json()],
+            "layers": layers.iter().map(|l| l.0.json()).collect::<Vec<_>>(),
         });
         let m = self.push_manifest(
             repo,
@@ -196,6 +217,6 @@ impl Registry {
             "application/vnd.oci.image.manifest.v1+json",
             &serde_json::to_vec(&manifest).unwrap(),
         );
-        (m, config, layer)
+        (m, config)
     }
 }
