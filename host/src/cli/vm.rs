@@ -18,8 +18,8 @@ use cocoon_host::store::{PluginSources, PullPolicy, PullRequest, Store, StoreErr
 use cocoon_host::vm::api;
 use cocoon_host::vm::client::Client;
 use cocoon_host::vm::create::{create, CreateRequest};
-use cocoon_host::vm::nics::{self, NicView};
 use cocoon_host::vm::guest_boot::{BootRequest, GuestImage};
+use cocoon_host::vm::nics::{self, NicView};
 use cocoon_host::vm::record::{ImageInfo, Machine};
 use cocoon_host::vm::{spawn, ExitKind, VmEntry, VmError, VmState, Vms};
 
