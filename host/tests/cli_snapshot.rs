@@ -6,15 +6,16 @@
 //! and the data disk shows whether the snapshot's copy came along.
 
 mod store_common;
+mod vm_common;
 #[path = "../../vmm/tests/support/mod.rs"]
 mod vmm_support;
 
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use vm_common::Host;
 use vmm_support::{kvm_or_skip, test_guest};
 
 /// Writes 0x5a over sector 4 of disk 1 (the data disk), then counts every
@@ -22,66 +23,7 @@ use vmm_support::{kvm_or_skip, test_guest};
 const GUEST: &str = "console=ttyS0 cocoon.write=1:4:5a cocoon.count=50:0";
 const DATA_SECTOR: u64 = 4;
 
-struct Host {
-    state: tempfile::TempDir,
-    image: PathBuf,
-}
-
 impl Host {
-    fn new() -> Host {
-        let state = tempfile::tempdir().unwrap();
-        let image = state.path().join("disk.raw");
-        let mut bytes = vec![0u8; 4 << 20];
-        for (i, b) in bytes.iter_mut().enumerate().take(1 << 20) {
-            *b = u8::try_from(i % 251).expect("below 251");
-        }
-        std::fs::write(&image, bytes).unwrap();
-        Host { state, image }
-    }
-
-    fn cmd(&self) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_cocoon-host"));
-        c.env("COCOON_STATE_DIR", self.state_dir())
-            .env("COCOON_CONFIG", "/dev/null")
-            .env_remove("RUST_LOG");
-        c
-    }
-
-    fn state_dir(&self) -> PathBuf {
-        self.state.path().join("state")
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.cmd().args(args).output().unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(
-            o.status.success(),
-            "cocoon-host {args:?}: {:?}\nstdout: {}\nstderr: {}",
-            o.status,
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-
-    /// The command fails; its stderr.
-    fn fails(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(
-            !o.status.success(),
-            "cocoon-host {args:?} succeeded: {}",
-            String::from_utf8_lossy(&o.stdout)
-        );
-        String::from_utf8_lossy(&o.stderr).into_owned()
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        serde_json::from_str(&self.ok(args)).unwrap()
-    }
-
     fn run_detached(&self, name: &str) {
         let guest = test_guest();
         let out = self.ok(&[
@@ -100,23 +42,6 @@ impl Host {
             self.image.to_str().unwrap(),
         ]);
         assert_eq!(out.trim(), name);
-    }
-
-    fn vm(&self, name: &str) -> Value {
-        self.json(&["list", "-o", "json"])["vms"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["name"] == name)
-            .cloned()
-            .unwrap_or(Value::Null)
-    }
-
-    fn state_of(&self, name: &str) -> String {
-        self.vm(name)["state"]
-            .as_str()
-            .unwrap_or("absent")
-            .to_string()
     }
 
     fn record(&self, name: &str) -> Value {
@@ -162,21 +87,6 @@ impl Host {
 
     fn snapshot_dir(&self, name: &str) -> PathBuf {
         self.state_dir().join("snapshots").join(name)
-    }
-}
-
-/// No VM outlives a test, passed or failed: monitors are detached.
-impl Drop for Host {
-    fn drop(&mut self) {
-        if let Ok(o) = self.cmd().args(["list", "-o", "json"]).output() {
-            if let Ok(v) = serde_json::from_slice::<Value>(&o.stdout) {
-                for vm in v["vms"].as_array().into_iter().flatten() {
-                    if let Some(id) = vm["id"].as_str() {
-                        let _ = self.cmd().args(["rm", "-f", id]).output();
-                    }
-                }
-            }
-        }
     }
 }
 

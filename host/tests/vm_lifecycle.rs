@@ -4,63 +4,20 @@
 //! output, dead monitors, killed creates, concurrent starts, a hostile API
 //! client, 16 VMs at once, and gc roots.
 
+mod vm_common;
 #[path = "../../vmm/tests/support/mod.rs"]
 mod vmm_support;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use vm_common::Host;
 use vmm_support::{kvm_or_skip, test_guest};
 
-struct Host {
-    state: tempfile::TempDir,
-    image: PathBuf,
-}
-
 impl Host {
-    fn new() -> Host {
-        let state = tempfile::tempdir().unwrap();
-        let image = state.path().join("disk.raw");
-        let mut bytes = vec![0u8; 4 << 20];
-        for (i, b) in bytes.iter_mut().enumerate().take(1 << 20) {
-            *b = u8::try_from(i % 251).expect("below 251");
-        }
-        std::fs::write(&image, bytes).unwrap();
-        Host { state, image }
-    }
-
-    fn cmd(&self) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_cocoon-host"));
-        c.env("COCOON_STATE_DIR", self.state.path().join("state"))
-            .env("COCOON_CONFIG", "/dev/null")
-            .env_remove("RUST_LOG");
-        c
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.cmd().args(args).output().unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(
-            o.status.success(),
-            "cocoon-host {args:?}: {:?}\nstdout: {}\nstderr: {}",
-            o.status,
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        serde_json::from_str(&self.ok(args)).unwrap()
-    }
-
     /// `run -d` of the test image with `cmdline`; the VM's name.
     fn run_detached(&self, name: &str, cmdline: &str) -> String {
         let guest = test_guest();
@@ -82,60 +39,8 @@ impl Host {
         out.trim().to_string()
     }
 
-    fn vm(&self, name: &str) -> Value {
-        let list = self.json(&["list", "-o", "json"]);
-        list["vms"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["name"] == name)
-            .cloned()
-            .unwrap_or(Value::Null)
-    }
-
-    fn state_of(&self, name: &str) -> String {
-        self.vm(name)["state"]
-            .as_str()
-            .unwrap_or("absent")
-            .to_string()
-    }
-
     fn logs(&self, name: &str) -> String {
         self.ok(&["logs", name])
-    }
-
-    fn vms_dir(&self) -> PathBuf {
-        self.state.path().join("state/vms")
-    }
-
-    /// Entries of `vms/` other than the lock file.
-    fn vm_dirs(&self) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(self.vms_dir())
-            .map(|rd| {
-                rd.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| !n.starts_with('.'))
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort();
-        v
-    }
-}
-
-/// A failed test leaves no VM running: its monitors are detached and
-/// would outlive the test.
-impl Drop for Host {
-    fn drop(&mut self) {
-        if let Ok(o) = self.cmd().args(["list", "-o", "json"]).output() {
-            if let Ok(v) = serde_json::from_slice::<Value>(&o.stdout) {
-                for vm in v["vms"].as_array().into_iter().flatten() {
-                    if let Some(id) = vm["id"].as_str() {
-                        let _ = self.cmd().args(["rm", "-f", id]).output();
-                    }
-                }
-            }
-        }
     }
 }
 

@@ -10,72 +10,28 @@
 
 #[path = "../../vmm/tests/support/netns.rs"]
 mod netns;
+mod vm_common;
 #[path = "../../vmm/tests/support/mod.rs"]
 mod vmm_support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use netns::{skip, Netns};
 use serde_json::Value;
 use vmm_support::{fields, kvm_or_skip, report, test_guest};
 
-/// A state dir and a disk image, with every command run in `ns`.
-struct Host {
-    state: tempfile::TempDir,
-    image: PathBuf,
-    ns: Netns,
+/// A state dir and a disk image, with every command run in the namespace
+/// (whose taps the VMs' removal deletes before the namespace goes).
+type Host = vm_common::Host<Netns>;
+
+fn host(ns: Netns) -> Host {
+    let prefix = ["ip", "netns", "exec", &ns.name].map(String::from).to_vec();
+    Host::with(prefix, ns)
 }
 
 impl Host {
-    fn new(ns: Netns) -> Host {
-        let state = tempfile::tempdir().unwrap();
-        let image = state.path().join("disk.raw");
-        std::fs::write(&image, vec![7u8; 1 << 20]).unwrap();
-        Host { state, image, ns }
-    }
-
-    fn try_run(&self, args: &[&str]) -> std::io::Result<Output> {
-        Command::new("ip")
-            .args(["netns", "exec", &self.ns.name])
-            .arg(env!("CARGO_BIN_EXE_cocoon-host"))
-            .args(args)
-            .env("COCOON_STATE_DIR", self.state.path().join("state"))
-            .env("COCOON_CONFIG", "/dev/null")
-            .env_remove("RUST_LOG")
-            .output()
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.try_run(args).unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(
-            o.status.success(),
-            "cocoon-host {args:?}: {:?}\nstdout: {}\nstderr: {}",
-            o.status,
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-
-    /// The command fails, and its stderr (which must hold `want`).
-    fn fails(&self, args: &[&str], want: &str) -> String {
-        let o = self.run(args);
-        let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
-        assert!(!o.status.success(), "cocoon-host {args:?} succeeded");
-        assert!(stderr.contains(want), "cocoon-host {args:?}: {stderr}");
-        stderr
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        serde_json::from_str(&self.ok(args)).unwrap()
-    }
-
     /// The arguments of `run -d`/`create` of the test image booting the
     /// test guest with `cmdline`, then `extra`.
     fn vm_args<'a>(&'a self, guest: &'a Path, name: &'a str, cmdline: &'a str) -> Vec<&'a str> {
@@ -92,30 +48,9 @@ impl Host {
         ]
     }
 
-    fn vm(&self, name: &str) -> Value {
-        self.json(&["list", "-o", "json"])["vms"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["name"] == name)
-            .cloned()
-            .unwrap_or(Value::Null)
-    }
-
-    fn vm_dirs(&self) -> Vec<String> {
-        std::fs::read_dir(self.state.path().join("state/vms"))
-            .map(|rd| {
-                rd.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| !n.starts_with('.'))
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
     /// The namespace's interfaces whose names start with `prefix`.
     fn links(&self, prefix: &str) -> Vec<String> {
-        let out = self.ns.exec(&["ip", "-o", "link", "show"]).unwrap();
+        let out = self.guard.exec(&["ip", "-o", "link", "show"]).unwrap();
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter_map(|l| l.split(": ").nth(1))
@@ -125,26 +60,13 @@ impl Host {
     }
 
     fn link(&self, name: &str) -> Option<String> {
-        let out = self.ns.exec(&["ip", "-d", "link", "show", name]).unwrap();
+        let out = self
+            .guard
+            .exec(&["ip", "-d", "link", "show", name])
+            .unwrap();
         out.status
             .success()
             .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-}
-
-/// No VM of a failed test outlives it (monitors are detached), and their
-/// taps are deleted from inside the namespace before it goes.
-impl Drop for Host {
-    fn drop(&mut self) {
-        if let Ok(o) = self.try_run(&["list", "-o", "json"]) {
-            if let Ok(v) = serde_json::from_slice::<Value>(&o.stdout) {
-                for vm in v["vms"].as_array().into_iter().flatten() {
-                    if let Some(id) = vm["id"].as_str() {
-                        let _ = self.try_run(&["rm", "-f", id]);
-                    }
-                }
-            }
-        }
     }
 }
 
@@ -212,7 +134,7 @@ fn two_vms_on_a_bridge_exchange_datagrams_and_their_taps_go_with_them() {
         return;
     };
     ns.bridge("br0");
-    let h = Host::new(ns);
+    let h = host(ns);
     let guest = test_guest();
     let dash = |m: &str| m.replace(':', "-");
     // B listens for 30 s, then answers; A sends after 2 s, then listens
@@ -332,7 +254,7 @@ fn two_vms_on_a_bridge_exchange_datagrams_and_their_taps_go_with_them() {
     assert!(h.link(&tap_b).is_some());
     // A second start of B's names while it runs is refused, and touches
     // nothing of B's.
-    h.fails(&["start", "b"], "busy");
+    h.fails_with(&["start", "b"], "busy");
     assert!(h.link(&tap_b).is_some());
 
     // rm (of a running VM, with --force) and of a stopped one: no tap left.
@@ -354,7 +276,7 @@ fn a_guest_that_powers_off_takes_its_tap_and_a_users_tap_stays() {
     };
     ns.bridge("br0");
     ns.tap_on("mine0", "br0");
-    let h = Host::new(ns);
+    let h = host(ns);
     let guest = test_guest();
     let mut args = vec!["run", "-d"];
     args.extend(h.vm_args(&guest, "p", "cocoon.net.arp=0:10.97.0.2:10.97.0.1"));
@@ -421,7 +343,7 @@ fn network_mistakes_are_refused_and_leave_no_vm_and_no_tap() {
     ns.ip("link add ve0 type veth peer name ve0p");
     ns.ip("tuntap add dev free0 mode tap");
     ns.ip("tuntap add dev held0 mode tap");
-    let h = Host::new(ns);
+    let h = host(ns);
     // The kernel is never read: every case fails before it is needed.
     let guest = PathBuf::from("/nonexistent-kernel");
     let cases: &[(&[&str], &str)] = &[
@@ -472,18 +394,19 @@ fn network_mistakes_are_refused_and_leave_no_vm_and_no_tap() {
             }
             args.extend(h.vm_args(&guest, "x", "console=ttyS0"));
             args.extend_from_slice(extra);
-            h.fails(&args, want);
+            h.fails_with(&args, want);
         }
     }
     // A tap some process holds: `run` refuses it at once; `create` only
     // needs it to exist, and its `start` says it is busy (the record then
     // says why, whole).
-    let holder =
-        h.ns.enter(|| cocoon_vmm::devices::virtio::net::tap::Tap::open("held0").unwrap());
+    let holder = h
+        .guard
+        .enter(|| cocoon_vmm::devices::virtio::net::tap::Tap::open("held0").unwrap());
     let mut args = vec!["run", "-d"];
     args.extend(h.vm_args(&guest, "x", "console=ttyS0"));
     args.extend(["--nic", "tap=held0"]);
-    h.fails(&args, "nic0 (tap=held0): tap held0 is busy");
+    h.fails_with(&args, "nic0 (tap=held0): tap held0 is busy");
     // Nothing was pulled either: the network is checked first.
     assert_eq!(
         h.json(&["image", "list", "-o", "json"]),
@@ -497,7 +420,7 @@ fn network_mistakes_are_refused_and_leave_no_vm_and_no_tap() {
     args.extend(["--nic", "tap=held0", "--network", "bridge=br0"]);
     h.ok(&args);
     assert_eq!(h.vm("c")["state"], "created");
-    h.fails(&["start", "c"], "tap held0 is busy");
+    h.fails_with(&["start", "c"], "tap held0 is busy");
     let vm = h.vm("c");
     assert_eq!(vm["state"], "error", "{vm}");
     assert!(vm["exit"].as_str().unwrap().contains("busy"), "{vm}");
