@@ -25,23 +25,7 @@ const DATA_SECTOR: u64 = 4;
 
 impl Host {
     fn run_detached(&self, name: &str) {
-        let guest = test_guest();
-        let out = self.ok(&[
-            "run",
-            "-d",
-            "--name",
-            name,
-            "--memory",
-            "64M",
-            "--kernel",
-            guest.to_str().unwrap(),
-            "--cmdline",
-            GUEST,
-            "--data-disk",
-            "size=16M,name=scratch,fstype=none",
-            self.image.to_str().unwrap(),
-        ]);
-        assert_eq!(out.trim(), name);
+        assert_eq!(self.run_detached_with(&test_guest(), name, GUEST), name);
     }
 
     fn record(&self, name: &str) -> Value {

@@ -20,23 +20,7 @@ use vmm_support::{kvm_or_skip, test_guest};
 impl Host {
     /// `run -d` of the test image with `cmdline`; the VM's name.
     fn run_detached(&self, name: &str, cmdline: &str) -> String {
-        let guest = test_guest();
-        let out = self.ok(&[
-            "run",
-            "-d",
-            "--name",
-            name,
-            "--memory",
-            "64M",
-            "--kernel",
-            guest.to_str().unwrap(),
-            "--cmdline",
-            cmdline,
-            "--data-disk",
-            "size=16M,name=scratch,fstype=none",
-            self.image.to_str().unwrap(),
-        ]);
-        out.trim().to_string()
+        self.run_detached_with(&test_guest(), name, cmdline)
     }
 
     fn logs(&self, name: &str) -> String {

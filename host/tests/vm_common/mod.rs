@@ -5,7 +5,7 @@
 //! outlive it.
 #![allow(dead_code)] // each test uses its part
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use serde_json::Value;
@@ -110,6 +110,27 @@ impl<G> Host<G> {
 
     pub fn json(&self, args: &[&str]) -> Value {
         serde_json::from_str(&self.ok(args)).unwrap()
+    }
+
+    /// `run -d` of the image with a 16 MiB data disk `scratch`, booting
+    /// `kernel` (the test guest) with `cmdline`; the VM's name as printed.
+    pub fn run_detached_with(&self, kernel: &Path, name: &str, cmdline: &str) -> String {
+        let out = self.ok(&[
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--memory",
+            "64M",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--cmdline",
+            cmdline,
+            "--data-disk",
+            "size=16M,name=scratch,fstype=none",
+            self.image.to_str().unwrap(),
+        ]);
+        out.trim().to_string()
     }
 
     /// `name`'s entry of `list -o json`, or null.
