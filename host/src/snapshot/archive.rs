@@ -355,16 +355,7 @@ pub fn import<R: Read>(
     for f in &sidecar.files {
         preflight::check_name(&f.name)?;
     }
-    if snapshots_dir.join(&name).symlink_metadata().is_ok() {
-        return Err(StoreError::Exists {
-            name,
-            dir: snapshots_dir.to_path_buf(),
-        }
-        .into());
-    }
-    let temp = TempSnapshot::create(snapshots_dir, &name)?;
-    let disks_dir = temp.path().join(DISKS_DIR);
-    std::fs::create_dir(&disks_dir).map_err(io_err("create", &disks_dir))?;
+    let (temp, disks_dir) = TempSnapshot::for_import(snapshots_dir, &name)?;
 
     let mut seen = HashSet::new();
     for entry in entries {

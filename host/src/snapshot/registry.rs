@@ -28,8 +28,8 @@ use serde_json::json;
 
 use super::archive::copy_sparse;
 use super::preflight;
-use super::sidecar::{Sidecar, SidecarError, DISKS_DIR, MAX_SIDECAR_BYTES, SIDECAR_FILE};
-use super::store::{self, SnapshotDir, StoreError, TempSnapshot};
+use super::sidecar::{Sidecar, SidecarError, MAX_SIDECAR_BYTES, SIDECAR_FILE};
+use super::store::{SnapshotDir, StoreError, TempSnapshot};
 use crate::store::blob::{Layout, Staged};
 use crate::store::digest::{Digest, HashingWriter};
 
@@ -468,17 +468,7 @@ pub fn pull(
         let bytes = std::fs::read(blob.path()).map_err(io_err("read", blob.path()))?;
         let mut sidecar = Sidecar::parse(Path::new(SIDECAR_FILE), &bytes)?;
         let name = name.unwrap_or(&sidecar.name).to_string();
-        store::check_name(&name)?;
-        if snapshots_dir.join(&name).symlink_metadata().is_ok() {
-            return Err(StoreError::Exists {
-                name,
-                dir: snapshots_dir.to_path_buf(),
-            }
-            .into());
-        }
-        let temp = TempSnapshot::create(snapshots_dir, &name)?;
-        let disks_dir = temp.path().join(DISKS_DIR);
-        std::fs::create_dir(&disks_dir).map_err(io_err("create", &disks_dir))?;
+        let (temp, disks_dir) = TempSnapshot::for_import(snapshots_dir, &name)?;
         for f in &sidecar.files {
             preflight::check_name(&f.name)?;
             let d = titled(&f.name).ok_or_else(|| RegistryError::MissingLayer {

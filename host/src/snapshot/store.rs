@@ -120,6 +120,26 @@ pub struct TempSnapshot {
 }
 
 impl TempSnapshot {
+    /// The start of an import (from an archive or a registry): `name`
+    /// checked and not taken under `snapshots_dir`, its temp directory
+    /// made, with the empty disks directory (returned) the files go in.
+    pub fn for_import(
+        snapshots_dir: &Path,
+        name: &str,
+    ) -> Result<(TempSnapshot, PathBuf), StoreError> {
+        check_name(name)?;
+        if snapshots_dir.join(name).symlink_metadata().is_ok() {
+            return Err(StoreError::Exists {
+                name: name.to_string(),
+                dir: snapshots_dir.to_path_buf(),
+            });
+        }
+        let temp = TempSnapshot::create(snapshots_dir, name)?;
+        let disks_dir = temp.path().join(super::sidecar::DISKS_DIR);
+        std::fs::create_dir(&disks_dir).map_err(io_err("create", &disks_dir))?;
+        Ok((temp, disks_dir))
+    }
+
     /// A new temp directory for snapshot `name` under `snapshots_dir`
     /// (created, mode 0700, if missing).
     pub fn create(snapshots_dir: &Path, name: &str) -> Result<TempSnapshot, StoreError> {
