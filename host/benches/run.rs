@@ -16,6 +16,30 @@ use std::time::{Duration, Instant};
 const GUEST_RAM_MIB: u64 = 128;
 const CMDLINE: &str = "console=ttyS0 cocoon.count=1000:0";
 const TIMEOUT: Duration = Duration::from_secs(30);
+/// VMs run at once to measure what one more costs.
+const FLEET: usize = 8;
+
+/// Private KiB (Private_Clean + Private_Dirty) of process `pid` outside
+/// its guest RAM mapping(s): what it alone holds. With several VMs running,
+/// the binary's code is shared among their monitors and drops out, so this
+/// is the memory one more VM costs.
+fn private_kib(pid: u32, guest_ram_mib: u64) -> Option<u64> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let (mut private, mut size_kib) = (0u64, 0u64);
+    for line in smaps.lines() {
+        let mut it = line.split_whitespace();
+        match (it.next(), it.next()) {
+            (Some("Size:"), Some(v)) => size_kib = v.parse().ok()?,
+            (Some("Private_Clean:" | "Private_Dirty:"), Some(v))
+                if size_kib < guest_ram_mib * 1024 =>
+            {
+                private += v.parse::<u64>().ok()?
+            }
+            _ => {}
+        }
+    }
+    Some(private)
+}
 
 struct Ours {
     bin: PathBuf,
@@ -77,13 +101,11 @@ impl Ours {
         c
     }
 
-    fn run_one(&self, i: usize) -> Result<Sample, String> {
-        let name = format!("bench{i}");
-        let cpu0 = children_cpu();
-        let t0 = Instant::now();
+    /// `run -d` of the cached image as VM `name`.
+    fn run_detached(&self, name: &str) -> Result<(), String> {
         let o = self
             .cmd()
-            .args(["run", "-d", "--no-cidata", "--name", &name, "--memory"])
+            .args(["run", "-d", "--no-cidata", "--name", name, "--memory"])
             .arg(format!("{GUEST_RAM_MIB}M"))
             .arg("--kernel")
             .arg(&self.guest)
@@ -91,11 +113,63 @@ impl Ours {
             .arg(&self.image)
             .output()
             .map_err(|e| e.to_string())?;
-        let cli = t0.elapsed();
-        let cpu = children_cpu() - cpu0;
         if !o.status.success() {
             return Err(String::from_utf8_lossy(&o.stderr).into_owned());
         }
+        Ok(())
+    }
+
+    fn remove(&self, name: &str) -> Result<(), String> {
+        let rm = self
+            .cmd()
+            .args(["rm", "-f", name])
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !rm.status.success() {
+            return Err(String::from_utf8_lossy(&rm.stderr).into_owned());
+        }
+        Ok(())
+    }
+
+    /// Each monitor's private memory beyond guest RAM with `n` VMs
+    /// running at once (see [`private_kib`]).
+    fn fleet(&self, n: usize) -> Result<Vec<u64>, String> {
+        let names: Vec<String> = (0..n).map(|i| format!("fleet{i}")).collect();
+        let measured = (|| {
+            let mut pids = Vec::new();
+            for name in &names {
+                self.run_detached(name)?;
+                let log = self.vm_dir(name)?.join("console.log");
+                let t0 = Instant::now();
+                while !std::fs::read(&log)
+                    .map(|b| b.windows(14).any(|w| w == b"cocoon-guest: "))
+                    .unwrap_or(false)
+                {
+                    if t0.elapsed() > TIMEOUT {
+                        return Err(format!("{name}: no serial line"));
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                pids.push(self.pid(name)?);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            pids.iter()
+                .map(|&p| private_kib(p, GUEST_RAM_MIB).ok_or_else(|| "no smaps".to_string()))
+                .collect()
+        })();
+        for name in &names {
+            let _ = self.remove(name);
+        }
+        measured
+    }
+
+    fn run_one(&self, i: usize) -> Result<Sample, String> {
+        let name = format!("bench{i}");
+        let cpu0 = children_cpu();
+        let t0 = Instant::now();
+        self.run_detached(&name)?;
+        let cli = t0.elapsed();
+        let cpu = children_cpu() - cpu0;
         let vm = self.vm_dir(&name)?;
         let log = vm.join("console.log");
         let first_line = loop {
@@ -115,14 +189,7 @@ impl Ours {
         std::thread::sleep(Duration::from_millis(100));
         let overhead_kib = common::overhead_kib(pid, GUEST_RAM_MIB).ok_or("no smaps")?;
         let anon_kib = anon_kib(pid, GUEST_RAM_MIB).ok_or("no smaps")?;
-        let rm = self
-            .cmd()
-            .args(["rm", "-f", &name])
-            .output()
-            .map_err(|e| e.to_string())?;
-        if !rm.status.success() {
-            return Err(String::from_utf8_lossy(&rm.stderr).into_owned());
-        }
+        self.remove(&name)?;
         Ok(Sample {
             cli,
             first_line,
@@ -155,7 +222,8 @@ impl Ours {
     }
 }
 
-fn qemu_one(guest: &Path) -> Result<Sample, String> {
+/// A QEMU microvm booting the test guest, and when its first line came.
+fn qemu_started(guest: &Path) -> Result<(std::process::Child, Duration), String> {
     let t0 = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
         .args(["-M", "microvm,acpi=off", "-enable-kvm", "-m"])
@@ -176,10 +244,10 @@ fn qemu_one(guest: &Path) -> Result<Sample, String> {
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| format!("qemu: {e}"))?;
-    let pid = child.id();
     let mut first_line = None;
     let stdout = child.stdout.take().ok_or("no stdout")?;
-    for line in BufReader::new(stdout).lines() {
+    let mut lines = BufReader::new(stdout).lines();
+    for line in lines.by_ref() {
         let Ok(line) = line else { break };
         if line.starts_with("cocoon-guest: ") {
             first_line = Some(t0.elapsed());
@@ -189,6 +257,41 @@ fn qemu_one(guest: &Path) -> Result<Sample, String> {
             break;
         }
     }
+    // Its later lines must not fill the pipe and stall it.
+    std::thread::spawn(move || lines.for_each(drop));
+    match first_line {
+        Some(t) => Ok((child, t)),
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err("qemu: no serial line".into())
+        }
+    }
+}
+
+/// [`Ours::fleet`] for QEMU: `n` at once.
+fn qemu_fleet(guest: &Path, n: usize) -> Result<Vec<u64>, String> {
+    let mut children = Vec::new();
+    let measured = (|| {
+        for _ in 0..n {
+            children.push(qemu_started(guest)?.0);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        children
+            .iter()
+            .map(|c| private_kib(c.id(), GUEST_RAM_MIB).ok_or_else(|| "qemu: no smaps".into()))
+            .collect()
+    })();
+    for mut c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    measured
+}
+
+fn qemu_one(guest: &Path) -> Result<Sample, String> {
+    let (mut child, first_line) = qemu_started(guest)?;
+    let pid = child.id();
     std::thread::sleep(Duration::from_millis(100));
     let overhead_kib = common::overhead_kib(pid, GUEST_RAM_MIB);
     let anon = anon_kib(pid, GUEST_RAM_MIB);
@@ -196,7 +299,7 @@ fn qemu_one(guest: &Path) -> Result<Sample, String> {
     let _ = child.wait();
     Ok(Sample {
         cli: Duration::ZERO,
-        first_line: first_line.ok_or("qemu: no serial line")?,
+        first_line,
         overhead_kib: overhead_kib.ok_or("qemu: no smaps")?,
         anon_kib: anon.ok_or("qemu: no smaps")?,
         cpu: Duration::ZERO,
@@ -285,6 +388,27 @@ fn main() {
         println!(
             "| of which anonymous (the rest is shared code) (MiB) | {own:.1} | (no QEMU) | | |"
         );
+    }
+    let fleet_mib =
+        |v: Vec<u64>| common::median(v.into_iter().map(|k| k as f64).collect()) / 1024.0;
+    let ours_fleet = fleet_mib(
+        ours.fleet(FLEET)
+            .unwrap_or_else(|e| panic!("ours, fleet: {e}")),
+    );
+    let fleet_row = format!(
+        "| with {FLEET} VMs running: each one's private memory beyond guest RAM, the cost of one more VM (MiB) | {ours_fleet:.1} |"
+    );
+    let fleet_goal = if ours_fleet < 5.0 { "met" } else { "not met" };
+    if have_qemu {
+        let q = fleet_mib(
+            qemu_fleet(&ours.guest, FLEET).unwrap_or_else(|e| panic!("qemu, fleet: {e}")),
+        );
+        println!(
+            "{fleet_row} {q:.1} | {:.2} | < 5 MiB: {fleet_goal} |",
+            ours_fleet / q
+        );
+    } else {
+        println!("{fleet_row} (no QEMU) | | < 5 MiB: {fleet_goal} |");
     }
     println!("| ours: `run -d` returned (create + monitor start) (ms) | {cli:.1} | | | |");
     println!("| ours: CPU time of the `run -d` process, user + system (ms) | {cpu:.1} | | | |");

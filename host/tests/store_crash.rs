@@ -11,10 +11,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cocoon_host::store::{
-    ConvertBackend, ConverterId, Digest, Layout, PullPolicy, PullRequest, Quiet, Store, StoreError,
-    VerifiedBlob,
+    ConvertBackend, ConverterId, Digest, Layout, Quiet, Store, StoreError, VerifiedBlob,
 };
-use store_common::{bytes, sha256, Cli, Fault, Resource, Server};
+use store_common::{bytes, local_pull, sha256, Cli, Fault, NoSources, Resource, Server};
 
 fn kill9(child: &mut Child) {
     let _ = Command::new("kill")
@@ -257,19 +256,10 @@ fn a_conversion_killed_midway_or_before_its_digest_file_is_rebuilt() {
     let file = dir.path().join("src.raw");
     let data = bytes(4, 2 << 20);
     fs::write(&file, &data).unwrap();
-    struct NoSources;
-    impl cocoon_host::store::Sources for NoSources {
-        fn resolve(&self, r: &str) -> Result<cocoon_host::store::Resolved, StoreError> {
-            panic!("no network for {r}")
-        }
-    }
-    let req = PullRequest {
-        reference: file.to_str().unwrap().into(),
-        digest: None,
-        policy: PullPolicy::Missing,
-        force: false,
-    };
-    let source = store.pull(&NoSources, &req, &Quiet).unwrap().digest;
+    let source = store
+        .pull(&NoSources, &local_pull(&file), &Quiet)
+        .unwrap()
+        .digest;
     let want = sha256(&data);
 
     // 1. Killed mid-conversion (by the test, at some point of the copy).

@@ -14,7 +14,7 @@ use cocoon_host::disk::spec::DataDiskSpec;
 use cocoon_host::plugin::policy::Policy;
 use cocoon_host::plugin::registry::Registry;
 use cocoon_host::plugin::runtime::Runtime;
-use cocoon_host::store::{PluginSources, PullPolicy, PullRequest, Store, StoreError};
+use cocoon_host::store::{HeldBlobs, PluginSources, PullPolicy, PullRequest, Store, StoreError};
 use cocoon_host::vm::api;
 use cocoon_host::vm::client::Client;
 use cocoon_host::vm::create::{create, CreateRequest};
@@ -245,7 +245,17 @@ fn prepare_image(
             cocoon_host::http::redact_text(&cocoon_host::error_chain(e))
         )
     };
-    let mut report = store.pull(&sources, &req, &quiet).map_err(|e| scrub(&e))?;
+    // Every use below re-hashes what it reads (the conversion its source,
+    // the base copy the converted file), so the pull need not re-hash
+    // what the store holds: a cached `run` reads each byte once.
+    let mut report = store
+        .pull_checking(&sources, &req, &quiet, HeldBlobs::AtUse)
+        .map_err(|e| scrub(&e))?;
+    if demo.is_none() && cocoon_host::layer::is_layered(&report.record) {
+        // Layer builds re-hash their blobs too, but a rotten one is only
+        // fetched again by a pull that re-hashes: this one.
+        report = store.pull(&sources, &req, &quiet).map_err(|e| scrub(&e))?;
+    }
     let pulled = if report.downloaded > 0 {
         "pulled"
     } else {
@@ -269,7 +279,9 @@ fn prepare_image(
     let backend = cocoon_host::store::EngineBackend { runtime, registry };
     let converted = match store.converted(&disk_digest(&report)?, "raw", &backend) {
         Err(StoreError::SourceGone { .. }) => {
-            report = store.pull(&sources, &req, &quiet).map_err(|e| scrub(&e))?;
+            report = store
+                .pull_checking(&sources, &req, &quiet, HeldBlobs::AtUse)
+                .map_err(|e| scrub(&e))?;
             store.converted(&disk_digest(&report)?, "raw", &backend)?
         }
         other => other?,

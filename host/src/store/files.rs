@@ -123,20 +123,31 @@ fn open_beneath(root: &Path, rel: &Path, flags: OFlags, mode: Mode) -> Result<Ow
 /// Checks that `dir` is a directory and not a symlink to one, creating it
 /// (mode 0700) if missing, and takes group and other permissions away.
 pub fn private_dir(dir: &Path) -> Result<(), StoreError> {
+    let not_dir = |m: &std::fs::Metadata| StoreError::NotDirectory {
+        path: dir.to_path_buf(),
+        kind: file_type_name(FileType::from_raw_mode(
+            std::os::unix::fs::MetadataExt::mode(m),
+        )),
+    };
     match std::fs::symlink_metadata(dir) {
         Ok(m) if m.is_dir() => {}
-        Ok(m) => {
-            return Err(StoreError::NotDirectory {
-                path: dir.to_path_buf(),
-                kind: file_type_name(FileType::from_raw_mode(
-                    std::os::unix::fs::MetadataExt::mode(&m),
-                )),
-            })
-        }
+        Ok(m) => return Err(not_dir(&m)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+            match std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
                 .create(dir)
-                .map_err(StoreError::io("creating", dir))?;
+            {
+                Ok(()) => {}
+                // Another process opening a new store made it first (eight
+                // concurrent first pulls did): a directory is all we need.
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    let m = std::fs::symlink_metadata(dir)
+                        .map_err(StoreError::io("reading metadata of", dir))?;
+                    if !m.is_dir() {
+                        return Err(not_dir(&m));
+                    }
+                }
+                Err(e) => return Err(StoreError::io("creating", dir)(e)),
+            }
         }
         Err(e) => return Err(StoreError::io("reading metadata of", dir)(e)),
     }

@@ -38,7 +38,9 @@ pub struct RefRecord {
     pub reference: String,
     /// The plugin that resolved it, or `file` for local files.
     pub source: String,
-    /// Seconds since the epoch of the pull that wrote this record.
+    /// Seconds since the epoch of the pull that wrote this record: the
+    /// last that found something new (a pull that only confirms what the
+    /// record says leaves it as it is).
     pub pulled_at: u64,
     pub artifacts: Vec<ArtifactRecord>,
 }

@@ -45,7 +45,7 @@ pub use digest::Digest;
 pub use gc::{GcReport, NoRoots, RootSet};
 pub use index::{ArtifactRecord, RefRecord};
 pub use lookup::{DigestQuery, Found};
-pub use pull::{PullPolicy, PullProgress, PullReport, PullRequest, Quiet};
+pub use pull::{HeldBlobs, PullPolicy, PullProgress, PullReport, PullRequest, Quiet};
 pub use settings::StoreSettings;
 pub use sources::{PluginSources, Resolved, Sources};
 

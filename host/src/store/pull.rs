@@ -54,6 +54,23 @@ pub struct PullRequest {
     pub force: bool,
 }
 
+/// How a pull checks the blobs it finds already in the store.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum HeldBlobs {
+    /// Each is re-hashed now; one that no longer matches its digest is
+    /// removed and fetched again (`image pull`).
+    #[default]
+    Rehash,
+    /// Each is taken as the store committed it (hashed as it was written,
+    /// renamed into place only then), so a pull of a cached image reads
+    /// nothing. Only for callers whose every use of a blob re-hashes the
+    /// bytes it reads: `run` and `create`, where a conversion re-hashes its
+    /// source, a layer build its layer and the VM's base copy the
+    /// converted file, so a blob that rotted still never boots; it is
+    /// removed there, and the next pull fetches it again.
+    AtUse,
+}
+
 /// What one pull did.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PullReport {
@@ -136,6 +153,7 @@ struct Pull<'a> {
     shown: String,
     previous: Option<RefRecord>,
     local: Option<PathBuf>,
+    check: HeldBlobs,
 }
 
 /// One artifact in the store, and how it got there.
@@ -168,12 +186,24 @@ impl Store {
         req: &PullRequest,
         progress: &dyn PullProgress,
     ) -> Result<PullReport, StoreError> {
+        self.pull_checking(sources, req, progress, HeldBlobs::Rehash)
+    }
+
+    /// [`Store::pull`], with the blobs already in the store checked as
+    /// `check` says.
+    pub fn pull_checking(
+        &self,
+        sources: &dyn Sources,
+        req: &PullRequest,
+        progress: &dyn PullProgress,
+        check: HeldBlobs,
+    ) -> Result<PullReport, StoreError> {
         if local_path(&req.reference).is_none() {
             if let Some(query) = DigestQuery::parse(&req.reference)? {
-                return self.pull_by_digest(sources, req, &query, progress);
+                return self.pull_by_digest(sources, req, &query, progress, check);
             }
         }
-        self.pull_reference(sources, req, progress)
+        self.pull_reference(sources, req, progress, check)
     }
 
     /// Pulls a reference (not a digest): the steps in order.
@@ -182,6 +212,7 @@ impl Store {
         sources: &dyn Sources,
         req: &PullRequest,
         progress: &dyn PullProgress,
+        check: HeldBlobs,
     ) -> Result<PullReport, StoreError> {
         let pin = pin_of(req)?;
         let layout = self.layout();
@@ -198,6 +229,7 @@ impl Store {
             shown: redact(&req.reference).into_owned(),
             previous: layout.read_ref(&req.reference)?,
             local: local_path(&req.reference),
+            check,
         };
         if let Some(report) = pull.answer_from_store()? {
             return Ok(report);
@@ -223,6 +255,7 @@ impl Store {
         req: &PullRequest,
         query: &DigestQuery,
         progress: &dyn PullProgress,
+        check: HeldBlobs,
     ) -> Result<PullReport, StoreError> {
         let found = self.layout().lookup_digest(query)?;
         let Some(Found::Digest {
@@ -254,19 +287,34 @@ impl Store {
             policy: req.policy,
             force: req.force,
         };
-        self.pull_reference(sources, &again, progress)
+        self.pull_reference(sources, &again, progress, check)
     }
 
-    /// Every blob of `record`, each re-hashed now.
-    fn held(&self, record: &RefRecord) -> Result<Held, StoreError> {
+    /// Every blob of `record`, each checked as `check` says.
+    fn held(&self, record: &RefRecord, check: HeldBlobs) -> Result<Held, StoreError> {
         let mut out = Vec::new();
         for a in &record.artifacts {
-            match self.layout().verified(&a.digest)? {
+            match self.held_blob(&a.digest, Some(a.size), check)? {
                 Some(b) => out.push(b),
                 None => return Ok(Held::Lacks(a.digest.clone())),
             }
         }
         Ok(Held::All(out))
+    }
+}
+
+impl Store {
+    /// The blob of `digest` if the store holds it, checked as `check` says.
+    fn held_blob(
+        &self,
+        digest: &Digest,
+        size: Option<u64>,
+        check: HeldBlobs,
+    ) -> Result<Option<VerifiedBlob>, StoreError> {
+        match check {
+            HeldBlobs::Rehash => self.layout().verified(digest),
+            HeldBlobs::AtUse => Ok(self.layout().present(digest, size)),
+        }
     }
 }
 
@@ -280,7 +328,7 @@ impl Pull<'_> {
             let matches_pin = self.pin.as_ref().is_none_or(|p| prev.digest() == p);
             let offline = offline_ok(self.req.policy, self.pin.is_some(), self.local.is_some());
             if matches_pin && offline {
-                match self.store.held(prev)? {
+                match self.store.held(prev, self.check)? {
                     Held::All(blobs) => {
                         self.progress.note(&format!(
                             "{}: in the store ({})",
@@ -336,7 +384,7 @@ impl Pull<'_> {
             .as_ref()
             .filter(|p| self.pin.as_ref().is_none_or(|d| p.digest() == d));
         if let Some(prev) = prev {
-            if let Held::All(blobs) = self.store.held(prev)? {
+            if let Held::All(blobs) = self.store.held(prev, self.check)? {
                 let w = format!(
                     "{}: source unreachable ({}); using the copy in the store ({})",
                     self.shown,
@@ -429,7 +477,7 @@ impl Pull<'_> {
         let have = if self.req.force {
             None
         } else {
-            layout.verified(digest)?
+            self.store.held_blob(digest, a.size, self.check)?
         };
         if let Some(blob) = have {
             let validators = self
@@ -448,7 +496,10 @@ impl Pull<'_> {
     /// store holds a verified copy (304 keeps it), else a download.
     fn revalidate(&self, a: &ArtifactSpec) -> Result<Fetched, StoreError> {
         let held = match self.previous_artifact(&a.url).filter(|_| !self.req.force) {
-            Some(p) => self.store.layout().verified(&p.digest)?.map(|b| (p, b)),
+            Some(p) => self
+                .store
+                .held_blob(&p.digest, Some(p.size), self.check)?
+                .map(|b| (p, b)),
             None => None,
         };
         let conditional = held.as_ref().map(|(p, _)| validators_of(p));
@@ -547,6 +598,14 @@ impl Pull<'_> {
             pulled_at: now(),
             artifacts: records,
         };
+        // A pull that confirmed the record (a cached image, a 304) leaves
+        // it as it is: rewriting it would cost two fsyncs on every `run`
+        // for nothing but a newer `pulled_at`.
+        if let Some(prev) = self.previous.as_ref().filter(|p| {
+            downloaded == 0 && p.source == record.source && p.artifacts == record.artifacts
+        }) {
+            return Ok(self.report(prev.clone(), blobs, downloaded, network, warnings));
+        }
         // After the data it describes: a crash before this line leaves
         // blobs without a record (gc reclaims them), never the reverse.
         super::crash_point("before-record");

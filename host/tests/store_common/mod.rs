@@ -15,6 +15,29 @@ use std::time::Duration;
 #[allow(unused_imports)]
 pub use cocoon_format_common::test_support::{skip, test_name, Rng};
 
+/// Sources for a test that pulls only local files: any other reference
+/// is a bug in the test.
+pub struct NoSources;
+
+impl cocoon_host::store::Sources for NoSources {
+    fn resolve(
+        &self,
+        r: &str,
+    ) -> Result<cocoon_host::store::Resolved, cocoon_host::store::StoreError> {
+        panic!("no network for {r}")
+    }
+}
+
+/// A pull of the local file `file`, unpinned, policy `missing`.
+pub fn local_pull(file: &Path) -> cocoon_host::store::PullRequest {
+    cocoon_host::store::PullRequest {
+        reference: file.to_str().expect("a UTF-8 path").into(),
+        digest: None,
+        policy: cocoon_host::store::PullPolicy::Missing,
+        force: false,
+    }
+}
+
 /// How the server misbehaves for one resource.
 #[derive(Clone, Debug, Default)]
 pub enum Fault {
