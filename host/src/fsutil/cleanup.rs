@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock, PoisonError};
 
@@ -37,15 +37,24 @@ impl Drop for Registration {
     }
 }
 
-/// Registers `path` for removal on a termination signal.
-pub fn register(path: &Path) -> Registration {
+fn next_id() -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    let id = NEXT.fetch_add(1, Ordering::Relaxed);
-    registry()
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .insert(id, path.to_path_buf());
-    Registration(id)
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Runs `make`, which creates a file and returns it with its path, and
+/// registers the path, all with the registry locked. A signal that comes
+/// meanwhile waits for the lock and then removes this file too; a
+/// registration after the create would leave the file of a signal that came in
+/// between (a test saw it under load), so this is the only way in.
+pub fn create_registered<T>(
+    make: impl FnOnce() -> io::Result<(T, PathBuf)>,
+) -> io::Result<(T, Registration)> {
+    let mut paths = registry().lock().unwrap_or_else(PoisonError::into_inner);
+    let (made, path) = make()?;
+    let id = next_id();
+    paths.insert(id, path);
+    Ok((made, Registration(id)))
 }
 
 /// The paths registered now.
@@ -89,8 +98,9 @@ mod tests {
 
     #[test]
     fn registrations_come_and_go() {
-        let a = register(Path::new("/nonexistent/a"));
-        let b = register(Path::new("/nonexistent/b"));
+        let register = |p: &str| create_registered(|| Ok(((), PathBuf::from(p)))).unwrap().1;
+        let a = register("/nonexistent/a");
+        let b = register("/nonexistent/b");
         let now = registered();
         assert!(now.contains(&PathBuf::from("/nonexistent/a")));
         assert!(now.contains(&PathBuf::from("/nonexistent/b")));

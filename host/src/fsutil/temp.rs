@@ -40,7 +40,7 @@ impl Temp {
     /// Creates and locks a temp file in `dir`, named `PREFIX`, six random
     /// characters, then `suffix` (e.g. ".part").
     pub fn create_in(dir: &Path, suffix: &str) -> io::Result<Temp> {
-        loop {
+        let (tmp, registration) = cleanup::create_registered(|| loop {
             let tmp = tempfile::Builder::new()
                 .prefix(PREFIX)
                 .suffix(suffix)
@@ -57,12 +57,13 @@ impl Temp {
                 let _ = tmp.into_temp_path().keep();
                 continue;
             }
-            let registration = cleanup::register(tmp.path());
-            return Ok(Temp {
-                tmp,
-                _registration: registration,
-            });
-        }
+            let path = tmp.path().to_path_buf();
+            return Ok((tmp, path));
+        })?;
+        Ok(Temp {
+            tmp,
+            _registration: registration,
+        })
     }
 
     pub fn path(&self) -> &Path {
