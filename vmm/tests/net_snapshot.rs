@@ -75,12 +75,15 @@ fn nic(tap: &str, mac: [u8; 6]) -> NetConfig {
     }
 }
 
-/// The guest's echo lines in `log`.
+/// The guest's echo lines in `log` (not its closing `frames=` line).
 fn echoes(log: &Path) -> Vec<std::collections::BTreeMap<String, String>> {
     fields(
         &report(&std::fs::read_to_string(log).unwrap_or_default()),
         "net-echo",
     )
+    .into_iter()
+    .filter(|f| f.contains_key("seq"))
+    .collect()
 }
 
 /// Waits for the VM to power off by itself once it has echoed its count.
@@ -126,6 +129,10 @@ fn a_nic_vm_restores_on_its_own_mac_and_as_a_clone_under_a_new_one() {
         wait_for_log(&logs[0], "the guest's NIC", |s| s.contains("nic index=0"));
         let echo = exchange(&sock, &probe_frame(OLD_MAC, 1));
         assert_eq!(&echo[6..12], &OLD_MAC, "the echo's source");
+        // The guest reports an echo after sending it.
+        wait_for_log(&logs[0], "the first echo's line", |s| {
+            s.contains("net-echo nic=0 seq=1 ")
+        });
 
         // Snapshot while the guest waits for its second frame.
         vm.pause();
