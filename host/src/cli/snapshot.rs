@@ -136,6 +136,16 @@ pub struct CloneArgs {
     /// The new VM's name (generated when omitted).
     #[arg(long)]
     pub name: Option<String>,
+    /// The clone's own tap for a NIC the snapshot's VM had on a user's tap
+    /// (`--nic tap=`), one per such NIC in order (repeatable); the MAC is
+    /// new (random) unless given. Bridge NICs need none: the clone gets its
+    /// own tap on the same bridge. Every NIC of a clone has a new MAC.
+    #[arg(
+        long = "nic",
+        value_name = "tap=NAME[,mac=MAC]",
+        value_parser = super::net::parse_nic
+    )]
+    pub nics: Vec<cocoon_host::net::NicSpec>,
     /// Leave it running in the background and print its name.
     #[arg(short, long)]
     pub detach: bool,
@@ -482,6 +492,7 @@ pub fn clone(a: CloneArgs, config: &HostConfig) -> anyhow::Result<i32> {
         &config.state_dir,
         &a.snapshot,
         a.name.as_deref(),
+        &a.nics,
         boot,
     )?;
     let mut vm = made.vm;
