@@ -20,8 +20,11 @@
 //! addresses inside other protocols are not rewritten: IPv6 neighbour
 //! discovery's link-layer address options, DHCP's `chaddr` (a DHCP server
 //! sees the guest MAC there and may lease by it), ARP inside a VLAN tag,
-//! and any payload that quotes a MAC. A driver reset ends the translation:
-//! the next driver reads the wire MAC from config space and uses it.
+//! and any payload that quotes a MAC. A frame for the guest MAC itself
+//! (the clone's origin's address, say flooded by a bridge that has not
+//! learned where the origin is) is not translated and reaches the guest as
+//! if it were its own. A driver reset ends the translation: the next
+//! driver reads the wire MAC from config space and uses it.
 
 // Where the frame starts in the host buffer: after the virtio-net header.
 use super::header::HDR_LEN;
