@@ -580,6 +580,15 @@ fn a_bridged_vm_snapshots_and_its_clone_runs_beside_it_under_a_new_mac() {
     h.ok(&["rm", "-f", "c1"]);
     assert!(h.link(&tap).is_none(), "rm deleted {tap}");
 
+    // A restore keeps the VM's own NIC: its MAC on a tap of its name.
+    let before = h.json(&["inspect", "src", "-o", "json"]);
+    h.ok(&["restore", "src", "s1"]);
+    assert_eq!(h.vm("src")["state"], "running");
+    let after = h.json(&["inspect", "src", "-o", "json"]);
+    assert_eq!(after["record"]["nics"], before["record"]["nics"]);
+    assert_eq!(after["nics"][0]["tap"], before["nics"][0]["tap"]);
+    echo_from(&sock, &frame_to(MAC_A, 5), MAC_A);
+
     // A VM on a user's tap: a clone needs a tap of its own.
     let mut args = vec!["run", "-d"];
     args.extend(h.vm_args(&guest, "own", cmdline));
