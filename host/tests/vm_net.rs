@@ -530,6 +530,11 @@ fn a_bridged_vm_snapshots_and_its_clone_runs_beside_it_under_a_new_mac() {
         sidecar["nics"],
         serde_json::json!([{"attach": {"bridge": "br0"}, "mac": MAC_A, "addressing": "dhcp"}])
     );
+    let text = h.ok(&["snapshot", "inspect", "s1"]);
+    assert!(
+        text.contains(&format!("nics:\n  nic0 bridge=br0 mac {MAC_A}\n")),
+        "{text}"
+    );
 
     // The clone: a new MAC, its own tap on the same bridge, its seed
     // matching the new MAC, and the source still answering on its own.

@@ -347,6 +347,16 @@ fn inspect(a: InspectArgs, config: &HostConfig) -> anyhow::Result<i32> {
                 }
             );
         }
+        if !s.nics.is_empty() {
+            println!("nics:");
+            for (i, n) in s.nics.iter().enumerate() {
+                let attach = match &n.attach {
+                    cocoon_host::net::Attachment::Tap(t) => format!("tap={t}"),
+                    cocoon_host::net::Attachment::Bridge(b) => format!("bridge={b}"),
+                };
+                println!("  nic{i} {attach} mac {}", n.mac);
+            }
+        }
         println!("files:");
         for f in &s.files {
             println!("  {:<20} {:>10} {}", f.name, human(f.size), f.sha256);

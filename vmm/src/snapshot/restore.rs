@@ -438,6 +438,36 @@ mod tests {
     }
 
     #[test]
+    fn nics_must_match_in_count_and_be_unicast() {
+        let saved = [NicSummary {
+            index: 0,
+            mac: [2, 0, 0, 0, 0, 1],
+            guest_mac: [2, 0, 0, 0, 0, 1],
+        }];
+        let nic = |mac| NetConfig {
+            tap: "tap0".into(),
+            mac,
+        };
+        // Another MAC is a clone's: translated, not refused.
+        check_nics(&saved, &[nic([2, 0, 0, 0, 0, 9])]).unwrap();
+        let e = check_nics(&saved, &[]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "the snapshot has 1 NICs; the restore names 0"
+        );
+        let e = check_nics(&[], &[nic([2, 0, 0, 0, 0, 1])]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "the snapshot has 0 NICs; the restore names 1"
+        );
+        let e = check_nics(&saved, &[nic([3, 0, 0, 0, 0, 1])]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "NIC 0 (03:00:00:00:00:01) is not a unicast MAC"
+        );
+    }
+
+    #[test]
     fn disks_must_match_in_count_read_only_flag_and_serial() {
         let s = [saved(true, "layer0"), saved(false, "data")];
         // Paths may differ, serials may be left out, direct is free.
