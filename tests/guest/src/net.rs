@@ -352,7 +352,14 @@ impl Nic {
     /// the MAC the driver read at probe, and reports both addresses it
     /// had: what the guest saw is what a test checks a VMM's MAC
     /// translation by.
-    fn echo(&mut self, tx: &mut [u8; TX_BUFFER_LEN], i: usize, hdr_len: usize, len: usize, seq: u32) {
+    fn echo(
+        &mut self,
+        tx: &mut [u8; TX_BUFFER_LEN],
+        i: usize,
+        hdr_len: usize,
+        len: usize,
+        seq: u32,
+    ) {
         let frame = &self.rx[i][hdr_len..hdr_len + len];
         if frame.len() < frames::ETH_HLEN {
             return say!("net-echo nic={} seq={seq} len={len} short", self.index);
