@@ -29,6 +29,7 @@ fn clone_opts(name: &str, log: &std::path::Path) -> CloneOptions {
         cpus: None,
         memory_bytes: None,
         serial: SerialOutput::File(log.to_path_buf()),
+        macs: Vec::new(),
     }
 }
 

@@ -433,3 +433,197 @@ fn network_mistakes_are_refused_and_leave_no_vm_and_no_tap() {
     h.ok(&["rm", "c"]);
     assert!(h.vm_dirs().is_empty());
 }
+
+/// Sends `frame` from the veth until its echo from `from` (the same bytes
+/// after the addresses, back to the sender) arrives. A frame for an
+/// address the bridge has not learned yet is flooded to every VM, and the
+/// test guest echoes whatever it receives: echoes from others are not it.
+fn echo_from(sock: &netns::PacketSocket, frame: &[u8], from: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        sock.send(frame).unwrap();
+        let round = (Instant::now() + Duration::from_secs(5)).min(deadline);
+        while let Some(f) = sock.recv_incoming(round) {
+            let echo = f.get(..6) == frame.get(6..12) && f.get(12..) == frame.get(12..);
+            if echo && f.get(6..12).map(mac_of).as_deref() == Some(from) {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "no echo from {from}");
+    }
+}
+
+const PEER: [u8; 6] = [0x02, 0xcc, 0, 0, 0x02, 0xfe];
+
+/// A frame from the peer to `dst` (`aa:bb:…`), of the local experimental
+/// ethertype, tagged.
+fn frame_to(dst: &str, tag: u8) -> Vec<u8> {
+    let mut f: Vec<u8> = dst
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).unwrap())
+        .collect();
+    f.extend_from_slice(&PEER);
+    f.extend_from_slice(&[0x88, 0xb5]);
+    f.extend((0..46u8).map(|i| i ^ tag));
+    f
+}
+
+fn mac_of(f: &[u8]) -> String {
+    f.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The `network-config` of `vm`'s seed.
+fn seed_network(h: &Host, vm: &str) -> Value {
+    let inspect = h.json(&["inspect", vm, "-o", "json"]);
+    let seed = inspect["record"]["storage"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["role"] == "cidata")
+        .map(|d| PathBuf::from(d["path"].as_str().unwrap()))
+        .expect("a seed disk");
+    let files = cocoon_host::disk::cidata::read_image(&std::fs::read(seed).unwrap()).unwrap();
+    serde_json::from_slice(&files["network-config"]).unwrap()
+}
+
+#[test]
+fn a_bridged_vm_snapshots_and_its_clone_runs_beside_it_under_a_new_mac() {
+    let test = "a_bridged_vm_snapshots_and_its_clone_runs_beside_it_under_a_new_mac";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let Some(ns) = netns_or_skip(test) else {
+        return;
+    };
+    ns.bridge("br0");
+    ns.veth_on("veth0", "veth0p", "br0");
+    ns.tap_on("mine0", "br0");
+    ns.tap_on("mine1", "br0");
+    let h = host(ns);
+    let sock = h
+        .guard
+        .enter(|| netns::PacketSocket::open("veth0").expect("a packet socket on veth0"));
+    let guest = test_guest();
+    // Echo every frame for two minutes, then count until stopped.
+    let cmdline = "cocoon.net.echo=0:50:120000 cocoon.count=100:0";
+    let net = format!("bridge=br0,mac={MAC_A}");
+    let mut args = vec!["run", "-d"];
+    args.extend(h.vm_args(&guest, "src", cmdline));
+    args.extend(["--network", net.as_str()]);
+    h.ok(&args);
+    eventually("src's NIC", Duration::from_secs(30), || {
+        h.ok(&["logs", "src"]).contains("cocoon-guest: nic index=0")
+    });
+    echo_from(&sock, &frame_to(MAC_A, 1), MAC_A);
+
+    // The snapshot records the NIC: its MAC and how its tap was given.
+    h.ok(&["snapshot", "save", "src", "--name", "s1"]);
+    let sidecar: Value = serde_json::from_slice(
+        &std::fs::read(h.state_dir().join("snapshots/s1/snapshot.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(sidecar["version"], "1.1", "{sidecar}");
+    assert_eq!(
+        sidecar["nics"],
+        serde_json::json!([{"attach": {"bridge": "br0"}, "mac": MAC_A, "addressing": "dhcp"}])
+    );
+    let text = h.ok(&["snapshot", "inspect", "s1"]);
+    assert!(
+        text.contains(&format!("nics:\n  nic0 bridge=br0 mac {MAC_A}\n")),
+        "{text}"
+    );
+
+    // The clone: a new MAC, its own tap on the same bridge, its seed
+    // matching the new MAC, and the source still answering on its own.
+    h.ok(&["clone", "s1", "--name", "c1", "-d"]);
+    let inspect = h.json(&["inspect", "c1", "-o", "json"]);
+    let nic = &inspect["record"]["nics"][0];
+    let new_mac = nic["mac"].as_str().unwrap().to_string();
+    assert_ne!(new_mac, MAC_A, "{inspect}");
+    assert_eq!(nic["attach"]["bridge"], "br0");
+    let id = inspect["record"]["id"].as_str().unwrap();
+    let tap = format!("cc{}n0", &id[..10]);
+    assert_eq!(inspect["nics"][0]["tap"], tap.as_str());
+    let link = h.link(&tap).unwrap_or_else(|| panic!("{tap} exists"));
+    assert!(link.contains("master br0"), "{link}");
+    assert_eq!(
+        seed_network(&h, "c1")["ethernets"]["nic0"]["match"]["macaddress"],
+        new_mac.as_str()
+    );
+    assert_eq!(
+        seed_network(&h, "src")["ethernets"]["nic0"]["match"]["macaddress"],
+        MAC_A
+    );
+    // The clone answers as itself, the source as itself.
+    echo_from(&sock, &frame_to(&new_mac, 2), &new_mac);
+    echo_from(&sock, &frame_to(MAC_A, 3), MAC_A);
+    // Inside, the clone's guest goes on with the MAC its driver read: it
+    // sees frames for the new MAC addressed to its old one, and sends
+    // from the old one; the new MAC never reaches it.
+    // (The guest prints an echo's line after sending it: wait for the
+    // line to end.)
+    let echo_lines = |log: &str| -> Vec<_> {
+        fields(&report(log), "net-echo")
+            .into_iter()
+            .filter(|e| e.contains_key("seq"))
+            .collect()
+    };
+    eventually("the clone's echo line", Duration::from_secs(10), || {
+        let lines = echo_lines(&h.ok(&["logs", "c1"]));
+        !lines.is_empty() && lines.iter().all(|e| e.contains_key("outcome"))
+    });
+    let log = h.ok(&["logs", "c1"]);
+    let echoes = echo_lines(&log);
+    for e in &echoes {
+        assert_eq!(e["rx_dst"], MAC_A, "{log}");
+        assert_eq!(e["tx_src"], MAC_A, "{log}");
+    }
+    assert_eq!(h.vm("src")["state"], "running");
+    h.ok(&["rm", "-f", "c1"]);
+    assert!(h.link(&tap).is_none(), "rm deleted {tap}");
+
+    // A restore keeps the VM's own NIC: its MAC on a tap of its name.
+    let before = h.json(&["inspect", "src", "-o", "json"]);
+    h.ok(&["restore", "src", "s1"]);
+    assert_eq!(h.vm("src")["state"], "running");
+    let after = h.json(&["inspect", "src", "-o", "json"]);
+    assert_eq!(after["record"]["nics"], before["record"]["nics"]);
+    assert_eq!(after["nics"][0]["tap"], before["nics"][0]["tap"]);
+    echo_from(&sock, &frame_to(MAC_A, 5), MAC_A);
+
+    // A VM on a user's tap: a clone needs a tap of its own.
+    let mut args = vec!["run", "-d"];
+    args.extend(h.vm_args(&guest, "own", cmdline));
+    args.extend(["--nic", "tap=mine0"]);
+    h.ok(&args);
+    eventually("own's NIC", Duration::from_secs(30), || {
+        h.ok(&["logs", "own"]).contains("cocoon-guest: nic index=0")
+    });
+    h.ok(&["snapshot", "save", "own", "--name", "s2"]);
+    h.fails_with(
+        &["clone", "s2", "--name", "c2", "-d"],
+        "snapshot s2's nic0 is on tap mine0, a tap of the user's (--nic tap=), which a clone \
+         cannot share with its source: give the clone a tap of its own with `clone --nic tap=NAME`",
+    );
+    assert_eq!(
+        h.state_of("c2"),
+        "absent",
+        "nothing of the refused clone stays"
+    );
+    h.ok(&["clone", "s2", "--name", "c2", "-d", "--nic", "tap=mine1"]);
+    let inspect = h.json(&["inspect", "c2", "-o", "json"]);
+    assert_eq!(inspect["nics"][0]["tap"], "mine1", "{inspect}");
+    let c2_mac = inspect["record"]["nics"][0]["mac"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    echo_from(&sock, &frame_to(&c2_mac, 4), &c2_mac);
+    for vm in ["c2", "own", "src"] {
+        h.ok(&["rm", "-f", vm]);
+    }
+    assert_eq!(h.links("cc"), Vec::<String>::new());
+    assert!(h.link("mine0").is_some() && h.link("mine1").is_some());
+}

@@ -32,6 +32,7 @@ fn restore_config(dir: &Path, serial: SerialOutput) -> RestoreConfig {
         state: dir.join(STATE_FILE),
         memory: dir.join(MEMORY_FILE),
         disks: Vec::new(),
+        nets: Vec::new(),
         serial,
     }
 }

@@ -292,12 +292,24 @@ impl Machine {
             .poll_fd()
             .map_err(|e| VmError::Io("duplicate a tap descriptor", e))?;
         let net = Net::new(Box::new(tap), nic.mac);
+        self.attach_net_device(index, net, poll_fd, |_| Ok::<_, VmError>(()))
+    }
+
+    /// A network device made ahead (a restored one), its I/O thread waiting
+    /// on `poll_fd` (its tap's) too; `setup` runs on its transport first.
+    pub fn attach_net_device<E: From<VmError>>(
+        &mut self,
+        index: usize,
+        net: Net,
+        poll_fd: OwnedFd,
+        setup: impl FnOnce(&mut MmioTransport) -> Result<(), E>,
+    ) -> Result<MmioSlot, E> {
         let counters = net.counters();
         let slot = self.attach_virtio_with_backend(
             Box::new(net),
             format!("virtio-net{index}"),
             Some(poll_fd),
-            |_| Ok::<_, VmError>(()),
+            setup,
         )?;
         self.nets.push(counters);
         Ok(slot)

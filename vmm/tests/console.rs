@@ -179,6 +179,7 @@ fn unread_keys_refuse_a_second_request_and_go_through_a_snapshot() {
         state: dir.path().join(STATE_FILE),
         memory: dir.path().join(MEMORY_FILE),
         disks: Vec::new(),
+        nets: Vec::new(),
         serial: restored_out.output(),
     })
     .expect("restore");

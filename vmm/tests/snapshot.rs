@@ -36,6 +36,7 @@ fn restore(dir: &Path, disks: &[PathBuf], log: &Path) -> Result<Vm, RestoreError
         state: dir.join(STATE_FILE),
         memory: dir.join(MEMORY_FILE),
         disks: disks.iter().map(DiskConfig::new).collect(),
+        nets: Vec::new(),
         serial: SerialOutput::File(log.to_path_buf()),
     })
 }
@@ -111,6 +112,7 @@ fn the_counter_goes_on_after_restore() {
             state: snap.join(STATE_FILE),
             memory: snap.join(MEMORY_FILE),
             disks: Vec::new(),
+            nets: Vec::new(),
             serial: SerialOutput::File(log2.clone()),
         },
     )
@@ -374,6 +376,7 @@ fn damaged_snapshots_are_refused_each_with_its_own_error() {
         state: snap.join(STATE_FILE),
         memory: snap.join(MEMORY_FILE),
         disks: vec![ro],
+        nets: Vec::new(),
         serial: SerialOutput::Sink,
     })
     .err()
@@ -399,6 +402,7 @@ fn damaged_snapshots_are_refused_each_with_its_own_error() {
             state: snap.join(STATE_FILE),
             memory: snap.join(MEMORY_FILE),
             disks: vec![DiskConfig::new(&disk)],
+            nets: Vec::new(),
             serial: SerialOutput::Sink,
         },
     )

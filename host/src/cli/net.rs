@@ -28,6 +28,11 @@ pub struct NetArgs {
     pub networks: Vec<NetworkSpec>,
 }
 
+/// A `--nic` value (for commands that take it outside [`NetArgs`]).
+pub fn parse_nic(s: &str) -> Result<NicSpec, String> {
+    with_causes(s)
+}
+
 /// Parses a value, its error with the whole cause chain (clap prints only
 /// the error's own message).
 fn with_causes<T>(s: &str) -> Result<T, String>

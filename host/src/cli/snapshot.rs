@@ -136,6 +136,16 @@ pub struct CloneArgs {
     /// The new VM's name (generated when omitted).
     #[arg(long)]
     pub name: Option<String>,
+    /// The clone's own tap for a NIC the snapshot's VM had on a user's tap
+    /// (`--nic tap=`), one per such NIC in order (repeatable); the MAC is
+    /// new (random) unless given. Bridge NICs need none: the clone gets its
+    /// own tap on the same bridge. Every NIC of a clone has a new MAC.
+    #[arg(
+        long = "nic",
+        value_name = "tap=NAME[,mac=MAC]",
+        value_parser = super::net::parse_nic
+    )]
+    pub nics: Vec<cocoon_host::net::NicSpec>,
     /// Leave it running in the background and print its name.
     #[arg(short, long)]
     pub detach: bool,
@@ -337,6 +347,16 @@ fn inspect(a: InspectArgs, config: &HostConfig) -> anyhow::Result<i32> {
                 }
             );
         }
+        if !s.nics.is_empty() {
+            println!("nics:");
+            for (i, n) in s.nics.iter().enumerate() {
+                let attach = match &n.attach {
+                    cocoon_host::net::Attachment::Tap(t) => format!("tap={t}"),
+                    cocoon_host::net::Attachment::Bridge(b) => format!("bridge={b}"),
+                };
+                println!("  nic{i} {attach} mac {}", n.mac);
+            }
+        }
         println!("files:");
         for f in &s.files {
             println!("  {:<20} {:>10} {}", f.name, human(f.size), f.sha256);
@@ -482,6 +502,7 @@ pub fn clone(a: CloneArgs, config: &HostConfig) -> anyhow::Result<i32> {
         &config.state_dir,
         &a.snapshot,
         a.name.as_deref(),
+        &a.nics,
         boot,
     )?;
     let mut vm = made.vm;

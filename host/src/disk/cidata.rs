@@ -392,6 +392,19 @@ pub fn with_identity(
     instance_id: &str,
     hostname: &str,
 ) -> Result<Vec<u8>, CidataError> {
+    with_identity_and_macs(bytes, instance_id, hostname, &[])
+}
+
+/// [`with_identity`], and in `network-config` every `match: macaddress`
+/// that is the first of a pair of `macs` (`aa:bb:…`, as cocoon writes
+/// them) becomes the second: a clone's NICs get new MACs, and its next
+/// cold boot must match them.
+pub fn with_identity_and_macs(
+    bytes: &[u8],
+    instance_id: &str,
+    hostname: &str,
+    macs: &[(String, String)],
+) -> Result<Vec<u8>, CidataError> {
     check_non_empty("instance-id", instance_id)?;
     check_non_empty("hostname", hostname)?;
     let mut files = read_image(bytes)?;
@@ -427,6 +440,30 @@ pub fn with_identity(
     let mut user_v: serde_json::Map<String, serde_json::Value> =
         serde_json::from_str(body).map_err(|_| not_ours("user-data", &user))?;
     user_v.insert("hostname".into(), hostname.into());
+    let network_config = if macs.is_empty() {
+        network_config
+    } else {
+        let mut net_v: serde_json::Value = serde_json::from_str(&network_config)
+            .map_err(|_| not_ours("network-config", &network_config))?;
+        if let Some(ethernets) = net_v
+            .get_mut("ethernets")
+            .and_then(serde_json::Value::as_object_mut)
+        {
+            for e in ethernets.values_mut() {
+                let Some(mac) = e.pointer_mut("/match/macaddress") else {
+                    continue;
+                };
+                let old = mac.as_str().map(str::to_ascii_lowercase);
+                if let Some((_, new)) = macs
+                    .iter()
+                    .find(|(o, _)| Some(o.to_ascii_lowercase()) == old)
+                {
+                    *mac = new.clone().into();
+                }
+            }
+        }
+        json(&net_v, "network-config")?
+    };
     let files = SeedFiles {
         meta_data: json(&meta_v, "meta-data")?,
         user_data: format!("#cloud-config\n{}", json(&user_v, "user-data")?),
@@ -455,6 +492,42 @@ mod tests {
             mount_point: "/var/log".into(),
             fstype: FsType::Ext4,
         }]
+    }
+
+    #[test]
+    fn a_clone_seed_matches_its_new_macs() {
+        let eth = |mac: &str| Ethernet {
+            matches: MacMatch {
+                macaddress: mac.into(),
+            },
+            dhcp4: Some(true),
+            ..Default::default()
+        };
+        let with_macs = |a: &str, b: &str| SeedInput {
+            network: NetworkConfig {
+                ethernets: [("nic0".to_string(), eth(a)), ("nic1".to_string(), eth(b))].into(),
+            },
+            ..input()
+        };
+        let old =
+            image(&render(&with_macs("02:00:00:00:00:0a", "02:00:00:00:00:0b"), &[]).unwrap())
+                .unwrap();
+        let new = with_identity_and_macs(
+            &old,
+            "i-clone",
+            "web2",
+            &[
+                ("02:00:00:00:00:0A".into(), "02:00:00:00:00:1a".into()),
+                ("02:00:00:00:00:99".into(), "02:00:00:00:00:98".into()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(new.len(), old.len());
+        let files = read_image(&new).unwrap();
+        let want = render(&with_macs("02:00:00:00:00:1a", "02:00:00:00:00:0b"), &[]).unwrap();
+        let got: serde_json::Value = serde_json::from_slice(&files["network-config"]).unwrap();
+        let want: serde_json::Value = serde_json::from_str(&want.network_config).unwrap();
+        assert_eq!(got, want);
     }
 
     #[test]

@@ -85,6 +85,9 @@ pub struct CloneOptions {
     pub cpus: Option<u8>,
     pub memory_bytes: Option<u64>,
     pub serial: SerialOutput,
+    /// `(snapshot's MAC, clone's MAC)` per NIC, `aa:bb:…`: the seed's
+    /// `network-config` matches the clone's NICs by them.
+    pub macs: Vec<(String, String)>,
 }
 
 /// A prepared clone: start it with `Vm::restore(cloned.restore)` (or
@@ -213,7 +216,8 @@ pub fn clone(
                 };
                 let old = std::fs::read(&from.path).map_err(io_err("read", &from.path))?;
                 let new =
-                    cidata::with_identity(&old, &opts.instance_id, &opts.name).map_err(wrap)?;
+                    cidata::with_identity_and_macs(&old, &opts.instance_id, &opts.name, &opts.macs)
+                        .map_err(wrap)?;
                 if new.len() != old.len() {
                     // The guest knows the disk's size; another would not
                     // restore.
@@ -245,6 +249,8 @@ pub fn clone(
         state: checked.dir.join(cocoon_vmm::snapshot::STATE_FILE),
         memory: checked.dir.join(cocoon_vmm::snapshot::MEMORY_FILE),
         disks: storage.iter().map(|d| d.to_vmm_disk()).collect(),
+        // The taps exist only once the monitor starts: it names them.
+        nets: Vec::new(),
         serial: opts.serial,
     };
     Ok(Cloned {
@@ -267,6 +273,7 @@ mod tests {
             cpus,
             memory_bytes,
             serial: SerialOutput::Sink,
+            macs: Vec::new(),
         }
     }
 

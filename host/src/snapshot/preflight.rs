@@ -118,6 +118,14 @@ pub enum PreflightError {
     },
     #[error("the sidecar has {sidecar} disks; the VMM state {state}")]
     DiskCount { sidecar: usize, state: usize },
+    #[error("the sidecar has {sidecar} NICs; the VMM state {state}")]
+    NicCount { sidecar: usize, state: usize },
+    #[error("NIC {index} has MAC {sidecar} in the sidecar and {state} in the VMM state")]
+    NicMac {
+        index: usize,
+        sidecar: String,
+        state: String,
+    },
     #[error("the sidecar's disks are out of order: disk {index} is {sidecar} in the sidecar and {state} in the VMM state")]
     Reordered {
         index: usize,
@@ -254,6 +262,30 @@ pub fn check_against_state(
                 size.to_string(),
                 s.capacity_bytes.to_string(),
             ));
+        }
+    }
+    Ok(())
+}
+
+/// The sidecar's NICs against the VMM state's: the same count, and per
+/// index the MAC the network saw.
+pub fn check_nics_against_state(
+    nics: &[crate::net::Nic],
+    state: &StateSummary,
+) -> Result<(), PreflightError> {
+    if nics.len() != state.nics.len() {
+        return Err(PreflightError::NicCount {
+            sidecar: nics.len(),
+            state: state.nics.len(),
+        });
+    }
+    for (index, (n, s)) in nics.iter().zip(&state.nics).enumerate() {
+        if n.mac.0 != s.mac {
+            return Err(PreflightError::NicMac {
+                index,
+                sidecar: n.mac.to_string(),
+                state: crate::net::MacAddr(s.mac).to_string(),
+            });
         }
     }
     Ok(())
@@ -545,8 +577,9 @@ pub fn preflight(
         }
     }
 
-    // 7. Disks against the state.
+    // 7. Disks and NICs against the state.
     check_against_state(&sidecar.disks, &sizes, &state)?;
+    check_nics_against_state(&sidecar.nics, &state)?;
 
     // 8. Roles against the target VM.
     if let Some(target) = opts.target {
@@ -578,6 +611,7 @@ mod tests {
             cpus: 1,
             memory_bytes: 64 << 20,
             tsc_khz: None,
+            nics: Vec::new(),
             disks: disks
                 .iter()
                 .enumerate()
@@ -681,6 +715,32 @@ mod tests {
             let e = check_against_state(&s.disks, &sizes, &summary(&state)).unwrap_err();
             assert!(want(&e), "{state:?}: {e}");
         }
+    }
+
+    #[test]
+    fn nics_against_the_state() {
+        use cocoon_vmm::snapshot::NicSummary;
+        let nics = crate::net::resolve(
+            vec!["tap=t0,mac=02:00:00:00:00:01".parse().unwrap()],
+            &Default::default(),
+        )
+        .unwrap();
+        let mut state = summary(&[]);
+        let nic = |mac: [u8; 6]| NicSummary {
+            index: 0,
+            mac,
+            guest_mac: [2, 0, 0, 0, 0, 9],
+        };
+        state.nics = vec![nic([2, 0, 0, 0, 0, 1])];
+        check_nics_against_state(&nics, &state).unwrap();
+        let e = check_nics_against_state(&[], &state).unwrap_err();
+        assert_eq!(e.to_string(), "the sidecar has 0 NICs; the VMM state 1");
+        state.nics = vec![nic([2, 0, 0, 0, 0, 2])];
+        let e = check_nics_against_state(&nics, &state).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "NIC 0 has MAC 02:00:00:00:00:01 in the sidecar and 02:00:00:00:00:02 in the VMM state"
+        );
     }
 
     #[test]

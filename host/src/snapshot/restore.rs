@@ -192,6 +192,8 @@ impl Staged<'_> {
             state: p.checked.dir.join(cocoon_vmm::snapshot::STATE_FILE),
             memory: p.checked.dir.join(cocoon_vmm::snapshot::MEMORY_FILE),
             disks: p.storage.iter().map(|d| d.to_vmm_disk()).collect(),
+            // The taps exist only once the monitor starts: it names them.
+            nets: Vec::new(),
             serial,
         };
         Ok((p.storage.clone(), restore))

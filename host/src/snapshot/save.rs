@@ -15,8 +15,7 @@ use std::time::{Duration, Instant};
 use cocoon_vmm::snapshot::{self as vmm_snapshot, RestoreError};
 
 use super::sidecar::{
-    ImageInfo, LayerRef, ResidentFile, Sidecar, SidecarError, SnapshotDisk, StateVersion,
-    DISKS_DIR, SIDECAR_VERSION,
+    ImageInfo, LayerRef, ResidentFile, Sidecar, SidecarError, SnapshotDisk, StateVersion, DISKS_DIR,
 };
 use super::store::{self, StoreError, TempSnapshot};
 use crate::disk::copy::{self, CopyError, CopyMethod};
@@ -80,6 +79,8 @@ pub struct SaveMeta {
     pub vm_dir: PathBuf,
     /// The image store's root (`STATE/images`): its layers are under it.
     pub store_root: PathBuf,
+    /// The VM's NICs (from its record), in device order.
+    pub nics: Vec<crate::net::Nic>,
 }
 
 /// What [`save`] made.
@@ -254,7 +255,7 @@ pub fn capture(
     }
 
     let sidecar = Sidecar {
-        version: SIDECAR_VERSION,
+        version: Sidecar::version_for(&meta.nics),
         name: name.into(),
         created: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         source_vm: meta.source_vm,
@@ -263,6 +264,7 @@ pub fn capture(
         cpus: vmm.cpus,
         memory_bytes: vmm.memory_bytes,
         disks,
+        nics: meta.nics,
         files: Vec::new(),
     };
     Ok(Captured {

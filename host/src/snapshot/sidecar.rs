@@ -13,6 +13,8 @@
 //! Versioning: `version` is `MAJOR.MINOR`. This host reads its own major,
 //! up to its own minor: a newer minor may record something this host
 //! would silently drop, so it is refused like another major, naming both.
+//! 1.1 adds the VM's NICs ([`Sidecar::nics`]); a snapshot without NICs is
+//! still written as 1.0, so older hosts keep reading it.
 
 use std::fmt;
 use std::io::Read;
@@ -34,7 +36,9 @@ pub const DISKS_DIR: &str = "disks";
 pub const MAX_SIDECAR_BYTES: u64 = 1 << 20;
 
 /// The sidecar version this host writes (and the newest it reads).
-pub const SIDECAR_VERSION: SidecarVersion = SidecarVersion { major: 1, minor: 0 };
+pub const SIDECAR_VERSION: SidecarVersion = SidecarVersion { major: 1, minor: 1 };
+/// The version of a sidecar without NICs: what 1.0 was.
+pub const SIDECAR_VERSION_NO_NICS: SidecarVersion = SidecarVersion { major: 1, minor: 0 };
 
 #[derive(Debug, thiserror::Error)]
 pub enum SidecarError {
@@ -205,6 +209,11 @@ pub struct Sidecar {
     pub memory_bytes: u64,
     /// In the VM's disk order.
     pub disks: Vec<SnapshotDisk>,
+    /// The VM's NICs in device order (since 1.1; absent when there are
+    /// none): each MAC as the network saw it, and how its tap was given
+    /// (`--nic tap=` or `--network bridge=`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<crate::net::Nic>,
     /// Every file of the snapshot directory but the sidecar: the VMM's
     /// state and memory, then the resident disks in disk order.
     pub files: Vec<ResidentFile>,
@@ -218,6 +227,15 @@ struct VersionOnly {
 }
 
 impl Sidecar {
+    /// The version a sidecar with these NICs is written as.
+    pub fn version_for(nics: &[crate::net::Nic]) -> SidecarVersion {
+        if nics.is_empty() {
+            SIDECAR_VERSION_NO_NICS
+        } else {
+            SIDECAR_VERSION
+        }
+    }
+
     pub fn path_in(dir: &Path) -> PathBuf {
         dir.join(SIDECAR_FILE)
     }
@@ -345,7 +363,7 @@ pub(crate) mod tests {
 
     pub(crate) fn sample() -> Sidecar {
         Sidecar {
-            version: SIDECAR_VERSION,
+            version: SIDECAR_VERSION_NO_NICS,
             name: "s1".into(),
             created: "2026-12-02T01:00:00Z".into(),
             source_vm: "v1".into(),
@@ -361,12 +379,43 @@ pub(crate) mod tests {
                 disk(DiskRole::Cow, "cocoon-root", "disks/cow.raw"),
                 disk(DiskRole::Data, "logs", "disks/data-logs.raw"),
             ],
+            nics: Vec::new(),
             files: vec![ResidentFile {
                 name: "state".into(),
                 size: 10,
                 sha256: digest("state"),
             }],
         }
+    }
+
+    #[test]
+    fn nics_are_kept_as_1_1_and_a_1_0_sidecar_without_them_loads() {
+        let mut s = sample();
+        // 1.0 had no nics field: what this host wrote before it still loads.
+        let old = s.to_json();
+        assert!(!String::from_utf8_lossy(&old).contains("nics"));
+        assert_eq!(Sidecar::parse(Path::new("old"), &old).unwrap(), s);
+        s.nics = crate::net::resolve(
+            vec![
+                "tap=mine0".parse().unwrap(),
+                crate::net::NicSpec {
+                    attach: crate::net::Attachment::Bridge("br0".into()),
+                    mac: None,
+                    addressing: crate::net::Addressing::Dhcp,
+                },
+            ],
+            &Default::default(),
+        )
+        .unwrap();
+        s.version = Sidecar::version_for(&s.nics);
+        assert_eq!(s.version, SIDECAR_VERSION);
+        let json = s.to_json();
+        let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        assert_eq!(v["version"], "1.1");
+        assert_eq!(v["nics"][0]["attach"], serde_json::json!({"tap": "mine0"}));
+        assert_eq!(v["nics"][1]["mac"], s.nics[1].mac.to_string());
+        assert_eq!(Sidecar::parse(Path::new("new"), &json).unwrap(), s);
+        assert_eq!(Sidecar::version_for(&[]), SIDECAR_VERSION_NO_NICS);
     }
 
     #[test]
@@ -421,11 +470,11 @@ pub(crate) mod tests {
             ),
             (
                 json.replacen(r#""version": "1.0""#, r#""version": "2.0""#, 1),
-                "has version 2.0; this cocoon-host reads 1.0 to 1.0",
+                "has version 2.0; this cocoon-host reads 1.0 to 1.1",
             ),
             (
-                json.replacen(r#""version": "1.0""#, r#""version": "1.1""#, 1),
-                "has version 1.1",
+                json.replacen(r#""version": "1.0""#, r#""version": "1.2""#, 1),
+                "has version 1.2",
             ),
             (
                 json.replacen(r#""version": "1.0""#, r#""version": "one""#, 1),

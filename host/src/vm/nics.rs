@@ -47,6 +47,26 @@ pub enum NicsError {
     },
     #[error(transparent)]
     Tap(Box<TapError>),
+    #[error(
+        "snapshot {snapshot}'s nic{index} is on tap {tap}, a tap of the user's (--nic tap=), which \
+         a clone cannot share with its source: give the clone a tap of its own with \
+         `clone --nic tap=NAME` (one for each such NIC, in order)"
+    )]
+    CloneNeedsTap {
+        snapshot: String,
+        index: usize,
+        tap: String,
+    },
+    #[error(
+        "snapshot {snapshot} has {want} NICs on a user's tap; the clone was given {given} --nic"
+    )]
+    CloneTapCount {
+        snapshot: String,
+        want: usize,
+        given: usize,
+    },
+    #[error("--nic {spec}: a clone keeps its snapshot's addressing (the restored guest has it configured); ip= and gw= cannot be given")]
+    CloneAddressing { spec: String },
 }
 
 impl From<TapError> for NicsError {
@@ -73,6 +93,63 @@ pub fn plan(
         }
     }
     Ok(net::resolve(specs, taken)?)
+}
+
+/// The NICs of a clone of snapshot `snapshot`, whose VM had `nics`: the
+/// same NICs, each with a new MAC ([`net::clone_nics`], apart from
+/// `taken`). A bridge NIC gets its own tap on the same bridge when the
+/// clone starts, as any VM's does; a NIC on a user's tap (`--nic tap=`)
+/// takes the next of `taps` (the clone's `--nic`, whose MAC is used when
+/// given), since the source VM may still hold its tap.
+pub fn plan_clone(
+    snapshot: &str,
+    nics: &[Nic],
+    taps: &[NicSpec],
+    taken: &HashSet<MacAddr>,
+) -> Result<Vec<Nic>, NicsError> {
+    let on_taps: Vec<(usize, &str)> = nics
+        .iter()
+        .enumerate()
+        .filter_map(|(i, n)| match &n.attach {
+            Attachment::Tap(t) => Some((i, t.as_str())),
+            Attachment::Bridge(_) => None,
+        })
+        .collect();
+    if let Some(spec) = taps.iter().find(|s| s.addressing != Addressing::Dhcp) {
+        return Err(NicsError::CloneAddressing {
+            spec: spec.to_string(),
+        });
+    }
+    if taps.is_empty() {
+        if let Some(&(index, tap)) = on_taps.first() {
+            return Err(NicsError::CloneNeedsTap {
+                snapshot: snapshot.into(),
+                index,
+                tap: tap.into(),
+            });
+        }
+    }
+    if taps.len() != on_taps.len() {
+        return Err(NicsError::CloneTapCount {
+            snapshot: snapshot.into(),
+            want: on_taps.len(),
+            given: taps.len(),
+        });
+    }
+    let mut avoid = taken.clone();
+    avoid.extend(taps.iter().filter_map(|s| s.mac));
+    let mut clone = net::clone_nics(nics, &avoid)?;
+    for (&(index, _), spec) in on_taps.iter().zip(taps) {
+        clone[index].attach = spec.attach.clone();
+        if let Some(mac) = spec.mac {
+            // Another VM's, or the source's: the clone would answer for it.
+            if taken.contains(&mac) || nics.iter().any(|n| n.mac == mac) {
+                return Err(MacError::Duplicate(mac).into());
+            }
+            clone[index].mac = mac;
+        }
+    }
+    Ok(clone)
 }
 
 /// The MACs of every NIC of the host's VMs.
@@ -369,5 +446,59 @@ mod tests {
         // No netlink for a VM without bridge NICs: nothing to release.
         release("0123456789abcdef", &nics[..1]).unwrap();
         release("0123456789abcdef", &[]).unwrap();
+    }
+
+    #[test]
+    fn a_clone_gets_new_macs_and_needs_its_own_user_tap() {
+        let nics = plan(
+            &[spec("tap=mine0,mac=02:00:00:00:00:01")],
+            &["bridge=br0,mac=02:00:00:00:00:02".parse().unwrap()],
+            true,
+            &HashSet::new(),
+        )
+        .unwrap();
+        let bridged = &nics[1..];
+        let c = plan_clone("s1", bridged, &[], &HashSet::new()).unwrap();
+        assert_eq!(c[0].attach, bridged[0].attach);
+        assert_ne!(c[0].mac, bridged[0].mac);
+
+        let e = plan_clone("s1", &nics, &[], &HashSet::new()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "snapshot s1's nic0 is on tap mine0, a tap of the user's (--nic tap=), which a clone \
+             cannot share with its source: give the clone a tap of its own with \
+             `clone --nic tap=NAME` (one for each such NIC, in order)"
+        );
+        let c = plan_clone("s1", &nics, &[spec("tap=other0")], &HashSet::new()).unwrap();
+        assert_eq!(c[0].attach, Attachment::Tap("other0".into()));
+        assert_eq!(c[1].attach, nics[1].attach);
+        assert!(c.iter().zip(&nics).all(|(c, n)| c.mac != n.mac));
+        let c = plan_clone(
+            "s1",
+            &nics,
+            &[spec("tap=other0,mac=02:00:00:00:00:07")],
+            &HashSet::new(),
+        )
+        .unwrap();
+        assert_eq!(c[0].mac.to_string(), "02:00:00:00:00:07");
+        assert_ne!(c[1].mac.to_string(), "02:00:00:00:00:07");
+
+        for (taps, want) in [
+            (
+                vec![spec("tap=a0"), spec("tap=b0")],
+                "snapshot s1 has 1 NICs on a user's tap; the clone was given 2 --nic",
+            ),
+            (
+                vec![spec("tap=a0,ip=10.0.0.2/24")],
+                "a clone keeps its snapshot's addressing",
+            ),
+            (
+                vec![spec("tap=a0,mac=02:00:00:00:00:01")],
+                "02:00:00:00:00:01 is given to two NICs",
+            ),
+        ] {
+            let e = plan_clone("s1", &nics, &taps, &HashSet::new()).unwrap_err();
+            assert!(e.to_string().contains(want), "{want}: {e}");
+        }
     }
 }

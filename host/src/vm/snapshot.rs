@@ -21,6 +21,7 @@ use super::VmError;
 use crate::disk::copy::CopyMethod;
 use crate::disk::lock::{DiskLocks, Wait};
 use crate::disk::model::DiskRole;
+use crate::net::NicSpec;
 use crate::snapshot::clone::{self, CloneError, CloneOptions};
 use crate::snapshot::preflight::{self, DEFAULT_HASH_LIMIT};
 use crate::snapshot::restore::{self, Prepared, RestoreError};
@@ -107,6 +108,18 @@ pub enum SnapshotVmError {
         vm_cpus: u8,
         vm_memory: u64,
     },
+    #[error(
+        "snapshot {snapshot} has {snap_nics} NICs, VM {vm} {vm_nics}; a restore keeps the VM's \
+         NICs, one for each of the snapshot's (the VM was not touched)"
+    )]
+    NicCount {
+        snapshot: String,
+        vm: String,
+        snap_nics: usize,
+        vm_nics: usize,
+    },
+    #[error("the clone's NICs")]
+    Nics(#[source] Box<super::nics::NicsError>),
     #[error("locking VM {vm}'s disks")]
     Lock {
         vm: String,
@@ -164,17 +177,34 @@ pub struct Boot {
 
 /// A new VM (`name`, or a generated one) from snapshot `snapshot` under
 /// `state_dir`: the preflight, its own copies of the cow and data disks,
-/// a seed with its own instance-id and hostname, its record and the
-/// [`StartFrom`] note. Not started. Nothing of it stays on an error.
+/// its own NICs (new MACs; `taps` for the NICs that were on a user's tap,
+/// see [`super::nics::plan_clone`]), a seed with its own instance-id,
+/// hostname and MACs, its record and the [`StartFrom`] note. Not started.
+/// Nothing of it stays on an error.
 pub fn clone_vm(
     vms: &Vms,
     state_dir: &Path,
     snapshot: &str,
     name: Option<&str>,
+    taps: &[NicSpec],
     boot: Boot,
 ) -> Result<ClonedVm, SnapshotVmError> {
     let snap = SnapshotDir::open(&crate::snapshot::snapshots_dir(state_dir), snapshot)?;
     let sidecar = &snap.sidecar;
+    // The NICs before any file: the clone's MACs are new (the VMM
+    // translates for the guest, which keeps the snapshot's), its bridge
+    // taps are made by its monitor, a user's tap is the clone's own.
+    let nics_err = |e| SnapshotVmError::Nics(Box::new(e));
+    let taken = super::nics::taken_macs(vms)?;
+    let nics =
+        super::nics::plan_clone(&snap.name, &sidecar.nics, taps, &taken).map_err(nics_err)?;
+    super::nics::check(&nics, true).map_err(nics_err)?;
+    let macs = sidecar
+        .nics
+        .iter()
+        .zip(&nics)
+        .map(|(old, new)| (old.mac.to_string(), new.mac.to_string()))
+        .collect();
     let mut creating = vms.begin_create(
         name,
         Machine {
@@ -192,16 +222,13 @@ pub fn clone_vm(
         cpus: None,
         memory_bytes: None,
         serial: cocoon_vmm::SerialOutput::Sink,
+        macs,
     };
-    // NICs: a snapshot holds none yet (the VMM refuses to snapshot a VM
-    // with a NIC). When it does, this is where the clone gets its own MAC
-    // addresses (new ones in the record and the seed's network-config;
-    // the guest's virtio-net config space keeps the old ones until the
-    // VMM can rewrite them on restore).
     let cloned = with_checks(&store, |checks| {
         clone::clone(&snap, checks, &creating.dir, opts)
     })??;
     creating.record.storage = cloned.storage.clone();
+    creating.record.nics = nics;
     creating.record.policy = format!("snapshot {}", snap.name);
     creating.record.image = Some(ImageInfo {
         reference: sidecar
@@ -266,6 +293,16 @@ pub fn prepare_restore(
             snap_memory: snap.sidecar.memory_bytes,
             vm_cpus: m.cpus,
             vm_memory: m.memory,
+        });
+    }
+    // The VM keeps its own NICs (taps and MACs; the VMM translates when
+    // they are not the snapshot's), one per NIC the guest knows.
+    if snap.sidecar.nics.len() != vm.record.nics.len() {
+        return Err(SnapshotVmError::NicCount {
+            snapshot: snap.name.clone(),
+            vm: vm.record.name.clone(),
+            snap_nics: snap.sidecar.nics.len(),
+            vm_nics: vm.record.nics.len(),
         });
     }
     let store = store_root(&vm.dir);

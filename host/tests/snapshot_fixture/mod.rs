@@ -67,6 +67,7 @@ pub fn sidecar(name: &str, files: Vec<(String, u64, Digest)>) -> Sidecar {
     };
     Sidecar {
         version: SIDECAR_VERSION,
+        nics: Vec::new(),
         name: name.into(),
         created: "2026-12-02T01:00:00Z".into(),
         source_vm: "v1".into(),

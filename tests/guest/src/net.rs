@@ -264,7 +264,8 @@ impl Nic {
                 let outcome = self.send_one(tx, len);
                 self.report_tx("udp", len, outcome);
             }
-            NetAction::Recv { count, ms, .. } => self.recv(count, ms),
+            NetAction::Recv { count, ms, .. } => self.recv(count, ms, None),
+            NetAction::Echo { count, ms, .. } => self.recv(count, ms, Some(tx)),
             NetAction::Blast {
                 len, count, tso, ..
             } => self.blast(tx, len as usize, count, tso),
@@ -309,8 +310,9 @@ impl Nic {
             .map_err(|_| "device-error")
     }
 
-    /// `cocoon.net.recv`: report up to `count` frames within `ms`.
-    fn recv(&mut self, count: u32, ms: u32) {
+    /// `cocoon.net.recv`: report up to `count` frames within `ms`; with
+    /// `echo` (`cocoon.net.echo`), send each back instead.
+    fn recv(&mut self, count: u32, ms: u32, mut echo: Option<&mut [u8; TX_BUFFER_LEN]>) {
         let deadline = Self::deadline(u64::from(ms));
         let mut got = 0u32;
         while got < count && tsc::now() <= deadline {
@@ -327,8 +329,11 @@ impl Nic {
             let done = unsafe { self.dev.receive_complete(token, &mut self.rx[i]) };
             match done {
                 Ok((hdr_len, len)) => {
-                    self.report_rx(&self.rx[i][hdr_len..hdr_len + len]);
                     got += 1;
+                    match echo.as_deref_mut() {
+                        Some(tx) => self.echo(tx, i, hdr_len, len, got),
+                        None => self.report_rx(&self.rx[i][hdr_len..hdr_len + len]),
+                    }
                 }
                 Err(e) => say!("error nic={} receive failed: {e}", self.index),
             }
@@ -339,7 +344,46 @@ impl Nic {
                 );
             }
         }
-        say!("net-recv nic={} frames={got}", self.index);
+        let kind = if echo.is_some() { "echo" } else { "recv" };
+        say!("net-{kind} nic={} frames={got}", self.index);
+    }
+
+    /// Sends received frame `seq` (in buffer `i`) back to its source from
+    /// the MAC the driver read at probe, and reports both addresses it
+    /// had: what the guest saw is what a test checks a VMM's MAC
+    /// translation by.
+    fn echo(
+        &mut self,
+        tx: &mut [u8; TX_BUFFER_LEN],
+        i: usize,
+        hdr_len: usize,
+        len: usize,
+        seq: u32,
+    ) {
+        let frame = &self.rx[i][hdr_len..hdr_len + len];
+        if frame.len() < frames::ETH_HLEN {
+            return say!("net-echo nic={} seq={seq} len={len} short", self.index);
+        }
+        let mut dst = [0u8; 6];
+        let mut src = [0u8; 6];
+        dst.copy_from_slice(&frame[..6]);
+        src.copy_from_slice(&frame[6..12]);
+        let body = &mut tx[HDR_LEN..HDR_LEN + len];
+        body.copy_from_slice(frame);
+        body[..6].copy_from_slice(&src);
+        body[6..12].copy_from_slice(&self.mac);
+        let outcome = self.send_one(tx, len);
+        say!(
+            "net-echo nic={} seq={seq} rx_dst={} rx_src={} tx_src={} len={len} outcome={}",
+            self.index,
+            Mac(dst, ':'),
+            Mac(src, ':'),
+            Mac(self.mac, ':'),
+            match outcome {
+                Ok(()) => "ok",
+                Err(e) => e,
+            }
+        );
     }
 
     fn report_rx(&self, frame: &[u8]) {

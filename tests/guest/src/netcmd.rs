@@ -35,6 +35,10 @@ pub enum NetAction {
     /// `cocoon.net.recv=NIC:COUNT:MS`: report up to COUNT received frames,
     /// waiting at most MS milliseconds in all.
     Recv { nic: usize, count: u32, ms: u32 },
+    /// `cocoon.net.echo=NIC:COUNT:MS`: for each of up to COUNT received
+    /// frames, send it back (to its source, from the MAC the driver read),
+    /// reporting each; waiting at most MS milliseconds in all.
+    Echo { nic: usize, count: u32, ms: u32 },
     /// `cocoon.net.blast=NIC:LEN:COUNT[:tso]`: send COUNT copies of one
     /// frame of LEN bytes as fast as the device takes them, and time it.
     /// Plain frames are UDP; `tso` sends TCP segments for the device to
@@ -53,6 +57,7 @@ impl NetAction {
             NetAction::Arp { nic, .. }
             | NetAction::Udp { nic, .. }
             | NetAction::Recv { nic, .. }
+            | NetAction::Echo { nic, .. }
             | NetAction::Blast { nic, .. } => nic,
         }
     }
@@ -89,6 +94,7 @@ impl fmt::Display for NetAction {
                 Ok(())
             }
             NetAction::Recv { nic, count, ms } => write!(f, "cocoon.net.recv={nic}:{count}:{ms}"),
+            NetAction::Echo { nic, count, ms } => write!(f, "cocoon.net.echo={nic}:{count}:{ms}"),
             NetAction::Blast {
                 nic,
                 len,
@@ -165,7 +171,7 @@ pub fn parse(name: &[u8], value: &[u8]) -> Result<NetAction, &'static str> {
                 dst_mac,
             }
         }
-        b"recv" => {
+        b"recv" | b"echo" => {
             const F: &str = "expected NIC:COUNT:MS";
             let nic = index(next(F)?)?;
             let count = u32_field(next(F)?).ok_or("bad count")?;
@@ -173,7 +179,11 @@ pub fn parse(name: &[u8], value: &[u8]) -> Result<NetAction, &'static str> {
             if count == 0 {
                 return Err("zero count");
             }
-            NetAction::Recv { nic, count, ms }
+            if name == b"echo" {
+                NetAction::Echo { nic, count, ms }
+            } else {
+                NetAction::Recv { nic, count, ms }
+            }
         }
         b"blast" => {
             const F: &str = "expected NIC:LEN:COUNT[:tso]";
@@ -314,6 +324,15 @@ mod tests {
                 },
             ),
             (
+                "echo",
+                "1:4:60000",
+                NetAction::Echo {
+                    nic: 1,
+                    count: 4,
+                    ms: 60000,
+                },
+            ),
+            (
                 "blast",
                 "0:1514:500",
                 NetAction::Blast {
@@ -354,6 +373,13 @@ mod tests {
             a.to_string(),
             "cocoon.net.udp=0:1.2.3.4:5.6.7.8:9:42:02-aa-bb-0c-0d-0e"
         );
+        let e = NetAction::Echo {
+            nic: 0,
+            count: 3,
+            ms: 500,
+        };
+        assert_eq!(e.to_string(), "cocoon.net.echo=0:3:500");
+        assert_eq!(parse(b"echo", b"0:3:500"), Ok(e));
     }
 
     #[test]
@@ -375,6 +401,9 @@ mod tests {
                 "bad MAC address (write it with '-')",
             ),
             ("recv", "0:0:100", "zero count"),
+            ("echo", "0:0:100", "zero count"),
+            ("echo", "0:1", "expected NIC:COUNT:MS"),
+            ("echo", "0:1:1:1", "too many fields"),
             ("blast", "0:1514:10:fast", "expected tso after COUNT"),
             ("blast", "0:65550:10:tso", "frame length out of range"),
             ("blast", "0:1514:0", "zero count"),

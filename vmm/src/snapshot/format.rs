@@ -13,7 +13,12 @@
 //! ```
 //!
 //! The payload of 1.0 is the [`MachineState`] fields up to `devices`; 1.1
-//! appends the i8042's state ([`MachineState::i8042`]).
+//! appends the i8042's state ([`MachineState::i8042`]); 1.2 adds network
+//! devices ([`DeviceState::Net`](crate::devices::virtio::DeviceState::Net),
+//! a new variant at the end, so its files without a NIC are byte for byte
+//! what 1.1 wrote, and a 1.1 reader refuses a file with a NIC as one that
+//! does not decode; this reader names a newer minor version when that is
+//! what it cannot decode).
 //!
 //! The magic and version come first and never move, so any reader can say
 //! which version a file has before anything else. A reader takes every
@@ -35,7 +40,7 @@ pub const MAGIC: [u8; 8] = *b"COCOONVM";
 /// The version this VMM writes.
 pub const CURRENT: FormatVersion = FormatVersion {
     major: 1,
-    minor: 1,
+    minor: 2,
     patch: 0,
 };
 pub const HEADER_LEN: usize = 24;
@@ -82,6 +87,17 @@ pub enum StateFileError {
         path: String,
         recorded: String,
         computed: String,
+    },
+    #[error(
+        "snapshot state {path} was written by a newer VMM (format {found}) and holds what this \
+         VMM (format {current}) does not know, such as a new kind of device",
+        current = CURRENT
+    )]
+    Newer {
+        path: String,
+        found: FormatVersion,
+        #[source]
+        source: postcard::Error,
     },
     #[error("snapshot state {path} does not decode")]
     Decode {
@@ -199,9 +215,19 @@ pub fn decode(name: &str, bytes: &[u8]) -> Result<(FormatVersion, MachineState),
             computed: hex::encode(computed),
         });
     }
-    let decode_err = |source| StateFileError::Decode {
-        path: name.into(),
-        source,
+    let decode_err = |source| {
+        if (version.major, version.minor) > (CURRENT.major, CURRENT.minor) {
+            StateFileError::Newer {
+                path: name.into(),
+                found: version,
+                source,
+            }
+        } else {
+            StateFileError::Decode {
+                path: name.into(),
+                source,
+            }
+        }
     };
     // take_from_bytes: what a newer minor version appended stays unread.
     let (mut state, rest) = postcard::take_from_bytes::<MachineState>(&bytes[HEADER_LEN..body_end])
@@ -210,10 +236,16 @@ pub fn decode(name: &str, bytes: &[u8]) -> Result<(FormatVersion, MachineState),
         let (i8042, _newer) = postcard::take_from_bytes(rest).map_err(decode_err)?;
         state.i8042 = i8042;
     }
-    state.validate().map_err(|what| StateFileError::Invalid {
+    let invalid = |what| StateFileError::Invalid {
         path: name.into(),
         what,
-    })?;
+    };
+    if version.minor < 2 && state.nics().next().is_some() {
+        return Err(invalid(format!(
+            "format {version} has no network devices, and this file holds one"
+        )));
+    }
+    state.validate().map_err(invalid)?;
     Ok((version, state))
 }
 
@@ -260,7 +292,7 @@ fn parse_header(name: &str, bytes: &[u8]) -> Result<(FormatVersion, u64), StateF
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapshot::state::tests::sample_state;
+    use crate::snapshot::state::tests::{sample_state, sample_state_with_nic};
 
     fn decode_err(bytes: &[u8]) -> StateFileError {
         decode("state", bytes).expect_err("should be refused")
@@ -347,11 +379,61 @@ mod tests {
         // A newer minor appended something this reader does not know.
         let current = encode(&sample_state()).unwrap();
         let mut newer_payload = current[HEADER_LEN..current.len() - CHECKSUM_LEN].to_vec();
-        newer_payload.extend_from_slice(b"fields of 1.2");
-        let file = encode_payload(v(1, 2, 3), &newer_payload).unwrap();
+        newer_payload.extend_from_slice(b"fields of 1.3");
+        let file = encode_payload(v(1, 3, 1), &newer_payload).unwrap();
         let (version, back) = decode("state", &file).unwrap();
-        assert_eq!(version, v(1, 2, 3));
+        assert_eq!(version, v(1, 3, 1));
         assert_eq!(back.i8042, sample_state().i8042);
+    }
+
+    #[test]
+    fn a_nic_needs_1_2_and_a_newer_device_kind_is_named_as_newer() {
+        let with_nic = sample_state_with_nic();
+        let file = encode(&with_nic).unwrap();
+        let (version, back) = decode("state", &file).unwrap();
+        assert_eq!(version, CURRENT);
+        assert_eq!(back.nic_summaries(), with_nic.nic_summaries());
+        assert_eq!(back.devices, with_nic.devices);
+        // Without a NIC, 1.2's payload is 1.1's: a 1.1 reader loads it.
+        let plain = encode(&sample_state()).unwrap();
+        let payload = &plain[HEADER_LEN..plain.len() - CHECKSUM_LEN];
+        let v1_1 = FormatVersion {
+            major: 1,
+            minor: 1,
+            patch: 0,
+        };
+        decode("state", &encode_payload(v1_1, payload).unwrap()).unwrap();
+        // A file that claims 1.1 cannot hold a NIC.
+        let nic_payload = &file[HEADER_LEN..file.len() - CHECKSUM_LEN];
+        let e = decode_err(&encode_payload(v1_1, nic_payload).unwrap());
+        assert!(
+            e.to_string()
+                .contains("format 1.1.0 has no network devices"),
+            "{e}"
+        );
+        // A device kind after Net (what 1.3 could add) is refused naming
+        // both versions, not as mere corruption.
+        let mut newer = postcard::to_allocvec(&with_nic).unwrap();
+        let net = postcard::to_allocvec(&with_nic.devices[1].device).unwrap();
+        let at = newer
+            .windows(net.len())
+            .position(|w| w == net.as_slice())
+            .unwrap();
+        newer[at] = 7;
+        newer.extend_from_slice(&postcard::to_allocvec(&with_nic.i8042).unwrap());
+        let v1_3 = FormatVersion { minor: 3, ..v1_1 };
+        let e = decode_err(&encode_payload(v1_3, &newer).unwrap());
+        assert!(matches!(e, StateFileError::Newer { found, .. } if found == v1_3));
+        let text = e.to_string();
+        assert!(
+            text.contains("1.3.0") && text.contains(&CURRENT.to_string()),
+            "{text}"
+        );
+        // The same damage in a file of this version is corruption.
+        assert!(matches!(
+            decode_err(&encode_payload(CURRENT, &newer).unwrap()),
+            StateFileError::Decode { .. }
+        ));
     }
 
     #[test]

@@ -4,13 +4,18 @@
 //!
 //! - [`STATE_FILE`] (`state`): the machine state (vCPUs, KVM's PIT, clock
 //!   and interrupt controllers, COM1, the i8042, every virtio device's transport and
-//!   queues, each disk's size, read-only flag and serial), in the versioned,
+//!   queues, each disk's size, read-only flag and serial, each NIC's MAC,
+//!   link status and any frame the guest had not taken yet), in the versioned,
 //!   checksummed format of [`format`];
 //! - [`MEMORY_FILE`] (`memory`): guest RAM, raw, sparse (zero pages are
 //!   holes), as large as the guest's memory.
 //!
 //! Disks are not part of it: the host copies the writable ones inside the
 //! pause window, and a restore names the files to use (a clone's own copies).
+//! Nor are taps: a restore names one per NIC ([`RestoreConfig::nets`]),
+//! with the MAC the network is to see. A restore onto another MAC (a
+//! clone) translates between it and the MAC the guest's driver keeps using
+//! (see [`MacRewrite`](crate::devices::virtio::net::MacRewrite)).
 //!
 //! # For the host
 //!
@@ -35,6 +40,7 @@
 //!     state: dir.join(snapshot::STATE_FILE),
 //!     memory: dir.join(snapshot::MEMORY_FILE),
 //!     disks,
+//!     nets: Vec::new(), // one NetConfig per summary.nics entry
 //!     serial: SerialOutput::Sink,
 //! })?; // running
 //! # Ok(()) }
@@ -48,8 +54,9 @@
 //! keeps its private mapping of the old file.
 //!
 //! [`Vm::restore`](crate::Vm::restore) reads and checks everything (state
-//! file, disk count, each disk's read-only flag, serial and size, the memory
-//! file's size, the host's RAM) before it opens `/dev/kvm`; a bad snapshot
+//! file, disk count, each disk's read-only flag, serial and size, NIC count,
+//! each tap, the memory file's size, the host's RAM) before it opens
+//! `/dev/kvm`; a bad snapshot
 //! fails with its own [`RestoreError`] and changes nothing.
 //! [`Vm::restore_with_shell`](crate::Vm::restore_with_shell) takes a
 //! [`VmShell`] made ahead (the KVM VM, its irqchip and memory slots), which
@@ -85,10 +92,10 @@ pub mod state;
 use std::path::{Path, PathBuf};
 
 pub use format::{FormatVersion, StateFileError, CURRENT as FORMAT_VERSION};
-pub use restore::{check_disks, check_memory_file, RestoreConfig, RestoreError};
+pub use restore::{check_disks, check_memory_file, check_nics, RestoreConfig, RestoreError};
 pub use save::SnapshotError;
 pub use shell::VmShell;
-pub use state::DiskSummary;
+pub use state::{DiskSummary, NicSummary};
 
 /// The state file's name inside a snapshot directory.
 pub const STATE_FILE: &str = "state";
@@ -108,6 +115,7 @@ pub struct SnapshotInfo {
     pub state_bytes: u64,
     pub tsc_khz: Option<u32>,
     pub disks: Vec<DiskSummary>,
+    pub nics: Vec<NicSummary>,
 }
 
 /// What a host's preflight needs from a state file.
@@ -118,6 +126,7 @@ pub struct StateSummary {
     pub memory_bytes: u64,
     pub tsc_khz: Option<u32>,
     pub disks: Vec<DiskSummary>,
+    pub nics: Vec<NicSummary>,
 }
 
 /// The format version of a state file, from its header alone.
@@ -135,5 +144,6 @@ pub fn verify_state(path: &Path) -> Result<StateSummary, StateFileError> {
         memory_bytes: state.memory_bytes,
         tsc_khz: state.tsc_khz,
         disks: state.disk_summaries(),
+        nics: state.nic_summaries(),
     })
 }

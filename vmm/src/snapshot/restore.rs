@@ -9,14 +9,17 @@ use kvm_ioctls::{Cap, VcpuFd};
 use super::cpu::{self, CpuStateError, HostCpu, TscError, TscPlan};
 use super::kvm_vm::{self, KvmVmError};
 use super::memory_file::{self, MemoryFileError};
-use super::state::{DiskSummary, MachineState};
+use super::state::{DiskSummary, MachineState, NicSummary};
 use super::{format, StateFileError, StateSummary, VmShell};
 use crate::builder::Machine;
-use crate::config::{DiskConfig, SerialOutput};
+use crate::config::{DiskConfig, NetConfig, SerialOutput};
 use crate::devices::lock;
 use crate::devices::serial::{SerialDevice, SerialWriter, UartStateError};
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::mmio::TransportStateError;
+use crate::devices::virtio::net::tap::{Tap, TapError};
+use crate::devices::virtio::net::{Net, NetError};
+use crate::devices::virtio::DeviceState;
 use crate::memory::{self, MemoryError};
 use crate::vm::{self, Vm, VmError};
 
@@ -32,6 +35,13 @@ pub struct RestoreConfig {
     /// flag must be the saved one, a serial if given too, and each file
     /// must have the saved size. `direct` is the host's choice.
     pub disks: Vec<DiskConfig>,
+    /// One per NIC of the snapshot, in order: the tap to open (the
+    /// snapshotted VM's, or a clone's own) and the MAC the network is to
+    /// see. A MAC other than the one the guest uses (a clone's) is
+    /// translated by the device (see
+    /// [`MacRewrite`](crate::devices::virtio::net::MacRewrite)); the saved
+    /// MAC restores without any rewrite.
+    pub nets: Vec<NetConfig>,
     pub serial: SerialOutput,
 }
 
@@ -53,6 +63,24 @@ pub enum RestoreError {
         index: usize,
         saved: String,
         given: String,
+    },
+    #[error("the snapshot has {saved} NICs; the restore names {given}")]
+    NicCount { saved: usize, given: usize },
+    #[error("NIC {index} ({mac}) is not a unicast MAC")]
+    NicMac { index: usize, mac: String },
+    #[error("NIC {index} (tap {tap})")]
+    Tap {
+        index: usize,
+        tap: String,
+        #[source]
+        source: TapError,
+    },
+    #[error("NIC {index} (tap {tap})")]
+    Net {
+        index: usize,
+        tap: String,
+        #[source]
+        source: NetError,
     },
     #[error("disk {index}")]
     Disk {
@@ -144,6 +172,32 @@ pub fn check_disks(saved: &[DiskSummary], given: &[DiskConfig]) -> Result<(), Re
     Ok(())
 }
 
+/// The NICs a restore names against the snapshot's: the same count, and
+/// each MAC one a NIC can have (unicast). Pure, for a host's preflight;
+/// [`Vm::restore`] runs it too.
+pub fn check_nics(saved: &[NicSummary], given: &[NetConfig]) -> Result<(), RestoreError> {
+    if saved.len() != given.len() {
+        return Err(RestoreError::NicCount {
+            saved: saved.len(),
+            given: given.len(),
+        });
+    }
+    for (index, n) in given.iter().enumerate() {
+        if n.mac[0] & 1 != 0 {
+            return Err(RestoreError::NicMac {
+                index,
+                mac: n
+                    .mac
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(":"),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The memory file is there and exactly the guest's size (a truncated copy
 /// would read as zeros, or fault, where the guest had data).
 pub fn check_memory_file(path: &Path, summary: &StateSummary) -> Result<(), RestoreError> {
@@ -179,6 +233,8 @@ struct Prepared {
     memory: File,
     memory_name: String,
     blocks: Vec<Block>,
+    /// Each restored device with its tap's descriptor for the I/O thread.
+    nets: Vec<(Net, std::os::fd::OwnedFd)>,
     serial_out: SerialWriter,
     serial: SerialOutput,
 }
@@ -186,6 +242,7 @@ struct Prepared {
 fn prepare(config: RestoreConfig) -> Result<Prepared, RestoreError> {
     let (_version, state) = format::read(&config.state)?;
     check_disks(&state.disk_summaries(), &config.disks)?;
+    check_nics(&state.nic_summaries(), &config.nets)?;
     memory::check_fits_this_host(state.memory_bytes)?;
     let memory = open_memory_file(&config.memory, state.memory_bytes)?;
     let blocks = state
@@ -197,6 +254,13 @@ fn prepare(config: RestoreConfig) -> Result<Prepared, RestoreError> {
                 .map_err(|source| RestoreError::Disk { index, source })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    // The taps last: a tap is held from here until the VM stops.
+    let nets = state
+        .nics()
+        .zip(&config.nets)
+        .enumerate()
+        .map(|(index, ((transport, saved), nic))| open_net(index, transport, saved, nic))
+        .collect::<Result<Vec<_>, _>>()?;
     let serial_out = vm::serial_writer(&config.serial).map_err(|e| match e {
         VmError::Io(_, source) => RestoreError::SerialLog(source),
         other => RestoreError::Vm(other),
@@ -206,9 +270,46 @@ fn prepare(config: RestoreConfig) -> Result<Prepared, RestoreError> {
         memory,
         memory_name: config.memory.display().to_string(),
         blocks,
+        nets,
         serial_out,
         serial: config.serial,
     })
+}
+
+/// NIC `index` over its tap, in its saved state: the acked features are
+/// the transport's (when the driver had set DRIVER_OK), and set on the tap
+/// as activation does.
+fn open_net(
+    index: usize,
+    transport: &crate::devices::virtio::mmio::TransportState,
+    saved: &crate::devices::virtio::net::NetState,
+    nic: &NetConfig,
+) -> Result<(Net, std::os::fd::OwnedFd), RestoreError> {
+    let tap_err = |source| RestoreError::Tap {
+        index,
+        tap: nic.tap.clone(),
+        source,
+    };
+    let tap = Tap::open(&nic.tap).map_err(tap_err)?;
+    let poll_fd = tap.poll_fd().map_err(|source| {
+        tap_err(TapError::Ioctl {
+            what: "duplicate the descriptor",
+            name: nic.tap.clone(),
+            source,
+        })
+    })?;
+    let acked = if transport.activated {
+        transport.driver_features
+    } else {
+        0
+    };
+    let net =
+        Net::restore(Box::new(tap), saved, acked, nic.mac).map_err(|source| RestoreError::Net {
+            index,
+            tap: nic.tap.clone(),
+            source,
+        })?;
+    Ok((net, poll_fd))
 }
 
 impl Vm {
@@ -245,11 +346,24 @@ impl Vm {
         if let Some(i8042) = &machine.i8042 {
             lock(i8042).restore(&state.i8042);
         }
-        for (index, (block, saved)) in p.blocks.into_iter().zip(&state.devices).enumerate() {
-            machine.attach_virtio(Box::new(block), format!("virtio-blk{index}"), |t| {
+        // In slot order, as saved: each device of its kind, in turn.
+        let mut blocks = p.blocks.into_iter().enumerate();
+        let mut nets = p.nets.into_iter().enumerate();
+        for (index, saved) in state.devices.iter().enumerate() {
+            let restore = |t: &mut crate::devices::virtio::mmio::MmioTransport| {
                 t.restore(&saved.transport)
                     .map_err(|source| RestoreError::Device { index, source })
-            })?;
+            };
+            match &saved.device {
+                DeviceState::Block(_) => {
+                    let (i, block) = blocks.next().expect("one block per disk state");
+                    machine.attach_virtio(Box::new(block), format!("virtio-blk{i}"), restore)?;
+                }
+                DeviceState::Net(_) => {
+                    let (i, (net, poll_fd)) = nets.next().expect("one device per NIC state");
+                    machine.attach_net_device(i, net, poll_fd, restore)?;
+                }
+            }
         }
 
         let fds = restore_vcpus(&machine, state)?;
@@ -321,6 +435,36 @@ mod tests {
             serial: serial.map(Into::into),
             direct: false,
         }
+    }
+
+    #[test]
+    fn nics_must_match_in_count_and_be_unicast() {
+        let saved = [NicSummary {
+            index: 0,
+            mac: [2, 0, 0, 0, 0, 1],
+            guest_mac: [2, 0, 0, 0, 0, 1],
+        }];
+        let nic = |mac| NetConfig {
+            tap: "tap0".into(),
+            mac,
+        };
+        // Another MAC is a clone's: translated, not refused.
+        check_nics(&saved, &[nic([2, 0, 0, 0, 0, 9])]).unwrap();
+        let e = check_nics(&saved, &[]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "the snapshot has 1 NICs; the restore names 0"
+        );
+        let e = check_nics(&[], &[nic([2, 0, 0, 0, 0, 1])]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "the snapshot has 0 NICs; the restore names 1"
+        );
+        let e = check_nics(&saved, &[nic([3, 0, 0, 0, 0, 1])]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "NIC 0 (03:00:00:00:00:01) is not a unicast MAC"
+        );
     }
 
     #[test]

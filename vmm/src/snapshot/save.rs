@@ -150,6 +150,7 @@ impl Vm {
             state_bytes: bytes.len() as u64,
             tsc_khz: state.tsc_khz,
             disks: state.disk_summaries(),
+            nics: state.nic_summaries(),
         })
     }
 

@@ -7,8 +7,11 @@ use super::cpu::{self, VcpuState};
 use super::kvm_vm::KvmVmState;
 use crate::devices::i8042::I8042State;
 use crate::devices::serial::UartState;
-use crate::devices::virtio::block::{BlockState, VIRTIO_ID_BLOCK};
+use crate::devices::virtio::block::BlockState;
+#[cfg(test)]
+use crate::devices::virtio::block::VIRTIO_ID_BLOCK;
 use crate::devices::virtio::mmio::TransportState;
+use crate::devices::virtio::net::NetState;
 use crate::devices::virtio::DeviceState;
 use crate::memory::{self, MAX_VIRTIO_DEVICES, MIN_MEMORY};
 use crate::vm::MAX_VCPUS;
@@ -57,6 +60,18 @@ pub struct DiskSummary {
     pub capacity_bytes: u64,
     /// The GET_ID string, NULs trimmed.
     pub serial: String,
+}
+
+/// The guest's view of one NIC, for a host's preflight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NicSummary {
+    /// Position among the VM's NICs (its virtio-net order).
+    pub index: usize,
+    /// The MAC the network saw (config space's).
+    pub mac: [u8; 6],
+    /// The MAC the guest's driver uses (`mac` unless the saved VM was
+    /// itself a clone translating between them).
+    pub guest_mac: [u8; 6],
 }
 
 /// The memory file's layout for `memory_bytes` of RAM: the regions of
@@ -128,14 +143,22 @@ impl MachineState {
             ));
         }
         for (i, d) in self.devices.iter().enumerate() {
-            let kind = match d.device {
-                DeviceState::Block(_) => VIRTIO_ID_BLOCK,
-            };
+            let kind = d.device.device_type();
             if d.transport.device_type != kind {
                 return Err(format!(
                     "virtio device {i}: transport of type {} for a device of type {kind}",
                     d.transport.device_type
                 ));
+            }
+            if let DeviceState::Net(n) = &d.device {
+                n.validate()
+                    .map_err(|e| format!("virtio device {i} (network): {e}"))?;
+                if d.transport.device_features != n.features {
+                    return Err(format!(
+                        "virtio device {i} (network): the transport offered {:#x}, the device {:#x}",
+                        d.transport.device_features, n.features
+                    ));
+                }
             }
         }
         Ok(())
@@ -143,9 +166,29 @@ impl MachineState {
 
     /// The block devices' states, in disk order.
     pub fn disks(&self) -> impl Iterator<Item = &BlockState> {
-        self.devices.iter().map(|d| match &d.device {
-            DeviceState::Block(b) => b,
+        self.devices.iter().filter_map(|d| match &d.device {
+            DeviceState::Block(b) => Some(b),
+            DeviceState::Net(_) => None,
         })
+    }
+
+    /// The network devices with their transports, in NIC order.
+    pub fn nics(&self) -> impl Iterator<Item = (&TransportState, &NetState)> {
+        self.devices.iter().filter_map(|d| match &d.device {
+            DeviceState::Net(n) => Some((&d.transport, n)),
+            DeviceState::Block(_) => None,
+        })
+    }
+
+    pub fn nic_summaries(&self) -> Vec<NicSummary> {
+        self.nics()
+            .enumerate()
+            .map(|(index, (_, n))| NicSummary {
+                index,
+                mac: n.mac,
+                guest_mac: n.guest_mac,
+            })
+            .collect()
     }
 
     pub fn disk_summaries(&self) -> Vec<DiskSummary> {
@@ -250,6 +293,75 @@ pub(crate) mod tests {
                 buffer: vec![0x14, 0x11],
                 ..Default::default()
             },
+        }
+    }
+
+    pub(crate) const SAVED_MAC: [u8; 6] = [0x02, 0xcc, 0, 0, 0, 0x10];
+
+    /// [`sample_state`] with a NIC after its disk.
+    pub(crate) fn sample_state_with_nic() -> MachineState {
+        let mut s = sample_state();
+        let mut transport = s.devices[0].transport.clone();
+        let features = 1 << 32 | 1 << 5 | 1 << 16;
+        transport.device_type = crate::devices::virtio::net::VIRTIO_ID_NET;
+        transport.device_features = features;
+        transport.driver_features = features;
+        transport.queues = vec![transport.queues[0]; 2];
+        s.devices.push(VirtioDeviceState {
+            transport,
+            device: DeviceState::Net(NetState {
+                mac: SAVED_MAC,
+                guest_mac: SAVED_MAC,
+                features,
+                status: 1,
+                pending_rx: Some(vec![0; 74]),
+                stats: Default::default(),
+            }),
+        });
+        s
+    }
+
+    #[test]
+    fn a_nic_is_summarised_apart_from_the_disks_and_checked() {
+        let s = sample_state_with_nic();
+        s.validate().unwrap();
+        assert_eq!(s.disk_summaries().len(), 1);
+        assert_eq!(
+            s.nic_summaries(),
+            vec![NicSummary {
+                index: 0,
+                mac: SAVED_MAC,
+                guest_mac: SAVED_MAC
+            }]
+        );
+        type Edit = fn(&mut NetState, &mut TransportState);
+        let cases: &[(&str, Edit)] = &[
+            (
+                "virtio device 1: transport of type 2 for a device of type 1",
+                |_, t| t.device_type = VIRTIO_ID_BLOCK,
+            ),
+            (
+                "virtio device 1 (network): a waiting frame of 5 bytes",
+                |n, _| n.pending_rx = Some(vec![0; 5]),
+            ),
+            ("a waiting frame of 70000 bytes", |n, _| {
+                n.pending_rx = Some(vec![0; 70000])
+            }),
+            ("link status 0x4", |n, _| n.status = 4),
+            (
+                "the transport offered 0x100010020, the device 0x100010021",
+                |n, _| n.features |= 1,
+            ),
+        ];
+        for (want, edit) in cases {
+            let mut s = sample_state_with_nic();
+            let d = &mut s.devices[1];
+            let DeviceState::Net(n) = &mut d.device else {
+                unreachable!()
+            };
+            edit(n, &mut d.transport);
+            let e = s.validate().unwrap_err();
+            assert!(e.contains(want), "{want}: {e}");
         }
     }
 

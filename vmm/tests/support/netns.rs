@@ -35,12 +35,15 @@ pub struct Netns {
 
 impl Netns {
     /// A fresh namespace with loopback up and IPv6 off (so the kernel adds
-    /// no router solicitations or MLD reports to what the test counts).
+    /// no router solicitations or MLD reports to what the test counts),
+    /// named `PREFIX-TAG-PID-N` (PREFIX from `$COCOON_NETNS_PREFIX`,
+    /// `cocoon` by default, so that concurrent runs can tell theirs apart).
     /// `Err` says why one cannot be made here.
     pub fn new(tag: &str) -> Result<Netns, String> {
         static SEQ: AtomicU32 = AtomicU32::new(0);
+        let prefix = std::env::var("COCOON_NETNS_PREFIX").unwrap_or_else(|_| "cocoon".into());
         let name = format!(
-            "cocoon-{tag}-{}-{}",
+            "{prefix}-{tag}-{}-{}",
             std::process::id(),
             SEQ.fetch_add(1, Ordering::Relaxed)
         );

@@ -91,6 +91,7 @@ pub fn take(monitor: &Monitor, name: &str) -> Result<SnapshotTaken, Refused> {
         layers: image.layers.clone(),
         vm_dir: monitor.dir.clone(),
         store_root: store_root(&monitor.dir),
+        nics: record.nics.clone(),
     };
 
     // The disk locks stay with the monitor; holding their slot keeps the
@@ -161,6 +162,9 @@ pub fn restore(vm_dir: &std::path::Path, from: &StartFrom, config: VmConfig) -> 
         state: from.state.clone(),
         memory: from.memory.clone(),
         disks: config.disks,
+        // The record's NICs on the taps the monitor attached: a clone's
+        // are new MACs, which the VMM translates for the guest.
+        nets: config.nets,
         serial: config.serial,
     })
     .with_context(|| format!("restoring snapshot {name}"))?;

@@ -78,6 +78,18 @@ impl Interest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DeviceState {
     Block(block::BlockState),
+    /// Since format 1.2.
+    Net(net::NetState),
+}
+
+impl DeviceState {
+    /// The virtio device ID of the device this state is of.
+    pub fn device_type(&self) -> u32 {
+        match self {
+            DeviceState::Block(_) => block::VIRTIO_ID_BLOCK,
+            DeviceState::Net(_) => net::VIRTIO_ID_NET,
+        }
+    }
 }
 
 /// Copies a device's configuration space from `offset` into `data`; bytes

@@ -20,8 +20,13 @@
 //! ([`VirtioDevice::backend_interest`]): input only while the guest has
 //! room (a receive notification resumes it), output only after a send
 //! would have blocked.
+//!
+//! A restored device may carry a MAC translation ([`MacRewrite`]): a
+//! clone's guest keeps the MAC its driver read before the snapshot, while
+//! the network sees the clone's own, which config space reports.
 
 pub mod header;
+pub mod rewrite;
 mod rx;
 pub mod tap;
 mod tx;
@@ -34,11 +39,13 @@ use virtio_queue::Queue;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use self::header::{
-    missing_dependency, tap_offload, F_MAC, F_MRG_RXBUF, F_STATUS, MAX_BUFFER_LEN, OFFLOAD_FEATURES,
+    missing_dependency, tap_offload, F_MAC, F_MRG_RXBUF, F_STATUS, HDR_LEN, MAX_BUFFER_LEN,
+    OFFLOAD_FEATURES,
 };
+pub use self::rewrite::MacRewrite;
 use super::{
-    read_config_from, Interest, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
-    VIRTIO_RING_F_INDIRECT_DESC,
+    read_config_from, DeviceState, Interest, VirtioDevice, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
 pub const VIRTIO_ID_NET: u32 = 1;
@@ -154,27 +161,68 @@ fn bump(c: &AtomicU64, by: u64) {
 }
 
 /// What a snapshot keeps of a network device beyond the transport's own
-/// state (queue positions and addresses, acked features, status).
+/// state (queue positions and addresses, the features the driver acked,
+/// the device status), which is not repeated here: a restore takes the
+/// acked features from the transport's state.
+///
+/// Between two requests the device keeps one thing the guest would miss:
+/// a frame read from the tap that no guest buffer has taken yet. A frame
+/// is never half delivered (nothing of it reaches the used ring until all
+/// of it is placed, and a pause waits for the I/O thread to finish its
+/// round), so the waiting frame is saved whole and delivered after the
+/// restore. Transmit chains the tap had no room for stay on the avail ring
+/// and are sent by the restore's kick; the "parked" and "blocked" flags
+/// are recomputed by that kick.
+///
+/// Unlike Firecracker's net state, which records its tap's name and
+/// reopens it, the tap is not part of the state: a restore names one per
+/// NIC ([`crate::snapshot::RestoreConfig::nets`]), since a clone must not
+/// take its source's. Firecracker also drops a frame deferred for want of
+/// guest buffers; this device keeps it (`pending_rx`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetState {
+    /// The MAC config space reported: the one the network saw.
     pub mac: [u8; 6],
+    /// The MAC the guest's driver uses: `mac`, unless the saved device
+    /// was itself translating (a clone that was snapshotted again).
+    pub guest_mac: [u8; 6],
     /// Features offered; a restore onto a tap that cannot offer the same
     /// is refused.
     pub features: u64,
-    /// Features the driver acked (0 before DRIVER_OK).
-    pub acked_features: u64,
+    /// Config space's status field (VIRTIO_NET_S_LINK_UP).
+    pub status: u16,
     /// A frame read from the tap that no guest buffer had taken yet,
-    /// header first.
+    /// header first, already in the guest's terms (its MAC translated).
     pub pending_rx: Option<Vec<u8>>,
     pub stats: NetStats,
+}
+
+impl NetState {
+    /// What decoding cannot check.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(frame) = &self.pending_rx {
+            if !(HDR_LEN..=MAX_BUFFER_LEN).contains(&frame.len()) {
+                return Err(format!(
+                    "a waiting frame of {} bytes; a frame with its header is {HDR_LEN} to {MAX_BUFFER_LEN}",
+                    frame.len()
+                ));
+            }
+        }
+        if self.status & !LINK_UP != 0 {
+            return Err(format!("link status {:#x}", self.status));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
     #[error("the tap offers features {have:#x}, the saved device had {want:#x}")]
     Features { have: u64, want: u64 },
-    #[error("the saved pending frame is {0} bytes, more than a frame can be")]
-    PendingTooLong(usize),
+    #[error("the saved device state is not valid: {0}")]
+    Invalid(String),
+    #[error("the driver acked {0:#x}, which breaks a feature dependency")]
+    AckedFeatures(u64),
     #[error("cannot set the tap's offloads")]
     Offload(#[source] io::Error),
 }
@@ -189,7 +237,11 @@ struct Segment {
 /// One virtio-net device.
 pub struct Net {
     backend: Box<dyn Backend>,
+    /// The MAC in config space: the one the network sees.
     mac: [u8; 6],
+    /// Set while the guest's driver uses another MAC than `mac` (see
+    /// [`MacRewrite`]); a driver reset clears it.
+    rewrite: Option<MacRewrite>,
     features: u64,
     acked: u64,
     config: [u8; CONFIG_LEN],
@@ -224,6 +276,7 @@ impl Net {
         Net {
             backend,
             mac,
+            rewrite: None,
             features,
             acked: 0,
             config,
@@ -237,8 +290,19 @@ impl Net {
         }
     }
 
+    /// The MAC the network sees (config space's).
     pub fn mac(&self) -> [u8; 6] {
         self.mac
+    }
+
+    /// The MAC the guest's driver uses.
+    pub fn guest_mac(&self) -> [u8; 6] {
+        self.rewrite.map_or(self.mac, |r| r.guest)
+    }
+
+    /// The translation in force, if the guest's MAC is not the wire's.
+    pub fn rewrite(&self) -> Option<MacRewrite> {
+        self.rewrite
     }
 
     /// The device's counters, shared: they can be read from any thread
@@ -250,36 +314,50 @@ impl Net {
     pub fn state(&self) -> NetState {
         NetState {
             mac: self.mac,
+            guest_mac: self.guest_mac(),
             features: self.features,
-            acked_features: self.acked,
+            status: u16::from_le_bytes([self.config[6], self.config[7]]),
             pending_rx: self.pending.map(|n| self.rx_buf[..n].to_vec()),
             stats: self.counters.stats(),
         }
     }
 
-    /// A device in the saved state over `backend`: the backend's offloads
-    /// are set again for the acked features, which the transport restores
-    /// on its side without a new negotiation.
-    pub fn restore(backend: Box<dyn Backend>, state: &NetState) -> Result<Net, NetError> {
-        let mut net = Net::new(backend, state.mac);
+    /// A device in the saved state over `backend`, seen by the network as
+    /// `wire_mac` (which config space reports from now on). `acked` is what
+    /// the driver acked, from the transport's saved state (0 when it had
+    /// not set DRIVER_OK): the tap's offloads and vnet header are set for
+    /// it exactly as activation does on a cold boot, since the transport
+    /// restores without a new negotiation. When `wire_mac` is not the MAC
+    /// the guest uses, the device translates between them
+    /// ([`MacRewrite`]).
+    pub fn restore(
+        backend: Box<dyn Backend>,
+        state: &NetState,
+        acked: u64,
+        wire_mac: [u8; 6],
+    ) -> Result<Net, NetError> {
+        state.validate().map_err(NetError::Invalid)?;
+        let mut net = Net::new(backend, wire_mac);
         if net.features != state.features {
             return Err(NetError::Features {
                 have: net.features,
                 want: state.features,
             });
         }
+        net.config[6..8].copy_from_slice(&state.status.to_le_bytes());
+        net.rewrite = MacRewrite::between(state.guest_mac, wire_mac);
         if let Some(frame) = &state.pending_rx {
-            if frame.len() > MAX_BUFFER_LEN {
-                return Err(NetError::PendingTooLong(frame.len()));
-            }
             net.rx_buf[..frame.len()].copy_from_slice(frame);
             net.pending = Some(frame.len());
         }
-        net.acked = state.acked_features;
-        if net.acked != 0 {
+        if acked != 0 {
+            if missing_dependency(acked).is_some() {
+                return Err(NetError::AckedFeatures(acked));
+            }
             net.backend
-                .set_offload(tap_offload(net.acked))
+                .set_offload(tap_offload(acked))
                 .map_err(NetError::Offload)?;
+            net.acked = acked;
         }
         net.counters.restore(&state.stats);
         Ok(net)
@@ -347,9 +425,15 @@ impl VirtioDevice for Net {
         }
     }
 
+    fn state(&self) -> Option<DeviceState> {
+        Some(DeviceState::Net(Net::state(self)))
+    }
+
     fn reset(&mut self) {
         self.acked = 0;
         self.pending = None;
+        // The next driver reads config space's MAC and uses it.
+        self.rewrite = None;
         self.tx_blocked = false;
         self.rx_parked = false;
         // Until the next driver says what it takes, the tap finishes

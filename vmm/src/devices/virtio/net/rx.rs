@@ -255,6 +255,11 @@ impl Net {
             match check_rx(&NetHdr::parse(&raw), self.acked) {
                 Ok(hdr) => {
                     self.rx_buf[..HDR_LEN].copy_from_slice(&hdr.to_bytes());
+                    // Into the guest's terms now, so that a waiting frame
+                    // (and a snapshot of it) is what the guest will see.
+                    if let Some(rw) = &self.rewrite {
+                        rw.inbound(&mut self.rx_buf[..len]);
+                    }
                     self.pending = Some(len);
                     return Ok(true);
                 }

@@ -633,9 +633,10 @@ fn state_keeps_mac_features_and_a_waiting_frame() {
     let mut d = Driver::new(&mem, 0, 16);
     f.net.process_queue(&f.mem, RX_QUEUE, &mut d.queue);
     let state = f.net.state();
-    assert_eq!(state.mac, MAC);
-    assert_eq!(state.acked_features, F_GUEST_CSUM | VIRTIO_F_VERSION_1);
+    assert_eq!((state.mac, state.guest_mac), (MAC, MAC));
+    assert_eq!(state.status, 1, "link up");
     assert_eq!(state.pending_rx.as_deref().map(<[u8]>::len), Some(512));
+    let acked = F_GUEST_CSUM | VIRTIO_F_VERSION_1;
     // Through serde, as a snapshot would carry it.
     let json = serde_json::to_string(&state).unwrap();
     let back: NetState = serde_json::from_str(&json).unwrap();
@@ -648,7 +649,8 @@ fn state_keeps_mac_features_and_a_waiting_frame() {
             offload: true,
         })
     };
-    let mut restored = Net::restore(tap(), &back).unwrap();
+    let mut restored = Net::restore(tap(), &back, acked, MAC).unwrap();
+    assert_eq!(restored.rewrite(), None, "the saved MAC needs no rewrite");
     assert_eq!(wire.lock().unwrap().offloads, vec![libc::TUN_F_CSUM]);
     d.post(&[(BUF, 1526, F_WRITE)]);
     restored.process_queue(&f.mem, RX_QUEUE, &mut d.queue);
@@ -661,9 +663,197 @@ fn state_keeps_mac_features_and_a_waiting_frame() {
         offload: false,
     });
     assert!(matches!(
-        Net::restore(plain, &back),
+        Net::restore(plain, &back, acked, MAC),
         Err(NetError::Features { .. })
     ));
+    // Nor can a driver's acks that break a dependency come back.
+    assert!(matches!(
+        Net::restore(tap(), &back, VIRTIO_F_VERSION_1 | F_GUEST_TSO4, MAC),
+        Err(NetError::AckedFeatures(_))
+    ));
+    // A device that had not been activated sets no offloads.
+    let before = wire.lock().unwrap().offloads.len();
+    Net::restore(tap(), &back, 0, MAC).unwrap();
+    assert_eq!(wire.lock().unwrap().offloads.len(), before);
+}
+
+const WIRE_MAC: [u8; 6] = [0x02, 0x99, 0x88, 0x77, 0x66, 0x55];
+const PEER_MAC: [u8; 6] = [0x02, 0xee, 0, 0, 0, 1];
+
+/// An ARP packet (Ethernet, IPv4) after an Ethernet header.
+fn arp_frame(dst: [u8; 6], src: [u8; 6], op: u8, sha: [u8; 6], tha: [u8; 6]) -> Vec<u8> {
+    let mut f = dst.to_vec();
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, op]);
+    f.extend_from_slice(&sha);
+    f.extend_from_slice(&[10, 0, 0, 2]);
+    f.extend_from_slice(&tha);
+    f.extend_from_slice(&[10, 0, 0, 1]);
+    f
+}
+
+/// A device saved with MAC and restored as `wire`, activated with MRG_RXBUF.
+fn restored_as(wire_mac: [u8; 6]) -> (Fixture, Arc<Mutex<Wire>>) {
+    let f = fixture_with(true, F_MRG_RXBUF);
+    let wire = Arc::new(Mutex::new(Wire::default()));
+    let net = Net::restore(
+        Box::new(FakeTap {
+            wire: wire.clone(),
+            offload: true,
+        }),
+        &f.net.state(),
+        VIRTIO_F_VERSION_1 | F_MRG_RXBUF,
+        wire_mac,
+    )
+    .unwrap();
+    (
+        Fixture {
+            mem: f.mem,
+            wire: wire.clone(),
+            net,
+        },
+        wire,
+    )
+}
+
+#[test]
+fn a_restore_onto_a_new_mac_translates_both_ways_and_config_space_shows_it() {
+    let (mut f, wire) = restored_as(WIRE_MAC);
+    assert_eq!(f.net.mac(), WIRE_MAC);
+    assert_eq!(f.net.guest_mac(), MAC);
+    let mut config = [0u8; 6];
+    f.net.read_config(0, &mut config);
+    assert_eq!(config, WIRE_MAC, "config space reports the wire MAC");
+    // The saved state keeps what the guest uses.
+    assert_eq!(
+        (f.net.state().mac, f.net.state().guest_mac),
+        (WIRE_MAC, MAC)
+    );
+
+    // Transmit: an ARP request split inside the virtio-net header, inside
+    // the source MAC and inside the ARP sender address.
+    let request = with_header(
+        NetHdr::default(),
+        &arp_frame([0xff; 6], MAC, 1, MAC, [0; 6]),
+    );
+    let mem = f.mem.clone();
+    let cuts = [0usize, 5, 12 + 9, 12 + 14 + 11, request.len()];
+    let mut chain = Vec::new();
+    for (i, w) in cuts.windows(2).enumerate() {
+        let at = BUF + 0x1000 * i as u64;
+        mem.write_slice(&request[w[0]..w[1]], GuestAddress(at))
+            .unwrap();
+        chain.push((at, u32::try_from(w[1] - w[0]).unwrap(), 0));
+    }
+    let mut tx = Driver::new(&mem, 0x4_0000, 16);
+    tx.post(&chain);
+    f.net.process_queue(&mem, TX_QUEUE, &mut tx.queue);
+    let sent = wire.lock().unwrap().sent.clone();
+    assert_eq!(
+        sent,
+        vec![with_header(
+            NetHdr::default(),
+            &arp_frame([0xff; 6], WIRE_MAC, 1, WIRE_MAC, [0; 6])
+        )]
+    );
+    // The guest's memory is left as the guest wrote it.
+    assert_eq!(read(&mem, BUF + 0x1000, 7), request[5..12].to_vec());
+
+    // Receive: the reply for the wire MAC reaches the guest addressed to
+    // the MAC it knows, spread over small buffers (MRG_RXBUF).
+    let reply = arp_frame(WIRE_MAC, PEER_MAC, 2, PEER_MAC, WIRE_MAC);
+    push_rx(&f, with_header(NetHdr::default(), &reply));
+    let mut rx = Driver::new(&mem, 0, 16);
+    for i in 0..4u64 {
+        rx.post(&[(BUF + 0x10_0000 + 0x1000 * i, 16, F_WRITE)]);
+    }
+    f.net.process_queue(&mem, RX_QUEUE, &mut rx.queue);
+    assert_eq!(rx.used_idx(), 4);
+    let mut got = Vec::new();
+    for i in 0..4u16 {
+        let (_, len) = rx.used(i);
+        got.extend(read(
+            &mem,
+            BUF + 0x10_0000 + 0x1000 * u64::from(i),
+            len as usize,
+        ));
+    }
+    assert_eq!(
+        &got[HDR_LEN..],
+        &arp_frame(MAC, PEER_MAC, 2, PEER_MAC, MAC)[..]
+    );
+    // A frame for someone else, and a runt, pass untouched.
+    let other = frame(60, 3);
+    let mut for_peer = other.clone();
+    for_peer[..6].copy_from_slice(&PEER_MAC);
+    push_rx(&f, with_header(NetHdr::default(), &for_peer));
+    push_rx(&f, with_header(NetHdr::default(), &WIRE_MAC[..4]));
+    for i in 0..2u64 {
+        rx.post(&[(BUF + 0x20_0000 + 0x1000 * i, 1526, F_WRITE)]);
+    }
+    f.net.process_queue(&mem, RX_QUEUE, &mut rx.queue);
+    assert_eq!(rx.used_idx(), 6);
+    assert_eq!(read(&mem, BUF + 0x20_0000 + 12, 60), for_peer);
+    assert_eq!(read(&mem, BUF + 0x20_1000 + 12, 4), WIRE_MAC[..4].to_vec());
+    let s = stats(&f);
+    assert_eq!((s.tx_frames, s.rx_frames), (1, 3));
+
+    // A driver reset ends the translation: the next driver reads the wire
+    // MAC and uses it.
+    f.net.reset();
+    assert_eq!(f.net.rewrite(), None);
+    assert_eq!(f.net.guest_mac(), WIRE_MAC);
+}
+
+#[test]
+fn a_waiting_frame_is_saved_in_the_guests_terms() {
+    let (mut f, _) = restored_as(WIRE_MAC);
+    push_rx(
+        &f,
+        with_header(
+            NetHdr::default(),
+            &arp_frame(WIRE_MAC, PEER_MAC, 2, PEER_MAC, WIRE_MAC),
+        ),
+    );
+    let mem = f.mem.clone();
+    let mut rx = Driver::new(&mem, 0, 16);
+    f.net.process_queue(&mem, RX_QUEUE, &mut rx.queue);
+    let state = f.net.state();
+    let pending = state.pending_rx.clone().unwrap();
+    assert_eq!(&pending[HDR_LEN..HDR_LEN + 6], &MAC);
+    // Restored again onto a third MAC: the guest still uses its own, the
+    // waiting frame is delivered as it was.
+    let third = [0x02, 0x33, 0, 0, 0, 3];
+    let wire = Arc::new(Mutex::new(Wire::default()));
+    let mut again = Net::restore(
+        Box::new(FakeTap {
+            wire,
+            offload: true,
+        }),
+        &state,
+        VIRTIO_F_VERSION_1 | F_MRG_RXBUF,
+        third,
+    )
+    .unwrap();
+    assert_eq!(again.guest_mac(), MAC);
+    assert_eq!(again.mac(), third);
+    rx.post(&[(BUF, 1526, F_WRITE)]);
+    again.process_queue(&mem, RX_QUEUE, &mut rx.queue);
+    assert_eq!(rx.used_idx(), 1);
+    assert_eq!(read(&mem, BUF + 12, 6), MAC.to_vec());
+    // Back onto the guest's own MAC: no translation.
+    let wire = Arc::new(Mutex::new(Wire::default()));
+    let home = Net::restore(
+        Box::new(FakeTap {
+            wire,
+            offload: true,
+        }),
+        &state,
+        VIRTIO_F_VERSION_1,
+        MAC,
+    )
+    .unwrap();
+    assert_eq!(home.rewrite(), None);
 }
 
 #[test]

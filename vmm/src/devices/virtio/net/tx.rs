@@ -113,6 +113,9 @@ impl Net {
         }
         // num_buffers means nothing on transmit (virtio 1.2, 5.1.6.2).
         self.tx_buf[HDR_LEN - 2..HDR_LEN].fill(0);
+        if let Some(rw) = &self.rewrite {
+            rw.outbound(&mut self.tx_buf[..len]);
+        }
         match self.backend.send(&self.tx_buf[..len]) {
             Ok(_) => {
                 bump(&c.tx_frames, 1);
