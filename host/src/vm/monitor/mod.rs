@@ -111,6 +111,15 @@ pub unsafe fn main(vm_dir: &Path, lock_fd: RawFd, ready_fd: RawFd) -> i32 {
     one_malloc_arena();
     // SAFETY: the caller passes the inherited, otherwise unused pipe.
     let mut ready = unsafe { File::from_raw_fd(ready_fd) };
+    // A session of its own, so that the terminal's signals and its hangup
+    // never reach the VM. Here rather than between fork and exec in the
+    // parent, which would cost `spawn` its posix_spawn (see `spawn::start`).
+    // SAFETY: setsid takes no pointers; it fails only for a group leader,
+    // which a child `spawn` starts is not.
+    if unsafe { libc::setsid() } < 0 {
+        let _ = writeln!(ready, "setsid: {}", std::io::Error::last_os_error());
+        return 1;
+    }
     // SAFETY: the caller passes the inherited, otherwise unused lock file.
     let lock = match unsafe { MonitorLock::adopt(lock_fd) } {
         Ok(l) => l,
