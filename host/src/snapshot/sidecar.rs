@@ -33,8 +33,13 @@ pub const DISKS_DIR: &str = "disks";
 /// before it is parsed.
 pub const MAX_SIDECAR_BYTES: u64 = 1 << 20;
 
-/// The sidecar version this host writes (and the newest it reads).
-pub const SIDECAR_VERSION: SidecarVersion = SidecarVersion { major: 1, minor: 0 };
+/// The sidecar version this host writes (and the newest it reads). 1.1
+/// added `boot` (the VM's kernel, initrd and command line, carried as
+/// files of the snapshot); a 1.0 sidecar has none and reads as before.
+pub const SIDECAR_VERSION: SidecarVersion = SidecarVersion { major: 1, minor: 1 };
+/// The names of the boot files in a snapshot directory.
+pub const KERNEL_FILE: &str = "kernel";
+pub const INITRD_FILE: &str = "initrd";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SidecarError {
@@ -175,6 +180,21 @@ impl SnapshotDisk {
     }
 }
 
+/// What the snapshotted VM boots, for a clone's later cold boots (its
+/// first start restores the snapshot and boots nothing): carried in the
+/// snapshot, so a clone on another host (after export, import, push,
+/// pull) or after its source VM is gone still has them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotBoot {
+    /// A resident file's name ([`KERNEL_FILE`]).
+    pub kernel: String,
+    /// A resident file's name ([`INITRD_FILE`]), when the VM has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    pub cmdline: String,
+}
+
 /// A file inside the snapshot directory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -205,8 +225,12 @@ pub struct Sidecar {
     pub memory_bytes: u64,
     /// In the VM's disk order.
     pub disks: Vec<SnapshotDisk>,
+    /// The VM's boot files (sidecar 1.1; absent from 1.0 sidecars).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<SnapshotBoot>,
     /// Every file of the snapshot directory but the sidecar: the VMM's
-    /// state and memory, then the resident disks in disk order.
+    /// state and memory, the resident disks in disk order, then the boot
+    /// files.
     pub files: Vec<ResidentFile>,
 }
 
@@ -361,6 +385,7 @@ pub(crate) mod tests {
                 disk(DiskRole::Cow, "cocoon-root", "disks/cow.raw"),
                 disk(DiskRole::Data, "logs", "disks/data-logs.raw"),
             ],
+            boot: None,
             files: vec![ResidentFile {
                 name: "state".into(),
                 size: 10,
@@ -376,7 +401,7 @@ pub(crate) mod tests {
         s.write(dir.path()).unwrap();
         assert_eq!(Sidecar::read(dir.path()).unwrap(), s);
         let text = std::fs::read_to_string(dir.path().join(SIDECAR_FILE)).unwrap();
-        assert!(text.contains(r#""version": "1.0""#), "{text}");
+        assert!(text.contains(r#""version": "1.1""#), "{text}");
         let vmm = cocoon_vmm::snapshot::FORMAT_VERSION.to_string();
         assert!(
             text.contains(&format!(r#""vmm_state_version": "{vmm}""#)),
@@ -420,15 +445,15 @@ pub(crate) mod tests {
                 "unknown field `size`",
             ),
             (
-                json.replacen(r#""version": "1.0""#, r#""version": "2.0""#, 1),
-                "has version 2.0; this cocoon-host reads 1.0 to 1.0",
+                json.replacen(r#""version": "1.1""#, r#""version": "2.0""#, 1),
+                "has version 2.0; this cocoon-host reads 1.0 to 1.1",
             ),
             (
-                json.replacen(r#""version": "1.0""#, r#""version": "1.1""#, 1),
-                "has version 1.1",
+                json.replacen(r#""version": "1.1""#, r#""version": "1.2""#, 1),
+                "has version 1.2",
             ),
             (
-                json.replacen(r#""version": "1.0""#, r#""version": "one""#, 1),
+                json.replacen(r#""version": "1.1""#, r#""version": "one""#, 1),
                 "not MAJOR.MINOR",
             ),
             (
@@ -451,9 +476,27 @@ pub(crate) mod tests {
             assert!(msg.contains(want), "{want}: {msg}");
         }
         assert!(matches!(
-            Sidecar::parse(p, json.replacen(r#""1.0""#, r#""7.3""#, 1).as_bytes()),
+            Sidecar::parse(p, json.replacen(r#""1.1""#, r#""7.3""#, 1).as_bytes()),
             Err(SidecarError::UnsupportedVersion { found, .. }) if found == SidecarVersion { major: 7, minor: 3 }
         ));
+    }
+
+    #[test]
+    fn a_1_0_sidecar_reads_and_boot_round_trips() {
+        let p = Path::new("/s/snapshot.json");
+        let json = String::from_utf8(sample().to_json()).unwrap();
+        assert!(!json.contains("boot"), "no boot, no field: {json}");
+        let old = json.replacen(r#""version": "1.1""#, r#""version": "1.0""#, 1);
+        let s = Sidecar::parse(p, old.as_bytes()).unwrap();
+        assert_eq!(s.boot, None);
+        let mut s = sample();
+        s.boot = Some(SnapshotBoot {
+            kernel: KERNEL_FILE.into(),
+            initrd: Some(INITRD_FILE.into()),
+            cmdline: "console=ttyS0 root=/dev/vda".into(),
+        });
+        let back = Sidecar::parse(p, &s.to_json()).unwrap();
+        assert_eq!(back, s);
     }
 
     #[test]

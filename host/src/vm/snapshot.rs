@@ -22,8 +22,9 @@ use crate::disk::copy::CopyMethod;
 use crate::disk::lock::{DiskLocks, Wait};
 use crate::disk::model::DiskRole;
 use crate::snapshot::clone::{self, CloneError, CloneOptions};
+use crate::snapshot::clone_disks::DataDiskFile;
 use crate::snapshot::preflight::{self, DEFAULT_HASH_LIMIT};
-use crate::snapshot::restore::{self, Prepared, RestoreError};
+use crate::snapshot::restore::{self, Prepared, RestoreError, Staged};
 use crate::snapshot::store::{SnapshotDir, StoreError};
 
 /// The note of a pending restore, in the VM's directory.
@@ -165,13 +166,16 @@ pub struct Boot {
 /// A new VM (`name`, or a generated one) from snapshot `snapshot` under
 /// `state_dir`: the preflight, its own copies of the cow and data disks,
 /// a seed with its own instance-id and hostname, its record and the
-/// [`StartFrom`] note. Not started. Nothing of it stays on an error.
+/// [`StartFrom`] note. `data_disks` put the user's files in place of the
+/// snapshot's data disks ([`crate::snapshot::clone_disks`]). Not
+/// started. Nothing of it stays on an error.
 pub fn clone_vm(
     vms: &Vms,
     state_dir: &Path,
     snapshot: &str,
     name: Option<&str>,
     boot: Boot,
+    data_disks: &[DataDiskFile],
 ) -> Result<ClonedVm, SnapshotVmError> {
     let snap = SnapshotDir::open(&crate::snapshot::snapshots_dir(state_dir), snapshot)?;
     let sidecar = &snap.sidecar;
@@ -192,6 +196,7 @@ pub fn clone_vm(
         cpus: None,
         memory_bytes: None,
         serial: cocoon_vmm::SerialOutput::Sink,
+        data_disks: data_disks.to_vec(),
     };
     // NICs: a snapshot holds none yet (the VMM refuses to snapshot a VM
     // with a NIC). When it does, this is where the clone gets its own MAC
@@ -201,6 +206,20 @@ pub fn clone_vm(
     let cloned = with_checks(&store, |checks| {
         clone::clone(&snap, checks, &creating.dir, opts)
     })??;
+    // Its own boot files (the snapshot's when it carries them): the
+    // snapshot and the source VM may go before the clone does.
+    if let Some(b) = &sidecar.boot {
+        let m = &mut creating.record.machine;
+        m.kernel = cloned.checked.dir.join(&b.kernel);
+        m.initrd = b.initrd.as_ref().map(|i| cloned.checked.dir.join(i));
+        m.cmdline.clone_from(&b.cmdline);
+    }
+    super::clone_boot::own(
+        vms.root(),
+        &cloned.checked.dir,
+        &creating.dir,
+        &mut creating.record.machine,
+    )?;
     creating.record.storage = cloned.storage.clone();
     creating.record.policy = format!("snapshot {}", snap.name);
     creating.record.image = Some(ImageInfo {
@@ -247,6 +266,37 @@ impl RestorePlan {
     pub fn snapshot(&self) -> &str {
         &self.snap.name
     }
+
+    /// Step 2, while the VM still runs: the snapshot's disks copied (and
+    /// hashed) into staged files beside the VM's. An error removes what
+    /// was staged; the VM was not touched.
+    pub fn stage(self) -> Result<StagedRestore, SnapshotVmError> {
+        let RestorePlan { snap, prepared } = self;
+        let staged = prepared.stage()?;
+        // A test kills the command here: the staged files are left for
+        // the next command's sweep, the VM untouched.
+        crate::store::crash_point("restore-staged");
+        Ok(StagedRestore { snap, staged })
+    }
+}
+
+/// A restore whose disks are staged; the VM is untouched so far. Dropped,
+/// it removes the staged files.
+#[derive(Debug)]
+pub struct StagedRestore {
+    snap: SnapshotDir,
+    staged: Staged,
+}
+
+impl StagedRestore {
+    pub fn snapshot(&self) -> &str {
+        &self.snap.name
+    }
+
+    /// The staged files (for tests and messages).
+    pub fn staged_paths(&self) -> Vec<PathBuf> {
+        self.staged.staged_paths()
+    }
 }
 
 /// Step 1 of a restore, while the VM may run: the snapshot's preflight
@@ -275,11 +325,11 @@ pub fn prepare_restore(
     Ok(RestorePlan { snap, prepared })
 }
 
-/// Step 2, once the VM has no monitor: under the VM's lock and its disks'
-/// locks, the snapshot's disks are staged beside the VM's and swapped in
-/// (all or none), the record names them, and the [`StartFrom`] note makes
-/// the next start restore the snapshot. The VM is left stopped.
-pub fn commit_restore(vm: &VmEntry, plan: RestorePlan) -> Result<VmEntry, SnapshotVmError> {
+/// Step 3, once the VM has no monitor: under the VM's lock and its disks'
+/// locks, the staged disks are renamed over the VM's (all or none), the
+/// record names them, and the [`StartFrom`] note makes the next start
+/// restore the snapshot. The VM is left stopped.
+pub fn commit_restore(vm: &VmEntry, staged: StagedRestore) -> Result<VmEntry, SnapshotVmError> {
     let _op = vm.lock("restore")?;
     let mut now = vm.clone();
     now.reload()?;
@@ -291,9 +341,9 @@ pub fn commit_restore(vm: &VmEntry, plan: RestorePlan) -> Result<VmEntry, Snapsh
         }
         .into());
     }
-    let RestorePlan { snap, prepared } = plan;
-    let writable: Vec<PathBuf> = prepared
-        .storage
+    let StagedRestore { snap, staged } = staged;
+    let writable: Vec<PathBuf> = staged
+        .storage()
         .iter()
         .filter(|d| !d.read_only)
         .map(|d| d.path.clone())
@@ -304,9 +354,8 @@ pub fn commit_restore(vm: &VmEntry, plan: RestorePlan) -> Result<VmEntry, Snapsh
             source,
         }
     })?;
-    let dir = prepared.checked.dir.clone();
-    let staged = prepared.stage(&locks)?;
-    let (storage, config) = staged.commit(cocoon_vmm::SerialOutput::Sink)?;
+    let dir = staged.snapshot_dir().to_path_buf();
+    let (storage, config) = staged.commit(&locks, cocoon_vmm::SerialOutput::Sink)?;
     now.record.storage = storage;
     if now.record.state != VmState::Created {
         now.record.state = VmState::Stopped;

@@ -111,6 +111,7 @@ impl Host {
             layers: vec![self.layer.digest.clone()],
             vm_dir: self.vm_dir(vm),
             store_root: self.store_root.clone(),
+            boot: None,
         }
     }
 

@@ -91,6 +91,11 @@ pub fn take(monitor: &Monitor, name: &str) -> Result<SnapshotTaken, Refused> {
         layers: image.layers.clone(),
         vm_dir: monitor.dir.clone(),
         store_root: store_root(&monitor.dir),
+        boot: Some(save::BootFiles {
+            kernel: record.machine.kernel.clone(),
+            initrd: record.machine.initrd.clone(),
+            cmdline: record.machine.cmdline.clone(),
+        }),
     };
 
     // The disk locks stay with the monitor; holding their slot keeps the
