@@ -458,8 +458,11 @@ fn a_restore_that_fails_while_staging_costs_the_running_vm_nothing() {
     set_sector(&data, 100, good[0] ^ 0xff);
     let e = h.fails(&["restore", "src", "s1"]);
     assert!(e.contains("the VM was not touched"), "{e}");
-    assert!(e.contains("data-scratch.raw has changed"), "{e}");
-    assert!(e.contains("was recorded"), "{e}");
+    assert!(
+        e.contains("data-scratch.raw has changed since the snapshot"),
+        "{e}"
+    );
+    assert!(e.contains("the sidecar records sha256:"), "{e}");
     assert_eq!(
         staged_files(&vm_dir),
         Vec::<String>::new(),

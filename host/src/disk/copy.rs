@@ -60,14 +60,6 @@ pub enum CopyError {
     },
     #[error("{dest} is smaller ({size} bytes) than its base image ({base} bytes)")]
     TooSmall { dest: PathBuf, size: u64, base: u64 },
-    #[error(
-        "{path} has changed: its sha256 is {actual}, {expected} was recorded; no copy was kept"
-    )]
-    Changed {
-        path: PathBuf,
-        expected: Digest,
-        actual: String,
-    },
 }
 
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> CopyError {
@@ -189,18 +181,18 @@ pub fn copy_open_file(from: &File, src: &Path, dest: &Path) -> Result<CopyMethod
 /// Copies the open regular file `src` into the open, empty file `dst`
 /// (a staged temp the caller names and renames), then fsyncs it: a
 /// reflink where the filesystem shares extents, else a sparse copy. With
-/// `expect`, the bytes are hashed on the way (after a reflink, the copy
-/// is read) and a copy whose sha256 differs fails: a file changed since
-/// its digest was recorded is found while it is copied.
+/// `hashed`, the bytes are hashed on the way (after a reflink, the copy
+/// is read) and the copy's sha256 is returned, for the caller to compare
+/// with the one it recorded.
 pub fn copy_into(
     src: &File,
     src_path: &Path,
     dst: &File,
     dst_path: &Path,
-    expect: Option<&Digest>,
-) -> Result<CopyMethod, CopyError> {
+    hashed: bool,
+) -> Result<(CopyMethod, Option<Digest>), CopyError> {
     let len = src.metadata().map_err(io_err("reading", src_path))?.len();
-    let mut hash = expect.map(|_| Sha256::new());
+    let mut hash = hashed.then(Sha256::new);
     let method = match rustix::fs::ioctl_ficlone(dst, src) {
         Ok(()) => {
             if let Some(h) = &mut hash {
@@ -214,18 +206,13 @@ pub fn copy_into(
             CopyMethod::Sparse
         }
     };
-    if let (Some(h), Some(expected)) = (hash, expect) {
-        let actual = format!("sha256:{}", hex::encode(h.finalize()));
-        if actual != expected.to_string() {
-            return Err(CopyError::Changed {
-                path: src_path.to_path_buf(),
-                expected: expected.clone(),
-                actual,
-            });
-        }
-    }
+    let digest = hash.map(|h| {
+        format!("sha256:{}", hex::encode(h.finalize()))
+            .parse()
+            .expect("a sha256 is a digest")
+    });
     dst.sync_all().map_err(io_err("fsync of", dst_path))?;
-    Ok(method)
+    Ok((method, digest))
 }
 
 /// The length of `path` and the sha256 of all of it, reading only its

@@ -24,7 +24,7 @@ pub enum BaseImageError {
         digest: Digest,
         reference: String,
         #[source]
-        source: StoreError,
+        source: Box<StoreError>,
     },
 }
 
@@ -73,7 +73,7 @@ pub fn pull_missing(
         snapshot: snapshot.name.clone(),
         digest: image.digest.clone(),
         reference: shown.clone(),
-        source,
+        source: Box::new(source),
     };
     let report: PullReport = store
         .pull(sources, &req, &crate::store::Quiet)

@@ -55,6 +55,12 @@ pub enum RestoreError {
         #[source]
         source: CopyError,
     },
+    #[error("{path} has changed since the snapshot: its sha256 is {computed}, the sidecar records {recorded}; nothing was staged, the VM was not touched")]
+    Changed {
+        path: PathBuf,
+        recorded: Digest,
+        computed: Digest,
+    },
     #[error("replacing the VM's disks")]
     Lock(#[source] LockError),
     #[error("cannot {what} {path}")]
@@ -196,13 +202,22 @@ fn stage_one(from: &Path, to: &Path, expect: Option<&Digest>) -> Result<Temp, Re
         path: dir.to_path_buf(),
         source,
     })?;
-    copy::copy_into(&src.file, from, tmp.as_file(), tmp.path(), expect).map_err(|source| {
-        RestoreError::Copy {
+    let hashed = expect.is_some();
+    let (_, computed) = copy::copy_into(&src.file, from, tmp.as_file(), tmp.path(), hashed)
+        .map_err(|source| RestoreError::Copy {
             from: from.to_path_buf(),
             to: to.to_path_buf(),
             source,
+        })?;
+    if let (Some(recorded), Some(computed)) = (expect, computed) {
+        if *recorded != computed {
+            return Err(RestoreError::Changed {
+                path: from.to_path_buf(),
+                recorded: recorded.clone(),
+                computed,
+            });
         }
-    })?;
+    }
     Ok(tmp)
 }
 
