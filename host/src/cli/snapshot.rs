@@ -335,6 +335,17 @@ fn inspect(a: InspectArgs, config: &HostConfig) -> anyhow::Result<i32> {
                 .unwrap_or_default()
         );
         println!("vmm state: {}", s.vmm_state_version.0);
+        if let Some(b) = &s.boot {
+            let initrd = b
+                .initrd
+                .as_deref()
+                .map(|i| format!(", initrd {i}"))
+                .unwrap_or_default();
+            println!(
+                "boot:      kernel {}{initrd}, cmdline {:?}",
+                b.kernel, b.cmdline
+            );
+        }
         println!("cpus:      {}", s.cpus);
         println!("memory:    {}", human(s.memory_bytes));
         println!("disks:");
