@@ -80,11 +80,13 @@ enum Command {
     /// push, pull.
     Snapshot(cli::snapshot::SnapshotArgs),
     /// A new VM from a snapshot, started from the snapshot's state (its
-    /// own disks, a new identity): no boot.
+    /// own disks, a new identity): no boot. The snapshot's image is pulled
+    /// by digest first when the store lacks it.
     #[command(name = "clone")]
     CloneVm(cli::snapshot::CloneArgs),
-    /// Put a VM back to a snapshot: checked first (a bad snapshot leaves
-    /// the VM running), then the VM is stopped, its disks replaced (all or
+    /// Put a VM back to a snapshot: checked, and its disks copied beside
+    /// the VM's, while the VM runs (a bad snapshot or a failed copy leaves
+    /// it running), then the VM is stopped, its disks replaced (all or
     /// none) and it is started from the snapshot's state.
     Restore(cli::snapshot::RestoreArgs),
     /// The monitor of one VM (started by `start`; not for people).

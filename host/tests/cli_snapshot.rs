@@ -427,3 +427,325 @@ fn export_import_and_push_pull_round_trips_then_clone() {
     h.ok(&["clone", "s3", "--name", "from-registry", "-d"]);
     h.wait_counts("from-registry", 3);
 }
+
+/// The staged copies (`fsutil::temp` temps) in `dir`.
+fn staged_files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".cocoon-tmp-"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_restore_that_fails_while_staging_costs_the_running_vm_nothing() {
+    if !kvm_or_skip("a_restore_that_fails_while_staging_costs_the_running_vm_nothing") {
+        return;
+    }
+    let h = Host::new();
+    running_with_snapshot(&h, "src", "s1");
+    let pid = h.vm("src")["pid"].as_u64().unwrap();
+    let vm_dir = PathBuf::from(h.record("src")["dir"].as_str().unwrap());
+
+    // A byte changed in the snapshot's 16 MiB data disk: above the
+    // preflight's hash limit, so the preflight passes, and the copy being
+    // staged (hashed on the way) finds it.
+    let data = h.snapshot_dir("s1").join("disks/data-scratch.raw");
+    let good = sector(&data, 100);
+    set_sector(&data, 100, good[0] ^ 0xff);
+    let e = h.fails(&["restore", "src", "s1"]);
+    assert!(e.contains("the VM was not touched"), "{e}");
+    assert!(
+        e.contains("data-scratch.raw has changed since the snapshot"),
+        "{e}"
+    );
+    assert!(e.contains("the sidecar records sha256:"), "{e}");
+    assert_eq!(
+        staged_files(&vm_dir),
+        Vec::<String>::new(),
+        "no staged file"
+    );
+    assert_eq!(h.state_of("src"), "running");
+    assert_eq!(h.vm("src")["pid"].as_u64().unwrap(), pid, "never stopped");
+    let now = *h.counts("src").last().unwrap();
+    h.wait_counts("src", now + 3);
+    assert_consecutive("the untouched VM", &h.counts("src"));
+    let f = std::fs::OpenOptions::new().write(true).open(&data).unwrap();
+    f.write_all_at(&good, 100 * 512).unwrap();
+    drop(f);
+
+    // Killed right after staging: the VM still runs, the staged copies
+    // (the cow and the data disk) are left, and the next command sweeps
+    // them.
+    let o = h
+        .cmd()
+        .env("COCOON_CRASH_AT", "restore-staged")
+        .args(["restore", "src", "s1"])
+        .output()
+        .unwrap();
+    assert!(
+        !o.status.success(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let left = staged_files(&vm_dir);
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(left.iter().all(|n| n.ends_with(".stage")), "{left:?}");
+    assert_eq!(h.vm("src")["pid"].as_u64().unwrap(), pid, "never stopped");
+    assert_eq!(staged_files(&vm_dir), Vec::<String>::new(), "swept by list");
+    let now = *h.counts("src").last().unwrap();
+    h.wait_counts("src", now + 3);
+
+    // With the snapshot whole again, the restore goes through.
+    let out = h.ok(&["restore", "src", "s1"]);
+    assert!(out.contains("src restored from s1, running"), "{out}");
+    assert_ne!(h.vm("src")["pid"].as_u64().unwrap(), pid);
+    assert_eq!(staged_files(&vm_dir), Vec::<String>::new());
+}
+
+fn mkfifo(path: &Path) {
+    let o = std::process::Command::new("mkfifo")
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn a_clone_takes_a_users_file_for_a_data_disk_and_never_a_new_disk() {
+    if !kvm_or_skip("a_clone_takes_a_users_file_for_a_data_disk_and_never_a_new_disk") {
+        return;
+    }
+    let h = Host::new();
+    running_with_snapshot(&h, "src", "s1");
+    // The user's file: the snapshot's data disk with another sector 4.
+    let mine = h.state.path().join("mine.raw");
+    std::fs::copy(h.snapshot_dir("s1").join("disks/data-scratch.raw"), &mine).unwrap();
+    set_sector(&mine, DATA_SECTOR, 0x77);
+    let at = |spec: &str| format!("{spec},path={}", mine.display());
+
+    // Refusals, each naming the flag and why; none leaves a VM behind.
+    let e = h.fails(&[
+        "clone",
+        "s1",
+        "--name",
+        "x",
+        "-d",
+        "--data-disk",
+        "size=16M,name=extra",
+    ]);
+    assert!(e.contains("a clone cannot get a new disk"), "{e}");
+    assert!(e.contains("no disk hotplug"), "{e}");
+    assert!(e.contains("\"size=16M,name=extra\""), "{e}");
+    let e = h.fails(&[
+        "clone",
+        "s1",
+        "--name",
+        "x",
+        "-d",
+        "--data-disk",
+        &at("index=7"),
+    ]);
+    assert!(
+        e.contains("snapshot s1 has no disk 7 (its data disks: 1 scratch)"),
+        "{e}"
+    );
+    assert!(e.contains("no disk hotplug"), "{e}");
+    let e = h.fails(&[
+        "clone",
+        "s1",
+        "--name",
+        "x",
+        "-d",
+        "--data-disk",
+        &at("name=logs"),
+    ]);
+    assert!(e.contains("has no disk named logs"), "{e}");
+    let e = h.fails(&[
+        "clone",
+        "s1",
+        "--name",
+        "x",
+        "-d",
+        "--data-disk",
+        &at("index=0"),
+    ]);
+    assert!(e.contains("disk 0 of snapshot s1 is its cow disk"), "{e}");
+    let small = h.state.path().join("small.raw");
+    std::fs::write(&small, vec![0u8; 1 << 20]).unwrap();
+    let spec = format!("name=scratch,path={}", small.display());
+    let e = h.fails(&["clone", "s1", "--name", "x", "-d", "--data-disk", &spec]);
+    assert!(
+        e.contains("is 1048576 bytes; the snapshot's data disk scratch is 16777216 bytes"),
+        "{e}"
+    );
+    let fifo = h.state.path().join("fifo.raw");
+    mkfifo(&fifo);
+    let spec = format!("name=scratch,path={}", fifo.display());
+    let e = h.fails(&["clone", "s1", "--name", "x", "-d", "--data-disk", &spec]);
+    assert!(e.contains("it is a FIFO, not a regular file"), "{e}");
+    assert!(e.contains(&fifo.display().to_string()), "{e}");
+    // The running source's own data disk: its monitor holds its lock.
+    let spec = format!("name=scratch,path={}", h.disk("src", "scratch").display());
+    let e = h.fails(&["clone", "s1", "--name", "x", "-d", "--data-disk", &spec]);
+    assert!(e.contains("is in use"), "{e}");
+    assert_eq!(h.state_of("x"), "absent");
+    assert_eq!(h.vm_dirs().len(), 1, "only the source: {:?}", h.vm_dirs());
+
+    // The clone gets a copy of the file in its own directory, and the
+    // restored guest counts on with it.
+    let c = h.json(&[
+        "clone",
+        "s1",
+        "--name",
+        "c1",
+        "-d",
+        "-o",
+        "json",
+        "--data-disk",
+        &at("name=scratch"),
+    ]);
+    assert_eq!(c["name"], "c1", "{c}");
+    h.wait_counts("c1", 3);
+    assert_consecutive("the clone", &h.counts("c1"));
+    let disk = h.disk("c1", "scratch");
+    let c1_dir = PathBuf::from(h.record("c1")["dir"].as_str().unwrap());
+    assert!(disk.starts_with(&c1_dir), "{}", disk.display());
+    assert_eq!(sector(&disk, DATA_SECTOR), [0x77; 512], "the user's data");
+    assert_ne!(
+        std::fs::metadata(&disk).unwrap().ino(),
+        std::fs::metadata(&mine).unwrap().ino(),
+        "a copy, not the user's file"
+    );
+    // The user's file is free again once the clone is made.
+    let spec = at("index=1");
+    h.ok(&["clone", "s1", "--name", "c2", "-d", "--data-disk", &spec]);
+    assert_eq!(h.state_of("c2"), "running");
+}
+
+#[test]
+fn a_clone_owns_the_boot_files_of_its_sources_directory() {
+    if !kvm_or_skip("a_clone_owns_the_boot_files_of_its_sources_directory") {
+        return;
+    }
+    let h = Host::new();
+    h.run_detached("src");
+    h.wait_counts("src", 2);
+    // The source boots a kernel of its own directory, as a VM does with
+    // its image's kernel or its own initrd: the test guest, moved there.
+    h.ok(&["stop", "--force", "src"]);
+    let src_dir = PathBuf::from(h.record("src")["dir"].as_str().unwrap());
+    std::fs::create_dir_all(src_dir.join("boot")).unwrap();
+    let kernel = src_dir.join("boot/vmlinuz");
+    std::fs::copy(test_guest(), &kernel).unwrap();
+    let record_path = src_dir.join("vm.json");
+    let mut record: Value = serde_json::from_slice(&std::fs::read(&record_path).unwrap()).unwrap();
+    record["machine"]["kernel"] = kernel.to_str().unwrap().into();
+    std::fs::write(&record_path, serde_json::to_vec_pretty(&record).unwrap()).unwrap();
+    h.ok(&["start", "src"]);
+    h.wait_counts("src", 3);
+    h.ok(&["snapshot", "save", "src", "--name", "s1"]);
+
+    h.ok(&["clone", "s1", "--name", "c1", "-d"]);
+    let c1 = h.record("c1");
+    let c1_dir = PathBuf::from(c1["dir"].as_str().unwrap());
+    let c1_kernel = PathBuf::from(c1["record"]["machine"]["kernel"].as_str().unwrap());
+    assert_eq!(c1_kernel, c1_dir.join("boot/kernel"), "{c1}");
+    assert_eq!(
+        c1["record"]["machine"]["cmdline"], GUEST,
+        "the snapshot's command line"
+    );
+    // The snapshot carries the kernel (so an export or push does too).
+    let inspect = h.json(&["snapshot", "inspect", "s1", "-o", "json"]);
+    assert_eq!(inspect["sidecar"]["version"], "1.1", "{inspect}");
+    assert_eq!(inspect["sidecar"]["boot"]["kernel"], "kernel", "{inspect}");
+    assert_eq!(
+        std::fs::read(h.snapshot_dir("s1").join("kernel")).unwrap(),
+        std::fs::read(test_guest()).unwrap()
+    );
+
+    // The source goes; the clone still cold-boots its own kernel.
+    h.ok(&["rm", "-f", "src"]);
+    assert!(!src_dir.exists());
+    cold_boot(&h, "c1");
+
+    // The snapshot gone too: the clone's kernel is its own.
+    h.ok(&["snapshot", "rm", "s1"]);
+    cold_boot(&h, "c1");
+}
+
+/// Stops `vm` and starts it again: a cold boot, whose counter starts
+/// again at 1 (one more reset in its log).
+fn cold_boot(h: &Host, vm: &str) {
+    let resets = |c: &[u64]| c.windows(2).filter(|w| w[1] <= w[0]).count();
+    let before = resets(&h.counts(vm));
+    h.ok(&["stop", "--force", vm]);
+    h.ok(&["start", vm]);
+    eventually(&format!("{vm}'s cold boot counting"), || {
+        let all = h.counts(vm);
+        resets(&all) > before && all.last().is_some_and(|&n| n >= 2)
+    });
+    assert_eq!(h.state_of(vm), "running");
+}
+
+#[test]
+fn a_clone_pulls_the_snapshots_missing_image_by_digest_or_changes_nothing() {
+    if !kvm_or_skip("a_clone_pulls_the_snapshots_missing_image_by_digest_or_changes_nothing") {
+        return;
+    }
+    let h = Host::new();
+    running_with_snapshot(&h, "src", "s1");
+    let inspect = h.json(&["snapshot", "inspect", "s1", "-o", "json"]);
+    let digest = inspect["sidecar"]["image"]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let reference = inspect["sidecar"]["image"]["reference"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(reference, h.image.to_str().unwrap(), "{inspect}");
+    let blob = h
+        .state_dir()
+        .join("images/blobs/sha256")
+        .join(digest.strip_prefix("sha256:").unwrap());
+    assert!(blob.exists(), "{}", blob.display());
+
+    // The blob gone, as on a host the snapshot was imported to: the clone
+    // pulls it by digest from the sidecar's reference, then runs.
+    std::fs::remove_file(&blob).unwrap();
+    let c = h.json(&["clone", "s1", "--name", "c1", "-d", "-o", "json"]);
+    assert_eq!(c["pulled_image"]["digest"], digest.as_str(), "{c}");
+    assert_eq!(c["pulled_image"]["reference"], reference.as_str(), "{c}");
+    assert!(blob.exists(), "pulled back into the store");
+    h.wait_counts("c1", 3);
+    let o = h.run(&["clone", "s1", "--name", "c2", "-d"]);
+    assert!(o.status.success());
+    assert!(
+        !String::from_utf8_lossy(&o.stderr).contains("pulled it by digest"),
+        "present now: no pull"
+    );
+
+    // The source gone too: a clear error naming both, and nothing made.
+    std::fs::remove_file(&blob).unwrap();
+    let aside = h.state.path().join("moved.raw");
+    std::fs::rename(&h.image, &aside).unwrap();
+    let before = h.vm_dirs();
+    let e = h.fails(&["clone", "s1", "--name", "c3", "-d"]);
+    assert!(e.contains(&digest), "{e}");
+    assert!(
+        e.contains(&format!("could not be pulled by digest from {reference}")),
+        "{e}"
+    );
+    assert!(e.contains("nothing was changed"), "{e}");
+    assert_eq!(h.state_of("c3"), "absent");
+    assert_eq!(h.vm_dirs(), before);
+    // A restore refuses the same way, before it touches the VM.
+    let pid = h.vm("src")["pid"].as_u64().unwrap();
+    let e = h.fails(&["restore", "src", "s1"]);
+    assert!(e.contains("could not be pulled by digest"), "{e}");
+    assert_eq!(h.vm("src")["pid"].as_u64().unwrap(), pid);
+}

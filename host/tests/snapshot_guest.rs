@@ -30,6 +30,7 @@ fn clone_opts(name: &str, log: &std::path::Path) -> CloneOptions {
         memory_bytes: None,
         serial: SerialOutput::File(log.to_path_buf()),
         macs: Vec::new(),
+        data_disks: Vec::new(),
     }
 }
 
@@ -107,10 +108,12 @@ fn save_then_restore_into_the_same_vm_keeps_counting() {
     wait_count(&log, last + 5);
     let snap = SnapshotDir::open(&host.snapshots, "s1").unwrap();
     let prepared = restore::prepare(&snap, &host.checks(), &storage, &host.vm_dir("src")).unwrap();
-    let staged = prepared.stage(&locks).unwrap();
+    let staged = prepared.stage().unwrap();
     stop(vm);
     let log2 = host.dir.path().join("restored.log");
-    let (new_storage, config) = staged.commit(SerialOutput::File(log2.clone())).unwrap();
+    let (new_storage, config) = staged
+        .commit(&locks, SerialOutput::File(log2.clone()))
+        .unwrap();
     assert_eq!(
         new_storage.iter().map(|d| &d.path).collect::<Vec<_>>(),
         storage.iter().map(|d| &d.path).collect::<Vec<_>>(),

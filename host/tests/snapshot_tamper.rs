@@ -110,6 +110,24 @@ fn cases() -> Vec<(&'static str, Tamper, Want)> {
             |e| matches!(e, PreflightError::StateVersion { found, supported: 1 } if found.major == 9),
         ),
         (
+            "a boot file the file list lacks",
+            |d| {
+                edit_sidecar(d, |v| {
+                    v["boot"] = serde_json::json!({ "kernel": "kernel", "cmdline": "x" })
+                })
+            },
+            |e| matches!(e, PreflightError::BootUnlisted { name } if name == "kernel"),
+        ),
+        (
+            "a boot file with ..",
+            |d| {
+                edit_sidecar(d, |v| {
+                    v["boot"] = serde_json::json!({ "kernel": "../../kernel", "cmdline": "x" })
+                })
+            },
+            |e| matches!(e, PreflightError::BadFileName { reason, .. } if reason.contains("..")),
+        ),
+        (
             "a layer gone from the store",
             |d| {
                 edit_sidecar(d, |v| {

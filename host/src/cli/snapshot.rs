@@ -11,11 +11,15 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use cocoon_host::config::HostConfig;
+use cocoon_host::plugin::registry::Registry;
+use cocoon_host::plugin::runtime::Runtime;
 use cocoon_host::snapshot::archive::{self, Compression};
+use cocoon_host::snapshot::base_image::{self, PulledImage};
+use cocoon_host::snapshot::clone_disks::DataDiskFile;
 use cocoon_host::snapshot::preflight::{self, DEFAULT_HASH_LIMIT};
 use cocoon_host::snapshot::store::{self, SnapshotDir};
 use cocoon_host::snapshot::{registry, snapshots_dir, Sidecar};
-use cocoon_host::store::Store;
+use cocoon_host::store::{PluginSources, Store};
 use cocoon_host::vm::client::Client;
 use cocoon_host::vm::snapshot::{clone_vm, commit_restore, prepare_restore, Boot};
 use cocoon_host::vm::{spawn, VmError, VmState, Vms};
@@ -146,6 +150,15 @@ pub struct CloneArgs {
         value_parser = super::net::parse_nic
     )]
     pub nics: Vec<cocoon_host::net::NicSpec>,
+    /// A file in place of one of the snapshot's data disks (repeatable):
+    /// `name=NAME,path=FILE` or `index=N,path=FILE` (N counts every disk
+    /// as `snapshot inspect` lists them, from 0). The file must be a
+    /// regular file of that disk's size; the clone gets a copy of it
+    /// (reflink where the filesystem can), taken under the file's lock.
+    /// No new disk can be added: this VMM has no hotplug, and a restored
+    /// guest's disk set is fixed by its memory.
+    #[arg(long = "data-disk", value_name = "SPEC")]
+    pub data_disks: Vec<DataDiskFile>,
     /// Leave it running in the background and print its name.
     #[arg(short, long)]
     pub detach: bool,
@@ -332,6 +345,17 @@ fn inspect(a: InspectArgs, config: &HostConfig) -> anyhow::Result<i32> {
                 .unwrap_or_default()
         );
         println!("vmm state: {}", s.vmm_state_version.0);
+        if let Some(b) = &s.boot {
+            let initrd = b
+                .initrd
+                .as_deref()
+                .map(|i| format!(", initrd {i}"))
+                .unwrap_or_default();
+            println!(
+                "boot:      kernel {}{initrd}, cmdline {:?}",
+                b.kernel, b.cmdline
+            );
+        }
         println!("cpus:      {}", s.cpus);
         println!("memory:    {}", human(s.memory_bytes));
         println!("disks:");
@@ -455,10 +479,19 @@ fn pull(a: PullArgs, config: &HostConfig) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-/// What a clone's record names for its later cold boots: the source VM's
-/// kernel when that VM is here, else the config's `[vm] kernel`.
+/// What a clone's record names for its later cold boots: the snapshot's
+/// boot files when it carries them, else the source VM's kernel when that
+/// VM is here, else the config's `[vm] kernel`.
 fn clone_boot(vms: &Vms, snapshot: &str, config: &HostConfig) -> anyhow::Result<Boot> {
     let snap = SnapshotDir::open(&snaps(config), snapshot)?;
+    // The snapshot's own (sidecar 1.1): the clone links them in.
+    if let Some(b) = &snap.sidecar.boot {
+        return Ok(Boot {
+            kernel: snap.dir.join(&b.kernel),
+            initrd: b.initrd.as_ref().map(|i| snap.dir.join(i)),
+            cmdline: b.cmdline.clone(),
+        });
+    }
     if let Ok(src) = vms.find(&snap.sidecar.source_vm) {
         let m = src.record.machine;
         return Ok(Boot {
@@ -481,11 +514,45 @@ fn clone_boot(vms: &Vms, snapshot: &str, config: &HostConfig) -> anyhow::Result<
     })
 }
 
+/// The snapshot's image, pulled by digest from the reference its sidecar
+/// records when the store lacks it: before anything else changes, so a
+/// failure leaves the host as it was. The plugin runtime is made only
+/// then (a clone of a present image stays fast).
+fn pull_base_image(config: &HostConfig, snapshot: &str) -> anyhow::Result<Option<PulledImage>> {
+    let snap = SnapshotDir::open(&snaps(config), snapshot)?;
+    let store = Store::open(config)?;
+    if base_image::present(store.layout(), &snap) {
+        return Ok(None);
+    }
+    let runtime = Runtime::new(Some(config.state_dir.join("plugin-cache")))?;
+    let registry = Registry::discover(config);
+    let sources = PluginSources {
+        runtime: &runtime,
+        registry: &registry,
+    };
+    let pulled = base_image::pull_missing(&store, &sources, &snap).map_err(|e| {
+        anyhow::anyhow!(
+            "{}",
+            cocoon_host::http::redact_text(&cocoon_host::error_chain(&e))
+        )
+    })?;
+    if let Some(p) = &pulled {
+        eprintln!(
+            "image {} of snapshot {} was not in the store: pulled it by digest from {}",
+            p.digest, snap.name, p.reference
+        );
+    }
+    Ok(pulled)
+}
+
 #[derive(serde::Serialize)]
 struct CloneReport {
     name: String,
     id: String,
     snapshot: String,
+    /// The snapshot's image, when the clone had to pull it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pulled_image: Option<serde_json::Value>,
     state: String,
     /// From the start of the command until the monitor said the VM runs.
     ms_to_running: f64,
@@ -496,6 +563,7 @@ struct CloneReport {
 pub fn clone(a: CloneArgs, config: &HostConfig) -> anyhow::Result<i32> {
     let t0 = Instant::now();
     let vms = Vms::open(&config.state_dir)?;
+    let pulled = pull_base_image(config, &a.snapshot)?;
     let boot = clone_boot(&vms, &a.snapshot, config)?;
     let made = clone_vm(
         &vms,
@@ -504,6 +572,7 @@ pub fn clone(a: CloneArgs, config: &HostConfig) -> anyhow::Result<i32> {
         a.name.as_deref(),
         &a.nics,
         boot,
+        &a.data_disks,
     )?;
     let mut vm = made.vm;
     let log_base = vm_console::log_len(&vm);
@@ -519,6 +588,13 @@ pub fn clone(a: CloneArgs, config: &HostConfig) -> anyhow::Result<i32> {
         name: vm.record.name.clone(),
         id: vm.record.id.clone(),
         snapshot: made.snapshot.clone(),
+        pulled_image: pulled.map(|p| {
+            serde_json::json!({
+                "digest": p.digest,
+                "reference": p.reference,
+                "downloaded": p.downloaded,
+            })
+        }),
         state: VmState::Running.to_string(),
         ms_to_running: t0.elapsed().as_secs_f64() * 1000.0,
         copies: made
@@ -556,14 +632,27 @@ pub fn clone(a: CloneArgs, config: &HostConfig) -> anyhow::Result<i32> {
 pub fn restore(a: RestoreArgs, config: &HostConfig) -> anyhow::Result<i32> {
     let vm = Vms::open(&config.state_dir)?.find(&a.vm)?;
     // Every check first: a snapshot that fails them never costs the VM.
+    pull_base_image(config, &a.snapshot)?;
     let plan = prepare_restore(&vm, &config.state_dir, &a.snapshot)?;
+    // The copies next, while the VM runs: the long part, and the one that
+    // can fail (space, I/O, a disk changed since the snapshot) without
+    // costing the VM anything. SIGINT/SIGTERM remove the staged files;
+    // after a SIGKILL the next command's sweep does.
+    cocoon_host::fsutil::cleanup::remove_temps_on_termination()
+        .context("watching SIGINT/SIGTERM")?;
+    let staged = plan.stage().with_context(|| {
+        format!(
+            "staging snapshot {} for VM {} (the VM was not touched)",
+            a.snapshot, vm.record.name
+        )
+    })?;
     if vm.record.state.has_monitor() {
         // Its running state is about to be replaced: nothing to ask the
         // guest.
         super::vm::stop_vm(&vm, true, Duration::ZERO)?;
     }
-    let snapshot = plan.snapshot().to_string();
-    let vm = commit_restore(&vm, plan).with_context(|| {
+    let snapshot = staged.snapshot().to_string();
+    let vm = commit_restore(&vm, staged).with_context(|| {
         format!(
             "restoring snapshot {snapshot} into VM {} (the VM is stopped)",
             vm.record.name

@@ -155,20 +155,64 @@ pub fn copy_base(base: &BaseImage, dest: &Path, size: u64) -> Result<CopyReport,
 /// their snapshot's.
 pub fn copy_file(src: &Path, dest: &Path) -> Result<CopyMethod, CopyError> {
     let from = File::open(src).map_err(io_err("opening", src))?;
+    copy_open_file(&from, src, dest)
+}
+
+/// [`copy_file`] of a file the caller opened (as a checked input: a
+/// user's file, which must not be swapped for a FIFO between its check
+/// and its read).
+pub fn copy_open_file(from: &File, src: &Path, dest: &Path) -> Result<CopyMethod, CopyError> {
     let len = from.metadata().map_err(io_err("reading", src))?.len();
     let out = NewFile::create(dest).map_err(io_err("creating a temp file for", dest))?;
-    let method = match rustix::fs::ioctl_ficlone(out.file(), &from) {
+    let method = match rustix::fs::ioctl_ficlone(out.file(), from) {
         Ok(()) => CopyMethod::Reflink,
         Err(_) => {
             out.file()
                 .set_len(len)
                 .map_err(io_err("sizing", out.path()))?;
-            sparse_copy(&from, src, out.file(), out.path(), len, None)?;
+            sparse_copy(from, src, out.file(), out.path(), len, None)?;
             CopyMethod::Sparse
         }
     };
     out.commit().map_err(io_err("creating", dest))?;
     Ok(method)
+}
+
+/// Copies the open regular file `src` into the open, empty file `dst`
+/// (a staged temp the caller names and renames), then fsyncs it: a
+/// reflink where the filesystem shares extents, else a sparse copy. With
+/// `hashed`, the bytes are hashed on the way (after a reflink, the copy
+/// is read) and the copy's sha256 is returned, for the caller to compare
+/// with the one it recorded.
+pub fn copy_into(
+    src: &File,
+    src_path: &Path,
+    dst: &File,
+    dst_path: &Path,
+    hashed: bool,
+) -> Result<(CopyMethod, Option<Digest>), CopyError> {
+    let len = src.metadata().map_err(io_err("reading", src_path))?.len();
+    let mut hash = hashed.then(Sha256::new);
+    let method = match rustix::fs::ioctl_ficlone(dst, src) {
+        Ok(()) => {
+            if let Some(h) = &mut hash {
+                hash_file(dst, dst_path, len, h)?;
+            }
+            CopyMethod::Reflink
+        }
+        Err(_) => {
+            dst.set_len(len).map_err(io_err("sizing", dst_path))?;
+            sparse_copy(src, src_path, dst, dst_path, len, hash.as_mut())?;
+            CopyMethod::Sparse
+        }
+    };
+    let digest = hash.map(|h| {
+        format!("sha256:{}", hex::encode(h.finalize()))
+            .parse()
+            .expect("a sha256 is a digest")
+    });
+    dst.sync_all().map_err(io_err("fsync of", dst_path))?;
+    Ok((method, digest))
 }
 
 /// The length of `path` and the sha256 of all of it, reading only its

@@ -24,8 +24,10 @@
 //!   hold the disk.
 //!
 //! Replacing disks (restore: every disk of a VM at once) is all or none,
-//! crash included. Each disk's new contents are staged under
-//! [`DiskLocks::staging_path`]; [`DiskLocks::replace`] then
+//! crash included. Each disk's new contents are staged beside it, under
+//! [`DiskLocks::staging_path`] or (a restore, which stages while the VM
+//! still runs and holds the locks) in a locked `fsutil::temp` temp that
+//! the sweep removes if its writer dies; [`DiskLocks::replace`] then
 //! 1. hard-links each disk to `.NAME.bak-TXN` (the old contents),
 //! 2. renames each staged file over its disk,
 //! 3. writes the journal `.txn-TXN` in the disks' directory: the commit

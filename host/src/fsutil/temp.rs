@@ -78,6 +78,14 @@ impl Temp {
         self.tmp.as_file_mut()
     }
 
+    /// The temp was renamed onto its destination by other means (a
+    /// replacement of several files at once, all or none): forget its
+    /// path, so that dropping it unlinks nothing.
+    pub fn renamed(self) {
+        let Temp { tmp, _registration } = self;
+        let _ = tmp.into_temp_path().keep();
+    }
+
     /// Renames the temp onto `dest`.
     pub fn persist(self, dest: &Path) -> io::Result<()> {
         let Temp { tmp, _registration } = self;

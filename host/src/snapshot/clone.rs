@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use cocoon_vmm::snapshot::RestoreConfig;
 use cocoon_vmm::SerialOutput;
 
+use super::clone_disks::{self, CloneDiskError, DataDiskFile};
 use super::preflight::{self, Checked, PreflightError};
 use super::store::SnapshotDir;
 use crate::disk::cidata::{self, CidataError};
@@ -60,6 +61,8 @@ pub enum CloneError {
         #[source]
         source: CidataError,
     },
+    #[error(transparent)]
+    DataDisk(#[from] CloneDiskError),
     #[error("the clone's disks break the storage rules")]
     Storage(#[source] Violations),
     #[error("cannot {what} {path}")]
@@ -88,6 +91,8 @@ pub struct CloneOptions {
     /// `(snapshot's MAC, clone's MAC)` per NIC, `aa:bb:…`: the seed's
     /// `network-config` matches the clone's NICs by them.
     pub macs: Vec<(String, String)>,
+    /// `--data-disk`: files in place of the snapshot's data disks.
+    pub data_disks: Vec<DataDiskFile>,
 }
 
 /// A prepared clone: start it with `Vm::restore(cloned.restore)` (or
@@ -187,18 +192,43 @@ pub fn clone(
         }
         d.path = dest;
     }
+    // The user's files in place of snapshot data disks are locked with
+    // the clone's own disks (one sorted acquire), so nothing writes them
+    // while they are copied.
+    let replacements = clone_disks::resolve(&snapshot.name, &checked.storage, &opts.data_disks)?;
     let writable: Vec<PathBuf> = storage
         .iter()
         .filter(|d| !d.read_only)
         .map(|d| d.path.clone())
+        .chain(replacements.iter().map(|r| r.resolved.clone()))
         .collect();
     let locks = DiskLocks::acquire(&writable, "clone", Wait::No).map_err(CloneError::Lock)?;
 
     let mut made = Made(Vec::new());
     let mut copies = Vec::new();
-    for (from, to) in checked.storage.iter().zip(&storage) {
+    for (index, (from, to)) in checked.storage.iter().zip(&storage).enumerate() {
         match to.role {
             DiskRole::Layer => {}
+            DiskRole::Data if replacements.iter().any(|r| r.index == index) => {
+                let r = replacements
+                    .iter()
+                    .find(|r| r.index == index)
+                    .expect("found");
+                let want = std::fs::metadata(&from.path)
+                    .map_err(io_err("stat", &from.path))?
+                    .len();
+                let input = r.open(from, want)?;
+                let method =
+                    copy::copy_open_file(&input.file, r.path(), &to.path).map_err(|source| {
+                        CloneError::Copy {
+                            from: r.path().to_path_buf(),
+                            to: to.path.clone(),
+                            source,
+                        }
+                    })?;
+                made.0.push(to.path.clone());
+                copies.push((to.serial.clone(), method));
+            }
             DiskRole::Cow | DiskRole::Data => {
                 let method =
                     copy::copy_file(&from.path, &to.path).map_err(|source| CloneError::Copy {
@@ -274,6 +304,7 @@ mod tests {
             memory_bytes,
             serial: SerialOutput::Sink,
             macs: Vec::new(),
+            data_disks: Vec::new(),
         }
     }
 

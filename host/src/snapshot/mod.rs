@@ -10,6 +10,7 @@
 //! | `state` | the VMM's machine state ([`cocoon_vmm::snapshot`]) |
 //! | `memory` | guest RAM, sparse; mapped `MAP_PRIVATE` by restored VMs |
 //! | `disks/NAME` | copies of the cow, data and seed disks taken in the pause window |
+//! | `kernel`, `initrd` | copies of the VM's boot files (sidecar 1.1), for clones' cold boots |
 //!
 //! Layers are not copied: the sidecar names them by digest and path in
 //! the image store ([`SnapshotRoots`] keeps them from `image gc`).
@@ -22,15 +23,18 @@
 //! - list / inspect / rm: [`store::list`], [`store::SnapshotDir::open`]
 //!   (its `sidecar`), [`store::remove`]; [`store::clean_stale`] removes
 //!   what interrupted saves left;
-//! - preflight alone (`inspect --check`): [`preflight::preflight`];
-//! - clone: [`clone::clone`];
+//! - preflight alone (`inspect --check`): [`preflight::preflight`]; the
+//!   image it needs, pulled by digest when missing: [`base_image`];
+//! - clone: [`clone::clone`] (`--data-disk`: [`clone_disks`]);
 //! - restore: [`restore::prepare`], [`restore::Prepared::stage`],
 //!   [`restore::Staged::commit`];
 //! - export / import: [`archive::export`], [`archive::import`];
 //! - push / pull: [`registry::push`], [`registry::pull`].
 
 pub mod archive;
+pub mod base_image;
 pub mod clone;
+pub mod clone_disks;
 pub mod preflight;
 pub mod registry;
 pub mod restore;

@@ -5,7 +5,8 @@
 //! [`PreflightError`] variant:
 //!
 //! 1. every name in the sidecar is a plain relative path (no `..`, not
-//!    absolute), and every resident disk is one of the listed files;
+//!    absolute), and every resident disk and boot file is one of the
+//!    listed files;
 //! 2. every listed file is present, a regular file, inside the snapshot
 //!    directory once symlinks are resolved, and of the recorded size;
 //! 3. the sidecar's disks pass the storage rules ([`rules::validate`]);
@@ -54,6 +55,8 @@ pub enum PreflightError {
         serial: String,
         name: String,
     },
+    #[error("the sidecar's boot file {name} is not in its file list")]
+    BootUnlisted { name: String },
     #[error("the sidecar lists no {name} file; every snapshot has one")]
     NoVmmFile { name: &'static str },
     #[error("snapshot file {name} leads out of the snapshot directory (to {resolved})")]
@@ -440,6 +443,15 @@ pub fn preflight(
                 serial: d.config.serial.clone(),
                 name: name.into_owned(),
             });
+        }
+    }
+
+    if let Some(boot) = &sidecar.boot {
+        for name in std::iter::once(&boot.kernel).chain(&boot.initrd) {
+            check_name(name)?;
+            if !seen.contains(name.as_str()) {
+                return Err(PreflightError::BootUnlisted { name: name.clone() });
+            }
         }
     }
 

@@ -4,12 +4,19 @@
 //! In three steps, so that a bad snapshot never costs the running VM:
 //! 1. [`prepare`]: the preflight, against the VM's disks as its record has
 //!    them; nothing is changed, the VM may run.
-//! 2. [`Prepared::stage`]: under the VM's disk locks (its monitor holds
-//!    them while it runs), copies of the snapshot's disks are staged
-//!    beside the VM's ([`DiskLocks::staging_path`]); the VM may still run.
-//! 3. The caller stops the VM, then [`Staged::commit`] swaps the staged
-//!    files in with [`DiskLocks::replace`] (crash-safe, all or none) and
-//!    returns the storage and the restore config.
+//! 2. [`Prepared::stage`]: copies of the snapshot's disks, each hashed
+//!    against the sidecar, are staged in locked temps beside the VM's
+//!    disks (the same filesystem); the VM still runs, and a failure here
+//!    (no space, a read error, a disk changed since the snapshot) removes
+//!    the staged files and leaves the VM running as it was.
+//! 3. The caller stops the VM, takes its disk locks, then
+//!    [`Staged::commit`] renames the staged files over the disks with
+//!    [`DiskLocks::replace`] (crash-safe, all or none) and returns the
+//!    storage and the restore config.
+//!
+//! Staged files are `fsutil::temp` temps: locked while their process
+//! lives, unlinked on SIGINT/SIGTERM, and removed by the next command's
+//! sweep after a SIGKILL (an unlocked temp is nobody's work).
 //!
 //! The seed: when the VM has dropped its cidata disk since the snapshot
 //! (after its first boot), the snapshot's seed is written back (the guest
@@ -27,6 +34,9 @@ use super::store::SnapshotDir;
 use crate::disk::copy::{self, CopyError};
 use crate::disk::lock::{DiskLocks, LockError};
 use crate::disk::model::{DiskRole, StorageConfig};
+use crate::fsutil::input::{self, Accept};
+use crate::fsutil::temp::Temp;
+use crate::store::digest::Digest;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
@@ -38,12 +48,18 @@ pub enum RestoreError {
     },
     #[error("the VM's disk {path} is not locked; a restore replaces disks under their locks")]
     NotLocked { path: PathBuf },
-    #[error("staging {to} from {from}")]
+    #[error("staging a copy of {from} for the VM's disk {to}; the VM was not touched")]
     Copy {
         from: PathBuf,
         to: PathBuf,
         #[source]
         source: CopyError,
+    },
+    #[error("{path} has changed since the snapshot: its sha256 is {computed}, the sidecar records {recorded}; nothing was staged, the VM was not touched")]
+    Changed {
+        path: PathBuf,
+        recorded: Digest,
+        computed: Digest,
     },
     #[error("replacing the VM's disks")]
     Lock(#[source] LockError),
@@ -64,6 +80,8 @@ pub struct Prepared {
     /// (layers: the snapshot's, in the store).
     pub storage: Vec<StorageConfig>,
     snapshot: String,
+    /// Per disk, the sha256 the sidecar records for its resident file.
+    hashes: Vec<Option<Digest>>,
 }
 
 /// Step 1: the preflight against `target` (the VM's disks now) and the
@@ -99,78 +117,136 @@ pub fn prepare(
             StorageConfig { path, ..d.clone() }
         })
         .collect();
+    let hashes = snapshot
+        .sidecar
+        .disks
+        .iter()
+        .map(|d| {
+            d.resident()
+                .then(|| snapshot.sidecar.file(&d.config.path.to_string_lossy()))
+                .flatten()
+                .map(|f| f.sha256.clone())
+        })
+        .collect();
     Ok(Prepared {
         checked,
         storage,
         snapshot: snapshot.name.clone(),
+        hashes,
     })
 }
 
-/// Staged copies, waiting for the VM to stop.
+/// Staged copies, waiting for the VM to stop. Dropped before
+/// [`Staged::commit`], the staged files are removed; a process killed
+/// with some staged leaves them unlocked, and the next command's sweep
+/// removes them ([`crate::fsutil::temp::remove_stale`], from
+/// [`crate::vm::Vms::sweep`]).
 #[derive(Debug)]
-pub struct Staged<'a> {
+pub struct Staged {
     prepared: Prepared,
-    locks: &'a DiskLocks,
-    /// (VM disk, staged copy) for the writable disks.
-    staged: Vec<(PathBuf, PathBuf)>,
+    /// (VM disk, its staged copy) for the writable disks: locked temps
+    /// beside the disks (one filesystem, so the commit is a rename).
+    staged: Vec<(PathBuf, Temp)>,
     /// Read-only resident disks (the seed) to write: (snapshot file, VM path).
     seeds: Vec<(PathBuf, PathBuf)>,
-    committed: bool,
 }
 
 impl Prepared {
-    /// Step 2: stages copies of the snapshot's writable disks beside the
-    /// VM's, under `locks` (the VM's writable disks). The VM may run.
-    pub fn stage<'a>(self, locks: &'a DiskLocks) -> Result<Staged<'a>, RestoreError> {
-        let pairs: Vec<(DiskRole, PathBuf, PathBuf)> = self
+    /// Step 2: copies the snapshot's writable disks into temps beside the
+    /// VM's disks, each hashed on the way against the sidecar (the
+    /// preflight hashes only small files; a big disk changed since the
+    /// snapshot is found here). Needs no lock and touches no file of the
+    /// VM, so the VM runs meanwhile: this is the long part of a restore,
+    /// and any failure in it costs the VM nothing.
+    pub fn stage(self) -> Result<Staged, RestoreError> {
+        // Dropped on an error: the temps staged so far go with it.
+        let mut staged = Vec::new();
+        let mut seeds = Vec::new();
+        for ((from, to), hash) in self
             .checked
             .storage
             .iter()
             .zip(&self.storage)
-            .map(|(from, to)| (to.role, from.path.clone(), to.path.clone()))
-            .collect();
-        // Dropped on an error: removes what was staged so far.
-        let mut out = Staged {
-            prepared: self,
-            locks,
-            staged: Vec::new(),
-            seeds: Vec::new(),
-            committed: false,
-        };
-        for (role, from, to) in pairs {
-            match role {
+            .zip(&self.hashes)
+        {
+            match to.role {
                 DiskRole::Layer => {}
-                DiskRole::Cidata => out.seeds.push((from, to)),
+                DiskRole::Cidata => seeds.push((from.path.clone(), to.path.clone())),
                 DiskRole::Cow | DiskRole::Data => {
-                    let tmp = locks.staging_path(&to).map_err(|e| match e {
-                        LockError::NotHeld { .. } => RestoreError::NotLocked { path: to.clone() },
-                        other => RestoreError::Lock(other),
-                    })?;
-                    copy::copy_file(&from, &tmp).map_err(|source| RestoreError::Copy {
-                        from: from.clone(),
-                        to: tmp.clone(),
-                        source,
-                    })?;
-                    out.staged.push((to, tmp));
+                    let tmp = stage_one(&from.path, &to.path, hash.as_ref())?;
+                    staged.push((to.path.clone(), tmp));
                 }
             }
         }
-        Ok(out)
+        Ok(Staged {
+            prepared: self,
+            staged,
+            seeds,
+        })
     }
 }
 
-impl Staged<'_> {
-    /// Step 3, after the VM has stopped: swaps the staged copies in (all
-    /// or none, crash included) and writes a seed the VM lacks. Returns
-    /// the VM's new storage (for its record) and the restore config.
+/// One staged copy of the snapshot file `from`, beside the VM's disk
+/// `to`, hashed against `expect`.
+fn stage_one(from: &Path, to: &Path, expect: Option<&Digest>) -> Result<Temp, RestoreError> {
+    let dir = to.parent().unwrap_or(Path::new("."));
+    // Opened as an input: a path swapped for a FIFO or a device since the
+    // preflight is refused, never read (or blocked on).
+    let src = input::open(from, Accept::Regular).map_err(|source| RestoreError::Io {
+        what: "open",
+        path: from.to_path_buf(),
+        source,
+    })?;
+    let tmp = Temp::create_in(dir, STAGE_SUFFIX).map_err(|source| RestoreError::Io {
+        what: "create a staged copy in",
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let hashed = expect.is_some();
+    let (_, computed) = copy::copy_into(&src.file, from, tmp.as_file(), tmp.path(), hashed)
+        .map_err(|source| RestoreError::Copy {
+            from: from.to_path_buf(),
+            to: to.to_path_buf(),
+            source,
+        })?;
+    if let (Some(recorded), Some(computed)) = (expect, computed) {
+        if *recorded != computed {
+            return Err(RestoreError::Changed {
+                path: from.to_path_buf(),
+                recorded: recorded.clone(),
+                computed,
+            });
+        }
+    }
+    Ok(tmp)
+}
+
+impl Staged {
+    /// Step 3, after the VM has stopped and under `locks` (the VM's
+    /// writable disks): renames the staged copies over the disks (all or
+    /// none, crash included: [`DiskLocks::replace`], which fsyncs the
+    /// directory; the copies were fsynced when staged) and writes a seed
+    /// the VM lacks. Returns the VM's new storage (for its record) and the
+    /// restore config.
     pub fn commit(
-        mut self,
+        self,
+        locks: &DiskLocks,
         serial: SerialOutput,
     ) -> Result<(Vec<StorageConfig>, RestoreConfig), RestoreError> {
-        self.locks
-            .replace(&self.staged)
-            .map_err(RestoreError::Lock)?;
-        self.committed = true;
+        let pairs: Vec<(PathBuf, PathBuf)> = self
+            .staged
+            .iter()
+            .map(|(disk, tmp)| (disk.clone(), tmp.path().to_path_buf()))
+            .collect();
+        for (disk, _) in &pairs {
+            if !locks.disks().any(|l| same_file(l, disk)) {
+                return Err(RestoreError::NotLocked { path: disk.clone() });
+            }
+        }
+        locks.replace(&pairs).map_err(RestoreError::Lock)?;
+        for (_, tmp) in self.staged {
+            tmp.renamed();
+        }
         for (from, to) in &self.seeds {
             let bytes = std::fs::read(from).map_err(|source| RestoreError::Io {
                 what: "read",
@@ -203,14 +279,29 @@ impl Staged<'_> {
     pub fn snapshot(&self) -> &str {
         &self.prepared.snapshot
     }
+
+    /// The VM's disks after the restore.
+    pub fn storage(&self) -> &[StorageConfig] {
+        &self.prepared.storage
+    }
+
+    /// The snapshot directory, resolved.
+    pub fn snapshot_dir(&self) -> &Path {
+        &self.prepared.checked.dir
+    }
+
+    /// The staged copies' paths (they exist until the commit).
+    pub fn staged_paths(&self) -> Vec<PathBuf> {
+        self.staged
+            .iter()
+            .map(|(_, t)| t.path().to_path_buf())
+            .collect()
+    }
 }
 
-impl Drop for Staged<'_> {
-    fn drop(&mut self) {
-        if !self.committed {
-            for (_, tmp) in &self.staged {
-                let _ = std::fs::remove_file(tmp);
-            }
-        }
-    }
+/// The suffix of a staged copy's temp name (`.cocoon-tmp-XXXXXX.stage`).
+pub const STAGE_SUFFIX: &str = ".stage";
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    a == b || std::fs::canonicalize(b).is_ok_and(|c| c == a)
 }

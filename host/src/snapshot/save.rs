@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use cocoon_vmm::snapshot::{self as vmm_snapshot, RestoreError};
 
 use super::sidecar::{
-    ImageInfo, LayerRef, ResidentFile, Sidecar, SidecarError, SnapshotDisk, StateVersion, DISKS_DIR,
+    ImageInfo, LayerRef, ResidentFile, Sidecar, SidecarError, SnapshotBoot, SnapshotDisk,
+    StateVersion, DISKS_DIR, INITRD_FILE, KERNEL_FILE,
 };
 use super::store::{self, StoreError, TempSnapshot};
 use crate::disk::copy::{self, CopyError, CopyMethod};
@@ -81,6 +82,17 @@ pub struct SaveMeta {
     pub store_root: PathBuf,
     /// The VM's NICs (from its record), in device order.
     pub nics: Vec<crate::net::Nic>,
+    /// What the VM boots: copied into the snapshot (after the pause), so
+    /// that its clones have it wherever they are made.
+    pub boot: Option<BootFiles>,
+}
+
+/// A VM's kernel, initrd and command line (its record's).
+#[derive(Debug, Clone)]
+pub struct BootFiles {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
 }
 
 /// What [`save`] made.
@@ -109,6 +121,7 @@ pub struct Captured {
     copies: Vec<(String, CopyMethod)>,
     vmm: vmm_snapshot::SnapshotInfo,
     capture_time: Duration,
+    boot: Option<BootFiles>,
 }
 
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SaveError {
@@ -255,7 +268,7 @@ pub fn capture(
     }
 
     let sidecar = Sidecar {
-        version: Sidecar::version_for(&meta.nics),
+        version: Sidecar::version_for(&meta.nics, meta.boot.is_some()),
         name: name.into(),
         created: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         source_vm: meta.source_vm,
@@ -265,6 +278,7 @@ pub fn capture(
         memory_bytes: vmm.memory_bytes,
         disks,
         nics: meta.nics,
+        boot: None,
         files: Vec::new(),
     };
     Ok(Captured {
@@ -274,7 +288,22 @@ pub fn capture(
         copies,
         vmm,
         capture_time: t0.elapsed(),
+        boot: meta.boot,
     })
+}
+
+/// Copies a boot file into the snapshot: opened as an input (a regular
+/// file: a path swapped for a FIFO is refused, never read), then a
+/// reflink or sparse copy, fsynced, that never replaces a file.
+fn copy_boot_file(from: &Path, dest: &Path) -> Result<(), SaveError> {
+    let input = crate::fsutil::input::open(from, crate::fsutil::input::Accept::Regular)
+        .map_err(io_err("open the boot file", from))?;
+    copy::copy_open_file(&input.file, from, dest).map_err(|source| SaveError::File {
+        what: "copy the boot file",
+        path: from.to_path_buf(),
+        source,
+    })?;
+    Ok(())
 }
 
 impl Captured {
@@ -299,6 +328,24 @@ impl Captured {
                 .filter(|d| d.resident())
                 .map(|d| d.config.path.to_string_lossy().into_owned()),
         );
+        if let Some(boot) = self.boot.take() {
+            let mut copy_in = |from: &Path, name: &str| {
+                copy_boot_file(from, &dir.join(name))?;
+                names.push(name.to_string());
+                Ok::<_, SaveError>(name.to_string())
+            };
+            let kernel = copy_in(&boot.kernel, KERNEL_FILE)?;
+            let initrd = boot
+                .initrd
+                .as_deref()
+                .map(|i| copy_in(i, INITRD_FILE))
+                .transpose()?;
+            self.sidecar.boot = Some(SnapshotBoot {
+                kernel,
+                initrd,
+                cmdline: boot.cmdline,
+            });
+        }
         for name in names {
             let path = dir.join(&name);
             let (size, sha256) = copy::sha256_file(&path).map_err(|source| SaveError::File {
@@ -312,6 +359,7 @@ impl Captured {
         }
         let disks_dir = dir.join(DISKS_DIR);
         crate::fsutil::sync_dir(&disks_dir).map_err(io_err("fsync", &disks_dir))?;
+        crate::fsutil::sync_dir(&dir).map_err(io_err("fsync", &dir))?;
         crate::store::crash_point("snapshot-before-sidecar");
         self.sidecar.write(&dir)?;
         crate::store::crash_point("snapshot-before-rename");

@@ -35,10 +35,17 @@ pub const DISKS_DIR: &str = "disks";
 /// before it is parsed.
 pub const MAX_SIDECAR_BYTES: u64 = 1 << 20;
 
-/// The sidecar version this host writes (and the newest it reads).
+/// The sidecar version this host writes (and the newest it reads). 1.1
+/// added `nics` (the VM's NICs) and `boot` (its kernel, initrd and command
+/// line, carried as files of the snapshot); a 1.0 sidecar has neither and
+/// reads as before.
 pub const SIDECAR_VERSION: SidecarVersion = SidecarVersion { major: 1, minor: 1 };
-/// The version of a sidecar without NICs: what 1.0 was.
-pub const SIDECAR_VERSION_NO_NICS: SidecarVersion = SidecarVersion { major: 1, minor: 0 };
+/// The version of a sidecar with neither NICs nor boot files: what 1.0 was,
+/// so that an older host still reads it.
+pub const SIDECAR_VERSION_1_0: SidecarVersion = SidecarVersion { major: 1, minor: 0 };
+/// The names of the boot files in a snapshot directory.
+pub const KERNEL_FILE: &str = "kernel";
+pub const INITRD_FILE: &str = "initrd";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SidecarError {
@@ -179,6 +186,21 @@ impl SnapshotDisk {
     }
 }
 
+/// What the snapshotted VM boots, for a clone's later cold boots (its
+/// first start restores the snapshot and boots nothing): carried in the
+/// snapshot, so a clone on another host (after export, import, push,
+/// pull) or after its source VM is gone still has them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotBoot {
+    /// A resident file's name ([`KERNEL_FILE`]).
+    pub kernel: String,
+    /// A resident file's name ([`INITRD_FILE`]), when the VM has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    pub cmdline: String,
+}
+
 /// A file inside the snapshot directory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -214,8 +236,12 @@ pub struct Sidecar {
     /// (`--nic tap=` or `--network bridge=`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nics: Vec<crate::net::Nic>,
+    /// The VM's boot files (sidecar 1.1; absent from 1.0 sidecars).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<SnapshotBoot>,
     /// Every file of the snapshot directory but the sidecar: the VMM's
-    /// state and memory, then the resident disks in disk order.
+    /// state and memory, the resident disks in disk order, then the boot
+    /// files.
     pub files: Vec<ResidentFile>,
 }
 
@@ -227,10 +253,11 @@ struct VersionOnly {
 }
 
 impl Sidecar {
-    /// The version a sidecar with these NICs is written as.
-    pub fn version_for(nics: &[crate::net::Nic]) -> SidecarVersion {
-        if nics.is_empty() {
-            SIDECAR_VERSION_NO_NICS
+    /// The version a sidecar with these NICs, and boot files or none, is
+    /// written as: the oldest that has its fields.
+    pub fn version_for(nics: &[crate::net::Nic], boot: bool) -> SidecarVersion {
+        if nics.is_empty() && !boot {
+            SIDECAR_VERSION_1_0
         } else {
             SIDECAR_VERSION
         }
@@ -363,7 +390,7 @@ pub(crate) mod tests {
 
     pub(crate) fn sample() -> Sidecar {
         Sidecar {
-            version: SIDECAR_VERSION_NO_NICS,
+            version: SIDECAR_VERSION_1_0,
             name: "s1".into(),
             created: "2026-12-02T01:00:00Z".into(),
             source_vm: "v1".into(),
@@ -380,6 +407,7 @@ pub(crate) mod tests {
                 disk(DiskRole::Data, "logs", "disks/data-logs.raw"),
             ],
             nics: Vec::new(),
+            boot: None,
             files: vec![ResidentFile {
                 name: "state".into(),
                 size: 10,
@@ -407,7 +435,7 @@ pub(crate) mod tests {
             &Default::default(),
         )
         .unwrap();
-        s.version = Sidecar::version_for(&s.nics);
+        s.version = Sidecar::version_for(&s.nics, false);
         assert_eq!(s.version, SIDECAR_VERSION);
         let json = s.to_json();
         let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
@@ -415,7 +443,8 @@ pub(crate) mod tests {
         assert_eq!(v["nics"][0]["attach"], serde_json::json!({"tap": "mine0"}));
         assert_eq!(v["nics"][1]["mac"], s.nics[1].mac.to_string());
         assert_eq!(Sidecar::parse(Path::new("new"), &json).unwrap(), s);
-        assert_eq!(Sidecar::version_for(&[]), SIDECAR_VERSION_NO_NICS);
+        assert_eq!(Sidecar::version_for(&[], false), SIDECAR_VERSION_1_0);
+        assert_eq!(Sidecar::version_for(&[], true), SIDECAR_VERSION);
     }
 
     #[test]
@@ -425,7 +454,7 @@ pub(crate) mod tests {
         s.write(dir.path()).unwrap();
         assert_eq!(Sidecar::read(dir.path()).unwrap(), s);
         let text = std::fs::read_to_string(dir.path().join(SIDECAR_FILE)).unwrap();
-        assert!(text.contains(r#""version": "1.0""#), "{text}");
+        assert!(text.contains(r#""version": "1.1""#), "{text}");
         let vmm = cocoon_vmm::snapshot::FORMAT_VERSION.to_string();
         assert!(
             text.contains(&format!(r#""vmm_state_version": "{vmm}""#)),
@@ -477,7 +506,7 @@ pub(crate) mod tests {
                 "has version 1.2",
             ),
             (
-                json.replacen(r#""version": "1.0""#, r#""version": "one""#, 1),
+                json.replacen(r#""version": "1.1""#, r#""version": "one""#, 1),
                 "not MAJOR.MINOR",
             ),
             (
@@ -500,9 +529,27 @@ pub(crate) mod tests {
             assert!(msg.contains(want), "{want}: {msg}");
         }
         assert!(matches!(
-            Sidecar::parse(p, json.replacen(r#""1.0""#, r#""7.3""#, 1).as_bytes()),
+            Sidecar::parse(p, json.replacen(r#""1.1""#, r#""7.3""#, 1).as_bytes()),
             Err(SidecarError::UnsupportedVersion { found, .. }) if found == SidecarVersion { major: 7, minor: 3 }
         ));
+    }
+
+    #[test]
+    fn a_1_0_sidecar_reads_and_boot_round_trips() {
+        let p = Path::new("/s/snapshot.json");
+        let json = String::from_utf8(sample().to_json()).unwrap();
+        assert!(!json.contains("boot"), "no boot, no field: {json}");
+        let old = json.replacen(r#""version": "1.1""#, r#""version": "1.0""#, 1);
+        let s = Sidecar::parse(p, old.as_bytes()).unwrap();
+        assert_eq!(s.boot, None);
+        let mut s = sample();
+        s.boot = Some(SnapshotBoot {
+            kernel: KERNEL_FILE.into(),
+            initrd: Some(INITRD_FILE.into()),
+            cmdline: "console=ttyS0 root=/dev/vda".into(),
+        });
+        let back = Sidecar::parse(p, &s.to_json()).unwrap();
+        assert_eq!(back, s);
     }
 
     #[test]

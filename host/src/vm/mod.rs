@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod client;
+pub mod clone_boot;
 pub mod create;
 pub mod guest_boot;
 pub mod monitor;

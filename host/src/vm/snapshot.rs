@@ -23,8 +23,9 @@ use crate::disk::lock::{DiskLocks, Wait};
 use crate::disk::model::DiskRole;
 use crate::net::NicSpec;
 use crate::snapshot::clone::{self, CloneError, CloneOptions};
+use crate::snapshot::clone_disks::DataDiskFile;
 use crate::snapshot::preflight::{self, DEFAULT_HASH_LIMIT};
-use crate::snapshot::restore::{self, Prepared, RestoreError};
+use crate::snapshot::restore::{self, Prepared, RestoreError, Staged};
 use crate::snapshot::store::{SnapshotDir, StoreError};
 
 /// The note of a pending restore, in the VM's directory.
@@ -179,8 +180,10 @@ pub struct Boot {
 /// `state_dir`: the preflight, its own copies of the cow and data disks,
 /// its own NICs (new MACs; `taps` for the NICs that were on a user's tap,
 /// see [`super::nics::plan_clone`]), a seed with its own instance-id,
-/// hostname and MACs, its record and the [`StartFrom`] note. Not started.
-/// Nothing of it stays on an error.
+/// hostname and MACs, its record and the [`StartFrom`] note. `data_disks`
+/// put the user's files in place of the snapshot's data disks
+/// ([`crate::snapshot::clone_disks`]). Not started. Nothing of it stays on
+/// an error.
 pub fn clone_vm(
     vms: &Vms,
     state_dir: &Path,
@@ -188,6 +191,7 @@ pub fn clone_vm(
     name: Option<&str>,
     taps: &[NicSpec],
     boot: Boot,
+    data_disks: &[DataDiskFile],
 ) -> Result<ClonedVm, SnapshotVmError> {
     let snap = SnapshotDir::open(&crate::snapshot::snapshots_dir(state_dir), snapshot)?;
     let sidecar = &snap.sidecar;
@@ -223,10 +227,25 @@ pub fn clone_vm(
         memory_bytes: None,
         serial: cocoon_vmm::SerialOutput::Sink,
         macs,
+        data_disks: data_disks.to_vec(),
     };
     let cloned = with_checks(&store, |checks| {
         clone::clone(&snap, checks, &creating.dir, opts)
     })??;
+    // Its own boot files (the snapshot's when it carries them): the
+    // snapshot and the source VM may go before the clone does.
+    if let Some(b) = &sidecar.boot {
+        let m = &mut creating.record.machine;
+        m.kernel = cloned.checked.dir.join(&b.kernel);
+        m.initrd = b.initrd.as_ref().map(|i| cloned.checked.dir.join(i));
+        m.cmdline.clone_from(&b.cmdline);
+    }
+    super::clone_boot::own(
+        vms.root(),
+        &cloned.checked.dir,
+        &creating.dir,
+        &mut creating.record.machine,
+    )?;
     creating.record.storage = cloned.storage.clone();
     creating.record.nics = nics;
     creating.record.policy = format!("snapshot {}", snap.name);
@@ -274,6 +293,37 @@ impl RestorePlan {
     pub fn snapshot(&self) -> &str {
         &self.snap.name
     }
+
+    /// Step 2, while the VM still runs: the snapshot's disks copied (and
+    /// hashed) into staged files beside the VM's. An error removes what
+    /// was staged; the VM was not touched.
+    pub fn stage(self) -> Result<StagedRestore, SnapshotVmError> {
+        let RestorePlan { snap, prepared } = self;
+        let staged = prepared.stage()?;
+        // A test kills the command here: the staged files are left for
+        // the next command's sweep, the VM untouched.
+        crate::store::crash_point("restore-staged");
+        Ok(StagedRestore { snap, staged })
+    }
+}
+
+/// A restore whose disks are staged; the VM is untouched so far. Dropped,
+/// it removes the staged files.
+#[derive(Debug)]
+pub struct StagedRestore {
+    snap: SnapshotDir,
+    staged: Staged,
+}
+
+impl StagedRestore {
+    pub fn snapshot(&self) -> &str {
+        &self.snap.name
+    }
+
+    /// The staged files (for tests and messages).
+    pub fn staged_paths(&self) -> Vec<PathBuf> {
+        self.staged.staged_paths()
+    }
 }
 
 /// Step 1 of a restore, while the VM may run: the snapshot's preflight
@@ -312,11 +362,11 @@ pub fn prepare_restore(
     Ok(RestorePlan { snap, prepared })
 }
 
-/// Step 2, once the VM has no monitor: under the VM's lock and its disks'
-/// locks, the snapshot's disks are staged beside the VM's and swapped in
-/// (all or none), the record names them, and the [`StartFrom`] note makes
-/// the next start restore the snapshot. The VM is left stopped.
-pub fn commit_restore(vm: &VmEntry, plan: RestorePlan) -> Result<VmEntry, SnapshotVmError> {
+/// Step 3, once the VM has no monitor: under the VM's lock and its disks'
+/// locks, the staged disks are renamed over the VM's (all or none), the
+/// record names them, and the [`StartFrom`] note makes the next start
+/// restore the snapshot. The VM is left stopped.
+pub fn commit_restore(vm: &VmEntry, staged: StagedRestore) -> Result<VmEntry, SnapshotVmError> {
     let _op = vm.lock("restore")?;
     let mut now = vm.clone();
     now.reload()?;
@@ -328,9 +378,9 @@ pub fn commit_restore(vm: &VmEntry, plan: RestorePlan) -> Result<VmEntry, Snapsh
         }
         .into());
     }
-    let RestorePlan { snap, prepared } = plan;
-    let writable: Vec<PathBuf> = prepared
-        .storage
+    let StagedRestore { snap, staged } = staged;
+    let writable: Vec<PathBuf> = staged
+        .storage()
         .iter()
         .filter(|d| !d.read_only)
         .map(|d| d.path.clone())
@@ -341,9 +391,8 @@ pub fn commit_restore(vm: &VmEntry, plan: RestorePlan) -> Result<VmEntry, Snapsh
             source,
         }
     })?;
-    let dir = prepared.checked.dir.clone();
-    let staged = prepared.stage(&locks)?;
-    let (storage, config) = staged.commit(cocoon_vmm::SerialOutput::Sink)?;
+    let dir = staged.snapshot_dir().to_path_buf();
+    let (storage, config) = staged.commit(&locks, cocoon_vmm::SerialOutput::Sink)?;
     now.record.storage = storage;
     if now.record.state != VmState::Created {
         now.record.state = VmState::Stopped;

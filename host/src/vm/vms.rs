@@ -80,11 +80,23 @@ impl Vms {
         Ok(out)
     }
 
-    /// Removes what killed creates left, and records monitors that died.
+    /// Removes what killed creates (and restores) left, and records
+    /// monitors that died.
     /// Every command that looks at VMs calls it first.
     pub fn sweep(&self) -> Result<(), VmError> {
         let _global = self.global_lock("sweep")?;
         for dir in self.dirs()? {
+            // Temps nobody holds (a restore's staged disks, killed before
+            // its commit): safe beside a running VM, since a live temp is
+            // locked by its writer (see `fsutil::temp`).
+            match crate::fsutil::temp::remove_stale(&dir, false) {
+                Ok(r) => {
+                    for p in r.paths {
+                        tracing::info!("removed {}, left by an interrupted command", p.display());
+                    }
+                }
+                Err(e) => tracing::warn!("removing stale temps in {}: {e}", dir.display()),
+            }
             let Ok(lock) = VmLock::acquire(&dir, "sweep", Wait::No) else {
                 continue; // a live command owns it
             };

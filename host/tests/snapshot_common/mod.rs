@@ -112,6 +112,7 @@ impl Host {
             vm_dir: self.vm_dir(vm),
             store_root: self.store_root.clone(),
             nics: Vec::new(),
+            boot: None,
         }
     }
 

@@ -82,6 +82,7 @@ pub fn sidecar(name: &str, files: Vec<(String, u64, Digest)>) -> Sidecar {
             disk(DiskRole::Cow, "cocoon-root", "disks/cow.raw"),
             disk(DiskRole::Data, "logs", "disks/data-logs.raw"),
         ],
+        boot: None,
         files: files
             .into_iter()
             .map(|(name, size, sha256)| ResidentFile { name, size, sha256 })

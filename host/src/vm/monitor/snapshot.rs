@@ -92,6 +92,11 @@ pub fn take(monitor: &Monitor, name: &str) -> Result<SnapshotTaken, Refused> {
         vm_dir: monitor.dir.clone(),
         store_root: store_root(&monitor.dir),
         nics: record.nics.clone(),
+        boot: Some(save::BootFiles {
+            kernel: record.machine.kernel.clone(),
+            initrd: record.machine.initrd.clone(),
+            cmdline: record.machine.cmdline.clone(),
+        }),
     };
 
     // The disk locks stay with the monitor; holding their slot keeps the
