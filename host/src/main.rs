@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use cocoon_host::config::{HostConfig, Overrides};
-use cocoon_host::vm::{api, spawn};
+use cocoon_host::vm::api;
 
 /// A microVM runtime with sandboxed WebAssembly plugins.
 ///
@@ -135,11 +135,9 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             lock_fd,
             ready_fd,
         } => {
-            let lock_fd = spawn::parse_fd(&lock_fd).map_err(anyhow::Error::msg)?;
-            let ready_fd = spawn::parse_fd(&ready_fd).map_err(anyhow::Error::msg)?;
             // SAFETY: `spawn::start` passed these two descriptors to this
             // process and nothing else in it uses them.
-            Ok(unsafe { cocoon_host::vm::monitor::main(&vm_dir, lock_fd, ready_fd) })
+            Ok(unsafe { cocoon_host::vm::monitor::main_from_args(&vm_dir, &lock_fd, &ready_fd) })
         }
         command => {
             let config = HostConfig::load(&overrides)?;

@@ -2,7 +2,7 @@
 //! guest as the kernel and a disk image the test makes: records, the
 //! detached monitor and its API, pause/resume seen in the guest's clock
 //! output, dead monitors, killed creates, concurrent starts, a hostile API
-//! client, 16 VMs at once, and gc roots.
+//! client, 16 VMs at once, gc roots, and which binary the monitor is.
 
 mod vm_common;
 #[path = "../../vmm/tests/support/mod.rs"]
@@ -199,6 +199,12 @@ fn a_killed_monitor_is_seen_as_stopped_and_the_vm_starts_again() {
     }
     let h = Host::new();
     h.run_detached("k", TICKING);
+    // The first boot's line in the log before the kill: what the killed
+    // monitor had not written yet is lost with it, and the count of boots
+    // below reads the log.
+    eventually("the first boot's output", Duration::from_secs(20), || {
+        h.logs("k").contains("cocoon-guest: start")
+    });
     let pid = h.vm("k")["pid"].as_u64().unwrap();
     let disks_before = h.json(&["inspect", "k", "-o", "json"])["record"]["storage"].clone();
     let status = Command::new("kill")
@@ -558,4 +564,92 @@ fn bad_names_and_unknown_vms_are_named_in_the_error() {
             "{cmd}"
         );
     }
+}
+
+/// The program a process runs.
+fn exe_of(pid: u64) -> PathBuf {
+    std::fs::read_link(format!("/proc/{pid}/exe")).unwrap()
+}
+
+#[test]
+fn the_monitor_is_its_own_binary_and_the_cli_alone_still_runs_vms() {
+    if !kvm_or_skip("the_monitor_is_its_own_binary_and_the_cli_alone_still_runs_vms") {
+        return;
+    }
+    let h = Host::new();
+    h.run_detached("own", TICKING);
+    let pid = h.vm("own")["pid"].as_u64().unwrap();
+    assert_eq!(
+        exe_of(pid),
+        Path::new(env!("CARGO_BIN_EXE_cocoon-monitor"))
+            .canonicalize()
+            .unwrap()
+    );
+    // Installed without it, the CLI runs the same monitor code itself.
+    let alone = h.state.path().join("bin-alone");
+    std::fs::create_dir(&alone).unwrap();
+    let cli = alone.join("cocoon-host");
+    std::fs::copy(env!("CARGO_BIN_EXE_cocoon-host"), &cli).unwrap();
+    let o = h
+        .cmd_of(&cli)
+        .args(["run", "-d", "--name", "solo", "--memory", "64M", "--kernel"])
+        .arg(test_guest())
+        .args(["--cmdline", TICKING])
+        .arg(&h.image)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let solo = h.vm("solo")["pid"].as_u64().unwrap();
+    assert_eq!(exe_of(solo), cli.canonicalize().unwrap());
+    let cmdline = std::fs::read(format!("/proc/{solo}/cmdline")).unwrap();
+    assert!(
+        cmdline.split(|&b| b == 0).any(|a| a == b"__monitor"),
+        "{}",
+        String::from_utf8_lossy(&cmdline)
+    );
+    for vm in ["own", "solo"] {
+        eventually(&format!("{vm} counting"), Duration::from_secs(20), || {
+            last_count(&h.logs(vm)).is_some_and(|n| n >= 2)
+        });
+    }
+    h.ok(&["rm", "--force", "own"]);
+    h.ok(&["rm", "--force", "solo"]);
+    assert!(h.vm_dirs().is_empty());
+}
+
+#[test]
+fn a_monitor_of_another_build_refuses_to_start() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut answer, ready) = std::io::pipe().unwrap();
+    let fd = ready.as_raw_fd();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cocoon-monitor"));
+    cmd.arg(dir.path())
+        .arg(fd.to_string())
+        .arg(fd.to_string())
+        .env("COCOON_BUILD", "0.0.1-elsewhere")
+        .stderr(Stdio::piped());
+    // SAFETY: fcntl on a descriptor this process owns; async-signal-safe,
+    // and only in the child, so no other child inherits the pipe.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().unwrap();
+    drop(ready);
+    let mut said = String::new();
+    answer.read_to_string(&mut said).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{said}");
+    assert!(said.contains("the CLI 0.0.1-elsewhere"), "{said}");
+    assert!(said.contains("install both from one build"), "{said}");
+    assert!(
+        std::fs::read_dir(dir.path()).unwrap().next().is_none(),
+        "it wrote in the VM dir"
+    );
 }

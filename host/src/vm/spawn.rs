@@ -1,7 +1,12 @@
 //! Starting a VM: its monitor, detached. The starting command takes the
-//! monitor lock, re-executes this binary as `__monitor` in a new session
-//! with stdio on the VM's `monitor.log`, hands it the lock and a pipe, and
-//! returns once the monitor says the VM runs (or why it does not).
+//! monitor lock, executes the monitor in a new session with stdio on the
+//! VM's `monitor.log`, hands it the lock and a pipe, and returns once the
+//! monitor says the VM runs (or why it does not).
+//!
+//! The monitor is `cocoon-monitor` from the directory of the running
+//! binary (the same build: cargo and the install put both there), which
+//! links only what a monitor runs; without it this binary re-executes
+//! itself as `__monitor`, which runs the same code.
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;
@@ -18,6 +23,12 @@ use super::VmError;
 
 /// The hidden subcommand.
 pub const MONITOR_COMMAND: &str = "__monitor";
+/// The monitor's own binary, looked for beside the running one.
+pub const MONITOR_BINARY: &str = "cocoon-monitor";
+/// The build the CLI passes to the monitor, which refuses another.
+pub const BUILD_ENV: &str = "COCOON_BUILD";
+/// This build.
+pub const BUILD: &str = env!("CARGO_PKG_VERSION");
 /// The monitor's own stderr (the console is `console.log`).
 pub const MONITOR_LOG: &str = "monitor.log";
 /// How long a monitor may take to say the VM runs.
@@ -70,17 +81,15 @@ pub fn start(vm: &VmEntry) -> Result<u32, VmError> {
         .map_err(|e| VmError::io("passing the pipe of", &vm.dir)(e.into()))?;
     rustix::io::fcntl_setfd(&write_end, flags - rustix::io::FdFlags::CLOEXEC)
         .map_err(|e| VmError::io("passing the pipe of", &vm.dir)(e.into()))?;
-    let exe =
-        std::env::current_exe().map_err(VmError::io("finding", Path::new("/proc/self/exe")))?;
-    let mut cmd = Command::new(exe);
-    cmd.arg(MONITOR_COMMAND)
-        .arg(&vm.dir)
+    let mut cmd = monitor_command()?;
+    cmd.arg(&vm.dir)
         .arg(lock_fd.to_string())
         .arg(ready_fd.to_string())
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(VmError::io("opening", &log_path))?)
         .stderr(log)
-        .env_remove("RUST_LOG_STYLE");
+        .env_remove("RUST_LOG_STYLE")
+        .env(BUILD_ENV, BUILD);
     let mut child = cmd
         .spawn()
         .map_err(VmError::io("starting the monitor of", &vm.dir))?;
@@ -118,6 +127,26 @@ pub fn start(vm: &VmEntry) -> Result<u32, VmError> {
             })
         }
     }
+}
+
+/// The monitor's program and its leading arguments: `cocoon-monitor`
+/// beside this binary, or this binary's `__monitor`.
+fn monitor_command() -> Result<Command, VmError> {
+    let exe =
+        std::env::current_exe().map_err(VmError::io("finding", Path::new("/proc/self/exe")))?;
+    let sibling = exe.with_file_name(MONITOR_BINARY);
+    Ok(if is_executable(&sibling) {
+        Command::new(sibling)
+    } else {
+        let mut cmd = Command::new(exe);
+        cmd.arg(MONITOR_COMMAND);
+        cmd
+    })
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 fn pipe() -> std::io::Result<(File, OwnedFd)> {

@@ -54,7 +54,11 @@ impl<G> Host<G> {
     }
 
     pub fn cmd(&self) -> Command {
-        let bin = env!("CARGO_BIN_EXE_cocoon-host");
+        self.cmd_of(Path::new(env!("CARGO_BIN_EXE_cocoon-host")))
+    }
+
+    /// [`Self::cmd`] with another copy of the binary.
+    pub fn cmd_of(&self, bin: &Path) -> Command {
         let mut c = match self.prefix.split_first() {
             Some((first, rest)) => {
                 let mut c = Command::new(first);

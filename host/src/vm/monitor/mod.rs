@@ -1,5 +1,6 @@
-//! The monitor: the process that runs one VM (`cocoon-host __monitor`,
-//! started detached by `start`). It owns the `cocoon_vmm::Vm`, the VM's
+//! The monitor: the process that runs one VM (the `cocoon-monitor` binary
+//! beside `cocoon-host`, or `cocoon-host __monitor`; started detached by
+//! `start`, see [`super::spawn`]). It owns the `cocoon_vmm::Vm`, the VM's
 //! writable-disk locks and its monitor lock, serves the API on
 //! `run/api.sock`, keeps the console, and writes the record's state as it
 //! changes. It loads no plugins and opens no network connection; its one
@@ -102,6 +103,40 @@ impl Monitor {
     }
 }
 
+/// The monitor's log on stderr (its `monitor.log`): warnings and up, or
+/// what `RUST_LOG` asks for by level (`error`, `warn`, `info`, `debug`,
+/// `trace`). Targets are not parsed: that would link a regex engine into
+/// every monitor for a filter nobody sets on a VM.
+pub fn init_logging() {
+    let level = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.trim().parse::<tracing::Level>().ok())
+        .unwrap_or(tracing::Level::WARN);
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .init();
+}
+
+/// [`main`] with the descriptors as `spawn` writes them on the command line.
+///
+/// # Safety
+/// As for [`main`]: the descriptors must be the ones `spawn` passed.
+pub unsafe fn main_from_args(vm_dir: &Path, lock_fd: &str, ready_fd: &str) -> i32 {
+    let fds =
+        super::spawn::parse_fd(lock_fd).and_then(|l| Ok((l, super::spawn::parse_fd(ready_fd)?)));
+    match fds {
+        // SAFETY: the caller's promise, passed on.
+        Ok((lock_fd, ready_fd)) => unsafe { main(vm_dir, lock_fd, ready_fd) },
+        Err(e) => {
+            eprintln!("cocoon-host monitor: {e}");
+            2
+        }
+    }
+}
+
 /// The monitor process's `main`. `lock_fd` is the monitor lock its parent
 /// took; `ready_fd` the pipe on which it reports `ok` or why it failed.
 ///
@@ -119,6 +154,22 @@ pub unsafe fn main(vm_dir: &Path, lock_fd: RawFd, ready_fd: RawFd) -> i32 {
     if unsafe { libc::setsid() } < 0 {
         let _ = writeln!(ready, "setsid: {}", std::io::Error::last_os_error());
         return 1;
+    }
+    // `cocoon-monitor` is found beside the CLI; one left from another
+    // release would read records and state files it does not know.
+    if let Some(wanted) = std::env::var_os(super::spawn::BUILD_ENV) {
+        if wanted != super::spawn::BUILD {
+            let _ = writeln!(
+                ready,
+                "{} is version {}, the CLI {}: install both from one build",
+                std::env::current_exe()
+                    .unwrap_or_else(|_| PathBuf::from(super::spawn::MONITOR_BINARY))
+                    .display(),
+                super::spawn::BUILD,
+                wanted.to_string_lossy()
+            );
+            return 1;
+        }
     }
     // SAFETY: the caller passes the inherited, otherwise unused lock file.
     let lock = match unsafe { MonitorLock::adopt(lock_fd) } {
@@ -272,10 +323,13 @@ fn start_vm(vm_dir: &Path, config: VmConfig) -> anyhow::Result<Vm> {
     Ok(vm)
 }
 
+/// Serves the API on a thread of its own until the VM exits. A
+/// current-thread runtime: the API needs one thread, and the multi-thread
+/// scheduler would page in code (and libm, for its poll-time averages)
+/// that every monitor would carry for nothing.
 fn serve_until_exit(monitor: Arc<Monitor>, lock: MonitorLock) -> i32 {
     let socket = api_socket(&monitor.dir);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+    let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
@@ -293,9 +347,27 @@ fn serve_until_exit(monitor: Arc<Monitor>, lock: MonitorLock) -> i32 {
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
         Ok::<_, std::io::Error>(l)
     });
-    match listener {
+    let (stop_api, stopped) = tokio::sync::oneshot::channel::<()>();
+    let api = match listener {
         Ok(l) => {
-            rt.spawn(server::serve(l, monitor.clone()));
+            let m = monitor.clone();
+            let served = std::thread::Builder::new()
+                .name("api".into())
+                .spawn(move || {
+                    rt.block_on(futures_util::future::select(
+                        Box::pin(server::serve(l, m)),
+                        stopped,
+                    ));
+                    rt.shutdown_timeout(Duration::from_millis(200));
+                });
+            match served {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    eprintln!("cocoon-host monitor: the API thread: {e}");
+                    monitor.vm.stop();
+                    None
+                }
+            }
         }
         Err(e) => {
             eprintln!(
@@ -303,12 +375,16 @@ fn serve_until_exit(monitor: Arc<Monitor>, lock: MonitorLock) -> i32 {
                 socket.display()
             );
             monitor.vm.stop();
+            None
         }
-    }
+    };
     while monitor.vm.wait_timeout(Duration::from_secs(3600)).is_none() {}
     // Wake console readers so that they see the end.
     monitor.console.notify.notify_waiters();
-    rt.shutdown_timeout(Duration::from_millis(200));
+    let _ = stop_api.send(());
+    if let Some(t) = api {
+        let _ = t.join();
+    }
     finish(&monitor, lock, &socket)
 }
 
