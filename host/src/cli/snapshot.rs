@@ -16,6 +16,7 @@ use cocoon_host::plugin::runtime::Runtime;
 use cocoon_host::snapshot::archive::{self, Compression};
 use cocoon_host::snapshot::base_image::{self, PulledImage};
 use cocoon_host::snapshot::clone_disks::DataDiskFile;
+use cocoon_host::snapshot::layers::{self, RebuiltLayer};
 use cocoon_host::snapshot::preflight::{self, DEFAULT_HASH_LIMIT};
 use cocoon_host::snapshot::store::{self, SnapshotDir};
 use cocoon_host::snapshot::{registry, snapshots_dir, Sidecar};
@@ -514,35 +515,63 @@ fn clone_boot(vms: &Vms, snapshot: &str, config: &HostConfig) -> anyhow::Result<
     })
 }
 
+/// What the store lacked of a snapshot's image and got back.
+#[derive(Default)]
+struct BroughtBack {
+    pulled: Option<PulledImage>,
+    rebuilt: Vec<RebuiltLayer>,
+}
+
 /// The snapshot's image, pulled by digest from the reference its sidecar
-/// records when the store lacks it: before anything else changes, so a
-/// failure leaves the host as it was. The plugin runtime is made only
-/// then (a clone of a present image stays fast).
-fn pull_base_image(config: &HostConfig, snapshot: &str) -> anyhow::Result<Option<PulledImage>> {
+/// records when the store lacks it, then its layers the store lacks,
+/// built again and held to the digests the sidecar pins: before anything
+/// else changes, so a failure leaves the VMs as they were. The plugin
+/// runtime is made only then (a clone of a present image stays fast).
+fn bring_back_image(config: &HostConfig, snapshot: &str) -> anyhow::Result<BroughtBack> {
     let snap = SnapshotDir::open(&snaps(config), snapshot)?;
     let store = Store::open(config)?;
-    if base_image::present(store.layout(), &snap) {
-        return Ok(None);
+    if base_image::present(store.layout(), &snap)
+        && layers::missing(store.layout(), &snap).is_empty()
+    {
+        return Ok(BroughtBack::default());
     }
+    let scrub = |e: &dyn std::error::Error| {
+        anyhow::anyhow!(
+            "{}",
+            cocoon_host::http::redact_text(&cocoon_host::error_chain(e))
+        )
+    };
     let runtime = Runtime::new(Some(config.state_dir.join("plugin-cache")))?;
     let registry = Registry::discover(config);
     let sources = PluginSources {
         runtime: &runtime,
         registry: &registry,
     };
-    let pulled = base_image::pull_missing(&store, &sources, &snap).map_err(|e| {
-        anyhow::anyhow!(
-            "{}",
-            cocoon_host::http::redact_text(&cocoon_host::error_chain(&e))
-        )
-    })?;
+    let pulled = base_image::pull_missing(&store, &sources, &snap).map_err(|e| scrub(&e))?;
     if let Some(p) = &pulled {
         eprintln!(
             "image {} of snapshot {} was not in the store: pulled it by digest from {}",
             p.digest, snap.name, p.reference
         );
     }
-    Ok(pulled)
+    let rebuilt =
+        layers::rebuild_missing(&store, &runtime, &registry, &snap).map_err(|e| scrub(&e))?;
+    for l in &rebuilt {
+        eprintln!(
+            "rebuilt layer {} (disk {}) of snapshot {} from {}{}: it was not in the store; the \
+             digest is the one the snapshot pins",
+            l.digest,
+            l.index,
+            snap.name,
+            l.source,
+            if l.built {
+                ""
+            } else {
+                " (this host's cache had it under its own builder)"
+            }
+        );
+    }
+    Ok(BroughtBack { pulled, rebuilt })
 }
 
 #[derive(serde::Serialize)]
@@ -553,6 +582,9 @@ struct CloneReport {
     /// The snapshot's image, when the clone had to pull it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pulled_image: Option<serde_json::Value>,
+    /// The snapshot's layers the clone had to build again.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    rebuilt_layers: Vec<RebuiltLayer>,
     state: String,
     /// From the start of the command until the monitor said the VM runs.
     ms_to_running: f64,
@@ -563,7 +595,7 @@ struct CloneReport {
 pub fn clone(a: CloneArgs, config: &HostConfig) -> anyhow::Result<i32> {
     let t0 = Instant::now();
     let vms = Vms::open(&config.state_dir)?;
-    let pulled = pull_base_image(config, &a.snapshot)?;
+    let back = bring_back_image(config, &a.snapshot)?;
     let boot = clone_boot(&vms, &a.snapshot, config)?;
     let made = clone_vm(
         &vms,
@@ -588,7 +620,8 @@ pub fn clone(a: CloneArgs, config: &HostConfig) -> anyhow::Result<i32> {
         name: vm.record.name.clone(),
         id: vm.record.id.clone(),
         snapshot: made.snapshot.clone(),
-        pulled_image: pulled.map(|p| {
+        rebuilt_layers: back.rebuilt,
+        pulled_image: back.pulled.map(|p| {
             serde_json::json!({
                 "digest": p.digest,
                 "reference": p.reference,
@@ -632,7 +665,7 @@ pub fn clone(a: CloneArgs, config: &HostConfig) -> anyhow::Result<i32> {
 pub fn restore(a: RestoreArgs, config: &HostConfig) -> anyhow::Result<i32> {
     let vm = Vms::open(&config.state_dir)?.find(&a.vm)?;
     // Every check first: a snapshot that fails them never costs the VM.
-    pull_base_image(config, &a.snapshot)?;
+    bring_back_image(config, &a.snapshot)?;
     let plan = prepare_restore(&vm, &config.state_dir, &a.snapshot)?;
     // The copies next, while the VM runs: the long part, and the one that
     // can fail (space, I/O, a disk changed since the snapshot) without

@@ -15,6 +15,25 @@
 //! written uncompressed (`-noI`) and [`pin_root_time`] writes the root's
 //! time into the built image: every byte then follows from the tree.
 //! Debian 12's erofs-utils (1.5) has no tar input, so squashfs it is.
+//!
+//! The build is reproducible: the same layer, reader plugin and tool
+//! build give the same bytes on any host, and a rebuild of a layer the
+//! store lost gives back the squashfs a snapshot pinned by digest (the
+//! clone/restore preflight rebuilds missing layers and requires exactly
+//! that: [`crate::snapshot::layers`]), which also lets hosts of a fleet
+//! share snapshots. What makes it so:
+//! - the tar is written from the checked tree, whose nodes are sorted by
+//!   path, hard links last; its times are the layer's own;
+//! - `-reproducible` (the Debian build's default, given so another build's
+//!   default does not matter): the output order does not depend on the
+//!   threads, so `-processors` (the host's CPU count) changes nothing;
+//! - `-mkfs-time 0`, the root's mode, owner and (pinned) time from the
+//!   tree; `SOURCE_DATE_EPOCH` is removed from the tool's environment (set,
+//!   it would clash with `-mkfs-time` and fail the build);
+//! - gzip at the tool's default level. Another mksquashfs or zlib may
+//!   compress differently: the tool's version is part of the cache key
+//!   ([`Squashfs::builder_digest`]), and a snapshot's rebuilt layer is
+//!   compared with its pinned digest, never trusted.
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -31,9 +50,9 @@ pub const MKSQUASHFS: &str = "mksquashfs";
 
 /// What changes the bytes of a built layer besides the tool's version: a
 /// change here (flags, how the tar is written) must change this.
-const RECIPE: &str = "cocoon layer recipe 2: tar from the checked tree; \
-    mksquashfs - OUT -tar -no-strip -noappend -noI -comp gzip -mkfs-time 0 -root-*; \
-    root inode time pinned";
+const RECIPE: &str = "cocoon layer recipe 3: tar from the checked tree; \
+    mksquashfs - OUT -tar -no-strip -noappend -noI -reproducible -comp gzip -mkfs-time 0 \
+    -root-*, no SOURCE_DATE_EPOCH; root inode time pinned";
 
 /// The most stderr kept from a failed build.
 const MAX_STDERR: usize = 8 << 10;
@@ -107,6 +126,7 @@ impl Squashfs {
                 "-no-strip",
                 "-noappend",
                 "-noI",
+                "-reproducible",
                 "-no-progress",
                 "-quiet",
             ])
@@ -114,6 +134,7 @@ impl Squashfs {
             .args(["-root-mode", &format!("{:o}", root.mode)])
             .args(["-root-uid", &root.uid.to_string()])
             .args(["-root-gid", &root.gid.to_string()])
+            .env_remove("SOURCE_DATE_EPOCH")
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -6,9 +6,11 @@
 //! to that digest, so only a blob of exactly that digest, hashed while it
 //! is stored, satisfies it (the store's rules for a pinned pull).
 //!
-//! Only the image itself: a layer the store also lacks is the preflight's
-//! to report (it names the layer and says to pull the image again), and a
-//! clone needs no converted base (its cow is the snapshot's copy).
+//! Only the image itself: a layer the store also lacks is built again
+//! from the image afterwards ([`super::layers::rebuild_missing`], which
+//! pulls the image's missing layer blobs the same way, pinned, and holds
+//! each rebuilt layer to the digest the sidecar pins), and a clone needs
+//! no converted base (its cow is the snapshot's copy).
 
 use super::store::SnapshotDir;
 use crate::store::digest::Digest;

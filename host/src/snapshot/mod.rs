@@ -13,7 +13,9 @@
 //! | `kernel`, `initrd` | copies of the VM's boot files (sidecar 1.1), for clones' cold boots |
 //!
 //! Layers are not copied: the sidecar names them by digest and path in
-//! the image store ([`SnapshotRoots`] keeps them from `image gc`).
+//! the image store ([`SnapshotRoots`] keeps them from `image gc`); a
+//! clone or restore on a store that lacks them builds them again from the
+//! image and requires the digests the sidecar pins ([`layers`]).
 //!
 //! The operations, each one library call (the CLI and the monitor wire
 //! them):
@@ -24,7 +26,9 @@
 //!   (its `sidecar`), [`store::remove`]; [`store::clean_stale`] removes
 //!   what interrupted saves left;
 //! - preflight alone (`inspect --check`): [`preflight::preflight`]; the
-//!   image it needs, pulled by digest when missing: [`base_image`];
+//!   image it needs, pulled by digest when missing: [`base_image`]; its
+//!   layers, built again when missing and held to their pinned digests:
+//!   [`layers`];
 //! - clone: [`clone::clone`] (`--data-disk`: [`clone_disks`]);
 //! - restore: [`restore::prepare`], [`restore::Prepared::stage`],
 //!   [`restore::Staged::commit`];
@@ -35,6 +39,7 @@ pub mod archive;
 pub mod base_image;
 pub mod clone;
 pub mod clone_disks;
+pub mod layers;
 pub mod preflight;
 pub mod registry;
 pub mod restore;

@@ -10,7 +10,9 @@
 //! 2. every listed file is present, a regular file, inside the snapshot
 //!    directory once symlinks are resolved, and of the recorded size;
 //! 3. the sidecar's disks pass the storage rules ([`rules::validate`]);
-//! 4. every layer is a file of the image store of its recorded size;
+//! 4. every layer is a file of the image store of its recorded size (a
+//!    clone or restore has built the missing ones again before this, held
+//!    to the sidecar's digests: [`super::layers`]);
 //! 5. the VMM state file is whole, of a version this VMM reads, of the
 //!    version the sidecar records, and of the sidecar's shape;
 //! 6. files up to [`Options::hash_limit`] bytes (the state, the seed) hash
@@ -94,7 +96,7 @@ pub enum PreflightError {
         reason: String,
     },
     #[error(
-        "layer {digest} (disk {index}) is not in the image store (no {path}); pull the image again"
+        "layer {digest} (disk {index}) is not in the image store (no {path}); a clone or restore builds it again from the image"
     )]
     MissingLayer {
         index: usize,

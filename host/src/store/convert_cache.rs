@@ -131,6 +131,17 @@ impl ConvertedImage {
     }
 }
 
+/// Removes a conversion's directory, the digest file first: without it
+/// the image is incomplete, and never served, even if the removal of the
+/// rest is interrupted. The caller holds the key's lock.
+fn remove_entry(c: &ConvertedImage) -> Result<(), StoreError> {
+    let dir = c.path.parent().unwrap_or(&c.path);
+    let digest_path = dir.join("image.digest");
+    fs::remove_file(&digest_path).map_err(StoreError::io("removing", &digest_path))?;
+    fsutil::sync_dir(dir).map_err(StoreError::io("syncing", dir))?;
+    fs::remove_dir_all(dir).map_err(StoreError::io("removing", dir))
+}
+
 /// Creates `dir` and its missing parents with mode 0700.
 fn private_dirs(dir: &Path) -> Result<(), StoreError> {
     std::os::unix::fs::DirBuilderExt::mode(fs::DirBuilder::new().recursive(true), 0o700)
@@ -230,14 +241,84 @@ impl Store {
             return Ok(true);
         }
         tracing::warn!(image = %c.path.display(), expected = %c.digest, "corrupt conversion removed");
-        let dir = c.path.parent().unwrap_or(&c.path);
-        // The digest file first: without it the image is incomplete, and
-        // never served, even if the removal of the rest is interrupted.
-        let digest_path = dir.join("image.digest");
-        fs::remove_file(&digest_path).map_err(StoreError::io("removing", &digest_path))?;
-        fsutil::sync_dir(dir).map_err(StoreError::io("syncing", dir))?;
-        fs::remove_dir_all(dir).map_err(StoreError::io("removing", dir))?;
+        remove_entry(c)?;
         Ok(false)
+    }
+
+    /// Removes a cached conversion (its digest file first), e.g. one a
+    /// caller built and then refused.
+    pub fn remove_conversion(&self, c: &ConvertedImage) -> Result<(), StoreError> {
+        let layout = self.layout();
+        let _writer = layout.writer_lock()?;
+        let _lock = layout.lock(&format!("2-conv-{}-{}", c.source.hex(), c.target))?;
+        remove_entry(c)
+    }
+
+    /// Files the conversion `c` under the key of another converter build
+    /// too (`converter_sha256`, 64 hex digits): a hard link of the image
+    /// and a digest file naming that key. For a caller that knows the
+    /// bytes are what that build made (a snapshot pins the digest of the
+    /// layer its VM used, at that build's path, and a rebuild here gave
+    /// the same digest and size). Such an entry is never served to
+    /// [`Store::converted`] unless that build is installed; gc keeps it
+    /// while its source or its image digest is a root. An entry already
+    /// there with the same digest file is left as it is.
+    pub fn file_conversion_as(
+        &self,
+        c: &ConvertedImage,
+        converter_sha256: &str,
+    ) -> Result<ConvertedImage, StoreError> {
+        if converter_sha256.len() != 64 || !converter_sha256.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            return Err(StoreError::BadReference {
+                reference: converter_sha256.into(),
+                reason: "not a converter's sha256".into(),
+            });
+        }
+        let layout = self.layout();
+        let _writer = layout.writer_lock()?;
+        let _lock = layout.lock(&format!("2-conv-{}-{}", c.source.hex(), c.target))?;
+        let converter = ConverterId {
+            name: c.converter.name.clone(),
+            sha256: converter_sha256.to_string(),
+        };
+        let dir = layout.conv_dir(&c.source, &c.target).join(converter_sha256);
+        if let Some(hit) = layout.valid_conversion(&dir, &c.source, &c.target, &converter) {
+            if hit.digest == c.digest {
+                return Ok(hit);
+            }
+        }
+        private_dirs(&dir)?;
+        let digest_path = dir.join("image.digest");
+        let image = dir.join("image");
+        for p in [&digest_path, &image] {
+            match fs::remove_file(p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StoreError::io("removing", p)(e)),
+            }
+        }
+        fs::hard_link(&c.path, &image).map_err(StoreError::io("linking into the cache", &image))?;
+        fsutil::sync_dir(&dir).map_err(StoreError::io("syncing", &dir))?;
+        let df = DigestFile {
+            digest: c.digest.clone(),
+            size: c.size,
+            source: c.source.clone(),
+            target: c.target.clone(),
+            converter: converter.clone(),
+        };
+        fsutil::write_atomic(
+            &digest_path,
+            &serde_json::to_vec_pretty(&df).expect("plain struct"),
+            0o600,
+        )
+        .map_err(StoreError::io("writing", &digest_path))?;
+        Ok(ConvertedImage {
+            path: image,
+            converter,
+            converted_now: true,
+            ..c.clone()
+        })
     }
 
     /// The `target` conversion of `source`, from the cache or made now.
@@ -348,5 +429,94 @@ impl Store {
             converter,
             converted_now: true,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writes the source's bytes reversed, as converter `sha256`.
+    struct Reverse(String);
+
+    impl ConvertBackend for Reverse {
+        fn installed(&self) -> Vec<ConverterId> {
+            vec![self.id()]
+        }
+        fn convert(
+            &self,
+            source: &VerifiedBlob,
+            dest: &Path,
+            _: &str,
+        ) -> Result<ConverterId, StoreError> {
+            let mut b = fs::read(source.path()).unwrap();
+            b.reverse();
+            fs::write(dest, b).unwrap();
+            Ok(self.id())
+        }
+    }
+
+    impl Reverse {
+        fn id(&self) -> ConverterId {
+            ConverterId {
+                name: "reverse".into(),
+                sha256: self.0.clone(),
+            }
+        }
+    }
+
+    #[test]
+    fn a_conversion_filed_under_another_key_is_served_to_that_key_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::at(dir.path().join("images")).unwrap();
+        let file = dir.path().join("src");
+        fs::write(&file, b"some source bytes").unwrap();
+        let req = crate::store::PullRequest {
+            reference: file.to_str().unwrap().into(),
+            digest: None,
+            policy: crate::store::PullPolicy::Missing,
+            force: false,
+        };
+        struct NoSources;
+        impl crate::store::Sources for NoSources {
+            fn resolve(&self, r: &str) -> Result<crate::store::Resolved, StoreError> {
+                panic!("no network for {r}")
+            }
+        }
+        let pulled = store.pull(&NoSources, &req, &crate::store::Quiet).unwrap();
+        let ours = Reverse("a".repeat(64));
+        let theirs = Reverse("b".repeat(64));
+        let c = store.converted(&pulled.digest, "rev", &ours).unwrap();
+        assert!(c.converted_now);
+
+        let filed = store.file_conversion_as(&c, &theirs.0).unwrap();
+        assert_eq!(
+            filed.path.parent().unwrap().file_name().unwrap(),
+            "b".repeat(64).as_str()
+        );
+        assert_eq!(
+            (filed.digest.clone(), filed.size),
+            (c.digest.clone(), c.size)
+        );
+        assert!(filed.verify().unwrap());
+        // The other build's key serves it now, from the cache.
+        let hit = store.converted(&pulled.digest, "rev", &theirs).unwrap();
+        assert!(!hit.converted_now);
+        assert_eq!(
+            (hit.path.clone(), hit.digest.clone()),
+            (filed.path.clone(), c.digest.clone())
+        );
+        // Filing it again leaves it.
+        let again = store.file_conversion_as(&c, &theirs.0).unwrap();
+        assert!(!again.converted_now);
+        assert!(store.file_conversion_as(&c, "../x").is_err());
+
+        // Removed: ours goes, theirs stays.
+        store.remove_conversion(&c).unwrap();
+        assert!(!c.path.exists() && !c.path.parent().unwrap().exists());
+        assert!(filed.path.exists());
+        let rebuilt = store.converted(&pulled.digest, "rev", &ours).unwrap();
+        assert!(rebuilt.converted_now);
+        assert_eq!(rebuilt.digest, c.digest);
     }
 }
