@@ -2,8 +2,9 @@
 //! reset a triple fault would give. Also the interrupts the guest takes,
 //! only ever while it halts (lapic.rs): the local APIC timer's and the input
 //! devices' (through the IOAPIC), which just signal end-of-interrupt and
-//! return (ending the `hlt`), and the APIC's spurious one, which returns. Any other vector up to 47 is reported as an
-//! exception would be: nothing should raise one.
+//! return (ending the `hlt`), and the APIC's spurious one, which returns.
+//! Any other vector up to 47 is reported as an exception would be: nothing
+//! should raise one.
 
 use core::arch::{asm, global_asm};
 use core::cell::UnsafeCell;
@@ -79,8 +80,8 @@ trap_stubs:
     options(att_syntax)
 );
 
-/// Vectors with a gate: the exceptions, then the timer's up to the spurious
-/// vector.
+/// Vectors with a gate: the exceptions, then the timer's, the inputs' and
+/// more up to the spurious vector.
 const VECTORS: usize = crate::lapic::SPURIOUS_VECTOR as usize + 1;
 
 // SAFETY: the global_asm above defines `trap_stubs` as 48 quads in .rodata.
