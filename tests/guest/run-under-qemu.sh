@@ -4,7 +4,10 @@
 # that is not a disk. Checks the guest's report (capacity, serial, RO flag),
 # its sha256 of named sectors against sha256sum on the host, that its write
 # lands in the RW file and that the RO file is untouched, and that it powers
-# off by itself. Exits non-zero on any mismatch.
+# off by itself. Then a counting boot: the guest halts between ticks (the
+# local APIC timer wakes it, so QEMU uses far less CPU than wall time), its
+# ticks are a period apart, and a line typed on COM1 meanwhile is echoed.
+# Exits non-zero on any mismatch.
 #
 #   tests/guest/run-under-qemu.sh            # uses KVM when /dev/kvm is usable
 #   ACCEL=tcg tests/guest/run-under-qemu.sh  # force emulation
@@ -140,6 +143,35 @@ cmp -s <(dd if="$rw" bs=512 count=4 status=none) <(dd if="$work/rw.orig" bs=512 
 cmp -s <(dd if="$rw" bs=512 skip=5 status=none) <(dd if="$work/rw.orig" bs=512 skip=5 status=none) ||
     fail "RW file changed after sector 4"
 cmp -s "$ro" "$work/ro.orig" || fail "the RO file changed"
+
+echo "== boot 3: count, halted between ticks, with input"
+period_ms=50
+ticks=40
+TIMEFORMAT='%R %U %S'
+# The line arrives while the guest counts; the feeder outlives the boot.
+# Only `time`'s report goes to count.time: boot's own stderr (a failure's
+# log and message) goes where the script's does, through fd 3.
+exec 3>&2
+{ time boot "cocoon.count=$period_ms:$ticks" "$work/count.log" \
+    < <(sleep 1; printf 'hello from the host\n'; sleep 10) 2>&3; } 2>"$work/count.time"
+exec 3>&-
+grep -v '^cocoon-guest: count ' "$work/count.log"
+grep -q '^cocoon-guest: tsc khz=[1-9][0-9]* .* idle=hlt-' "$work/count.log" ||
+    fail "the guest does not halt while it waits (no idle=hlt- on the tsc line)"
+grep -qx 'cocoon-guest: input: hello from the host' "$work/count.log" ||
+    fail "the line typed while the guest counted was not echoed"
+khz=$(sed -n 's/^cocoon-guest: tsc khz=\([0-9]*\) .*/\1/p' "$work/count.log")
+sed -n 's/^cocoon-guest: count n=\([0-9]*\) tsc=\([0-9]*\)$/\1 \2/p' "$work/count.log" |
+    awk -v ticks="$ticks" -v min=$((khz * period_ms * 9 / 10)) '
+        { if (NR != $1) { print "count " NR " is n=" $1; bad = 1 }
+          if (NR > 1 && $2 - last < min) { print "count " NR " came " ($2 - last) " TSC ticks after the last"; bad = 1 }
+          last = $2 }
+        END { if (NR != ticks) { print NR " count lines, not " ticks; bad = 1 }; exit bad }' ||
+    fail "the count lines are not $ticks, consecutive, a period apart"
+read -r wall user sys <"$work/count.time"
+echo "count boot: ${wall}s wall, ${user}s user + ${sys}s system CPU"
+awk -v w="$wall" -v u="$user" -v s="$sys" 'BEGIN { exit !(u + s < w / 2) }' ||
+    fail "QEMU used ${user}s + ${sys}s of CPU in ${wall}s: the guest does not idle"
 
 ns=$(sed -n 's/^cocoon-guest: seqread .* ns=\([0-9]*\)$/\1/p' "$work/run.log")
 tsc=$(sed -n 's/^cocoon-guest: tsc //p' "$work/run.log")

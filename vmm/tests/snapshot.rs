@@ -142,6 +142,104 @@ fn the_counter_goes_on_after_restore() {
     assert_eq!(restored.wait(), ExitReason::HostRequest);
 }
 
+/// The LAPIC register at `offset` of a saved `kvm_lapic_state`.
+fn lapic_reg(lapic: &kvm_bindings::kvm_lapic_state, offset: usize) -> u32 {
+    let b = |i: usize| lapic.regs[offset + i] as u8;
+    u32::from_le_bytes([b(0), b(1), b(2), b(3)])
+}
+
+#[test]
+fn a_guest_halted_with_its_timer_armed_goes_on_counting_after_restore() {
+    if !kvm_or_skip("snapshot: halted with a timer armed") {
+        return;
+    }
+    const APIC_IRR1: usize = 0x210;
+    const APIC_LVTT: usize = 0x320;
+    const APIC_TMCCT: usize = 0x390;
+    const MSR_IA32_TSC: u32 = 0x10;
+    const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+    const TIMER_VECTOR: u32 = 0x20;
+    const LVT_MASKED: u32 = 1 << 16;
+    let dir = tempfile::tempdir().unwrap();
+    let (log, log2) = (dir.path().join("a.log"), dir.path().join("b.log"));
+    // The guest waits 50 ms between lines, halted with the LAPIC timer
+    // armed to wake it. A pause catches it so nearly always; when it caught
+    // it printing or polling, resume and try again.
+    let mut vm = boot("cocoon.count=50:0", &[], &log);
+    wait_count(&log, 3);
+    let mut found = None;
+    for attempt in 0..20 {
+        let snap = dir.path().join(format!("snap{attempt}"));
+        std::fs::create_dir(&snap).unwrap();
+        let (last, last_tsc) = pause_and_snapshot(&vm, &snap, &log);
+        let (_, state) = format::read(&snap.join(STATE_FILE)).unwrap();
+        if state.vcpus[0].mp_state.mp_state == kvm_bindings::KVM_MP_STATE_HALTED {
+            found = Some((snap, last, last_tsc, state));
+            break;
+        }
+        vm.resume();
+        std::thread::sleep(Duration::from_millis(7 * attempt + 3));
+    }
+    let (snap, last, last_tsc, state) = found.expect("the vCPU was never halted when paused");
+    let lvtt = lapic_reg(&state.vcpus[0].lapic, APIC_LVTT);
+    assert_eq!(lvtt & 0xff, TIMER_VECTOR, "LVTT {lvtt:#x}");
+    assert_eq!(lvtt & LVT_MASKED, 0, "the timer is masked: LVTT {lvtt:#x}");
+    // Armed (a deadline or a count to go), or fired with the interrupt
+    // waiting in the IRR (bit 0x20: register 1, bit 0).
+    let msr = |index| {
+        state.vcpus[0]
+            .msrs
+            .iter()
+            .find(|m| m.index == index)
+            .map(|m| m.data)
+    };
+    let irr1 = lapic_reg(&state.vcpus[0].lapic, APIC_IRR1);
+    let armed = match (lvtt >> 17) & 0b11 {
+        0b10 => msr(MSR_IA32_TSC_DEADLINE).is_some_and(|d| d != 0),
+        _ => lapic_reg(&state.vcpus[0].lapic, APIC_TMCCT) != 0,
+    };
+    assert!(
+        armed || irr1 & 1 != 0,
+        "halted with no timer armed nor pending: LVTT {lvtt:#x}, deadline {:?}, TSC {:?}",
+        msr(MSR_IA32_TSC_DEADLINE),
+        msr(MSR_IA32_TSC)
+    );
+    vm.stop();
+    assert_eq!(vm.wait(), ExitReason::HostRequest);
+
+    // Only the timer can wake the restored vCPU: if the restore lost it, the
+    // guest stays halted and prints nothing.
+    let t0 = Instant::now();
+    let mut restored = restore(&snap, &[], &log2).expect("restore");
+    while counts(&read(&log2)).is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no count line 10 s after the restore: the halted vCPU's timer was lost"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let woke = t0.elapsed();
+    let out = wait_count(&log2, last + 5);
+    let lines = count_lines(&out);
+    let (first, first_tsc) = lines[0];
+    assert!(
+        first == last + 1 || first == last + 2,
+        "source ended at {last}, the restored VM began at {first}: {out}"
+    );
+    assert!(
+        first_tsc > last_tsc,
+        "TSC went back: {last_tsc} then {first_tsc}"
+    );
+    assert_consecutive("restored from a halt", &counts(&out));
+    assert!(
+        !out.contains("cocoon-guest: start"),
+        "the guest rebooted: {out}"
+    );
+    eprintln!("restored from a halt: first count line after {woke:?}");
+    restored.stop();
+    assert_eq!(restored.wait(), ExitReason::HostRequest);
+}
+
 fn sha256_of_sector(byte: u8) -> String {
     hex::encode(Sha256::digest([byte; 512]))
 }

@@ -13,6 +13,7 @@ mod cpu;
 mod disk;
 mod hal;
 mod input;
+mod lapic;
 mod net;
 mod port;
 mod power;
@@ -47,9 +48,23 @@ extern "C" fn rust_main(start_info_paddr: u64) -> ! {
     say!("cmdline {}", Escaped(info.cmdline));
     let cmdline = cmdline::parse(info.cmdline, |e| say!("error {e}"));
 
-    match tsc::calibrate() {
-        Some((khz, source)) => say!("tsc khz={khz} source={}", source.name()),
-        None => say!("tsc khz=0 source=none"),
+    let calibrated = tsc::calibrate();
+    // After the TSC (one-shot mode measures its timer against it) and the
+    // IDT (the timer's gate).
+    let idle = lapic::init().name();
+    let input = if input::enable_interrupts() {
+        "irq"
+    } else {
+        "poll"
+    };
+    match calibrated {
+        Some((khz, source)) => {
+            say!(
+                "tsc khz={khz} source={} idle={idle} input={input}",
+                source.name()
+            )
+        }
+        None => say!("tsc khz=0 source=none idle={idle} input={input}"),
     }
 
     let mut disks: [Option<Disk>; MAX_DEVICES] = [const { None }; MAX_DEVICES];

@@ -1,5 +1,10 @@
 //! CPU exceptions: print which one and power off, instead of the silent
-//! reset a triple fault would give.
+//! reset a triple fault would give. Also the interrupts the guest takes,
+//! only ever while it halts (lapic.rs): the local APIC timer's and the input
+//! devices' (through the IOAPIC), which just signal end-of-interrupt and
+//! return (ending the `hlt`), and the APIC's spurious one, which returns.
+//! Any other vector up to 47 is reported as an exception would be: nothing
+//! should raise one.
 
 use core::arch::{asm, global_asm};
 use core::cell::UnsafeCell;
@@ -8,11 +13,39 @@ global_asm!(
     r#"
     .section .text.traps, "ax", @progbits
     .code64
-    .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+    .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,34,35,36,37,38,39,40,41,42,43,44,45,46
 trap_stub_\n:
     pushq $\n
     jmp trap_common
     .endr
+
+/* The timer's and the inputs' interrupts: they only end a hlt. EOI, to
+   the xAPIC page when LAPIC_XAPIC_BASE holds its address, else to the
+   x2APIC EOI MSR; every register it uses is saved, and iretq restores
+   RFLAGS. No red zone to step over: the target has none. */
+lapic_eoi_stub:
+    pushq %rax
+    pushq %rcx
+    pushq %rdx
+    movq {xapic_base}(%rip), %rax
+    testq %rax, %rax
+    jz 1f
+    movl $0, {eoi}(%rax)
+    jmp 2f
+1:
+    movl ${eoi_msr}, %ecx
+    xorl %eax, %eax
+    xorl %edx, %edx
+    wrmsr
+2:
+    popq %rdx
+    popq %rcx
+    popq %rax
+    iretq
+
+/* A spurious interrupt takes no EOI. */
+lapic_spurious_stub:
+    iretq
 
 trap_common:
     /* Stack: vector, then (for some vectors) an error code, then RIP. Rust
@@ -33,27 +66,43 @@ trap_stubs:
     .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
     .quad trap_stub_\n
     .endr
+    .quad lapic_eoi_stub        /* 32: lapic::TIMER_VECTOR */
+    .quad lapic_eoi_stub        /* 33: lapic::INPUT_VECTOR */
+    .irp n, 34,35,36,37,38,39,40,41,42,43,44,45,46
+    .quad trap_stub_\n
+    .endr
+    .quad lapic_spurious_stub   /* 47: lapic::SPURIOUS_VECTOR */
     .text
 "#,
+    xapic_base = sym crate::lapic::LAPIC_XAPIC_BASE,
+    eoi = const crate::lapic::REG_EOI,
+    eoi_msr = const crate::lapic::X2APIC_EOI_MSR,
     options(att_syntax)
 );
 
-// SAFETY: the global_asm above defines `trap_stubs` as 32 quads in .rodata.
+/// Vectors with a gate: the exceptions, then the timer's, the inputs' and
+/// more up to the spurious vector.
+const VECTORS: usize = crate::lapic::SPURIOUS_VECTOR as usize + 1;
+
+// SAFETY: the global_asm above defines `trap_stubs` as 48 quads in .rodata.
 unsafe extern "C" {
-    /// The 32 stub addresses laid out above.
-    static trap_stubs: [u64; 32];
+    /// The 48 handler addresses laid out above.
+    static trap_stubs: [u64; VECTORS];
 }
 
+const _: () =
+    assert!(VECTORS == 48 && crate::lapic::TIMER_VECTOR == 32 && crate::lapic::INPUT_VECTOR == 33);
+
 #[repr(C, align(16))]
-struct Idt(UnsafeCell<[u64; 64]>);
+struct Idt(UnsafeCell<[u64; 2 * VECTORS]>);
 
 // SAFETY: written once by `install`, before anything can fault into it, and
 // only read by the CPU afterwards.
 unsafe impl Sync for Idt {}
 
-static IDT: Idt = Idt(UnsafeCell::new([0; 64]));
+static IDT: Idt = Idt(UnsafeCell::new([0; 2 * VECTORS]));
 
-/// Points vectors 0..32 at the stubs.
+/// Points vectors 0..48 at the stubs and handlers.
 pub fn install() {
     // SAFETY: `trap_stubs` is an initialised table in .rodata (above).
     let stubs = unsafe { &trap_stubs };
@@ -73,7 +122,7 @@ pub fn install() {
         base: u64,
     }
     let idtr = Idtr {
-        limit: (size_of::<[u64; 64]>() - 1) as u16,
+        limit: (size_of::<[u64; 2 * VECTORS]>() - 1) as u16,
         base: IDT.0.get() as u64,
     };
     // SAFETY: the IDT above is complete, static and its gates point at code

@@ -81,14 +81,21 @@ pub fn ticks_to_ns(ticks: u64, khz: u64) -> u64 {
     (u128::from(ticks) * 1_000_000 / u128::from(khz.max(1))) as u64
 }
 
-/// Busy-waits about `ms` milliseconds. With no known frequency it assumes
+/// Waits about `ms` milliseconds. With no known frequency it assumes
 /// 3 GHz: the waits are only grace periods, and counting loop iterations
 /// instead would take minutes under instruction emulation.
 pub fn delay_ms(ms: u64) {
     let khz = khz().unwrap_or(3_000_000);
-    let end = now().saturating_add(khz.saturating_mul(ms));
-    while now() < end {
-        core::hint::spin_loop();
+    wait_until(now().saturating_add(khz.saturating_mul(ms)));
+}
+
+/// Waits until the TSC reaches `until`: halted until the local APIC timer
+/// says so once `lapic::init` found one, else busy.
+pub fn wait_until(until: u64) {
+    while now() < until {
+        if !crate::lapic::halt_until(until) {
+            core::hint::spin_loop();
+        }
     }
 }
 
