@@ -7,7 +7,9 @@
 //! snapshot). Cases: the layer squashfs files gone (rebuilt by a
 //! mksquashfs of another version line that makes the same bytes: filed at
 //! the snapshot's path too); the whole image gone (pulled by digest, then
-//! rebuilt); a mksquashfs that makes other bytes, and a sidecar whose layer
+//! rebuilt); a layer file overwritten in place with other bytes of its
+//! size (hashed, removed and rebuilt: the tampered bytes never reach a
+//! VM); a mksquashfs that makes other bytes, and a sidecar whose layer
 //! digest was edited: both refused before anything changes.
 
 mod store_common;
@@ -174,6 +176,26 @@ fn with_path(h: &Host, bin: &Path) -> std::process::Command {
     c
 }
 
+/// Overwrites the layer file at `path` in place with other bytes of the
+/// same size (its inode and size kept); their sha256.
+fn tamper_in_place(path: &Path) -> String {
+    use std::os::unix::fs::FileExt;
+    let mode = std::fs::metadata(path).unwrap().permissions();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let len = std::fs::metadata(path).unwrap().len();
+    let mut head = std::fs::read(path).unwrap();
+    head.truncate(4096);
+    for b in &mut head {
+        *b ^= 0x5a;
+    }
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(&head, 0).unwrap();
+    drop(f);
+    std::fs::set_permissions(path, mode).unwrap();
+    assert_eq!(std::fs::metadata(path).unwrap().len(), len);
+    sha256_file(path)
+}
+
 fn stderr_of(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -290,10 +312,66 @@ fn a_clone_rebuilds_the_snapshots_missing_layers_to_their_pinned_digests_or_chan
         stderr_of(&o)
     );
 
-    // 3. A mksquashfs that makes other bytes: refused, naming the layer
-    // and both digests; nothing made, and nothing of another digest left
-    // where the snapshot's layers go.
-    remove_layers(&layers);
+    // 2b. A layer file overwritten in place with other bytes of its size:
+    // the size check passes, the hash does not. The preflight alone
+    // refuses it, naming the disk, the path and both digests; a clone
+    // hashes it, removes it from the store as `run` removes a corrupt
+    // cached layer, builds it again and runs on the pinned bytes.
+    let tampered = tamper_in_place(&layers[0].1);
+    assert_ne!(tampered, layers[0].2);
+    let o = h.run(&["snapshot", "inspect", "s1", "--check", "-o", "json"]);
+    assert_eq!(o.status.code(), Some(1), "a failed preflight exits 1");
+    let inspect: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let e = inspect["preflight"]["error"].as_str().unwrap_or_default();
+    assert!(e.contains("layer disk 0 at "), "{inspect}");
+    assert!(e.contains(&layers[0].1.display().to_string()), "{inspect}");
+    assert!(
+        e.contains(&format!(
+            "its sha256 is {tampered}, the sidecar records {}",
+            layers[0].2
+        )),
+        "{inspect}"
+    );
+    assert!(e.contains("nothing was changed"), "{inspect}");
+    let o = h.run(&["clone", "s1", "--name", "c3b", "-d", "-o", "json"]);
+    let err = stderr_of(&o);
+    assert!(o.status.success(), "{err}");
+    let c: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let rebuilt = c["rebuilt_layers"].as_array().unwrap();
+    assert_eq!(rebuilt.len(), 1, "only the tampered layer: {c}");
+    assert_eq!(rebuilt[0]["index"], 0, "{c}");
+    assert_eq!(rebuilt[0]["digest"], layers[0].2.as_str(), "{c}");
+    assert_eq!(rebuilt[0]["corrupt"], tampered.as_str(), "{c}");
+    assert_eq!(rebuilt[0]["built"], true, "{c}");
+    assert!(
+        err.contains(&format!(
+            "rebuilt layer {} (disk 0) of snapshot s1 from {}: it was rebuilt because its bytes \
+             in the store did not match (sha256 {tampered})",
+            layers[0].2,
+            rebuilt[0]["source"].as_str().unwrap()
+        )),
+        "{err}"
+    );
+    // The clone's disk 0 is the store's file, which has the pinned bytes
+    // again: the tampered ones were never given to its VM.
+    assert_eq!(sha256_file(&layers[0].1), layers[0].2);
+    let disk0 = h.json(&["inspect", "c3b", "-o", "json"])["record"]["storage"][0]["path"]
+        .as_str()
+        .map(PathBuf::from)
+        .unwrap();
+    assert_eq!(
+        std::fs::canonicalize(&disk0).unwrap(),
+        std::fs::canonicalize(&layers[0].1).unwrap()
+    );
+    assert_eq!(c["state"], "running", "{c}");
+    wait_counts(&h, "c3b", 3);
+
+    // 3. A mksquashfs that makes other bytes, for a tampered layer 0 and
+    // a missing layer 1: refused, naming the layer and both digests;
+    // nothing made, and nothing of another digest left where the
+    // snapshot's layers go (the tampered file removed too).
+    remove_layers(&layers[1..]);
+    tamper_in_place(&layers[0].1);
     let other_bytes = fake_mksquashfs(h.state.path(), "4.5.1-smallblocks", "-b 4096");
     let before = h.vm_dirs();
     let o = with_path(&h, &other_bytes)
@@ -357,6 +435,27 @@ fn a_clone_rebuilds_the_snapshots_missing_layers_to_their_pinned_digests_or_chan
         err.contains(&format!("rebuilt layer {} (disk 1)", layers[1].2)),
         "{err}"
     );
+    assert_eq!(h.state_of("src"), "running");
+    eventually("the restored src counting", || {
+        counts(&h, "src").len() > seen + 2
+    });
+
+    // Layer 0 tampered in place under the running VM: a restore hashes
+    // it, rebuilds it and only then replaces the running VM.
+    let tampered = tamper_in_place(&layers[0].1);
+    let seen = counts(&h, "src").len();
+    let o = h.run(&["restore", "src", "s1"]);
+    let err = stderr_of(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("rebuilt layer {} (disk 0)", layers[0].2))
+            && err.contains(&format!("did not match (sha256 {tampered})")),
+        "{err}"
+    );
+    assert!(!err.contains("(disk 1)"), "layer 1 was whole: {err}");
+    for (_, path, digest) in &layers {
+        assert_eq!(&sha256_file(path), digest);
+    }
     assert_eq!(h.state_of("src"), "running");
     eventually("the restored src counting", || {
         counts(&h, "src").len() > seen + 2

@@ -137,6 +137,23 @@ fn cases() -> Vec<(&'static str, Tamper, Want)> {
             |e| matches!(e, PreflightError::MissingLayer { index: 0, .. }),
         ),
         (
+            "a layer of other bytes than the sidecar's digest",
+            |d| {
+                edit_sidecar(d, |v| {
+                    v["disks"][0]["layer"]["digest"] = format!("sha256:{}", "ab".repeat(32)).into()
+                })
+            },
+            |e| {
+                matches!(
+                    e,
+                    PreflightError::LayerHash { index: 0, recorded, found, path }
+                        if recorded.hex() == "ab".repeat(32)
+                            && found.hex() != recorded.hex()
+                            && path.starts_with("/")
+                ) && e.to_string().contains("nothing was changed")
+            },
+        ),
+        (
             "a resized data disk",
             |d| {
                 let p = d.join("disks/data-logs.raw");

@@ -17,7 +17,7 @@ use cocoon_host::snapshot::archive::{self, Compression};
 use cocoon_host::snapshot::base_image::{self, PulledImage};
 use cocoon_host::snapshot::clone_disks::DataDiskFile;
 use cocoon_host::snapshot::layers::{self, RebuiltLayer};
-use cocoon_host::snapshot::preflight::{self, DEFAULT_HASH_LIMIT};
+use cocoon_host::snapshot::preflight::{self, HashedLayer, DEFAULT_HASH_LIMIT};
 use cocoon_host::snapshot::store::{self, SnapshotDir};
 use cocoon_host::snapshot::{registry, snapshots_dir, Sidecar};
 use cocoon_host::store::{PluginSources, Store};
@@ -312,6 +312,7 @@ fn inspect(a: InspectArgs, config: &HostConfig) -> anyhow::Result<i32> {
             target: None,
             image_present: &present,
             hash_limit: DEFAULT_HASH_LIMIT,
+            hashed_layers: &[],
         };
         Some(
             preflight::preflight(&snap.dir, &snap.sidecar, &opts)
@@ -515,25 +516,32 @@ fn clone_boot(vms: &Vms, snapshot: &str, config: &HostConfig) -> anyhow::Result<
     })
 }
 
-/// What the store lacked of a snapshot's image and got back.
-#[derive(Default)]
+/// What the store lacked of a snapshot's image and got back, and the
+/// layers hashed on the way.
 struct BroughtBack {
     pulled: Option<PulledImage>,
     rebuilt: Vec<RebuiltLayer>,
+    /// For the preflight: not hashed twice.
+    hashed: Vec<HashedLayer>,
 }
 
-/// The snapshot's image, pulled by digest from the reference its sidecar
-/// records when the store lacks it, then its layers the store lacks,
+/// The snapshot's layers in the store hashed against the digests its
+/// sidecar pins; its image pulled by digest from the reference its
+/// sidecar records when the store lacks it; then its layers the store
+/// lacks, or whose bytes did not match (their cache entries removed),
 /// built again and held to the digests the sidecar pins: before anything
 /// else changes, so a failure leaves the VMs as they were. The plugin
 /// runtime is made only then (a clone of a present image stays fast).
 fn bring_back_image(config: &HostConfig, snapshot: &str) -> anyhow::Result<BroughtBack> {
     let snap = SnapshotDir::open(&snaps(config), snapshot)?;
     let store = Store::open(config)?;
-    if base_image::present(store.layout(), &snap)
-        && layers::missing(store.layout(), &snap).is_empty()
-    {
-        return Ok(BroughtBack::default());
+    let mut checked = layers::check(store.layout(), &snap);
+    if base_image::present(store.layout(), &snap) && !checked.needs_rebuild() {
+        return Ok(BroughtBack {
+            pulled: None,
+            rebuilt: Vec::new(),
+            hashed: checked.hashed,
+        });
     }
     let scrub = |e: &dyn std::error::Error| {
         anyhow::anyhow!(
@@ -554,12 +562,23 @@ fn bring_back_image(config: &HostConfig, snapshot: &str) -> anyhow::Result<Broug
             p.digest, snap.name, p.reference
         );
     }
-    let rebuilt =
-        layers::rebuild_missing(&store, &runtime, &registry, &snap).map_err(|e| scrub(&e))?;
+    for c in &checked.corrupt {
+        eprintln!(
+            "layer disk {} of snapshot {} at {}: its bytes did not match (sha256 {}, the snapshot \
+             pins {}): removed from the store, to be built again",
+            c.index,
+            snap.name,
+            c.path.display(),
+            c.found,
+            c.recorded
+        );
+    }
+    let rebuilt = layers::rebuild_missing(&store, &runtime, &registry, &snap, &checked)
+        .map_err(|e| scrub(&e))?;
     for l in &rebuilt {
         eprintln!(
-            "rebuilt layer {} (disk {}) of snapshot {} from {}{}: it was not in the store; the \
-             digest is the one the snapshot pins",
+            "rebuilt layer {} (disk {}) of snapshot {} from {}{}: {}; the digest is the one the \
+             snapshot pins",
             l.digest,
             l.index,
             snap.name,
@@ -568,10 +587,21 @@ fn bring_back_image(config: &HostConfig, snapshot: &str) -> anyhow::Result<Broug
                 ""
             } else {
                 " (this host's cache had it under its own builder)"
+            },
+            match &l.corrupt {
+                None => "it was not in the store".to_string(),
+                Some(found) => format!(
+                    "it was rebuilt because its bytes in the store did not match (sha256 {found})"
+                ),
             }
         );
     }
-    Ok(BroughtBack { pulled, rebuilt })
+    checked.rebuilt(store.layout(), &snap, &rebuilt);
+    Ok(BroughtBack {
+        pulled,
+        rebuilt,
+        hashed: checked.hashed,
+    })
 }
 
 #[derive(serde::Serialize)]
@@ -605,6 +635,7 @@ pub fn clone(a: CloneArgs, config: &HostConfig) -> anyhow::Result<i32> {
         &a.nics,
         boot,
         &a.data_disks,
+        &back.hashed,
     )?;
     let mut vm = made.vm;
     let log_base = vm_console::log_len(&vm);
@@ -665,8 +696,8 @@ pub fn clone(a: CloneArgs, config: &HostConfig) -> anyhow::Result<i32> {
 pub fn restore(a: RestoreArgs, config: &HostConfig) -> anyhow::Result<i32> {
     let vm = Vms::open(&config.state_dir)?.find(&a.vm)?;
     // Every check first: a snapshot that fails them never costs the VM.
-    bring_back_image(config, &a.snapshot)?;
-    let plan = prepare_restore(&vm, &config.state_dir, &a.snapshot)?;
+    let back = bring_back_image(config, &a.snapshot)?;
+    let plan = prepare_restore(&vm, &config.state_dir, &a.snapshot, &back.hashed)?;
     // The copies next, while the VM runs: the long part, and the one that
     // can fail (space, I/O, a disk changed since the snapshot) without
     // costing the VM anything. SIGINT/SIGTERM remove the staged files;

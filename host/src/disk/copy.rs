@@ -219,9 +219,15 @@ pub fn copy_into(
 /// data runs (a hole hashes as the zeros it reads as).
 pub fn sha256_file(path: &Path) -> Result<(u64, Digest), CopyError> {
     let file = File::open(path).map_err(io_err("opening", path))?;
+    sha256_open(&file, path)
+}
+
+/// [`sha256_file`] of a file the caller opened (e.g. with `O_NOFOLLOW`,
+/// and checked to be a regular file): streamed, never read whole.
+pub fn sha256_open(file: &File, path: &Path) -> Result<(u64, Digest), CopyError> {
     let len = file.metadata().map_err(io_err("reading", path))?.len();
     let mut hash = Sha256::new();
-    hash_file(&file, path, len, &mut hash)?;
+    hash_file(file, path, len, &mut hash)?;
     let digest = format!("sha256:{}", hex::encode(hash.finalize()))
         .parse()
         .expect("a sha256 is a digest");

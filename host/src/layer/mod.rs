@@ -341,6 +341,19 @@ pub fn prepare(
     runtime: &Runtime,
     registry: &Registry,
 ) -> Result<PreparedImage, LayerError> {
+    prepare_trusting(store, image, runtime, registry, &[])
+}
+
+/// [`prepare`], but a cache hit at one of the `hashed` paths with its
+/// digest is not re-hashed: the caller hashed those bytes itself just
+/// before (a clone's check of a snapshot's layers), and hashes them once.
+pub fn prepare_trusting(
+    store: &Store,
+    image: &RefRecord,
+    runtime: &Runtime,
+    registry: &Registry,
+    hashed: &[(std::path::PathBuf, Digest)],
+) -> Result<PreparedImage, LayerError> {
     let (config_digest, layers) = classify(image)?;
     let config = read_config(store, &config_digest)?;
     let (plugin, reader_sha256) = reader(runtime, registry)?;
@@ -362,7 +375,10 @@ pub fn prepare(
         let mut image = store.converted(&digest, LAYER_FORMAT, &backend)?;
         // A cache hit is only as good as its bytes: re-hashed, and a
         // tampered or corrupt one removed and built again.
-        if !image.converted_now && !store.verify_conversion(&image)? {
+        let trusted = hashed
+            .iter()
+            .any(|(p, d)| *p == image.path && *d == image.digest);
+        if !image.converted_now && !trusted && !store.verify_conversion(&image)? {
             image = store.converted(&digest, LAYER_FORMAT, &backend)?;
         }
         out.layers.push(LayerImage {

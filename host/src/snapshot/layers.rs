@@ -1,5 +1,6 @@
-//! The layers of a snapshot's VM, built again before a clone or restore
-//! changes anything, when the image store lacks them. A layer disk is a
+//! The layers of a snapshot's VM, hashed, and built again before a clone
+//! or restore changes anything when the image store lacks them or has
+//! other bytes for them. A layer disk is a
 //! squashfs the host built from one layer tar of an OCI image
 //! ([`crate::layer::prepare`], cached in the conversion cache under
 //! `converted/<layer tar>/squashfs/<builder>/image`); a snapshot does not
@@ -7,7 +8,17 @@
 //! The store can lack it on a host the snapshot was imported or pulled to,
 //! or after gc or a removal.
 //!
-//! [`rebuild_missing`], when a layer file is missing:
+//! [`check`] first hashes every layer file the store has against the
+//! digest the sidecar pins (streamed, `O_NOFOLLOW`, a regular file only):
+//! the host never boots a disk whose digest it has not verified. A layer
+//! whose bytes do not match is treated as `run` treats a corrupt cached
+//! layer: its cache entry is removed (digest file first, as
+//! [`Store::verify_conversion`] does) and it is built again with the
+//! missing ones. The layers it hashed are handed to the preflight
+//! ([`super::preflight::Options::hashed_layers`]) and to
+//! [`layer::prepare_trusting`], so each is hashed once.
+//!
+//! [`rebuild_missing`], when a layer file is missing or did not match:
 //! 1. the image's record, by a pull pinned to the sidecar's image digest
 //!    (answered by the store when it has the image whole, else fetching
 //!    what it lacks through the sidecar's reference: only blobs of the
@@ -15,9 +26,10 @@
 //! 2. every layer through the path `run` uses ([`crate::layer::prepare`]:
 //!    the layer blob re-hashed, read by the layer-reader plugin, checked,
 //!    built by `mksquashfs`, which builds reproducibly, see
-//!    [`crate::layer::build`]);
-//! 3. per missing layer: the image's layer at its position must be the tar
-//!    the sidecar's path names, and the rebuilt squashfs must have the
+//!    [`crate::layer::build`]; a cached squashfs re-hashed unless
+//!    [`check`] just hashed it);
+//! 3. per layer built again: the image's layer at its position must be
+//!    the tar the sidecar's path names, and the rebuilt squashfs must have the
 //!    digest and size the sidecar pins. Anything else is refused, naming
 //!    the layer and both digests, and a squashfs this call built for it
 //!    is removed again: no VM is made or touched, and nothing of another
@@ -27,11 +39,13 @@
 //!    bytes) is linked in at the sidecar's path too
 //!    ([`Store::file_conversion_as`]).
 //!
-//! Everything else about layers (sizes, names, paths inside the store) is
-//! the preflight's, which runs after this and before anything changes.
+//! Everything else about layers (names, paths inside the store, files
+//! that are not regular) is the preflight's, which runs after this and
+//! before anything changes; it hashes any layer not hashed here.
 
-use std::path::{Component, Path};
+use std::path::{Component, Path, PathBuf};
 
+use super::preflight::{self, HashedLayer};
 use super::store::SnapshotDir;
 use crate::disk::model::DiskRole;
 use crate::layer::{self, LayerError, LAYER_FORMAT};
@@ -85,6 +99,14 @@ pub enum LayerRebuildError {
     },
     #[error(transparent)]
     Digest(Box<DigestMismatch>),
+    #[error("snapshot {snapshot}: removing layer disk {index}'s corrupt cache entry {path} (its bytes did not match the digest the sidecar pins)")]
+    Remove {
+        snapshot: String,
+        index: usize,
+        path: String,
+        #[source]
+        source: Box<StoreError>,
+    },
     #[error("snapshot {snapshot}: filing rebuilt layer {digest} at {path}")]
     File {
         snapshot: String,
@@ -122,6 +144,132 @@ pub struct RebuiltLayer {
     /// Whether this call ran the builder (false: this host's cache had the
     /// same bytes under its own builder's key, linked in).
     pub built: bool,
+    /// When the store had a file there whose bytes did not match: its
+    /// sha256 (the file was removed and built again).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub corrupt: Option<Digest>,
+}
+
+/// A layer file of the store whose bytes are not the ones the sidecar
+/// pins for disk `index`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CorruptLayer {
+    pub index: usize,
+    /// Resolved.
+    pub path: PathBuf,
+    pub recorded: Digest,
+    pub found: Digest,
+    pub found_size: u64,
+}
+
+/// What [`check`] found of the sidecar's layers in the store.
+#[derive(Debug, Clone, Default)]
+pub struct LayerCheck {
+    /// No file at the sidecar's path: (disk index, pinned digest).
+    pub missing: Vec<(usize, Digest)>,
+    /// A regular file there, hashed, of other bytes.
+    pub corrupt: Vec<CorruptLayer>,
+    /// Hashed (or built again) and found to be what the sidecar pins.
+    pub hashed: Vec<HashedLayer>,
+}
+
+impl LayerCheck {
+    /// Whether some layer must be built again.
+    pub fn needs_rebuild(&self) -> bool {
+        !self.missing.is_empty() || !self.corrupt.is_empty()
+    }
+
+    /// The layers to build again: (disk index, pinned digest, the corrupt
+    /// file's digest).
+    fn gone(&self) -> Vec<(usize, Digest, Option<Digest>)> {
+        let mut v: Vec<_> = self
+            .missing
+            .iter()
+            .map(|(i, d)| (*i, d.clone(), None))
+            .chain(
+                self.corrupt
+                    .iter()
+                    .map(|c| (c.index, c.recorded.clone(), Some(c.found.clone()))),
+            )
+            .collect();
+        v.sort_by_key(|g| g.0);
+        v
+    }
+
+    /// Records layers [`rebuild_missing`] built again as hashed: the build
+    /// hashed them, and they have the digest and size the sidecar pins.
+    pub fn rebuilt(&mut self, layout: &Layout, snapshot: &SnapshotDir, rebuilt: &[RebuiltLayer]) {
+        let Ok(root) = std::fs::canonicalize(layout.root()) else {
+            return;
+        };
+        for r in rebuilt {
+            self.missing.retain(|(i, _)| *i != r.index);
+            self.corrupt.retain(|c| c.index != r.index);
+            let Some(d) = snapshot.sidecar.disks.get(r.index) else {
+                continue;
+            };
+            if let Ok(Some((path, size))) =
+                preflight::confine(&root, &d.config.path.to_string_lossy())
+            {
+                if size == r.size {
+                    self.hashed.push(HashedLayer {
+                        index: r.index,
+                        path,
+                        digest: r.digest.clone(),
+                        size,
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Hashes every layer file of the sidecar the store has against the
+/// digest and size the sidecar pins; see the module documentation. A
+/// layer the preflight will refuse for another reason (a name that is not
+/// plain, a path out of the store, not a regular file, unreadable) is
+/// left to it.
+pub fn check(layout: &Layout, snapshot: &SnapshotDir) -> LayerCheck {
+    let mut out = LayerCheck {
+        missing: missing(layout, snapshot),
+        ..LayerCheck::default()
+    };
+    let Ok(root) = std::fs::canonicalize(layout.root()) else {
+        return out;
+    };
+    for (index, d) in snapshot.sidecar.disks.iter().enumerate() {
+        if d.config.role != DiskRole::Layer || out.missing.iter().any(|(i, _)| *i == index) {
+            continue;
+        }
+        let Some(pinned) = &d.layer else { continue };
+        let name = d.config.path.to_string_lossy();
+        if preflight::check_name(&name).is_err() {
+            continue;
+        }
+        let Ok(Some((path, _))) = preflight::confine(&root, &name) else {
+            continue;
+        };
+        let Ok((size, digest)) = preflight::hash_layer(&path) else {
+            continue;
+        };
+        if digest == pinned.digest && size == pinned.size {
+            out.hashed.push(HashedLayer {
+                index,
+                path,
+                digest,
+                size,
+            });
+        } else {
+            out.corrupt.push(CorruptLayer {
+                index,
+                path,
+                recorded: pinned.digest.clone(),
+                found: digest,
+                found_size: size,
+            });
+        }
+    }
+    out
 }
 
 /// The sidecar's layer disks whose file the store lacks: (disk index,
@@ -169,19 +317,63 @@ fn cache_key(path: &Path) -> Option<(String, String)> {
     }
 }
 
-/// Builds again every layer of the snapshot that the store lacks, as the
-/// module documentation says; `Ok(vec![])` when none is missing (nothing
-/// is read or built then).
+/// Removes the cache entry of a corrupt layer as the store removes a
+/// corrupt conversion (digest file first, under the key's lock). An entry
+/// without a valid digest file is never served; the rebuild replaces its
+/// image.
+fn remove_corrupt(
+    store: &Store,
+    snapshot: &SnapshotDir,
+    c: &CorruptLayer,
+) -> Result<(), LayerRebuildError> {
+    let Some(d) = snapshot.sidecar.disks.get(c.index) else {
+        return Ok(());
+    };
+    let rel = d.config.path.as_path();
+    // Not a cache path: refused as such by the rebuild.
+    let Some((src_hex, _)) = cache_key(rel) else {
+        return Ok(());
+    };
+    let Ok(source) = format!("sha256:{src_hex}").parse::<Digest>() else {
+        return Ok(());
+    };
+    let at = store.layout().root().join(rel);
+    let Some(entry) = store
+        .layout()
+        .conversions_of(&source)
+        .into_iter()
+        .find(|e| e.path == at)
+    else {
+        return Ok(());
+    };
+    tracing::warn!(image = %at.display(), expected = %c.recorded, found = %c.found, "corrupt layer removed");
+    store
+        .remove_conversion(&entry)
+        .map_err(|source| LayerRebuildError::Remove {
+            snapshot: snapshot.name.clone(),
+            index: c.index,
+            path: at.display().to_string(),
+            source: Box::new(source),
+        })
+}
+
+/// Builds again every layer of the snapshot that [`check`] found missing
+/// or corrupt, as the module documentation says; `Ok(vec![])` when there
+/// is none (nothing is read or built then).
 pub fn rebuild_missing(
     store: &Store,
     runtime: &Runtime,
     registry: &Registry,
     snapshot: &SnapshotDir,
+    checked: &LayerCheck,
 ) -> Result<Vec<RebuiltLayer>, LayerRebuildError> {
     let layout = store.layout();
-    let gone = missing(layout, snapshot);
+    let gone = checked.gone();
     if gone.is_empty() {
         return Ok(Vec::new());
+    }
+    for c in &checked.corrupt {
+        remove_corrupt(store, snapshot, c)?;
     }
     let name = snapshot.name.clone();
     let image = &snapshot.sidecar.image;
@@ -196,7 +388,10 @@ pub fn rebuild_missing(
         snapshot: name.clone(),
         layers: gone
             .iter()
-            .map(|(i, d)| format!("{d} (disk {i})"))
+            .map(|(i, d, corrupt)| match corrupt {
+                None => format!("{d} (disk {i})"),
+                Some(found) => format!("{d} (disk {i}, whose file had sha256 {found})"),
+            })
             .collect::<Vec<_>>()
             .join(", "),
         digest: image.digest.clone(),
@@ -226,13 +421,21 @@ pub fn rebuild_missing(
             digest: image.digest.clone(),
         });
     }
-    let prepared = layer::prepare(store, &report.record, runtime, registry).map_err(|source| {
-        LayerRebuildError::Build {
+    // The layers check() hashed just now are not hashed again.
+    let hashed: Vec<(PathBuf, Digest)> = checked
+        .hashed
+        .iter()
+        .filter_map(|h| {
+            let d = snapshot.sidecar.disks.get(h.index)?;
+            Some((layout.root().join(&d.config.path), h.digest.clone()))
+        })
+        .collect();
+    let prepared = layer::prepare_trusting(store, &report.record, runtime, registry, &hashed)
+        .map_err(|source| LayerRebuildError::Build {
             snapshot: name.clone(),
             digest: image.digest.clone(),
             source: Box::new(source),
-        }
-    })?;
+        })?;
     let disks: Vec<(usize, &super::sidecar::SnapshotDisk)> = snapshot
         .sidecar
         .disks
@@ -253,7 +456,7 @@ pub fn rebuild_missing(
     // built for a missing layer.
     let refuse = |e: LayerRebuildError| {
         for ((index, _), b) in disks.iter().zip(&prepared.built) {
-            if b.image.converted_now && gone.iter().any(|(i, _)| i == index) {
+            if b.image.converted_now && gone.iter().any(|g| g.0 == *index) {
                 let _ = store.remove_conversion(&b.image);
             }
         }
@@ -261,9 +464,9 @@ pub fn rebuild_missing(
     };
     let mut plan = Vec::new();
     for (position, ((index, d), b)) in disks.iter().zip(&prepared.built).enumerate() {
-        if !gone.iter().any(|(i, _)| i == index) {
+        let Some(was) = gone.iter().find(|g| g.0 == *index) else {
             continue;
-        }
+        };
         let rel = d.config.path.as_path();
         let Some((src_hex, builder)) = cache_key(rel) else {
             return Err(refuse(LayerRebuildError::Path {
@@ -301,10 +504,10 @@ pub fn rebuild_missing(
                 },
             ))));
         }
-        plan.push((*index, b, builder, layout.root().join(rel)));
+        plan.push((*index, b, builder, layout.root().join(rel), was.2.clone()));
     }
     let mut out = Vec::new();
-    for (index, b, builder, at) in plan {
+    for (index, b, builder, at, corrupt) in plan {
         if b.image.path != at {
             store
                 .file_conversion_as(&b.image, &builder)
@@ -321,6 +524,7 @@ pub fn rebuild_missing(
             digest: b.image.digest.clone(),
             size: b.image.size,
             built: b.image.converted_now,
+            corrupt,
         });
     }
     Ok(out)

@@ -27,8 +27,8 @@
 //!   what interrupted saves left;
 //! - preflight alone (`inspect --check`): [`preflight::preflight`]; the
 //!   image it needs, pulled by digest when missing: [`base_image`]; its
-//!   layers, built again when missing and held to their pinned digests:
-//!   [`layers`];
+//!   layers, hashed against their pinned digests and built again when
+//!   missing or of other bytes: [`layers`];
 //! - clone: [`clone::clone`] (`--data-disk`: [`clone_disks`]);
 //! - restore: [`restore::prepare`], [`restore::Prepared::stage`],
 //!   [`restore::Staged::commit`];

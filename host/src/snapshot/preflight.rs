@@ -10,9 +10,14 @@
 //! 2. every listed file is present, a regular file, inside the snapshot
 //!    directory once symlinks are resolved, and of the recorded size;
 //! 3. the sidecar's disks pass the storage rules ([`rules::validate`]);
-//! 4. every layer is a file of the image store of its recorded size (a
-//!    clone or restore has built the missing ones again before this, held
-//!    to the sidecar's digests: [`super::layers`]);
+//! 4. every layer is a regular file of the image store of its recorded
+//!    size and sha256: hashed whole, streamed, opened with `O_NOFOLLOW`
+//!    (the host never boots a disk whose digest it has not verified). A
+//!    clone or restore has checked the layers before this, and built the
+//!    missing ones and the ones whose bytes did not match again, held to
+//!    the sidecar's digests ([`super::layers`]); the layers it hashed or
+//!    built then ([`Options::hashed_layers`]) are not hashed twice. The
+//!    layers are hashed last, after every cheap check;
 //! 5. the VMM state file is whole, of a version this VMM reads, of the
 //!    version the sidecar records, and of the sidecar's shape;
 //! 6. files up to [`Options::hash_limit`] bytes (the state, the seed) hash
@@ -94,6 +99,13 @@ pub enum PreflightError {
         index: usize,
         serial: String,
         reason: String,
+    },
+    #[error("layer disk {index} at {path} does not have the bytes the snapshot pins: its sha256 is {found}, the sidecar records {recorded}; it is not booted (nothing was changed)")]
+    LayerHash {
+        index: usize,
+        path: PathBuf,
+        recorded: Digest,
+        found: Digest,
     },
     #[error(
         "layer {digest} (disk {index}) is not in the image store (no {path}); a clone or restore builds it again from the image"
@@ -345,6 +357,48 @@ pub struct Options<'a> {
     pub image_present: &'a dyn Fn(&Digest) -> bool,
     /// Files up to this size are hashed against the sidecar.
     pub hash_limit: u64,
+    /// Layers this process has hashed (or built) already, against the
+    /// sidecar's digests ([`super::layers::check`]): not hashed again.
+    /// Every other layer is hashed here.
+    pub hashed_layers: &'a [HashedLayer],
+}
+
+/// A layer file whose bytes this process hashed (or built), and found to
+/// be the digest and size the sidecar records for disk `index`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct HashedLayer {
+    pub index: usize,
+    /// Resolved, as [`Checked::storage`] has it.
+    pub path: PathBuf,
+    pub digest: Digest,
+    pub size: u64,
+}
+
+/// The sha256 and length of the layer file at `path` (resolved), opened
+/// with `O_NOFOLLOW` and checked to be a regular file, streamed.
+pub fn hash_layer(path: &Path) -> Result<(u64, Digest), PreflightError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(io_err("open", path))?;
+    let meta = file.metadata().map_err(io_err("stat", path))?;
+    if !meta.is_file() {
+        return Err(PreflightError::NotRegular {
+            name: path.display().to_string(),
+            kind: if meta.is_dir() {
+                "a directory"
+            } else {
+                "not a regular file"
+            },
+        });
+    }
+    copy::sha256_open(&file, path).map_err(|e| PreflightError::Io {
+        what: "hash",
+        path: path.to_path_buf(),
+        source: io::Error::other(crate::error_chain(&e)),
+    })
 }
 
 /// What a passed preflight knows.
@@ -360,7 +414,7 @@ pub struct Checked {
 
 /// `root/name` with symlinks resolved, which must stay inside `root`
 /// (itself resolved) and be a regular file; `Ok(None)` when missing.
-fn confine(root: &Path, name: &str) -> Result<Option<(PathBuf, u64)>, PreflightError> {
+pub(crate) fn confine(root: &Path, name: &str) -> Result<Option<(PathBuf, u64)>, PreflightError> {
     let joined = root.join(name);
     let resolved = match std::fs::canonicalize(&joined) {
         Ok(p) => p,
@@ -501,6 +555,7 @@ pub fn preflight(
         })
         .collect();
     let roots = [root.clone(), store_root.clone()];
+    let mut layers_to_hash = Vec::new();
     let size_of = |i: usize, _: &StorageConfig| sizes.get(i).copied();
     rules::validate(
         &storage,
@@ -548,6 +603,12 @@ pub fn preflight(
                 recorded: layer.size,
                 found,
             });
+        }
+        let hashed = opts.hashed_layers.iter().any(|h| {
+            h.index == index && h.path == path && h.digest == layer.digest && h.size == layer.size
+        });
+        if !hashed {
+            layers_to_hash.push((index, path.clone(), layer.digest.clone()));
         }
         at.path = path;
     }
@@ -605,6 +666,19 @@ pub fn preflight(
         return Err(PreflightError::ImageMissing {
             digest: sidecar.image.digest.clone(),
         });
+    }
+
+    // 4, the expensive part: every layer not hashed already, last.
+    for (index, path, recorded) in layers_to_hash {
+        let (_, found) = hash_layer(&path)?;
+        if found != recorded {
+            return Err(PreflightError::LayerHash {
+                index,
+                path,
+                recorded,
+                found,
+            });
+        }
     }
     Ok(Checked {
         state,

@@ -24,7 +24,7 @@ use crate::disk::model::DiskRole;
 use crate::net::NicSpec;
 use crate::snapshot::clone::{self, CloneError, CloneOptions};
 use crate::snapshot::clone_disks::DataDiskFile;
-use crate::snapshot::preflight::{self, DEFAULT_HASH_LIMIT};
+use crate::snapshot::preflight::{self, HashedLayer, DEFAULT_HASH_LIMIT};
 use crate::snapshot::restore::{self, Prepared, RestoreError, Staged};
 use crate::snapshot::store::{SnapshotDir, StoreError};
 
@@ -142,9 +142,11 @@ impl From<RestoreError> for SnapshotVmError {
 }
 
 /// The preflight options of the host whose state directory holds
-/// `store_root`: an image counts as present when its blob is in the store.
+/// `store_root`: an image counts as present when its blob is in the store;
+/// the layers in `hashed_layers` were hashed by this process already.
 fn with_checks<T>(
     store_root: &Path,
+    hashed_layers: &[HashedLayer],
     f: impl FnOnce(&preflight::Options<'_>) -> T,
 ) -> Result<T, SnapshotVmError> {
     let layout =
@@ -155,6 +157,7 @@ fn with_checks<T>(
         target: None,
         image_present: &present,
         hash_limit: DEFAULT_HASH_LIMIT,
+        hashed_layers,
     }))
 }
 
@@ -182,8 +185,11 @@ pub struct Boot {
 /// see [`super::nics::plan_clone`]), a seed with its own instance-id,
 /// hostname and MACs, its record and the [`StartFrom`] note. `data_disks`
 /// put the user's files in place of the snapshot's data disks
-/// ([`crate::snapshot::clone_disks`]). Not started. Nothing of it stays on
-/// an error.
+/// ([`crate::snapshot::clone_disks`]). `hashed_layers`: the snapshot's
+/// layers hashed already ([`crate::snapshot::layers::check`]); the
+/// preflight hashes the others. Not started. Nothing of it stays on an
+/// error.
+#[allow(clippy::too_many_arguments)]
 pub fn clone_vm(
     vms: &Vms,
     state_dir: &Path,
@@ -192,6 +198,7 @@ pub fn clone_vm(
     taps: &[NicSpec],
     boot: Boot,
     data_disks: &[DataDiskFile],
+    hashed_layers: &[HashedLayer],
 ) -> Result<ClonedVm, SnapshotVmError> {
     let snap = SnapshotDir::open(&crate::snapshot::snapshots_dir(state_dir), snapshot)?;
     let sidecar = &snap.sidecar;
@@ -229,7 +236,7 @@ pub fn clone_vm(
         macs,
         data_disks: data_disks.to_vec(),
     };
-    let cloned = with_checks(&store, |checks| {
+    let cloned = with_checks(&store, hashed_layers, |checks| {
         clone::clone(&snap, checks, &creating.dir, opts)
     })??;
     // Its own boot files (the snapshot's when it carries them): the
@@ -327,11 +334,13 @@ impl StagedRestore {
 }
 
 /// Step 1 of a restore, while the VM may run: the snapshot's preflight
-/// against the VM's disks and shape. An error means nothing was touched.
+/// against the VM's disks and shape (the layers in `hashed_layers` hashed
+/// already, the others hashed now). An error means nothing was touched.
 pub fn prepare_restore(
     vm: &VmEntry,
     state_dir: &Path,
     snapshot: &str,
+    hashed_layers: &[HashedLayer],
 ) -> Result<RestorePlan, SnapshotVmError> {
     let snap = SnapshotDir::open(&crate::snapshot::snapshots_dir(state_dir), snapshot)?;
     let m = &vm.record.machine;
@@ -356,7 +365,7 @@ pub fn prepare_restore(
         });
     }
     let store = store_root(&vm.dir);
-    let prepared = with_checks(&store, |checks| {
+    let prepared = with_checks(&store, hashed_layers, |checks| {
         restore::prepare(&snap, checks, &vm.record.storage, &vm.dir)
     })??;
     Ok(RestorePlan { snap, prepared })

@@ -98,6 +98,7 @@ impl Host {
             target: None,
             image_present: &|_| true,
             hash_limit: DEFAULT_HASH_LIMIT,
+            hashed_layers: &[],
         }
     }
 
