@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 
 use cocoon_host::disk::copy::sha256_file;
-use cocoon_host::snapshot::preflight::PreflightError;
+use cocoon_host::snapshot::preflight::{self, PreflightError};
 use cocoon_host::snapshot::{restore, save, store, SidecarError, SnapshotDir, StoreError};
 use serde_json::Value;
 use snapshot_common::*;
@@ -269,6 +269,43 @@ fn tampered_snapshots_are_refused_before_the_running_vm_is_touched() {
         ),
         "{e}"
     );
+    // A layer the caller hashed already (a clone's layers::check) is not
+    // hashed again, and only that exact layer: the same file under a
+    // sidecar digest the caller did not hash for that disk is hashed and
+    // refused.
+    copy_dir(&host.snapshots.join("good"), &host.snapshots.join("forged"));
+    let forged = format!("sha256:{}", "cd".repeat(32));
+    edit_sidecar(&host.snapshots.join("forged"), |v| {
+        v["disks"][0]["layer"]["digest"] = forged.clone().into()
+    });
+    let snap = SnapshotDir::open(&host.snapshots, "forged").unwrap();
+    let layer = &snap.sidecar.disks[0].layer.clone().unwrap();
+    let hashed = |index, digest: &str| preflight::HashedLayer {
+        index,
+        path: std::fs::canonicalize(&host.layer.path).unwrap(),
+        digest: digest.parse().unwrap(),
+        size: layer.size,
+    };
+    let run = |hashed_layers: &[preflight::HashedLayer]| {
+        let checks = preflight::Options {
+            hashed_layers,
+            ..host.checks()
+        };
+        preflight::preflight(&snap.dir, &snap.sidecar, &checks)
+    };
+    run(&[hashed(0, &forged)]).expect("taken as hashed, not hashed again");
+    for wrong in [
+        vec![],
+        vec![hashed(1, &forged)],
+        vec![hashed(0, &host.layer.digest.to_string())],
+    ] {
+        let e = run(&wrong).unwrap_err();
+        assert!(
+            matches!(&e, PreflightError::LayerHash { index: 0, recorded, .. } if recorded.to_string() == forged),
+            "{wrong:?}: {e}"
+        );
+    }
+
     // A sidecar of another major version is refused when opened.
     copy_dir(&host.snapshots.join("good"), &host.snapshots.join("v2"));
     edit_sidecar(&host.snapshots.join("v2"), |v| v["version"] = "2.0".into());
@@ -288,7 +325,7 @@ fn tampered_snapshots_are_refused_before_the_running_vm_is_touched() {
     assert_eq!(disk_hashes(), before, "no disk of the running VM changed");
     assert_eq!(
         store::list(&host.snapshots).unwrap().len(),
-        cases().len() + 2
+        cases().len() + 3
     );
     stop(vm);
 }
