@@ -17,6 +17,10 @@ use std::time::{Duration, Instant};
 
 const GUEST_RAM: &str = "256M";
 const CMDLINE: &str = "console=ttyS0 cocoon.count=20:0";
+/// A guest that is mostly idle (halted), as a fleet's pre-booted VMs are:
+/// it wakes to print once a second. The 20 ms counter above prints 50
+/// lines a second, and 32 of them busy the 2 cores on their own.
+const CMDLINE_IDLE: &str = "console=ttyS0 cocoon.count=1000:0";
 const TIMEOUT: Duration = Duration::from_secs(60);
 const CLONES_AT_ONCE: usize = 32;
 
@@ -37,6 +41,8 @@ struct Sample {
     clone_first_line: Duration,
     many_cli: Duration,
     many_first_lines: Duration,
+    idle_many_cli: Duration,
+    idle_many_first_lines: Duration,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -82,26 +88,65 @@ impl Ours {
         }
     }
 
-    fn one(&self, i: usize) -> Result<Sample, String> {
-        let mut s = Sample::default();
-        let src = format!("src{i}");
-        let t0 = Instant::now();
+    /// `run -d` of the image with a data disk, booting the test guest.
+    fn run_detached(&self, name: &str, cmdline: &str) -> Result<(), String> {
         self.ok(&[
             "run",
             "-d",
             "--no-cidata",
             "--name",
-            &src,
+            name,
             "--memory",
             GUEST_RAM,
             "--kernel",
             self.guest.to_str().ok_or("guest path")?,
             "--cmdline",
-            CMDLINE,
+            cmdline,
             "--data-disk",
             "size=16M,name=data,fstype=none",
             self.image.to_str().ok_or("image path")?,
-        ])?;
+        ])
+        .map(drop)
+    }
+
+    /// [`CLONES_AT_ONCE`] `clone -d` of `snap` at once, named `prefix-K`:
+    /// (until every command returned, until every clone printed a count
+    /// line); the clones are removed after.
+    fn many(&self, snap: &str, prefix: &str) -> Result<(Duration, Duration), String> {
+        let t0 = Instant::now();
+        let children = (0..CLONES_AT_ONCE)
+            .map(|k| {
+                self.cmd()
+                    .args(["clone", snap, "-d", "--name", &format!("{prefix}-{k}")])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .map_err(|e| e.to_string())
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        for c in children {
+            let o = c.wait_with_output().map_err(|e| e.to_string())?;
+            if !o.status.success() {
+                return Err(format!("a clone: {}", String::from_utf8_lossy(&o.stderr)));
+            }
+        }
+        let all_running = t0.elapsed();
+        let mut first_lines = Duration::ZERO;
+        for k in 0..CLONES_AT_ONCE {
+            let log = self.vm_dir(&format!("{prefix}-{k}"))?.join("console.log");
+            first_lines = first_lines.max(Self::first_count(&log, t0)?);
+        }
+        for k in 0..CLONES_AT_ONCE {
+            self.ok(&["rm", "-f", &format!("{prefix}-{k}")])?;
+        }
+        Ok((all_running, first_lines))
+    }
+
+    fn one(&self, i: usize) -> Result<Sample, String> {
+        let mut s = Sample::default();
+        let src = format!("src{i}");
+        let t0 = Instant::now();
+        self.run_detached(&src, CMDLINE)?;
         s.run_first_line = Self::first_count(&self.vm_dir(&src)?.join("console.log"), t0)?;
 
         let snap = format!("snap{i}");
@@ -124,34 +169,21 @@ impl Ours {
         s.clone_cli = t0.elapsed();
         s.clone_first_line = Self::first_count(&self.vm_dir(&clone)?.join("console.log"), t0)?;
 
-        let t0 = Instant::now();
-        let children = (0..CLONES_AT_ONCE)
-            .map(|k| {
-                self.cmd()
-                    .args(["clone", &snap, "-d", "--name", &format!("many{i}-{k}")])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::piped())
-                    .spawn()
-                    .map_err(|e| e.to_string())
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        for c in children {
-            let o = c.wait_with_output().map_err(|e| e.to_string())?;
-            if !o.status.success() {
-                return Err(format!("a clone: {}", String::from_utf8_lossy(&o.stderr)));
-            }
-        }
-        s.many_cli = t0.elapsed();
-        for k in 0..CLONES_AT_ONCE {
-            let log = self.vm_dir(&format!("many{i}-{k}"))?.join("console.log");
-            s.many_first_lines = s.many_first_lines.max(Self::first_count(&log, t0)?);
-        }
-
-        let mut names = vec![src, clone];
-        names.extend((0..CLONES_AT_ONCE).map(|k| format!("many{i}-{k}")));
-        for n in names {
+        for n in [src, clone] {
             self.ok(&["rm", "-f", &n])?;
         }
+        (s.many_cli, s.many_first_lines) = self.many(&snap, &format!("many{i}"))?;
+
+        let idle = format!("idle{i}");
+        let idle_snap = format!("idlesnap{i}");
+        let t0 = Instant::now();
+        self.run_detached(&idle, CMDLINE_IDLE)?;
+        Self::first_count(&self.vm_dir(&idle)?.join("console.log"), t0)?;
+        self.ok(&["snapshot", "save", &idle, "--name", &idle_snap])?;
+        self.ok(&["rm", "-f", &idle])?;
+        (s.idle_many_cli, s.idle_many_first_lines) =
+            self.many(&idle_snap, &format!("idlemany{i}"))?;
+        self.ok(&["snapshot", "rm", &idle_snap])?;
         self.ok(&["snapshot", "rm", &snap])?;
         Ok(s)
     }
@@ -238,6 +270,16 @@ fn main() {
     row(
         &format!("{CLONES_AT_ONCE} clones at once → every one's first count line"),
         med(|s| s.many_first_lines),
+        None,
+    );
+    row(
+        &format!("{CLONES_AT_ONCE} `clone -d` of an idle guest's snapshot (a count line a second) at once → all running"),
+        med(|s| s.idle_many_cli),
+        Some(1000.0),
+    );
+    row(
+        &format!("{CLONES_AT_ONCE} idle clones at once → every one's first count line (each within its 1 s period)"),
+        med(|s| s.idle_many_first_lines),
         None,
     );
     println!("END-SNAPSHOT-CLI-BENCH");
