@@ -123,20 +123,7 @@ fn the_counter_goes_on_after_restore() {
     // The first line is the one after the last the source printed (or the
     // one after that, when the pause fell between increment and print);
     // the TSC goes on from the saved value, not from zero.
-    let (first, first_tsc) = lines[0];
-    assert!(
-        first == last + 1 || first == last + 2,
-        "source ended at {last}, the restored VM began at {first}: {out}"
-    );
-    assert!(
-        first_tsc > last_tsc,
-        "TSC went back: {last_tsc} then {first_tsc}"
-    );
-    assert_consecutive("restored", &counts(&out));
-    assert!(
-        !out.contains("cocoon-guest: start"),
-        "the guest rebooted: {out}"
-    );
+    assert_goes_on("restored", &out, lines[0], last, last_tsc);
     eprintln!("restore into a shell took {restore_time:?}");
     restored.stop();
     assert_eq!(restored.wait(), ExitReason::HostRequest);
@@ -221,7 +208,18 @@ fn a_guest_halted_with_its_timer_armed_goes_on_counting_after_restore() {
     let woke = t0.elapsed();
     let out = wait_count(&log2, last + 5);
     let lines = count_lines(&out);
-    let (first, first_tsc) = lines[0];
+    assert_goes_on("restored from a halt", &out, lines[0], last, last_tsc);
+    eprintln!("restored from a halt: first count line after {woke:?}");
+    restored.stop();
+    assert_eq!(restored.wait(), ExitReason::HostRequest);
+}
+
+/// The restored VM's output `out`, whose first count line is `first`,
+/// goes on from the source's last count `last` (or the one after it, when
+/// the pause fell between increment and print) at a later TSC, in order,
+/// without a reboot.
+fn assert_goes_on(what: &str, out: &str, first: (u64, u64), last: u64, last_tsc: u64) {
+    let (first, first_tsc) = first;
     assert!(
         first == last + 1 || first == last + 2,
         "source ended at {last}, the restored VM began at {first}: {out}"
@@ -230,14 +228,11 @@ fn a_guest_halted_with_its_timer_armed_goes_on_counting_after_restore() {
         first_tsc > last_tsc,
         "TSC went back: {last_tsc} then {first_tsc}"
     );
-    assert_consecutive("restored from a halt", &counts(&out));
+    assert_consecutive(what, &counts(out));
     assert!(
         !out.contains("cocoon-guest: start"),
         "the guest rebooted: {out}"
     );
-    eprintln!("restored from a halt: first count line after {woke:?}");
-    restored.stop();
-    assert_eq!(restored.wait(), ExitReason::HostRequest);
 }
 
 fn sha256_of_sector(byte: u8) -> String {

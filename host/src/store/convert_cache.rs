@@ -101,6 +101,18 @@ pub struct DigestFile {
     pub converter: ConverterId,
 }
 
+impl DigestFile {
+    /// Written crash-safely (temp, fsync, rename), 0600.
+    fn write(&self, path: &Path) -> Result<(), StoreError> {
+        fsutil::write_atomic(
+            path,
+            &serde_json::to_vec_pretty(self).expect("plain struct"),
+            0o600,
+        )
+        .map_err(StoreError::io("writing", path))
+    }
+}
+
 /// A converted image with a valid digest file.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ConvertedImage {
@@ -307,12 +319,7 @@ impl Store {
             target: c.target.clone(),
             converter: converter.clone(),
         };
-        fsutil::write_atomic(
-            &digest_path,
-            &serde_json::to_vec_pretty(&df).expect("plain struct"),
-            0o600,
-        )
-        .map_err(StoreError::io("writing", &digest_path))?;
+        df.write(&digest_path)?;
         Ok(ConvertedImage {
             path: image,
             converter,
@@ -414,12 +421,7 @@ impl Store {
             target: target.into(),
             converter: converter.clone(),
         };
-        fsutil::write_atomic(
-            &digest_path,
-            &serde_json::to_vec_pretty(&df).expect("plain struct"),
-            0o600,
-        )
-        .map_err(StoreError::io("writing", &digest_path))?;
+        df.write(&digest_path)?;
         Ok(ConvertedImage {
             path: image,
             digest,
