@@ -54,8 +54,10 @@ pub fn open_kvm() -> Result<Kvm, VmError> {
 
 const REQUIRED_CAPS: [Cap; 4] = [Cap::Irqchip, Cap::Ioeventfd, Cap::Irqfd, Cap::UserMemory];
 
-/// Creates the KVM VM with its in-kernel irqchip and PIT. The irqchip must
-/// exist before any vCPU does.
+/// Creates the KVM VM (its TSS and identity map pages set). Its memory is
+/// registered next, and only then [`create_irqchip`]: a memory slot added
+/// after the in-kernel irqchip and PIT exist took 5-10 ms on a nested KVM
+/// host (0.1-0.2 ms before them), the largest single cost of a boot.
 pub fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
     let vm = kvm
         .create_vm()
@@ -64,6 +66,12 @@ pub fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
         .map_err(|e| VmError::Kvm("set the TSS address", e))?;
     vm.set_identity_map_address(memory::KVM_IDENTITY_MAP_ADDR)
         .map_err(|e| VmError::Kvm("set the identity map address", e))?;
+    Ok(vm)
+}
+
+/// The in-kernel irqchip and PIT, after guest memory is registered (see
+/// [`create_vm`]) and before any vCPU exists (KVM requires the latter).
+pub fn create_irqchip(vm: &VmFd) -> Result<(), VmError> {
     vm.create_irq_chip()
         .map_err(|e| VmError::Kvm("create the irqchip", e))?;
     let pit = kvm_pit_config {
@@ -71,8 +79,7 @@ pub fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
         ..Default::default()
     };
     vm.create_pit2(pit)
-        .map_err(|e| VmError::Kvm("create the PIT", e))?;
-    Ok(vm)
+        .map_err(|e| VmError::Kvm("create the PIT", e))
 }
 
 /// Tells KVM where guest memory lives, one slot per region.
@@ -145,6 +152,7 @@ impl Machine {
     /// A machine with `mem` registered and no devices yet.
     pub fn new(kvm: Kvm, vm: VmFd, mem: GuestMemoryMmap) -> Result<Machine, VmError> {
         register_memory(&vm, &mem)?;
+        create_irqchip(&vm)?;
         Ok(Self::from_parts(kvm, vm, mem, None))
     }
 

@@ -32,6 +32,7 @@ impl VmShell {
         let vm = builder::create_vm(&kvm)?;
         let memory = Reservation::new(memory_bytes)?;
         builder::register_reserved(&vm, &memory)?;
+        builder::create_irqchip(&vm)?;
         Ok(VmShell {
             kvm,
             vm,
