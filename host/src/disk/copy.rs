@@ -15,6 +15,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc};
 
 use sha2::{Digest as _, Sha256};
 
@@ -25,11 +26,13 @@ use crate::convert::output::data_run;
 use crate::store::digest::Digest;
 
 const CHUNK: usize = 4 << 20;
-/// Bytes per read when the bytes are hashed: small enough that the buffer
-/// stays in the CPU's L2 cache from the read through the hash to the
-/// write (with 4 MiB chunks each pass went out to memory; copying and
-/// hashing were half of `run`'s CPU time).
+/// Bytes per read when the bytes are hashed: small enough that a buffer
+/// stays in the CPU's caches from the read through the hash and the write
+/// (with 4 MiB chunks each pass went out to memory; copying and hashing
+/// were half of `run`'s CPU time).
 const HASH_CHUNK: usize = 128 << 10;
+/// Chunks read ahead of the hash thread.
+const IN_FLIGHT: usize = 4;
 /// Bytes written to a copy after which their writeback is started, so the
 /// device writes while the rest is read and hashed and the fsync of
 /// [`NewFile::commit`] waits only for the tail.
@@ -268,44 +271,105 @@ pub fn data_runs(file: &File, path: &Path, len: u64) -> Result<Vec<(u64, u64)>, 
 
 /// Hashes the first `len` bytes of `file`, reading only its data runs.
 fn hash_file(file: &File, path: &Path, len: u64, hash: &mut Sha256) -> Result<(), CopyError> {
-    let mut buf = vec![0u8; HASH_CHUNK];
-    let mut at = 0;
-    for (start, end) in data_runs(file, path, len)? {
-        hash_zeros(hash, start - at);
-        read_hashed(file, path, start, end, &mut buf, hash, |_, _| Ok(()))?;
-        at = end;
-    }
-    hash_zeros(hash, len - at);
-    Ok(())
+    let runs = data_runs(file, path, len)?;
+    read_hashed(file, path, &runs, len, hash, |_, _| Ok(()))
 }
 
-/// Reads [start, end) of `file` in chunks, hashing them and handing each
-/// to `sink(offset, bytes)`.
+/// A part of the bytes being hashed, in order: a chunk that was read, or
+/// a hole's zeros.
+enum Piece {
+    Read(Arc<Vec<u8>>, usize),
+    Zeros(u64),
+}
+
+/// Reads the data runs `runs` of the first `len` bytes of `file` in
+/// chunks, handing each to `sink(offset, bytes)`, and hashes all `len`
+/// bytes (the holes between the runs as zeros). The hash runs on a thread
+/// of its own over the very buffers the sink gets, so a copy is hashed
+/// while it is written: sha256 and the write each took about half of
+/// `run`'s copy when one thread did both.
 fn read_hashed(
     file: &File,
     path: &Path,
-    start: u64,
-    end: u64,
-    buf: &mut [u8],
+    runs: &[(u64, u64)],
+    len: u64,
     hash: &mut Sha256,
     mut sink: impl FnMut(u64, &[u8]) -> Result<(), CopyError>,
 ) -> Result<(), CopyError> {
-    let mut at = start;
-    while at < end {
-        let n = usize_from((end - at).min(buf.len() as u64));
-        file.read_exact_at(&mut buf[..n], at)
-            .map_err(io_err("reading", path))?;
-        hash.update(&buf[..n]);
-        sink(at, &buf[..n])?;
-        at += n as u64;
-    }
-    Ok(())
+    let (to_hash, pieces) = mpsc::sync_channel::<Piece>(IN_FLIGHT);
+    let (hashed, free) = mpsc::channel::<Arc<Vec<u8>>>();
+    std::thread::scope(|scope| {
+        let hasher = std::thread::Builder::new()
+            .name("sha256".into())
+            .spawn_scoped(scope, move || {
+                for piece in pieces {
+                    match piece {
+                        Piece::Zeros(n) => hash_zeros(hash, n),
+                        Piece::Read(buf, n) => {
+                            hash.update(&buf[..n]);
+                            // The reader may be gone after an error.
+                            let _ = hashed.send(buf);
+                        }
+                    }
+                }
+            })
+            .map_err(io_err("starting a thread to hash", path))?;
+        let mut fresh = IN_FLIGHT;
+        let mut next_buffer = || -> Arc<Vec<u8>> {
+            if fresh > 0 {
+                fresh -= 1;
+            } else if let Ok(buf) = free.recv() {
+                return buf;
+            }
+            Arc::new(vec![0u8; HASH_CHUNK])
+        };
+        // A send fails only when the hasher panicked; its join says so.
+        let mut read = || -> Result<(), CopyError> {
+            let mut at = 0;
+            for &(start, end) in runs {
+                if start > at {
+                    let _ = to_hash.send(Piece::Zeros(start - at));
+                }
+                let mut off = start;
+                while off < end {
+                    let n = usize_from((end - off).min(HASH_CHUNK as u64));
+                    let mut buf = next_buffer();
+                    // The hasher hands a buffer back only once it holds no
+                    // reference to it, and this loop drops its own at the
+                    // end of each turn; a new one stands in otherwise.
+                    let bytes = match Arc::get_mut(&mut buf) {
+                        Some(b) => b,
+                        None => {
+                            buf = Arc::new(vec![0u8; HASH_CHUNK]);
+                            Arc::get_mut(&mut buf).expect("a new Arc is unique")
+                        }
+                    };
+                    file.read_exact_at(&mut bytes[..n], off)
+                        .map_err(io_err("reading", path))?;
+                    let _ = to_hash.send(Piece::Read(buf.clone(), n));
+                    sink(off, &buf[..n])?;
+                    off += n as u64;
+                }
+                at = end;
+            }
+            if len > at {
+                let _ = to_hash.send(Piece::Zeros(len - at));
+            }
+            Ok(())
+        };
+        let result = read();
+        drop(to_hash);
+        if let Err(panic) = hasher.join() {
+            std::panic::resume_unwind(panic);
+        }
+        result
+    })
 }
 
 /// Copies the data runs of `src` into `dst` (already `len` bytes of
 /// hole). Unhashed, the kernel copies (copy_file_range); hashed, the bytes
-/// pass through one buffer that is hashed and written, all-zero chunks
-/// left as holes.
+/// pass through buffers that are hashed and written at once, all-zero
+/// chunks left as holes.
 fn sparse_copy(
     src: &File,
     src_path: &Path,
@@ -321,29 +385,21 @@ fn sparse_copy(
         }
         return Ok(());
     };
-    let mut buf = vec![0u8; HASH_CHUNK];
-    let mut at = 0;
     // Start of the written range whose writeback is not started yet.
     let mut unflushed = 0;
-    for (start, end) in runs {
-        hash_zeros(hash, start - at);
-        read_hashed(src, src_path, start, end, &mut buf, hash, |off, bytes| {
-            if bytes.iter().all(|&b| b == 0) {
-                return Ok(());
-            }
-            dst.write_all_at(bytes, off)
-                .map_err(io_err("writing", dst_path))?;
-            let written = off + bytes.len() as u64;
-            if written - unflushed >= WRITEBACK_STEP {
-                start_writeback(dst, unflushed, written);
-                unflushed = written;
-            }
-            Ok(())
-        })?;
-        at = end;
-    }
-    hash_zeros(hash, len - at);
-    Ok(())
+    read_hashed(src, src_path, &runs, len, hash, |off, bytes| {
+        if bytes.iter().all(|&b| b == 0) {
+            return Ok(());
+        }
+        dst.write_all_at(bytes, off)
+            .map_err(io_err("writing", dst_path))?;
+        let written = off + bytes.len() as u64;
+        if written - unflushed >= WRITEBACK_STEP {
+            start_writeback(dst, unflushed, written);
+            unflushed = written;
+        }
+        Ok(())
+    })
 }
 
 /// Starts the writeback of bytes [from, to) of `file` without waiting for
