@@ -328,12 +328,15 @@ fn create_vm(
 ) -> anyhow::Result<(VmEntry, Steps)> {
     // The network first: a wrong flag or a missing tap or bridge fails
     // before anything is pulled or made.
-    let planned = nics::plan(
-        &args.net.nics,
-        &args.net.networks,
-        !args.no_cidata,
-        &nics::taken_macs(&vms(config)?)?,
-    )?;
+    // Other VMs' MACs matter only to a VM with NICs; without any, `run`
+    // does not read every record for them.
+    let wants_nics = !args.net.nics.is_empty() || !args.net.networks.is_empty();
+    let taken = if wants_nics {
+        nics::taken_macs(&vms(config)?)?
+    } else {
+        Default::default()
+    };
+    let planned = nics::plan(&args.net.nics, &args.net.networks, !args.no_cidata, &taken)?;
     nics::check(&planned, starting)?;
     let runtime = Runtime::new(Some(config.state_dir.join("plugin-cache")))?;
     let registry = Registry::discover(config);
