@@ -19,6 +19,9 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
 fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
 }
+fn usize_at(b: &[u8], at: usize) -> usize {
+    usize::try_from(u64_at(b, at)).expect("an offset in a file we read whole")
+}
 
 /// The (tag, value) entries of an ELF64 little-endian file's dynamic
 /// section, found through its program headers.
@@ -27,7 +30,7 @@ fn dynamic_entries(path: &Path) -> Vec<(u64, u64)> {
     assert_eq!(&b[..4], b"\x7fELF", "{}: not an ELF file", path.display());
     assert_eq!((b[4], b[5]), (2, 1), "{}: not ELF64 LE", path.display());
     let (phoff, phentsize, phnum) = (
-        u64_at(&b, 0x20) as usize,
+        usize_at(&b, 0x20),
         u16_at(&b, 0x36) as usize,
         u16_at(&b, 0x38) as usize,
     );
@@ -35,10 +38,7 @@ fn dynamic_entries(path: &Path) -> Vec<(u64, u64)> {
         .map(|i| phoff + i * phentsize)
         .find(|&ph| u32_at(&b, ph) == PT_DYNAMIC)
         .unwrap_or_else(|| panic!("{}: no PT_DYNAMIC", path.display()));
-    let (offset, size) = (
-        u64_at(&b, dynamic + 8) as usize,
-        u64_at(&b, dynamic + 32) as usize,
-    );
+    let (offset, size) = (usize_at(&b, dynamic + 8), usize_at(&b, dynamic + 32));
     (offset..offset + size)
         .step_by(16)
         .map(|at| (u64_at(&b, at), u64_at(&b, at + 8)))
