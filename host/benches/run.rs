@@ -48,15 +48,19 @@ fn vm_dirs(vms: &Path) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
+/// Whether the console log at `log` has the guest's first line.
+fn has_first_line(log: &Path) -> bool {
+    std::fs::read(log)
+        .map(|b| b.windows(14).any(|w| w == b"cocoon-guest: "))
+        .unwrap_or(false)
+}
+
 /// How long after `t0` a VM directory not in `before` had the guest's
 /// first line in its console.log.
 fn first_line_of_new_vm(vms: &Path, before: &[PathBuf], t0: Instant) -> Result<Duration, String> {
     loop {
         for dir in vm_dirs(vms).iter().filter(|d| !before.contains(d)) {
-            if std::fs::read(dir.join("console.log"))
-                .map(|b| b.windows(14).any(|w| w == b"cocoon-guest: "))
-                .unwrap_or(false)
-            {
+            if has_first_line(&dir.join("console.log")) {
                 return Ok(t0.elapsed());
             }
         }
@@ -167,10 +171,7 @@ impl Ours {
                 self.run_detached(name)?;
                 let log = self.vm_dir(name)?.join("console.log");
                 let t0 = Instant::now();
-                while !std::fs::read(&log)
-                    .map(|b| b.windows(14).any(|w| w == b"cocoon-guest: "))
-                    .unwrap_or(false)
-                {
+                while !has_first_line(&log) {
                     if t0.elapsed() > TIMEOUT {
                         return Err(format!("{name}: no serial line"));
                     }

@@ -334,16 +334,10 @@ fn read_hashed(
                 while off < end {
                     let n = usize_from((end - off).min(HASH_CHUNK as u64));
                     let mut buf = next_buffer();
-                    // The hasher hands a buffer back only once it holds no
-                    // reference to it, and this loop drops its own at the
-                    // end of each turn; a new one stands in otherwise.
-                    let bytes = match Arc::get_mut(&mut buf) {
-                        Some(b) => b,
-                        None => {
-                            buf = Arc::new(vec![0u8; HASH_CHUNK]);
-                            Arc::get_mut(&mut buf).expect("a new Arc is unique")
-                        }
-                    };
+                    // Unique: the hasher hands a buffer back only once it
+                    // holds no reference to it, and this loop drops its own
+                    // at the end of each turn (make_mut would copy if not).
+                    let bytes = Arc::make_mut(&mut buf);
                     file.read_exact_at(&mut bytes[..n], off)
                         .map_err(io_err("reading", path))?;
                     let _ = to_hash.send(Piece::Read(buf.clone(), n));
