@@ -653,3 +653,112 @@ fn a_monitor_of_another_build_refuses_to_start() {
         "it wrote in the VM dir"
     );
 }
+
+/// What a child wrote to a pipe so far, read on a thread of its own.
+fn collect(mut pipe: impl Read + Send + 'static) -> std::sync::Arc<std::sync::Mutex<Vec<u8>>> {
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = got.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = pipe.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+    got
+}
+
+fn text(got: &std::sync::Mutex<Vec<u8>>) -> String {
+    String::from_utf8_lossy(&got.lock().unwrap()).into_owned()
+}
+
+/// Waits (10 s at most) for `child` to exit.
+fn exits(child: &mut std::process::Child, what: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "{what} did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn console_shows_the_guest_forwards_input_and_detaches_and_logs_follow_to_the_end() {
+    if !kvm_or_skip(
+        "console_shows_the_guest_forwards_input_and_detaches_and_logs_follow_to_the_end",
+    ) {
+        return;
+    }
+    let h = Host::new();
+    h.run_detached("con", TICKING);
+    eventually("the guest's clock output", Duration::from_secs(20), || {
+        last_count(&h.logs("con")).is_some_and(|n| n >= 2)
+    });
+
+    // `logs -f` from here to the VM's end, beside the console.
+    let mut follow = h
+        .cmd()
+        .args(["logs", "-f", "con"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let followed = collect(follow.stdout.take().unwrap());
+
+    let mut console = h
+        .cmd()
+        .args(["console", "con"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let shown = collect(console.stdout.take().unwrap());
+    let said = collect(console.stderr.take().unwrap());
+    let attached_at = last_count(&h.logs("con")).unwrap();
+    eventually(
+        "the console showing new counts",
+        Duration::from_secs(10),
+        || last_count(&text(&shown)).is_some_and(|n| n > attached_at + 1),
+    );
+    let mut stdin = console.stdin.take().unwrap();
+    stdin.write_all(b"hello from the console\n").unwrap();
+    eventually(
+        "the guest echoing the input",
+        Duration::from_secs(10),
+        || text(&shown).contains("cocoon-guest: input: hello from the console"),
+    );
+    // Ctrl-] detaches; what follows it is not sent.
+    stdin.write_all(b"\x1dnot sent\n").unwrap();
+    let status = exits(&mut console, "console after Ctrl-]");
+    assert!(status.success(), "{status}: {}", text(&said));
+    assert!(text(&said).contains("detached from con"), "{}", text(&said));
+    drop(stdin);
+    assert_eq!(h.state_of("con"), "running", "detaching stops nothing");
+    let now = last_count(&h.logs("con")).unwrap();
+    eventually("counting after the detach", Duration::from_secs(10), || {
+        last_count(&h.logs("con")).is_some_and(|n| n > now)
+    });
+    assert!(!h.logs("con").contains("not sent"));
+
+    h.ok(&["stop", "--force", "con"]);
+    let status = exits(&mut follow, "logs -f after the VM stopped");
+    assert!(status.success(), "{status}");
+    // What `logs -f` printed is the log as it ended: every count once, in
+    // order, none lost at the point where it went from the file so far to
+    // the output still coming.
+    let log = h.logs("con");
+    let got = text(&followed);
+    assert!(
+        log.starts_with(&got),
+        "logs -f printed what the log lacks:\n{got}"
+    );
+    let counts: Vec<&str> = got.lines().filter(|l| l.contains("count n=")).collect();
+    let all: Vec<&str> = log.lines().filter(|l| l.contains("count n=")).collect();
+    assert_eq!(counts, all, "logs -f missed counts");
+    assert!(got.contains("cocoon-guest: input: hello from the console"));
+    h.ok(&["rm", "con"]);
+}

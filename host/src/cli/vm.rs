@@ -2,7 +2,6 @@
 //! `resume`, `rm`, `list`, `inspect`, `console`, `logs`. Each is a client
 //! of the VM's records and of its monitor's API.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -850,24 +849,6 @@ pub fn console(a: VmArg, config: &HostConfig) -> anyhow::Result<i32> {
 
 pub fn logs(a: LogsArgs, config: &HostConfig) -> anyhow::Result<i32> {
     let vm = vms(config)?.find(&a.vm)?;
-    let path = vm.console_log();
-    let mut out = std::io::stdout().lock();
-    match std::fs::File::open(&path) {
-        Ok(mut f) => {
-            std::io::copy(&mut f, &mut out)
-                .with_context(|| format!("reading {}", path.display()))?;
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    }
-    out.flush()?;
-    drop(out);
-    if a.follow && vm.record.state.has_monitor() {
-        // The log holds this run's output so far; the API has the rest.
-        let c = client(&vm)?;
-        let from = c.info().map_err(api_err(&vm))?.console_end;
-        let base = vm_console::log_len(&vm).saturating_sub(from);
-        vm_console::follow(&vm, from, Some(base), vm_console::Out::Stdout, None)?;
-    }
+    vm_console::tail(&vm, a.follow)?;
     Ok(0)
 }

@@ -84,6 +84,86 @@ pub fn wait_gone(vm: &VmEntry) {
     }
 }
 
+/// How often `logs -f` looks for new output in the log.
+const TAIL_POLL: Duration = Duration::from_millis(50);
+
+/// `logs [-f]`: `console.log` from its start; with `follow`, then what is
+/// appended to it until the VM's monitor is gone. The file is followed,
+/// not the API's ring: the log writer runs a little behind the ring, so a
+/// switch from the file to the ring would drop or repeat the bytes between
+/// the two. The monitor completes the log before it lets go of its lock,
+/// so the read after the lock is seen free has everything. A rotation
+/// (`console.log` renamed to `console.log.1`) is followed: the old file is
+/// read to its end, then the new one from its start.
+pub fn tail(vm: &VmEntry, follow: bool) -> anyhow::Result<()> {
+    let path = vm.console_log();
+    let mut out = std::io::stdout().lock();
+    let mut log: Option<std::fs::File> = None;
+    loop {
+        // Before the read: once the monitor is seen gone, this read is
+        // the last one needed.
+        let alive = follow && matches!(MonitorLock::probe(&vm.dir), Ok(Liveness::Alive(_)));
+        if let Some(f) = log.as_mut() {
+            copy_to_end(f, &path, &mut out)?;
+        }
+        if let Some(next) = reopened(&path, log.as_ref())? {
+            log = Some(next);
+            continue;
+        }
+        if !alive {
+            return Ok(());
+        }
+        std::thread::sleep(TAIL_POLL);
+    }
+}
+
+/// The rest of `log` to `out`; the error says which side failed (a
+/// closed pipe on stdout is not a bad log).
+fn copy_to_end(
+    log: &mut std::fs::File,
+    path: &std::path::Path,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = log
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            return out.flush().context("writing to stdout");
+        }
+        out.write_all(&buf[..n]).context("writing to stdout")?;
+    }
+}
+
+/// The file now at `path` when it is not `current` (the log was made or
+/// rotated since `current` was opened); `None` when it is, or when there
+/// is no log yet. Anything but a regular file there is refused.
+fn reopened(
+    path: &std::path::Path,
+    current: Option<&std::fs::File>,
+) -> anyhow::Result<Option<std::fs::File>> {
+    use std::os::unix::fs::MetadataExt;
+    let now = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    // The monitor opens its log with O_NOFOLLOW: a link there is not its.
+    if now.file_type().is_symlink() {
+        anyhow::bail!("{} is a symlink, not the VM's console log", path.display());
+    }
+    if let Some(f) = current {
+        let m = f.metadata()?;
+        if (m.dev(), m.ino()) == (now.dev(), now.ino()) {
+            return Ok(None);
+        }
+    }
+    let input = cocoon_host::fsutil::input::open(path, cocoon_host::fsutil::input::Accept::Regular)
+        .with_context(|| format!("reading {}", path.display()))?;
+    Ok(Some(input.file))
+}
+
 /// The console log's length now (where a new run's output will start).
 pub fn log_len(vm: &VmEntry) -> u64 {
     std::fs::metadata(vm.console_log())
