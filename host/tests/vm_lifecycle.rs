@@ -2,7 +2,8 @@
 //! guest as the kernel and a disk image the test makes: records, the
 //! detached monitor and its API, pause/resume seen in the guest's clock
 //! output, dead monitors, killed creates, concurrent starts, a hostile API
-//! client, 16 VMs at once, gc roots, and which binary the monitor is.
+//! client, 16 VMs at once, gc roots, which binary the monitor is, the
+//! console and `logs -f`, and graceful and timed-out stops.
 
 mod vm_common;
 #[path = "../../vmm/tests/support/mod.rs"]
@@ -761,4 +762,59 @@ fn console_shows_the_guest_forwards_input_and_detaches_and_logs_follow_to_the_en
     assert_eq!(counts, all, "logs -f missed counts");
     assert!(got.contains("cocoon-guest: input: hello from the console"));
     h.ok(&["rm", "con"]);
+}
+
+#[test]
+fn stop_asks_the_guest_first_and_stops_a_guest_that_does_not_answer_after_the_timeout() {
+    if !kvm_or_skip(
+        "stop_asks_the_guest_first_and_stops_a_guest_that_does_not_answer_after_the_timeout",
+    ) {
+        return;
+    }
+    let h = Host::new();
+    // A guest that answers: Ctrl-Alt-Del on its i8042, and it powers off.
+    h.run_detached("kind", TICKING);
+    eventually("the guest's clock output", Duration::from_secs(20), || {
+        last_count(&h.logs("kind")).is_some_and(|n| n >= 1)
+    });
+    assert_eq!(h.ok(&["stop", "kind"]).trim(), "kind powered off");
+    assert!(
+        h.logs("kind")
+            .contains("cocoon-guest: ctrl-alt-del: powering off"),
+        "{}",
+        h.logs("kind")
+    );
+    let vm = h.vm("kind");
+    assert_eq!(vm["state"], "stopped");
+    assert!(
+        vm["exit"]
+            .as_str()
+            .unwrap()
+            .contains("the guest powered off"),
+        "{vm}"
+    );
+
+    // A guest that does not answer (the test guest's `cocoon.hang`:
+    // interrupts off, halted) is stopped hard once the timeout has passed,
+    // and not before.
+    h.run_detached("hung", "console=ttyS0 cocoon.hang=0");
+    eventually("the guest hanging", Duration::from_secs(20), || {
+        h.logs("hung").contains("cocoon-guest: hang")
+    });
+    let t = Instant::now();
+    assert_eq!(
+        h.ok(&["stop", "--timeout", "1", "hung"]).trim(),
+        "hung stopped after the timeout"
+    );
+    assert!(t.elapsed() >= Duration::from_secs(1), "{:?}", t.elapsed());
+    let vm = h.vm("hung");
+    assert_eq!(vm["state"], "stopped");
+    assert!(
+        vm["exit"].as_str().unwrap().contains("stopped by the host"),
+        "{vm}"
+    );
+    assert!(!h.logs("hung").contains("ctrl-alt-del"));
+    h.ok(&["rm", "kind"]);
+    h.ok(&["rm", "hung"]);
+    assert!(h.vm_dirs().is_empty());
 }

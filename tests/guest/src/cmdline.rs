@@ -35,6 +35,9 @@ pub enum Action {
     SeqRead { disk: usize, bytes: u64 },
     /// `cocoon.count=PERIOD_MS:TICKS` (TICKS 0: for ever)
     Count { period_ms: u64, ticks: u64 },
+    /// `cocoon.hang=0`: stop answering (interrupts off, halted for ever),
+    /// as a hung guest does.
+    Hang,
     /// `cocoon.net.*`: see [`NetAction`].
     Net(NetAction),
 }
@@ -46,7 +49,7 @@ impl Action {
             Action::Hash { disk, .. }
             | Action::Write { disk, .. }
             | Action::SeqRead { disk, .. } => Some(disk),
-            Action::Count { .. } | Action::Net(_) => None,
+            Action::Count { .. } | Action::Hang | Action::Net(_) => None,
         }
     }
 }
@@ -65,6 +68,7 @@ impl fmt::Display for Action {
             }
             Action::SeqRead { disk, bytes } => write!(f, "cocoon.seqread={disk}:{bytes}"),
             Action::Count { period_ms, ticks } => write!(f, "cocoon.count={period_ms}:{ticks}"),
+            Action::Hang => f.write_str("cocoon.hang=0"),
             Action::Net(net) => net.fmt(f),
         }
     }
@@ -205,6 +209,12 @@ fn parse_action(param: &[u8]) -> Result<Action, &'static str> {
             }
             Action::Count { period_ms, ticks }
         }
+        // A value, so that the parameter has the NAME=VALUE form of the
+        // others; 0 is the one there is (for ever).
+        b"cocoon.hang" => match next("expected 0")? {
+            b"0" => Action::Hang,
+            _ => return Err("expected 0"),
+        },
         _ => return Err("unknown parameter"),
     };
     if fields.next().is_some() {
@@ -322,7 +332,7 @@ mod tests {
     #[test]
     fn actions_in_order() {
         let c = parse_ok(
-            "cocoon.write=1:4:5a cocoon.hash=0:0:8 cocoon.seqread=0:256M cocoon.count=50:0",
+            "cocoon.write=1:4:5a cocoon.hash=0:0:8 cocoon.seqread=0:256M cocoon.count=50:0 cocoon.hang=0",
         );
         assert_eq!(
             c.actions(),
@@ -345,10 +355,13 @@ mod tests {
                     period_ms: 50,
                     ticks: 0
                 },
+                Action::Hang,
             ]
         );
         assert_eq!(c.actions()[3].disk(), None);
         assert_eq!(c.actions()[3].to_string(), "cocoon.count=50:0");
+        assert_eq!(c.actions()[4].disk(), None);
+        assert_eq!(c.actions()[4].to_string(), "cocoon.hang=0");
     }
 
     #[test]
@@ -398,6 +411,8 @@ mod tests {
             ("cocoon.count=0:5", "zero period"),
             ("cocoon.count=10", "expected PERIOD_MS:TICKS"),
             ("cocoon.count=10:x", "bad tick count"),
+            ("cocoon.hang=5", "expected 0"),
+            ("cocoon.hang=0:1", "too many fields"),
         ];
         for (line, want) in cases {
             let mut got = None;

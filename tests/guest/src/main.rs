@@ -110,6 +110,7 @@ extern "C" fn rust_main(start_info_paddr: u64) -> ! {
         let Some(index) = action.disk() else {
             match action {
                 Action::Count { period_ms, ticks } => count::run(*period_ms, *ticks, &mut input),
+                Action::Hang => hang(),
                 Action::Net(net) => {
                     let index = net.nic();
                     match nics.get_mut(index).and_then(Option::as_mut) {
@@ -129,7 +130,7 @@ extern "C" fn rust_main(start_info_paddr: u64) -> ! {
             Action::Hash { sector, count, .. } => disk.hash(sector, count, buf),
             Action::Write { sector, byte, .. } => disk.write_sector(sector, byte, buf),
             Action::SeqRead { bytes, .. } => disk.seqread(bytes, buf),
-            Action::Count { .. } | Action::Net(_) => {}
+            Action::Count { .. } | Action::Hang | Action::Net(_) => {}
         }
     }
 
@@ -139,6 +140,16 @@ extern "C" fn rust_main(start_info_paddr: u64) -> ! {
         say!("done disks={n_disks} nics={n_nics}");
     }
     power_off()
+}
+
+/// `cocoon.hang=0`: says so, then answers nothing more (no input is
+/// looked at, no interrupt is taken) until the host stops the VM.
+fn hang() -> ! {
+    say!("hang");
+    loop {
+        // SAFETY: cli and hlt only stop this CPU; nothing runs after them.
+        unsafe { core::arch::asm!("cli", "hlt", options(nomem, nostack)) };
+    }
 }
 
 /// Powers off the way `done` does.
