@@ -167,7 +167,29 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
     }
 }
 
+/// `cocoon-host list | head`: a reader that closes stdout early chose to
+/// stop reading; that is no crash. Rust leaves SIGPIPE ignored (so that a
+/// monitor gone from under an API request is an error the command names,
+/// not a silent death), and then `println!` panics on EPIPE; this ends
+/// the process quietly instead, with the status a shell gives a SIGPIPE.
+fn exit_quietly_when_stdout_closes() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info)
+    }));
+}
+
 fn main() -> ExitCode {
+    exit_quietly_when_stdout_closes();
     let cli = Cli::parse();
     init_logging(cli.verbose);
     match run(cli) {

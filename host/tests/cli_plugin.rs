@@ -419,3 +419,25 @@ fn readme_plugin_walkthrough_works() {
     let out = host.run(&["plugin", "call", "my-source", "resolve", "other://x"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not my://NAME"));
 }
+
+#[test]
+fn a_reader_that_closes_stdout_early_ends_the_command_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let host = Host::new();
+    // A pipe whose reader is gone before the command writes, as in
+    // `cocoon-host plugin list | head -0`.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_cocoon-host"))
+        .args(["plugin", "list", "-o", "json"])
+        .env("COCOON_STATE_DIR", host.dir.path().join("state"))
+        .env("COCOON_CONFIG", host.config())
+        .env_remove("RUST_LOG")
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
+    assert_eq!(out.status.code(), Some(141), "{:?}", out.status.signal());
+}

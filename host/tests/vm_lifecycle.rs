@@ -818,3 +818,158 @@ fn stop_asks_the_guest_first_and_stops_a_guest_that_does_not_answer_after_the_ti
     h.ok(&["rm", "hung"]);
     assert!(h.vm_dirs().is_empty());
 }
+
+/// `run -d -o json` of `image` as `name`, with `extra` flags before it.
+fn run_json(h: &Host, name: &str, image: &Path, extra: &[&str]) -> serde_json::Value {
+    let guest = test_guest();
+    let mut args = vec![
+        "run",
+        "-d",
+        "-o",
+        "json",
+        "--name",
+        name,
+        "--memory",
+        "32M",
+        "--kernel",
+        guest.to_str().unwrap(),
+        "--cmdline",
+        TICKING,
+    ];
+    args.extend_from_slice(extra);
+    args.push(image.to_str().unwrap());
+    h.json(&args)
+}
+
+#[test]
+fn create_keeps_the_flags_and_starts_nothing_and_run_says_what_was_pulled_and_converted() {
+    if !kvm_or_skip(
+        "create_keeps_the_flags_and_starts_nothing_and_run_says_what_was_pulled_and_converted",
+    ) {
+        return;
+    }
+    let h = Host::new();
+    let qcow2 = h.state.path().join("disk.qcow2");
+    let made = Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+        .arg(&h.image)
+        .arg(&qcow2)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let guest = test_guest();
+    let create = |pull: &str| {
+        h.run(&[
+            "create",
+            "--pull",
+            pull,
+            "--cpus",
+            "2",
+            "--memory",
+            "48M",
+            "--cow-size",
+            "32M",
+            "--data-disk",
+            "size=16M,name=d1,fstype=none",
+            "--kernel",
+            guest.to_str().unwrap(),
+            "--cmdline",
+            TICKING,
+            qcow2.to_str().unwrap(),
+        ])
+    };
+
+    // --pull never, before anything is in the store: refused, nothing made.
+    let o = create("never");
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("disk.qcow2 is not in the store and the pull policy is `never`"),
+        "{e}"
+    );
+    assert!(h.vm_dirs().is_empty(), "{:?}", h.vm_dirs());
+
+    // create without --name: a generated name, the flags in the record,
+    // and no monitor.
+    let o = create("missing");
+    let said = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{said}");
+    let name = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    assert!(
+        name.len() <= 63
+            && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)),
+        "generated name {name:?}"
+    );
+    assert!(said.contains(", pulled)"), "{said}");
+    assert!(said.contains(", converted)"), "{said}");
+    let vm = h.vm(&name);
+    assert_eq!(vm["state"], "created", "{vm}");
+    assert!(vm["pid"].is_null(), "{vm}");
+    let record = &h.json(&["inspect", &name, "-o", "json"])["record"];
+    assert_eq!(record["machine"]["cpus"], 2);
+    assert_eq!(record["machine"]["memory"], 48 << 20);
+    assert_eq!(record["machine"]["cmdline"], TICKING);
+    let disks: Vec<(String, u64)> = record["storage"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["serial"].as_str().unwrap().to_string(),
+                std::fs::metadata(d["path"].as_str().unwrap())
+                    .unwrap()
+                    .len(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        disks,
+        [
+            ("cocoon-root".to_string(), 32 << 20),
+            ("d1".to_string(), 16 << 20),
+            ("cocoon-cidata".to_string(), 1 << 20),
+        ]
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        h.logs(&name).is_empty(),
+        "a created VM ran: {}",
+        h.logs(&name)
+    );
+
+    // start boots it with those files.
+    h.ok(&["start", &name]);
+    assert_eq!(h.state_of(&name), "running");
+    eventually("the created VM counting", Duration::from_secs(20), || {
+        last_count(&h.logs(&name)).is_some_and(|n| n >= 1)
+    });
+    assert_eq!(
+        h.json(&["inspect", &name, "-o", "json"])["record"]["storage"],
+        record["storage"]
+    );
+
+    // run -o json: the image and its conversion come from the caches now,
+    // and --pull never is content with the store.
+    for (vm, pull) in [("second", "missing"), ("third", "never")] {
+        let steps = run_json(&h, vm, &qcow2, &["--pull", pull]);
+        assert_eq!(steps["name"], vm, "{steps}");
+        assert_eq!(steps["state"], "running", "{steps}");
+        assert_eq!(steps["image"]["pull"], "cached", "{steps}");
+        assert_eq!(steps["image"]["conversion"], "cached", "{steps}");
+        assert_eq!(steps["image"]["format"], "qcow2", "{steps}");
+        let roles: Vec<&str> = steps["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["role"].as_str().unwrap())
+            .collect();
+        assert_eq!(roles, ["cow", "cidata"], "{steps}");
+    }
+    for vm in [name.as_str(), "second", "third"] {
+        h.ok(&["rm", "--force", vm]);
+    }
+    assert!(h.vm_dirs().is_empty());
+}
