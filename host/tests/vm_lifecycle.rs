@@ -973,3 +973,61 @@ fn create_keeps_the_flags_and_starts_nothing_and_run_says_what_was_pulled_and_co
     }
     assert!(h.vm_dirs().is_empty());
 }
+
+#[test]
+fn a_foreground_run_interrupted_stops_its_guest_and_exits_130_with_json_saying_so() {
+    if !kvm_or_skip(
+        "a_foreground_run_interrupted_stops_its_guest_and_exits_130_with_json_saying_so",
+    ) {
+        return;
+    }
+    let h = Host::new();
+    let guest = test_guest();
+    // A guest that never ends by itself: only the host can stop it.
+    let mut child = h
+        .cmd()
+        .args([
+            "run",
+            "--rm",
+            "-o",
+            "json",
+            "--name",
+            "fg",
+            "--memory",
+            "32M",
+            "--kernel",
+            guest.to_str().unwrap(),
+            "--cmdline",
+            "console=ttyS0 cocoon.hang=0",
+            h.image.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = collect(child.stdout.take().unwrap());
+    let err = collect(child.stderr.take().unwrap());
+    eventually("the guest hanging", Duration::from_secs(20), || {
+        h.vm("fg")["state"] == "running" && h.logs("fg").contains("cocoon-guest: hang")
+    });
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let status = exits(&mut child, "run after SIGINT");
+    // The pipes' readers see their ends once the process is gone.
+    eventually("the output read", Duration::from_secs(5), || {
+        serde_json::from_str::<serde_json::Value>(&text(&out)).is_ok()
+    });
+    assert_eq!(status.code(), Some(130), "{}", text(&err));
+    let steps: serde_json::Value = serde_json::from_str(&text(&out)).unwrap();
+    assert_eq!(steps["name"], "fg", "{steps}");
+    assert_eq!(steps["state"], "stopped", "{steps}");
+    assert_eq!(steps["exit"]["kind"], "stopped", "{steps}");
+    assert!(
+        !text(&out).contains("cocoon-guest:"),
+        "-o json keeps the console off stdout"
+    );
+    assert!(h.vm_dirs().is_empty(), "--rm: {:?}", h.vm_dirs());
+}
