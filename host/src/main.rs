@@ -194,6 +194,7 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     match run(cli) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) if e.is::<cli::vm_console::StdoutClosed>() => ExitCode::from(141),
         Err(e) => {
             eprintln!("error: {}", cocoon_host::error_chain(e.as_ref()));
             ExitCode::from(1)

@@ -1031,3 +1031,73 @@ fn a_foreground_run_interrupted_stops_its_guest_and_exits_130_with_json_saying_s
     );
     assert!(h.vm_dirs().is_empty(), "--rm: {:?}", h.vm_dirs());
 }
+
+/// Reads `reader` until `want` has come, then drops it: the writer's
+/// next write finds the pipe closed, as under `| head`.
+fn read_until_then_close(mut reader: std::io::PipeReader, want: &str) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains(want) {
+        let n = reader.read(&mut buf).unwrap();
+        assert!(n > 0, "the output ended before {want:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[test]
+fn a_closed_stdout_stops_a_foreground_run_and_ends_logs_follow_quietly() {
+    if !kvm_or_skip("a_closed_stdout_stops_a_foreground_run_and_ends_logs_follow_quietly") {
+        return;
+    }
+    let h = Host::new();
+    let guest = test_guest();
+    // `run IMAGE | head`: the console's reader goes; the VM does not stay
+    // behind unseen, --rm still removes it.
+    let (reader, writer) = std::io::pipe().unwrap();
+    let mut run = h
+        .cmd()
+        .args([
+            "run",
+            "--rm",
+            "--name",
+            "fg",
+            "--memory",
+            "32M",
+            "--kernel",
+            guest.to_str().unwrap(),
+            "--cmdline",
+            TICKING,
+            h.image.to_str().unwrap(),
+        ])
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    read_until_then_close(reader, "cocoon-guest: count n=2");
+    exits(&mut run, "run after its stdout closed");
+    let o = run.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains("rm: VM fg removed"), "{err}");
+    assert!(h.vm_dirs().is_empty(), "--rm: {:?}", h.vm_dirs());
+
+    // `logs -f | head`: it ends at once, quietly; the VM runs on.
+    h.run_detached("bg", TICKING);
+    let (reader, writer) = std::io::pipe().unwrap();
+    let mut logs = h
+        .cmd()
+        .args(["logs", "-f", "bg"])
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    read_until_then_close(reader, "cocoon-guest: count n=2");
+    exits(&mut logs, "logs -f after its stdout closed");
+    let o = logs.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(141), "{err}");
+    assert_eq!(err, "");
+    assert_eq!(h.state_of("bg"), "running");
+    h.ok(&["rm", "--force", "bg"]);
+}

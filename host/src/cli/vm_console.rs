@@ -28,12 +28,15 @@ const POLL: Duration = Duration::from_millis(500);
 /// returns everything it saw. `log_base` is where this run's output
 /// starts in `console.log` (its length before the monitor started): what
 /// the monitor wrote after the last read is taken from there. `stop`,
-/// once set (SIGINT), makes it stop the VM and follow it to the end.
+/// once set (SIGINT), makes it stop the VM and follow it to the end. A
+/// stdout closed by its reader (`run IMAGE | head`) sets it too: the
+/// console is gone, as with Ctrl-C, and a foreground VM does not outlive
+/// its console unseen.
 pub fn follow(
     vm: &VmEntry,
     from: u64,
     log_base: Option<u64>,
-    out: Out,
+    mut out: Out,
     stop: Option<&AtomicBool>,
 ) -> anyhow::Result<Vec<u8>> {
     let client = Client::new(&vm.api_socket())?;
@@ -41,10 +44,17 @@ pub fn follow(
     let mut next = from;
     let mut stdout = std::io::stdout();
     let mut stopping = false;
-    let mut emit = |bytes: &[u8], seen: &mut Vec<u8>| -> std::io::Result<()> {
+    let mut emit = |bytes: &[u8], seen: &mut Vec<u8>| -> anyhow::Result<()> {
         if out == Out::Stdout {
-            stdout.write_all(bytes)?;
-            stdout.flush()?;
+            if let Err(e) = stdout.write_all(bytes).and_then(|()| stdout.flush()) {
+                match stop {
+                    Some(s) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                        out = Out::Discard;
+                        s.store(true, Ordering::Relaxed);
+                    }
+                    _ => return Err(StdoutClosed::or_io(e)),
+                }
+            }
         }
         seen.extend_from_slice(bytes);
         Ok(())
@@ -80,6 +90,23 @@ pub fn wait_gone(vm: &VmEntry) {
         match MonitorLock::probe(&vm.dir) {
             Ok(Liveness::Alive(_)) => std::thread::sleep(Duration::from_millis(10)),
             _ => return,
+        }
+    }
+}
+
+/// Stdout was closed by its reader (`logs -f | head`): the command ends
+/// quietly, as on SIGPIPE (see `main`).
+#[derive(Debug, thiserror::Error)]
+#[error("stdout was closed")]
+pub struct StdoutClosed;
+
+impl StdoutClosed {
+    /// `e` from a write to stdout, as the error to return.
+    fn or_io(e: std::io::Error) -> anyhow::Error {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            StdoutClosed.into()
+        } else {
+            anyhow::Error::new(e).context("writing to stdout")
         }
     }
 }
@@ -130,9 +157,9 @@ fn copy_to_end(
             .read(&mut buf)
             .with_context(|| format!("reading {}", path.display()))?;
         if n == 0 {
-            return out.flush().context("writing to stdout");
+            return out.flush().map_err(StdoutClosed::or_io);
         }
-        out.write_all(&buf[..n]).context("writing to stdout")?;
+        out.write_all(&buf[..n]).map_err(StdoutClosed::or_io)?;
     }
 }
 
