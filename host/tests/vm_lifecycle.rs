@@ -27,6 +27,26 @@ impl Host {
     fn logs(&self, name: &str) -> String {
         self.ok(&["logs", name])
     }
+
+    /// `run -d` of the ticking guest, then waits for its count `n`.
+    fn counting(&self, name: &str, n: u64) {
+        self.run_detached(name, TICKING);
+        eventually("the guest's clock output", Duration::from_secs(20), || {
+            last_count(&self.logs(name)).is_some_and(|c| c >= n)
+        });
+    }
+
+    /// A foreground `run --rm` of the test image as `name` with
+    /// `cmdline`, `extra` flags before the image; not started.
+    fn foreground(&self, name: &str, cmdline: &str, extra: &[&str]) -> Command {
+        let mut c = self.cmd();
+        c.args(["run", "--rm", "--name", name, "--memory", "32M", "--kernel"])
+            .arg(test_guest())
+            .args(["--cmdline", cmdline])
+            .args(extra)
+            .arg(&self.image);
+        c
+    }
 }
 
 /// Waits until `f` holds, up to `timeout`.
@@ -695,10 +715,7 @@ fn console_shows_the_guest_forwards_input_and_detaches_and_logs_follow_to_the_en
         return;
     }
     let h = Host::new();
-    h.run_detached("con", TICKING);
-    eventually("the guest's clock output", Duration::from_secs(20), || {
-        last_count(&h.logs("con")).is_some_and(|n| n >= 2)
-    });
+    h.counting("con", 2);
 
     // `logs -f` from here to the VM's end, beside the console.
     let mut follow = h
@@ -773,10 +790,7 @@ fn stop_asks_the_guest_first_and_stops_a_guest_that_does_not_answer_after_the_ti
     }
     let h = Host::new();
     // A guest that answers: Ctrl-Alt-Del on its i8042, and it powers off.
-    h.run_detached("kind", TICKING);
-    eventually("the guest's clock output", Duration::from_secs(20), || {
-        last_count(&h.logs("kind")).is_some_and(|n| n >= 1)
-    });
+    h.counting("kind", 1);
     assert_eq!(h.ok(&["stop", "kind"]).trim(), "kind powered off");
     assert!(
         h.logs("kind")
@@ -982,31 +996,13 @@ fn a_foreground_run_interrupted_stops_its_guest_and_exits_130_with_json_saying_s
         return;
     }
     let h = Host::new();
-    let guest = test_guest();
     // A guest that never ends by itself: only the host can stop it.
     let mut child = h
-        .cmd()
-        .args([
-            "run",
-            "--rm",
-            "-o",
-            "json",
-            "--name",
-            "fg",
-            "--memory",
-            "32M",
-            "--kernel",
-            guest.to_str().unwrap(),
-            "--cmdline",
-            "console=ttyS0 cocoon.hang=0",
-            h.image.to_str().unwrap(),
-        ])
+        .foreground("fg", "console=ttyS0 cocoon.hang=0", &["-o", "json"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let out = collect(child.stdout.take().unwrap());
-    let err = collect(child.stderr.take().unwrap());
     eventually("the guest hanging", Duration::from_secs(20), || {
         h.vm("fg")["state"] == "running" && h.logs("fg").contains("cocoon-guest: hang")
     });
@@ -1015,18 +1011,22 @@ fn a_foreground_run_interrupted_stops_its_guest_and_exits_130_with_json_saying_s
         .status()
         .unwrap();
     assert!(sent.success());
-    let status = exits(&mut child, "run after SIGINT");
-    // The pipes' readers see their ends once the process is gone.
-    eventually("the output read", Duration::from_secs(5), || {
-        serde_json::from_str::<serde_json::Value>(&text(&out)).is_ok()
-    });
-    assert_eq!(status.code(), Some(130), "{}", text(&err));
-    let steps: serde_json::Value = serde_json::from_str(&text(&out)).unwrap();
+    // Its output is small (-o json keeps the console off stdout), so the
+    // pipes need no reader until it has exited.
+    exits(&mut child, "run after SIGINT");
+    let o = child.wait_with_output().unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert_eq!(o.status.code(), Some(130), "{out}\n{err}");
+    let steps: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}\n{err}"));
     assert_eq!(steps["name"], "fg", "{steps}");
     assert_eq!(steps["state"], "stopped", "{steps}");
     assert_eq!(steps["exit"]["kind"], "stopped", "{steps}");
     assert!(
-        !text(&out).contains("cocoon-guest:"),
+        !out.contains("cocoon-guest:"),
         "-o json keeps the console off stdout"
     );
     assert!(h.vm_dirs().is_empty(), "--rm: {:?}", h.vm_dirs());
@@ -1050,25 +1050,11 @@ fn a_closed_stdout_stops_a_foreground_run_and_ends_logs_follow_quietly() {
         return;
     }
     let h = Host::new();
-    let guest = test_guest();
     // `run IMAGE | head`: the console's reader goes; the VM does not stay
     // behind unseen, --rm still removes it.
     let (reader, writer) = std::io::pipe().unwrap();
     let mut run = h
-        .cmd()
-        .args([
-            "run",
-            "--rm",
-            "--name",
-            "fg",
-            "--memory",
-            "32M",
-            "--kernel",
-            guest.to_str().unwrap(),
-            "--cmdline",
-            TICKING,
-            h.image.to_str().unwrap(),
-        ])
+        .foreground("fg", TICKING, &[])
         .stdout(writer)
         .stderr(Stdio::piped())
         .spawn()

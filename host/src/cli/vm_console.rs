@@ -23,6 +23,9 @@ const DETACH: u8 = 0x1d;
 /// Each console read waits this long for output (and a SIGINT is seen
 /// within it).
 const POLL: Duration = Duration::from_millis(500);
+/// How long a running monitor's API may fail to answer before the console
+/// gives up on it.
+const UNREACHABLE: Duration = Duration::from_secs(10);
 
 /// Follows the console from offset `from` until the monitor is gone;
 /// returns everything it saw. `log_base` is where this run's output
@@ -44,6 +47,8 @@ pub fn follow(
     let mut next = from;
     let mut stdout = std::io::stdout();
     let mut stopping = false;
+    // Since when the API has not answered while the monitor runs.
+    let mut unreachable: Option<std::time::Instant> = None;
     let mut emit = |bytes: &[u8], seen: &mut Vec<u8>| -> anyhow::Result<()> {
         if out == Out::Stdout {
             if let Err(e) = stdout.write_all(bytes).and_then(|()| stdout.flush()) {
@@ -61,18 +66,33 @@ pub fn follow(
     };
     loop {
         if !stopping && stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
-            stopping = true;
-            let _ = client.act(cocoon_host::vm::api::PATH_STOP);
+            // Asked again on the next turn if the API did not take it.
+            stopping = client.act(cocoon_host::vm::api::PATH_STOP).is_ok();
         }
         match client.console(next, POLL) {
             Ok(chunk) => {
                 next = chunk.next();
                 emit(&chunk.data, &mut seen)?;
             }
-            // The monitor is going: once it is gone its log is complete
-            // and its record says how the VM ended.
-            Err(_) => {
-                wait_gone(vm);
+            Err(e) => {
+                // A monitor that still holds its lock is not gone: a read
+                // that failed (its API busy, or not yet there) is tried
+                // again, for a while.
+                if matches!(MonitorLock::probe(&vm.dir), Ok(Liveness::Alive(_))) {
+                    let since = *unreachable.get_or_insert_with(std::time::Instant::now);
+                    if since.elapsed() < UNREACHABLE {
+                        tracing::debug!(error = %cocoon_host::error_chain(&e), "console read failed; again");
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
+                    }
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "VM {}: its monitor runs, but its API has not answered for {} s",
+                        vm.record.name,
+                        UNREACHABLE.as_secs()
+                    )));
+                }
+                // The monitor is gone: its log is complete and its record
+                // says how the VM ended.
                 if let Some(base) = log_base {
                     let rest = log_from(vm, base + next);
                     emit(&rest, &mut seen)?;
@@ -80,17 +100,7 @@ pub fn follow(
                 return Ok(seen);
             }
         }
-    }
-}
-
-/// Waits (a while) until the VM's monitor holds its lock no more.
-pub fn wait_gone(vm: &VmEntry) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::time::Instant::now() < deadline {
-        match MonitorLock::probe(&vm.dir) {
-            Ok(Liveness::Alive(_)) => std::thread::sleep(Duration::from_millis(10)),
-            _ => return,
-        }
+        unreachable = None;
     }
 }
 

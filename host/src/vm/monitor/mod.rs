@@ -180,11 +180,21 @@ pub unsafe fn main(vm_dir: &Path, lock_fd: RawFd, ready_fd: RawFd) -> i32 {
         }
     };
     match start(vm_dir, lock) {
-        Ok((monitor, lock)) => {
-            let _ = writeln!(ready, "ok");
-            drop(ready);
-            serve_until_exit(monitor, lock)
-        }
+        // The API socket before "ok": the CLI that reads it may call the
+        // API at once (a foreground `run` reads the console).
+        Ok((monitor, lock)) => match bind_api(&monitor.dir) {
+            Ok(api) => {
+                let _ = writeln!(ready, "ok");
+                drop(ready);
+                serve_until_exit(monitor, lock, api)
+            }
+            Err(e) => {
+                let _ = writeln!(ready, "{e}");
+                eprintln!("cocoon-host monitor: {e}");
+                monitor.vm.stop();
+                finish(&monitor, lock, &api_socket(&monitor.dir))
+            }
+        },
         Err(e) => {
             let msg = format!("{e:#}");
             let _ = writeln!(ready, "{}", msg.replace('\n', " "));
@@ -323,57 +333,50 @@ fn start_vm(vm_dir: &Path, config: VmConfig) -> anyhow::Result<Vm> {
     Ok(vm)
 }
 
-/// Serves the API on a thread of its own until the VM exits. A
+/// The API's runtime and its socket, bound (mode 0600). A
 /// current-thread runtime: the API needs one thread, and the multi-thread
 /// scheduler would page in code (and libm, for its poll-time averages)
 /// that every monitor would carry for nothing.
-fn serve_until_exit(monitor: Arc<Monitor>, lock: MonitorLock) -> i32 {
-    let socket = api_socket(&monitor.dir);
-    let rt = match tokio::runtime::Builder::new_current_thread()
+fn bind_api(vm_dir: &Path) -> Result<(tokio::runtime::Runtime, tokio::net::UnixListener), String> {
+    let socket = api_socket(vm_dir);
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cocoon-host monitor: the API runtime: {e}");
-            monitor.vm.stop();
-            return finish(&monitor, lock, &socket);
-        }
-    };
-    let listener = rt.block_on(async {
-        let _ = std::fs::remove_file(&socket);
-        let l = tokio::net::UnixListener::bind(&socket)?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
-        Ok::<_, std::io::Error>(l)
-    });
+        .map_err(|e| format!("the API runtime: {e}"))?;
+    let listener = rt
+        .block_on(async {
+            let _ = std::fs::remove_file(&socket);
+            let l = tokio::net::UnixListener::bind(&socket)?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
+            Ok::<_, std::io::Error>(l)
+        })
+        .map_err(|e| format!("the API socket {}: {e}", socket.display()))?;
+    Ok((rt, listener))
+}
+
+/// Serves the API on a thread of its own until the VM exits.
+fn serve_until_exit(
+    monitor: Arc<Monitor>,
+    lock: MonitorLock,
+    (rt, listener): (tokio::runtime::Runtime, tokio::net::UnixListener),
+) -> i32 {
+    let socket = api_socket(&monitor.dir);
     let (stop_api, stopped) = tokio::sync::oneshot::channel::<()>();
-    let api = match listener {
-        Ok(l) => {
-            let m = monitor.clone();
-            let served = std::thread::Builder::new()
-                .name("api".into())
-                .spawn(move || {
-                    rt.block_on(futures_util::future::select(
-                        Box::pin(server::serve(l, m)),
-                        stopped,
-                    ));
-                    rt.shutdown_timeout(Duration::from_millis(200));
-                });
-            match served {
-                Ok(t) => Some(t),
-                Err(e) => {
-                    eprintln!("cocoon-host monitor: the API thread: {e}");
-                    monitor.vm.stop();
-                    None
-                }
-            }
-        }
+    let m = monitor.clone();
+    let served = std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            rt.block_on(futures_util::future::select(
+                Box::pin(server::serve(listener, m)),
+                stopped,
+            ));
+            rt.shutdown_timeout(Duration::from_millis(200));
+        });
+    let api = match served {
+        Ok(t) => Some(t),
         Err(e) => {
-            eprintln!(
-                "cocoon-host monitor: the API socket {}: {e}",
-                socket.display()
-            );
+            eprintln!("cocoon-host monitor: the API thread: {e}");
             monitor.vm.stop();
             None
         }
