@@ -36,15 +36,15 @@ impl Host {
         });
     }
 
-    /// A foreground `run --rm` of the test image as `name` with
-    /// `cmdline`, `extra` flags before the image; not started.
-    fn foreground(&self, name: &str, cmdline: &str, extra: &[&str]) -> Command {
+    /// `run` of `image` as `name`, booting the test guest with `cmdline`
+    /// in 32 MiB, `extra` flags before the image; not started.
+    fn run_cmd(&self, name: &str, image: &Path, cmdline: &str, extra: &[&str]) -> Command {
         let mut c = self.cmd();
-        c.args(["run", "--rm", "--name", name, "--memory", "32M", "--kernel"])
+        c.args(["run", "--name", name, "--memory", "32M", "--kernel"])
             .arg(test_guest())
             .args(["--cmdline", cmdline])
             .args(extra)
-            .arg(&self.image);
+            .arg(image);
         c
     }
 }
@@ -835,24 +835,17 @@ fn stop_asks_the_guest_first_and_stops_a_guest_that_does_not_answer_after_the_ti
 
 /// `run -d -o json` of `image` as `name`, with `extra` flags before it.
 fn run_json(h: &Host, name: &str, image: &Path, extra: &[&str]) -> serde_json::Value {
-    let guest = test_guest();
-    let mut args = vec![
-        "run",
-        "-d",
-        "-o",
-        "json",
-        "--name",
-        name,
-        "--memory",
-        "32M",
-        "--kernel",
-        guest.to_str().unwrap(),
-        "--cmdline",
-        TICKING,
-    ];
-    args.extend_from_slice(extra);
-    args.push(image.to_str().unwrap());
-    h.json(&args)
+    let o = h
+        .run_cmd(
+            name,
+            image,
+            TICKING,
+            &[&["-d", "-o", "json"], extra].concat(),
+        )
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
 }
 
 #[test]
@@ -998,7 +991,12 @@ fn a_foreground_run_interrupted_stops_its_guest_and_exits_130_with_json_saying_s
     let h = Host::new();
     // A guest that never ends by itself: only the host can stop it.
     let mut child = h
-        .foreground("fg", "console=ttyS0 cocoon.hang=0", &["-o", "json"])
+        .run_cmd(
+            "fg",
+            &h.image,
+            "console=ttyS0 cocoon.hang=0",
+            &["--rm", "-o", "json"],
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -1054,7 +1052,7 @@ fn a_closed_stdout_stops_a_foreground_run_and_ends_logs_follow_quietly() {
     // behind unseen, --rm still removes it.
     let (reader, writer) = std::io::pipe().unwrap();
     let mut run = h
-        .foreground("fg", TICKING, &[])
+        .run_cmd("fg", &h.image, TICKING, &["--rm"])
         .stdout(writer)
         .stderr(Stdio::piped())
         .spawn()

@@ -191,7 +191,9 @@ fn reopened(
         anyhow::bail!("{} is a symlink, not the VM's console log", path.display());
     }
     if let Some(f) = current {
-        let m = f.metadata()?;
+        let m = f
+            .metadata()
+            .with_context(|| format!("reading {}", path.display()))?;
         if (m.dev(), m.ino()) == (now.dev(), now.ino()) {
             return Ok(None);
         }
